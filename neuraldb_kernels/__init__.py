@@ -1,0 +1,43 @@
+"""neuraldb_kernels: edit facts into LLMs with NeuralDB, a gated neural key-value database.
+
+Layout, in the order data flows:
+    ops          gated_retrieve (Triton, CUDA, C++ CPU, torch reference)
+    store        NeuralDB: durable facts, keys and residuals with a live device view
+    integration  attach/detach to Hugging Face models; the embedded default model
+    editing      facts in -> keys (Eq. 20) and residuals (Eq. 21) -> NeuralDB rows (Editor)
+    evaluation   CounterFact / ZsRE / preservation metrics
+    cli          the `neuraldb` command
+Heavy parts (transformers) are imported on first use.
+"""
+
+import importlib
+
+from .ops import BACKENDS, BackendStatus, BackendUnavailableError, available_backends, gated_retrieve
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it, imported on first access
+_LAZY = {
+    "NeuralDB": "store",
+    "ModelFingerprint": "store",
+    "attach": "integration",
+    "load_default_model": "integration",
+    "Editor": "editing",
+    "Fact": "editing",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "BACKENDS",
+    "BackendStatus",
+    "BackendUnavailableError",
+    "available_backends",
+    "gated_retrieve",
+    *_LAZY,
+]

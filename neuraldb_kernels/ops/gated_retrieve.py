@@ -1,0 +1,92 @@
+"""`gated_retrieve`: the NeuralDB gated retrieval op (paper Eq. 11), its autograd rule and its
+registration as the torch.library custom op `neuraldb::gated_retrieve`.
+
+For every query row q (..., d1) against keys K (m, d1) and residuals R (m, d2):
+    score = max_i cos(q, K_i),  index = argmax_i cos(q, K_i) (lowest i on exact ties),
+    out   = R[index] if score > gamma else 0.
+Gradients: out is a gathered row of R, so d out / d R is an index_add of the upstream gradient
+onto the selected rows. The gate and the argmax are piecewise constant in q and K, so their
+gradient is zero almost everywhere: no gradient flows to q or K (they receive None).
+"""
+
+from typing import Tuple
+
+import torch
+
+from .contract import check_inputs
+from .dispatch import backend_module, resolve_backend
+
+_OP = "neuraldb::gated_retrieve"
+
+
+@torch.library.custom_op(_OP, mutates_args=())
+def _gated_retrieve_op(
+    q: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float, backend: str
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validated inputs, concrete backend name -> (out (..., d2), index (...), score (...))."""
+    lead = q.shape[:-1]
+    n, m, d2 = q[..., 0].numel(), K.shape[0], R.shape[1]
+    if n == 0 or m == 0:
+        out = torch.zeros(*lead, d2, dtype=R.dtype, device=q.device)
+        index = torch.full(lead, -1, dtype=torch.int64, device=q.device)
+        score = torch.full(lead, float("-inf"), dtype=torch.float32, device=q.device)
+        if m == 0 and n > 0:
+            nonfinite = ~torch.isfinite(q).all(dim=-1)
+            score = score.masked_fill(nonfinite, float("nan"))
+        return out, index, score
+    q2d = q.reshape(n, q.shape[-1]).contiguous()
+    out, index, score = backend_module(backend).retrieve(q2d, K.contiguous(), R.contiguous(), gamma)
+    return out.reshape(*lead, d2), index.reshape(lead), score.reshape(lead)
+
+
+@_gated_retrieve_op.register_fake
+def _(q, K, R, gamma, backend):
+    lead = q.shape[:-1]
+    return (
+        q.new_empty((*lead, R.shape[1]), dtype=R.dtype),
+        q.new_empty(lead, dtype=torch.int64),
+        q.new_empty(lead, dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, R, _, _ = inputs
+    ctx.save_for_backward(output[1])
+    ctx.residual_shape = R.shape
+    ctx.residual_dtype = R.dtype
+
+
+def _backward(ctx, grad_out, grad_index, grad_score):
+    (index,) = ctx.saved_tensors
+    grad_R = None
+    if ctx.needs_input_grad[2]:
+        d2 = ctx.residual_shape[1]
+        flat_index = index.reshape(-1)
+        fired = (flat_index >= 0)[:, None]
+        rows = torch.where(fired, grad_out.reshape(-1, d2), torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
+        grad_R = torch.zeros(ctx.residual_shape, dtype=ctx.residual_dtype, device=grad_out.device)
+        grad_R.index_add_(0, flat_index.clamp_min(0), rows.to(ctx.residual_dtype))
+    return None, None, grad_R, None, None
+
+
+_gated_retrieve_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_retrieve(q, K, R, gamma, *, backend: str = "auto", return_index: bool = False):
+    """Gated nearest-key retrieval (NeuralDB, Eq. 11-12).
+
+    q: (..., d1) float tensor of queries (any leading dims, any strides).
+    K: (m, d1) keys; R: (m, d2) residuals; m may be 0. float32/float16/bfloat16 (float64 on the
+    "cpu" and "torch" backends); q, K and R may differ in dtype but share one device.
+    gamma: gate threshold, a finite number in [-1, 1]; a row fires when its best cosine > gamma.
+    backend: "auto", "triton", "cuda", "cpu" or "torch".
+
+    Returns out (..., d2) in R.dtype: the best key's residual row (bit for bit) where the gate
+    fires, zeros elsewhere. With return_index=True also index (...) int64 (-1 where the gate is
+    closed, m == 0 or the query row has NaN/Inf) and score (...) float32 (the best cosine even
+    below gamma; -inf when m == 0; NaN for NaN/Inf query rows).
+    """
+    gamma = check_inputs(q, K, R, gamma)
+    name = resolve_backend(backend, q.device, (q.dtype, K.dtype, R.dtype))
+    out, index, score = _gated_retrieve_op(q, K, R, gamma, name)
+    return (out, index, score) if return_index else out

@@ -1,0 +1,52 @@
+"""The plain-PyTorch reference backend: what every kernel must compute.
+
+Chunked over the keys so that memory stays bounded at any m: at most about 2^22 scores or
+converted key elements are alive at once, whatever m is.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from .contract import FLOAT_DTYPES, accumulation_dtype
+
+SUPPORTED_DTYPES = FLOAT_DTYPES
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """The torch reference runs on every device torch supports."""
+    return None
+
+
+def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
+    """1/||x_i|| per row, with 0 for zero rows (a zero vector has cosine 0 with everything)."""
+    norms = torch.linalg.vector_norm(x, dim=-1)
+    return torch.where(norms > 0, norms.reciprocal(), torch.zeros_like(norms))
+
+
+def retrieve(
+    q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q2d (n, d1), K (m >= 1, d1), R (m, d2) -> out (n, d2) R.dtype, index (n,) int64, score (n,) float32."""
+    acc = accumulation_dtype(q2d.dtype, K.dtype)
+    q = q2d.to(acc)
+    n, m = q.shape[0], K.shape[0]
+    q_inv = _inverse_norms(q)
+    best = torch.full((n,), float("-inf"), dtype=acc, device=q.device)
+    best_index = torch.zeros(n, dtype=torch.int64, device=q.device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(n, K.shape[1]))
+    for start in range(0, m, chunk):
+        keys = K[start : start + chunk].to(acc)
+        scores = (q @ keys.T) * q_inv[:, None] * _inverse_norms(keys)[None, :]
+        chunk_best, chunk_index = scores.max(dim=1)  # first maximal index on ties
+        better = chunk_best > best  # strict: an earlier chunk keeps its ties
+        best = torch.where(better, chunk_best, best)
+        best_index = torch.where(better, chunk_index + start, best_index)
+    finite = torch.isfinite(q).all(dim=1)
+    fired = finite & (best > gamma)
+    index = torch.where(fired, best_index, torch.full_like(best_index, -1))
+    score = torch.where(finite, best, torch.full_like(best, float("nan"))).to(torch.float32)
+    rows = R.index_select(0, index.clamp_min(0))
+    out = torch.where(fired[:, None], rows, torch.zeros_like(rows))
+    return out, index, score
