@@ -82,10 +82,17 @@ def available_backends() -> Dict[str, BackendStatus]:
     return report
 
 
-def resolve_backend(backend: str, device: torch.device, dtypes: Tuple[torch.dtype, ...]) -> str:
-    """The concrete backend for tensors on `device` with `dtypes`; raises if `backend` cannot run."""
+def check_backend_name(backend) -> None:
+    """Raise unless `backend` is "auto" or one of BACKENDS."""
     if not isinstance(backend, str):
         raise TypeError(f"gated_retrieve: backend must be a string, got {type(backend).__name__}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"gated_retrieve: unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
+
+
+def resolve_backend(backend: str, device: torch.device, dtypes: Tuple[torch.dtype, ...]) -> str:
+    """The concrete backend for tensors on `device` with `dtypes`; raises if `backend` cannot run."""
+    check_backend_name(backend)
     return _resolve(backend, device, tuple(dtypes))
 
 
@@ -96,8 +103,6 @@ def _resolve(backend: str, device: torch.device, dtypes: Tuple[torch.dtype, ...]
             if all(d in SUPPORTED_DTYPES[name] for d in dtypes) and unavailable_reason(name, device) is None:
                 return name
         return "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"gated_retrieve: unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
     why = unavailable_reason(backend, device)
     if why is not None:
         raise BackendUnavailableError(f"gated_retrieve: backend {backend!r} is not available here: {why}")

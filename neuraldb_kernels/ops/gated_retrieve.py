@@ -14,7 +14,7 @@ from typing import Tuple
 import torch
 
 from .contract import check_inputs
-from .dispatch import backend_module, resolve_backend
+from .dispatch import backend_module, check_backend_name, resolve_backend
 
 _OP = "neuraldb::gated_retrieve"
 
@@ -23,7 +23,12 @@ _OP = "neuraldb::gated_retrieve"
 def _gated_retrieve_op(
     q: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float, backend: str
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validated inputs, concrete backend name -> (out (..., d2), index (...), score (...))."""
+    """Validated inputs -> (out (..., d2), index (...), score (...)).
+
+    The backend is resolved here, inside the op, so that torch.compile treats the whole dispatch
+    as one opaque call (no graph break on the availability checks).
+    """
+    name = resolve_backend(backend, q.device, (q.dtype, K.dtype, R.dtype))
     lead = q.shape[:-1]
     n, m, d2 = q[..., 0].numel(), K.shape[0], R.shape[1]
     if n == 0 or m == 0:
@@ -35,7 +40,7 @@ def _gated_retrieve_op(
             score = score.masked_fill(nonfinite, float("nan"))
         return out, index, score
     q2d = q.reshape(n, q.shape[-1]).contiguous()
-    out, index, score = backend_module(backend).retrieve(q2d, K.contiguous(), R.contiguous(), gamma)
+    out, index, score = backend_module(name).retrieve(q2d, K.contiguous(), R.contiguous(), gamma)
     return out.reshape(*lead, d2), index.reshape(lead), score.reshape(lead)
 
 
@@ -87,6 +92,6 @@ def gated_retrieve(q, K, R, gamma, *, backend: str = "auto", return_index: bool 
     below gamma; -inf when m == 0; NaN for NaN/Inf query rows).
     """
     gamma = check_inputs(q, K, R, gamma)
-    name = resolve_backend(backend, q.device, (q.dtype, K.dtype, R.dtype))
-    out, index, score = _gated_retrieve_op(q, K, R, gamma, name)
+    check_backend_name(backend)
+    out, index, score = _gated_retrieve_op(q, K, R, gamma, backend)
     return (out, index, score) if return_index else out
