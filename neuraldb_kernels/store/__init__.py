@@ -1,0 +1,10 @@
+"""The neural KV database: facts (id, key, residual, metadata) stored durably in SQLite, with live
+(K, R) views for `gated_retrieve`. See `database.py` for the semantics and FORMAT.md for the file format."""
+
+from .database import NeuralDB, SearchHit, Snapshot
+from .facts import StoredFact
+from .fingerprint import FingerprintMismatchWarning, ModelFingerprint
+from .schema import FORMAT_VERSION
+
+__all__ = ["NeuralDB", "StoredFact", "SearchHit", "Snapshot", "ModelFingerprint", "FingerprintMismatchWarning",
+           "FORMAT_VERSION"]

@@ -1,0 +1,101 @@
+"""Export / import of a NeuralDB as a pair of files for sharing (format in FORMAT.md):
+
+- `NAME.safetensors`: tensors "keys" (m, d1) and "residuals" (m, d2) in the storage dtype;
+- `NAME.json`: format name and version, settings (d1, d2, layer, gamma, dtype, fingerprint),
+  the m ids and m metadata objects in row order, and the SHA-256 of the .safetensors file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .schema import FORMAT_VERSION, STORAGE_DTYPES
+
+EXPORT_FORMAT = "neuraldb-export"
+_SETTINGS = ("d1", "d2", "layer", "gamma", "dtype", "fingerprint")
+
+
+def sidecar_of(file: Path) -> Path:
+    """The .json sidecar of an export's .safetensors file; ValueError for another suffix."""
+    if file.suffix != ".safetensors":
+        raise ValueError(f"an export file must end in .safetensors, got {file}")
+    return file.with_suffix(".json")
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_export(file: Path, keys: torch.Tensor, residuals: torch.Tensor, ids: list[str],
+                 metadata: list[dict[str, Any]], settings: dict[str, Any]) -> Path:
+    """Write the pair (never overwriting either file); returns the sidecar path."""
+    sidecar = sidecar_of(file)
+    for target in (file, sidecar):
+        if target.exists():
+            raise FileExistsError(f"{target} already exists; export never overwrites")
+    save_file({"keys": keys.contiguous(), "residuals": residuals.contiguous()}, str(file),
+              metadata={"format": EXPORT_FORMAT, "format_version": str(FORMAT_VERSION), "count": str(len(ids))})
+    document = {"format": EXPORT_FORMAT, "format_version": FORMAT_VERSION, **settings,
+                "safetensors_sha256": _sha256(file), "ids": ids, "metadata": metadata}
+    with open(sidecar, "x", encoding="utf-8") as stream:
+        json.dump(document, stream, ensure_ascii=False, allow_nan=False)
+    return sidecar
+
+
+def read_export(file: Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, list[Any], list[Any]]:
+    """Read and check an export: (settings, keys, residuals, ids, metadata).
+
+    Checks format and version, the checksum, tensor names, shapes and dtype, and that ids and
+    metadata are lists of the row count. Per-fact checks (finite values, key norms, unique ids,
+    metadata types) are left to the batch validation of `NeuralDB.add`.
+    """
+    sidecar = sidecar_of(file)
+    for source in (file, sidecar):
+        if not source.is_file():
+            raise FileNotFoundError(f"export file {source} not found")
+    try:
+        with open(sidecar, encoding="utf-8") as stream:
+            document = json.load(stream)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{sidecar} is not valid JSON: {error}") from None
+    if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{sidecar} is not a NeuralDB export sidecar (no \"format\": \"{EXPORT_FORMAT}\")")
+    version = document.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{sidecar} has format_version {version!r}; this neuraldb_kernels reads up to {FORMAT_VERSION}")
+    missing = [name for name in (*_SETTINGS, "safetensors_sha256", "ids", "metadata") if name not in document]
+    if missing:
+        raise ValueError(f"{sidecar} lacks the fields {missing}")
+    if document["dtype"] not in STORAGE_DTYPES:
+        raise ValueError(f"{sidecar} names an unsupported storage dtype {document['dtype']!r}")
+    if _sha256(file) != document["safetensors_sha256"]:
+        raise ValueError(f"{file} does not match its sidecar {sidecar} (SHA-256 differs): the pair was "
+                         f"mixed up or a file was modified")
+    with safe_open(str(file), framework="pt") as tensors:
+        names = set(tensors.keys())
+        if names != {"keys", "residuals"}:
+            raise ValueError(f"{file} must hold exactly the tensors 'keys' and 'residuals', holds {sorted(names)}")
+        keys, residuals = tensors.get_tensor("keys"), tensors.get_tensor("residuals")
+    ids, metadata = document["ids"], document["metadata"]
+    if not isinstance(ids, list) or not isinstance(metadata, list):
+        raise ValueError(f"{sidecar}: 'ids' and 'metadata' must be lists")
+    dtype = STORAGE_DTYPES[document["dtype"]]
+    expected = {"keys": (len(ids), document["d1"]), "residuals": (len(ids), document["d2"])}
+    for name, tensor in (("keys", keys), ("residuals", residuals)):
+        if tensor.dtype != dtype or tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"{file}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, the sidecar "
+                             f"describes {dtype} {expected[name]}")
+    if len(metadata) != len(ids):
+        raise ValueError(f"{sidecar} has {len(ids)} ids but {len(metadata)} metadata entries")
+    return {name: document[name] for name in _SETTINGS}, keys, residuals, ids, metadata

@@ -1,0 +1,158 @@
+"""Facts as the store sees them, and the validation of a batch before anything is written.
+
+A batch is checked completely (shapes, dtypes, finiteness, key norms, ids, metadata) before the
+database is touched, so a bad fact rejects the whole batch and nothing is stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .schema import utc_now
+
+METADATA_FIELDS = ("subject", "prompt", "target_new", "target_true", "source", "created_at")
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredFact:
+    """One stored fact.
+
+    id: stable string id. key: (d1,) CPU tensor, residual: (d2,) CPU tensor, both in the
+    database's storage dtype. metadata: subject, prompt, target_new, target_true, source,
+    created_at (ISO-8601 UTC) where given, plus any JSON-serialisable extras.
+    """
+
+    id: str
+    key: torch.Tensor
+    residual: torch.Tensor
+    metadata: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class FactBatch:
+    """A validated batch: n ids, (n, d1) keys and (n, d2) residuals on CPU in the storage dtype,
+    n metadata dicts (created_at filled in) and their JSON texts."""
+
+    ids: list[str]
+    keys: torch.Tensor
+    residuals: torch.Tensor
+    metadata: list[dict[str, Any]]
+    metadata_json: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _rows(name: str, values: Any, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """`values` as a (n, width) CPU tensor of the storage dtype, and whether it was one vector."""
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(values).__name__}")
+    if values.dtype not in _INPUT_DTYPES:
+        raise TypeError(f"{name} must be a float16/bfloat16/float32/float64 tensor, got {values.dtype}")
+    single = values.dim() == 1
+    if values.dim() not in (1, 2) or values.shape[-1] != width:
+        raise ValueError(f"{name} must have shape ({width},) for one fact or (n, {width}) for a batch, "
+                         f"got {tuple(values.shape)}")
+    rows = values.detach().reshape(-1, width).to(device="cpu", dtype=dtype).contiguous()
+    return rows, single
+
+
+def _position(i: int, fact_id: str) -> str:
+    return f"fact {fact_id!r} (batch position {i})"
+
+
+def _check_finite(name: str, rows: torch.Tensor, ids: list[str]) -> None:
+    bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        i = bad[0]
+        raise ValueError(f"{name} of {_position(i, ids[i])} contains NaN or Inf (in storage dtype "
+                         f"{str(rows.dtype).removeprefix('torch.')}); {len(bad)} bad row(s) in the batch")
+
+
+def _ids(ids: Any, n: int, single: bool) -> list[str]:
+    if ids is None:
+        return [uuid.uuid4().hex for _ in range(n)]
+    if isinstance(ids, str):
+        ids = [ids]
+    elif not isinstance(ids, Sequence):
+        raise TypeError(f"ids must be a str or a sequence of str, got {type(ids).__name__}")
+    ids = list(ids)
+    if len(ids) != n:
+        raise ValueError(f"got {len(ids)} ids for {n} facts")
+    seen: dict[str, int] = {}
+    for i, fact_id in enumerate(ids):
+        if not isinstance(fact_id, str) or not fact_id:
+            raise TypeError(f"id at batch position {i} must be a non-empty str, got {fact_id!r}")
+        if fact_id in seen:
+            raise ValueError(f"duplicate id {fact_id!r} in the batch (positions {seen[fact_id]} and {i})")
+        seen[fact_id] = i
+    return ids
+
+
+def _metadata(metadata: Any, ids: list[str], single: bool) -> tuple[list[dict[str, Any]], list[str]]:
+    n = len(ids)
+    if metadata is None:
+        entries: list[Any] = [None] * n
+    elif isinstance(metadata, Mapping):
+        if not single and n != 1:
+            raise ValueError(f"metadata is one mapping but the batch has {n} facts; pass a list of mappings")
+        entries = [metadata]
+    elif isinstance(metadata, Sequence) and not isinstance(metadata, (str, bytes)):
+        entries = list(metadata)
+        if len(entries) != n:
+            raise ValueError(f"got {len(entries)} metadata entries for {n} facts")
+    else:
+        raise TypeError(f"metadata must be a mapping, a sequence of mappings or None, got {type(metadata).__name__}")
+    now = utc_now()
+    dicts, texts = [], []
+    for i, entry in enumerate(entries):
+        where = _position(i, ids[i])
+        if entry is None:
+            entry = {}
+        if not isinstance(entry, Mapping):
+            raise TypeError(f"metadata of {where} must be a mapping or None, got {type(entry).__name__}")
+        for name, value in entry.items():
+            if not isinstance(name, str):
+                raise TypeError(f"metadata of {where} has a non-str field name {name!r}")
+            if name in METADATA_FIELDS and value is not None and not isinstance(value, str):
+                raise TypeError(f"metadata field {name!r} of {where} must be a str or None, got {type(value).__name__}")
+        fields = dict(entry)
+        fields.setdefault("created_at", now)
+        try:
+            texts.append(json.dumps(fields, allow_nan=False, ensure_ascii=False))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"metadata of {where} is not JSON-serialisable: {error}") from None
+        dicts.append(json.loads(texts[-1]))
+    return dicts, texts
+
+
+def prepare_batch(keys: Any, residuals: Any, ids: Any, metadata: Any, *,
+                  d1: int, d2: int, dtype: torch.dtype) -> FactBatch:
+    """Validate one fact or a batch and convert it to the storage layout.
+
+    keys: (d1,) or (n, d1); residuals: (d2,) or (n, d2); any float dtype and device. ids: None
+    (fresh uuid4 hex ids), a str, or n str. metadata: None, a mapping, or n mappings/None.
+    Raises TypeError/ValueError naming the problem and the fact's id and batch position.
+    """
+    key_rows, key_single = _rows("keys", keys, d1, dtype)
+    residual_rows, residual_single = _rows("residuals", residuals, d2, dtype)
+    if key_single != residual_single or key_rows.shape[0] != residual_rows.shape[0]:
+        raise ValueError(f"keys {tuple(keys.shape)} and residuals {tuple(residuals.shape)} describe "
+                         f"different numbers of facts")
+    fact_ids = _ids(ids, key_rows.shape[0], key_single)
+    _check_finite("key", key_rows, fact_ids)
+    _check_finite("residual", residual_rows, fact_ids)
+    zero = (key_rows == 0).all(dim=1).nonzero().flatten().tolist()
+    if zero:
+        i = zero[0]
+        raise ValueError(f"key of {_position(i, fact_ids[i])} has zero norm (cosine undefined); "
+                         f"{len(zero)} zero key(s) in the batch")
+    dicts, texts = _metadata(metadata, fact_ids, key_single)
+    return FactBatch(fact_ids, key_rows, residual_rows, dicts, texts)

@@ -1,0 +1,84 @@
+"""Row buffers of one (device, dtype) view of a NeuralDB: contiguous K (m, d1) and R (m, d2).
+
+Capacity doubles on growth, so appends are amortised O(d) per row; deletes move the last rows
+into the holes (swap-remove), O(d) per deleted row. Snapshots handed out are `K[:m]`, `R[:m]`
+slices of the buffers and must never change afterwards:
+- appends write rows >= m, outside every earlier snapshot, or into freshly grown buffers;
+- in-place rewrites (updates; deletes, which move rows and free rows for later appends) first
+  copy the buffers once if a snapshot was handed out since the buffers were last copied
+  (copy-on-write). That copy costs no more than one retrieval over the snapshot that caused it,
+  so it is paid for by the reader; with no snapshot outstanding, updates and deletes stay O(d).
+Not thread-safe by itself: the owning NeuralDB serialises every call under its lock.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MIN_CAPACITY = 16
+
+
+class ViewBuffers:
+    """K and R rows of one view, in buffers with spare capacity."""
+
+    def __init__(self, keys: torch.Tensor, residuals: torch.Tensor):
+        """Take ownership of (m, d1) `keys` and (m, d2) `residuals` (same device and dtype)."""
+        self.count = keys.shape[0]
+        capacity = max(MIN_CAPACITY, self.count)
+        self._keys = self._grown(keys, capacity)
+        self._residuals = self._grown(residuals, capacity)
+        self._shared = False
+
+    @property
+    def capacity(self) -> int:
+        return self._keys.shape[0]
+
+    def _grown(self, rows: torch.Tensor, capacity: int) -> torch.Tensor:
+        buffer = torch.empty((capacity, rows.shape[1]), dtype=rows.dtype, device=rows.device)
+        buffer[: rows.shape[0]].copy_(rows)
+        return buffer
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K[:m], R[:m]): contiguous views that later mutations never change."""
+        self._shared = True
+        return self._keys[: self.count], self._residuals[: self.count]
+
+    def reserve(self, extra: int) -> None:
+        """Grow capacity (doubling) so that `extra` more rows fit; earlier buffers stay untouched."""
+        needed = self.count + extra
+        if needed <= self.capacity:
+            return
+        capacity = max(needed, 2 * self.capacity)
+        self._keys = self._grown(self._keys[: self.count], capacity)
+        self._residuals = self._grown(self._residuals[: self.count], capacity)
+        self._shared = False
+
+    def append(self, keys: torch.Tensor, residuals: torch.Tensor) -> None:
+        """Append rows (any device/dtype, converted here); `reserve` must have made room."""
+        n = keys.shape[0]
+        self._keys[self.count : self.count + n].copy_(keys)
+        self._residuals[self.count : self.count + n].copy_(residuals)
+        self.count += n
+
+    def _unshare(self) -> None:
+        if self._shared:
+            self._keys = self._keys.clone()
+            self._residuals = self._residuals.clone()
+            self._shared = False
+
+    def overwrite(self, rows: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor) -> None:
+        """Replace the rows at int64 indices `rows` (all < m) with `keys` / `residuals`."""
+        self._unshare()
+        rows = rows.to(self._keys.device)
+        self._keys.index_copy_(0, rows, keys.to(self._keys.device, self._keys.dtype))
+        self._residuals.index_copy_(0, rows, residuals.to(self._residuals.device, self._residuals.dtype))
+
+    def move_and_truncate(self, sources: torch.Tensor, targets: torch.Tensor, count: int) -> None:
+        """Copy rows `sources` onto rows `targets` (int64, equal length), then keep the first `count`."""
+        self._unshare()  # rows >= count will be rewritten by later appends: a snapshot may still show them
+        if sources.numel():
+            sources = sources.to(self._keys.device)
+            targets = targets.to(self._keys.device)
+            self._keys.index_copy_(0, targets, self._keys.index_select(0, sources))
+            self._residuals.index_copy_(0, targets, self._residuals.index_select(0, sources))
+        self.count = count
