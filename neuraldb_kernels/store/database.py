@@ -118,7 +118,7 @@ class NeuralDB:
         conn = schema.connect(path)
         try:
             if path is not None:
-                schema.enable_wal(conn)
+                schema.configure_file(conn)
             schema.create(conn, {"d1": d1, "d2": d2, "layer": layer, "gamma": float(gamma), "dtype": name,
                                  "fingerprint": None if fingerprint is None else dataclasses.asdict(fingerprint)})
         except BaseException:
@@ -135,7 +135,7 @@ class NeuralDB:
         conn = schema.connect(path)
         try:
             schema.read_meta(conn, os.fspath(path))  # checks it is a NeuralDB before changing anything
-            schema.enable_wal(conn)
+            schema.configure_file(conn)
         except BaseException:
             conn.close()
             raise

@@ -54,19 +54,19 @@ def dtype_name(dtype: torch.dtype | str) -> str:
 
 
 def connect(path: str | os.PathLike | None) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are explicit) with full fsync on commit.
+    """A connection in autocommit mode (transactions are explicit).
 
-    Changes nothing in the file: call `enable_wal` once the file is known to be a NeuralDB.
+    Changes nothing in the file: call `configure_file` once it is known to be a NeuralDB.
     """
     target = ":memory:" if path is None else os.fspath(path)
-    conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=30.0)
-    conn.execute("PRAGMA synchronous=FULL")
-    return conn
+    return sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=30.0)
 
 
-def enable_wal(conn: sqlite3.Connection) -> None:
-    """Switch a file database to write-ahead logging (readers and one writer run concurrently)."""
+def configure_file(conn: sqlite3.Connection) -> None:
+    """Write-ahead logging (readers run while one writer commits) and an fsync per commit, so a
+    committed transaction survives a process crash or power loss."""
     conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
 
 
 def create(conn: sqlite3.Connection, settings: dict[str, Any]) -> None:

@@ -1,0 +1,138 @@
+"""NeuralDB round trips: create at a path -> close -> open, save -> open, export -> import, in
+every storage dtype. The reference is the input cast to the storage dtype by torch itself."""
+
+import json
+import sqlite3
+
+import pytest
+import torch
+
+from neuraldb_kernels.store import FORMAT_VERSION, NeuralDB, StoredFact
+
+D1, D2 = 24, 10
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _facts(n, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(n, D1, generator=generator, dtype=torch.float64)
+    residuals = torch.randn(n, D2, generator=generator, dtype=torch.float64)
+    ids = [f"fact-{i}" for i in range(n)]
+    metadata = [{"subject": f"S{i}", "prompt": f"{{}} plays for", "target_new": "Ajax", "target_true": None,
+                 "source": "test", "extra": {"case_id": i, "tags": ["a", "ü"]}} for i in range(n)]
+    return keys, residuals, ids, metadata
+
+
+def _rows_by_id(db, device=None, dtype=None):
+    snap = db.snapshot(device, dtype)
+    ids = snap.ids_at(range(len(snap.keys)))
+    return {fact_id: (snap.keys[i], snap.residuals[i]) for i, fact_id in enumerate(ids)}
+
+
+def _assert_same_facts(db, keys, residuals, ids, metadata, dtype):
+    assert len(db) == len(ids) and set(db) == set(ids)
+    rows = _rows_by_id(db)
+    for i, fact_id in enumerate(ids):
+        stored = db.get(fact_id)
+        assert isinstance(stored, StoredFact) and stored.key.dtype == dtype
+        assert torch.equal(stored.key, keys[i].to(dtype)) and torch.equal(stored.residual, residuals[i].to(dtype))
+        assert torch.equal(rows[fact_id][0], keys[i].to(dtype)) and torch.equal(rows[fact_id][1], residuals[i].to(dtype))
+        expected = {name: value for name, value in metadata[i].items()}
+        created = stored.metadata.pop("created_at")
+        assert isinstance(created, str) and created.endswith("+00:00")
+        assert stored.metadata == expected
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_create_close_open_is_bit_exact(tmp_path, dtype):
+    keys, residuals, ids, metadata = _facts(37)
+    path = tmp_path / "facts.ndb"
+    with NeuralDB(path, d1=D1, d2=D2, layer=3, gamma=0.7, dtype=dtype) as db:
+        assert db.add(keys[:30], residuals[:30], ids[:30], metadata[:30]) == ids[:30]
+        for i in range(30, 37):  # single facts, one transaction each
+            db.add(keys[i], residuals[i], ids[i], metadata[i])
+        db.delete(["fact-4", "fact-33"])
+    keep = [i for i in range(37) if ids[i] not in ("fact-4", "fact-33")]
+    with NeuralDB.open(path) as db:
+        assert (db.d1, db.d2, db.layer, db.gamma, db.dtype) == (D1, D2, 3, 0.7, dtype)
+        _assert_same_facts(db, keys[keep], residuals[keep], [ids[i] for i in keep], [metadata[i] for i in keep], dtype)
+        K, R = db.view()
+        assert K.is_contiguous() and R.is_contiguous() and K.shape == (35, D1) and R.shape == (35, D2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_save_copies_everything_and_never_overwrites(tmp_path, dtype):
+    keys, residuals, ids, metadata = _facts(12, seed=1)
+    db = NeuralDB(d1=D1, d2=D2, dtype=dtype)  # in memory
+    db.add(keys, residuals, ids, metadata)
+    db.save(tmp_path / "copy.ndb")
+    with pytest.raises(FileExistsError, match="never overwrites"):
+        db.save(tmp_path / "copy.ndb")
+    with NeuralDB.open(tmp_path / "copy.ndb") as copy:
+        _assert_same_facts(copy, keys, residuals, ids, metadata, dtype)
+        copy.delete("fact-0")  # the copy is a working, writable database
+    with NeuralDB.open(tmp_path / "copy.ndb") as copy:
+        assert "fact-0" not in copy and len(copy) == 11
+    assert "fact-0" in db
+    db.close()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_export_import_round_trip(tmp_path, dtype):
+    keys, residuals, ids, metadata = _facts(9, seed=2)
+    with NeuralDB(tmp_path / "a.ndb", d1=D1, d2=D2, layer=1, gamma=0.5, dtype=dtype) as db:
+        db.add(keys, residuals, ids, metadata)
+        sidecar = db.export(tmp_path / "share.safetensors")
+    assert sidecar == tmp_path / "share.json"
+    document = json.loads(sidecar.read_text())
+    assert document["format_version"] == FORMAT_VERSION and document["ids"] == ids
+    for target in (None, tmp_path / "imported.ndb"):
+        with NeuralDB.import_(tmp_path / "share.safetensors", target) as imported:
+            assert (imported.layer, imported.gamma, imported.dtype) == (1, 0.5, dtype)
+            _assert_same_facts(imported, keys, residuals, ids, metadata, dtype)
+    with NeuralDB.open(tmp_path / "imported.ndb") as reopened:
+        _assert_same_facts(reopened, keys, residuals, ids, metadata, dtype)
+
+
+def test_empty_database_round_trip(tmp_path):
+    with NeuralDB(tmp_path / "e.ndb", d1=D1, d2=D2) as db:
+        K, R = db.view()
+        assert K.shape == (0, D1) and R.shape == (0, D2) and db.search(torch.ones(D1)) == []
+        db.export(tmp_path / "e.safetensors")
+    with NeuralDB.open(tmp_path / "e.ndb") as db:
+        assert len(db) == 0
+    with NeuralDB.import_(tmp_path / "e.safetensors") as db:
+        assert len(db) == 0 and db.d1 == D1
+
+
+def test_file_is_a_versioned_wal_sqlite_database(tmp_path):
+    keys, residuals, ids, metadata = _facts(3)
+    with NeuralDB(tmp_path / "f.ndb", d1=D1, d2=D2, dtype=torch.bfloat16) as db:
+        db.add(keys, residuals, ids, metadata)
+        conn = sqlite3.connect(tmp_path / "f.ndb")
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION
+        meta = {name: json.loads(value) for name, value in conn.execute("SELECT name, value FROM meta")}
+        assert meta["format_version"] == FORMAT_VERSION and meta["dtype"] == "bfloat16"
+        blob = conn.execute("SELECT key FROM facts WHERE id = 'fact-1'").fetchone()[0]
+        # bfloat16 BLOB = the raw little-endian 2-byte words: the top half of each float32
+        words = keys[1].to(torch.float32).to(torch.bfloat16).view(torch.int16).tolist()
+        assert blob == b"".join((w & 0xFFFF).to_bytes(2, "little") for w in words)
+        conn.close()
+
+
+def test_upsert_replaces_in_place_and_persists(tmp_path):
+    keys, residuals, ids, metadata = _facts(5)
+    with NeuralDB(tmp_path / "u.ndb", d1=D1, d2=D2) as db:
+        db.add(keys, residuals, ids, metadata)
+        row = db.snapshot().ids_at(range(5)).index("fact-2")
+        new_keys, new_residuals, _, _ = _facts(2, seed=9)
+        db.upsert(new_keys, new_residuals, ["fact-2", "fact-new"], [{"source": "v2"}, None])
+        snap = db.snapshot()
+        assert snap.ids_at([row]) == ["fact-2"] and len(db) == 6
+        assert torch.equal(snap.keys[row], new_keys[0].float())
+    with NeuralDB.open(tmp_path / "u.ndb") as db:
+        assert torch.equal(db.get("fact-2").residual, new_residuals[0].float())
+        assert db.get("fact-2").metadata["source"] == "v2" and "subject" not in db.get("fact-2").metadata
+        assert torch.equal(db.get("fact-new").key, new_keys[1].float())
+        assert torch.equal(db.get("fact-3").key, keys[3].float())
