@@ -1,0 +1,157 @@
+// Work split, reduction and instruction-set choice of the "cpu" gated_retrieve backend.
+//
+// Parallel plan: K is cut into key tiles (about kTileBytes each, so a tile stays in L2 while every
+// group of 4 queries walks over it), consecutive tiles form key chunks, queries form query groups.
+// A work item is (key chunk, query group); items are handed out dynamically to the OpenMP threads
+// and each writes the running (max, argmax) of its queries into its own slot of a partials array.
+// One decode query (n = 1) therefore still spreads over all threads through the key chunks. The
+// partials are reduced per query in increasing chunk order with a strict '>', so the lowest index
+// wins ties, and neither the result nor its rounding depends on the number of threads.
+#include "gated_retrieve_cpu.h"
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace neuraldb {
+namespace cpu {
+namespace {
+
+constexpr int64_t kTileBytes = 128 * 1024;     // half the L2 of small cores: keys + queries fit
+constexpr int64_t kMaxTileKeys = 1024;         // bounds the per-thread norm scratch for tiny dim
+constexpr int64_t kItemsPerThread = 8;         // work items per thread, for load balance
+constexpr int64_t kMinParallelWork = 1 << 16;  // multiply-adds below which one thread is faster
+
+int64_t key_element_bytes(KeyDtype dtype) {
+  switch (dtype) {
+    case KeyDtype::float64: return 8;
+    case KeyDtype::float32: return 4;
+    case KeyDtype::bfloat16:
+    case KeyDtype::float16: return 2;
+  }
+  return 4;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int thread_index() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+template <typename Acc>
+void run_scan(Isa isa, const ScanJob<Acc>& job) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (isa == Isa::avx2) return avx2::scan(job);
+#endif
+  generic::scan(job);
+}
+
+template <typename Acc>
+void run_row_inv_norms(Isa isa, const Acc* rows, int64_t n, int64_t dim, Acc* inv,
+                       uint8_t* finite) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (isa == Isa::avx2) return avx2::row_inv_norms(rows, n, dim, inv, finite);
+#endif
+  generic::row_inv_norms(rows, n, dim, inv, finite);
+}
+
+}  // namespace
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+template <typename Acc>
+void best_match(const Acc* queries, int64_t n, int64_t dim, const void* keys, KeyDtype key_dtype,
+                int64_t m, int num_threads, Isa isa, Acc* best_score, int64_t* best_index) {
+  int64_t tile = std::max<int64_t>(1, kTileBytes / std::max<int64_t>(1, dim * key_element_bytes(key_dtype)));
+  tile = std::min(tile, kMaxTileKeys);
+  if (tile >= 4) tile -= tile % 4;
+  const int64_t num_tiles = ceil_div(m, tile);
+
+  const bool parallel = num_threads > 1 && n * m * dim >= kMinParallelWork;
+  const int threads = parallel ? num_threads : 1;
+  const int64_t target_items = parallel ? kItemsPerThread * threads : 1;
+  const int64_t key_chunks = std::min(num_tiles, target_items);
+  // Few key chunks (small m): also split the queries, in multiples of the 4-query micro-kernel.
+  int64_t group_size = n;
+  if (key_chunks < target_items) {
+    const int64_t groups = std::min(ceil_div(n, 4), ceil_div(target_items, key_chunks));
+    group_size = ceil_div(ceil_div(n, groups), 4) * 4;
+  }
+  const int64_t query_groups = ceil_div(n, group_size);
+
+  std::vector<Acc> query_inv_norm(n);
+  std::vector<uint8_t> query_finite(n);
+  std::vector<Acc> part_score(key_chunks * n, -std::numeric_limits<Acc>::infinity());
+  std::vector<int64_t> part_index(key_chunks * n, -1);
+  std::vector<Acc> scratch(threads * tile);
+
+#pragma omp parallel num_threads(threads) if (parallel)
+  {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+      run_row_inv_norms(isa, queries + r * dim, 1, dim, &query_inv_norm[r], &query_finite[r]);
+    }
+
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < key_chunks * query_groups; ++item) {
+      const int64_t chunk = item % key_chunks;
+      const int64_t q0 = (item / key_chunks) * group_size;
+      ScanJob<Acc> job;
+      job.queries = queries + q0 * dim;
+      job.query_inv_norm = query_inv_norm.data() + q0;
+      job.num_queries = std::min(group_size, n - q0);
+      job.dim = dim;
+      job.keys = keys;
+      job.key_dtype = key_dtype;
+      job.key_begin = chunk * num_tiles / key_chunks * tile;
+      job.key_end = std::min(m, (chunk + 1) * num_tiles / key_chunks * tile);
+      job.key_tile = tile;
+      job.key_inv_norm_scratch = scratch.data() + thread_index() * tile;
+      job.best_score = part_score.data() + chunk * n + q0;
+      job.best_index = part_index.data() + chunk * n + q0;
+      run_scan(isa, job);
+    }
+
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+      Acc score = -std::numeric_limits<Acc>::infinity();
+      int64_t index = -1;
+      for (int64_t chunk = 0; chunk < key_chunks; ++chunk) {
+        if (part_score[chunk * n + r] > score) {
+          score = part_score[chunk * n + r];
+          index = part_index[chunk * n + r];
+        }
+      }
+      if (!query_finite[r]) {
+        score = std::numeric_limits<Acc>::quiet_NaN();
+        index = -1;
+      }
+      best_score[r] = score;
+      best_index[r] = index;
+    }
+  }
+}
+
+template void best_match<float>(const float*, int64_t, int64_t, const void*, KeyDtype, int64_t,
+                                int, Isa, float*, int64_t*);
+template void best_match<double>(const double*, int64_t, int64_t, const void*, KeyDtype, int64_t,
+                                 int, Isa, double*, int64_t*);
+
+}  // namespace cpu
+}  // namespace neuraldb
