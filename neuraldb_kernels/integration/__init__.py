@@ -1,5 +1,21 @@
-"""Integration with Hugging Face models: where the FFN down-projection lives per architecture."""
+"""Integration with Hugging Face models: attach a NeuralDB to a layer's FFN down-projection
+(`attach`), where that projection lives per architecture, the model fingerprint, and the
+embedded default model (`load_default_model`)."""
 
 from .architectures import SUPPORTED_MODEL_TYPES, down_proj_dims, locate_down_proj, num_layers
+from .attach import Attachment, Firing, ForwardRecord, attach
+from .default_model import load_default_model
+from .fingerprint import model_fingerprint
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "down_proj_dims", "locate_down_proj", "num_layers"]
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "Attachment",
+    "Firing",
+    "ForwardRecord",
+    "attach",
+    "load_default_model",
+    "down_proj_dims",
+    "locate_down_proj",
+    "model_fingerprint",
+    "num_layers",
+]

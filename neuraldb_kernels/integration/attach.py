@@ -1,0 +1,206 @@
+"""Attach a NeuralDB to a model: a forward hook on one layer's FFN down-projection adds the gated
+retrieval to that projection's output, for every token (paper Eq. 11-12):
+
+    y = down_proj(x) + gated_retrieve(x, K, R, gamma)       x: (..., d1) the projection's input
+
+The module itself is never replaced or modified: `detach()` removes the hook and the model is
+exactly what it was. Where no gate fires the projection's output is returned as is (selected with
+`torch.where`, not by adding zeros), so an empty database or a closed gate is bit-identical to the
+bare model.
+
+Live database: every forward takes a fresh `db.snapshot(device, dtype)` (the store keeps one
+buffer per device and dtype in sync and a snapshot is a slice of it, so this costs microseconds),
+so adds, deletes and gamma changes apply at the next forward. The snapshot follows the layer:
+the projection input's device, and the projection output's dtype (keys may use `key_dtype`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import List, Optional
+
+import torch
+
+from ..ops import gated_retrieve
+from ..ops.contract import check_gamma
+from ..ops.dispatch import resolve_backend
+from ..store import NeuralDB, Snapshot
+from .architectures import check_layer, locate_down_proj, num_layers
+from .fingerprint import model_fingerprint
+
+# down-projection module -> the Attachment hooked on it (at most one per module)
+_ATTACHED: "weakref.WeakKeyDictionary[torch.nn.Module, Attachment]" = weakref.WeakKeyDictionary()
+_KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Firing:
+    """One token where a fact fired in the last forward pass.
+
+    batch, position: the token's row and position in that forward's input (in `generate()` with a
+    KV cache, each decoding step is a forward over the new token only, at position 0).
+    fact_id: the fired fact; score: the cosine of the token's key with the fact's key (> gamma).
+    """
+
+    batch: int
+    position: int
+    fact_id: str
+    score: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardRecord:
+    """What the retrieval saw in one forward pass.
+
+    index: int64, the input's leading shape (batch, seq): the fired row of `snapshot`, -1 where no
+    gate fired. score: float32, same shape: the best cosine (fired or not; -inf with no facts).
+    snapshot: the database view the retrieval read (maps rows to fact ids).
+    """
+
+    index: torch.Tensor
+    score: torch.Tensor
+    snapshot: Snapshot
+
+
+class Attachment:
+    """A NeuralDB hooked into one layer of a model; returned by `attach`.
+
+    Attributes: model, db, layer, module (the hooked down-projection), backend, key_dtype.
+    `gamma` is the gate in use (the database's current gamma unless one was given to `attach`).
+    After a forward pass, `last` holds its `ForwardRecord` and `fired()` lists its `Firing`s.
+    `detach()` (or leaving a `with attach(...)` block) removes the hook.
+    """
+
+    def __init__(self, model, db, layer, module, gamma, backend, key_dtype):
+        self.model = model
+        self.db = db
+        self.layer = layer
+        self.module = module
+        self.backend = backend
+        self.key_dtype = key_dtype
+        self._gamma = gamma
+        self.last: Optional[ForwardRecord] = None
+        self._hook = module.register_forward_hook(self._add_retrieval)
+        _ATTACHED[module] = self
+
+    @property
+    def gamma(self) -> float:
+        return self.db.gamma if self._gamma is None else self._gamma
+
+    @property
+    def attached(self) -> bool:
+        return self._hook is not None
+
+    def detach(self) -> None:
+        """Remove the hook; the model is then exactly as before `attach`. Detaching again does nothing."""
+        if self._hook is None:
+            return
+        self._hook.remove()
+        self._hook = None
+        if _ATTACHED.get(self.module) is self:
+            del _ATTACHED[self.module]
+        self.last = None
+
+    def __enter__(self) -> "Attachment":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "detached"
+        return (f"Attachment({state}, layer={self.layer}, module={type(self.module).__name__}, "
+                f"facts={len(self.db)}, gamma={self.gamma}, backend={self.backend!r})")
+
+    @torch.compiler.disable
+    def _views(self, device: torch.device, dtype: torch.dtype):
+        """(K, R, snapshot, gamma): one database version on `device`, R in `dtype`, K in key_dtype."""
+        key_dtype = dtype if self.key_dtype is None else self.key_dtype
+        while True:
+            residual_view = self.db.snapshot(device, dtype)
+            if key_dtype == dtype:
+                return residual_view.keys, residual_view.residuals, residual_view, self.gamma
+            key_view = self.db.snapshot(device, key_dtype)
+            if key_view.version == residual_view.version:  # else a writer came between the two: retry
+                return key_view.keys, residual_view.residuals, residual_view, self.gamma
+
+    @torch.compiler.disable
+    def _record(self, index: torch.Tensor, score: torch.Tensor, snapshot: Snapshot) -> None:
+        self.last = ForwardRecord(index, score, snapshot)
+
+    def _add_retrieval(self, module, args, output):
+        hidden = args[0]
+        keys, residuals, snapshot, gamma = self._views(hidden.device, output.dtype)
+        retrieved, index, score = gated_retrieve(
+            hidden, keys, residuals, gamma, backend=self.backend, return_index=True)
+        self._record(index, score, snapshot)
+        return torch.where((index >= 0).unsqueeze(-1), output + retrieved, output)
+
+    def fired(self) -> List[Firing]:
+        """The tokens where a fact fired in the last forward pass, in (batch, position) order.
+
+        Ids are resolved here, from the snapshot that forward read, so they are right even if the
+        database changed since. Inputs with more than two leading dims are flattened to (batch, -1).
+        """
+        if self.last is None:
+            return []
+        rows = self.last.index.shape[0] if self.last.index.dim() >= 2 else 1
+        index = self.last.index.reshape(rows, -1)
+        score = self.last.score.reshape(rows, -1)
+        where = (index >= 0).nonzero().tolist()
+        ids = self.last.snapshot.ids_at(index[index >= 0].cpu())
+        values = score[index >= 0].tolist()
+        return [Firing(b, t, fact_id, value) for (b, t), fact_id, value in zip(where, ids, values)]
+
+
+def attach(
+    model: torch.nn.Module,
+    db: NeuralDB,
+    layer: Optional[int] = None,
+    gamma: Optional[float] = None,
+    *,
+    module_path: Optional[str] = None,
+    backend: str = "auto",
+    key_dtype: Optional[torch.dtype] = None,
+    allow_weight_mismatch: bool = False,
+) -> Attachment:
+    """Hook NeuralDB `db` into decoder layer `layer` of `model`; returns the `Attachment`.
+
+    model: a Hugging Face model of a supported type (see architectures.SUPPORTED_MODEL_TYPES), or
+        any model with `module_path` ("....{layer}....", the path to the FFN down-projection).
+    layer: decoder layer index; default `db.layer` (one of the two must be set).
+    gamma: gate threshold in [-1, 1]; default the database's gamma, read at every forward.
+    backend: `gated_retrieve` backend ("auto", "cpu", "torch", "triton", "cuda").
+    key_dtype: dtype of the keys handed to the retrieval (float32/float16/bfloat16); default the
+        model's. Residuals always take the projection output's dtype.
+    allow_weight_mismatch: silence the warning when the database was built for other weights.
+
+    Errors: unsupported model type, bad module path, layer out of range or missing, gamma outside
+    [-1, 1], a database whose d1/d2/layer/model type do not match the model (ValueError), a layer
+    already attached (ValueError: detach the other attachment first).
+    """
+    if not isinstance(db, NeuralDB):
+        raise TypeError(f"db must be a NeuralDB, got {type(db).__name__}")
+    if layer is None:
+        layer = db.layer
+        if layer is None:
+            raise ValueError(
+                f"no layer to attach to: the database has none and layer= was not given "
+                f"(the model has {num_layers(model, module_path)} decoder layers)")
+    check_layer(model, layer, module_path)
+    if gamma is not None:
+        gamma = check_gamma(gamma)
+    if key_dtype is not None and key_dtype not in _KEY_DTYPES:
+        raise TypeError(f"key_dtype must be one of {_KEY_DTYPES} or None, got {key_dtype!r}")
+    module = locate_down_proj(model, layer, module_path)
+    weight = next(module.parameters(), None)
+    if weight is not None:
+        resolve_backend(backend, weight.device, (weight.dtype,))
+    db.check_fingerprint(model_fingerprint(model, layer, module_path), allow_weight_mismatch=allow_weight_mismatch)
+    other = _ATTACHED.get(module)
+    if other is not None:
+        raise ValueError(
+            f"layer {layer} ({type(module).__name__}) already has a NeuralDB attached ({other!r}); "
+            "detach it first")
+    return Attachment(model, db, layer, module, gamma, backend, key_dtype)
