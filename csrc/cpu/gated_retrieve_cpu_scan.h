@@ -147,7 +147,12 @@ template <> struct KeyLoad<double, float> {
 };
 template <> struct KeyLoad<float, BFloat16> {
   static NEURALDB_INLINE f32x8 vec(const BFloat16* p) {
+#ifdef NEURALDB_CPU_ISA_AVX2  // one vpmovzxwd ymm + one shift (GCC splits the generic form)
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return (f32x8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16);
+#else
     return (f32x8)(__builtin_convertvector(load<u16x8>(p), u32x8) << 16);
+#endif
   }
   static NEURALDB_INLINE float one(BFloat16 x) {
     const uint32_t bits = (uint32_t)x.bits << 16;
@@ -158,7 +163,12 @@ template <> struct KeyLoad<float, BFloat16> {
 };
 template <> struct KeyLoad<double, BFloat16> {
   static NEURALDB_INLINE f64x4 vec(const BFloat16* p) {
+#ifdef NEURALDB_CPU_ISA_AVX2
+    const __m128i bits = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    const f32x4 f = (f32x4)_mm_slli_epi32(_mm_cvtepu16_epi32(bits), 16);
+#else
     const f32x4 f = (f32x4)(__builtin_convertvector(load<u16x4>(p), u32x4) << 16);
+#endif
     return __builtin_convertvector(f, f64x4);
   }
   static NEURALDB_INLINE double one(BFloat16 x) { return KeyLoad<float, BFloat16>::one(x); }
