@@ -100,16 +100,31 @@ def test_snapshot_survives_append_growth_update_and_delete():
     assert snap2.version < db.version and db.snapshot().version == db.version
 
 
-def test_no_copy_of_the_buffers_without_an_outstanding_snapshot():
+def test_deletes_copy_the_buffers_only_while_a_snapshot_is_in_use():
     db = NeuralDB(d1=D1, d2=D2)
     db.add(*_encoded(range(40)), [f"f{i}" for i in range(40)])
-    db.view()
-    db.delete("f0")  # copy-on-write: a snapshot was handed out
-    keys = db._views[db._master_key]._keys
-    db.delete("f1")
+
+    def master_keys():
+        return db._views[db._master_key]._keys
+
+    db.view()  # dropped at once
+    buffer = master_keys()
+    db.delete("f0")
     db.add(*_encoded([40]), "f40")
     db.upsert(*_encoded([41]), "f2")
-    assert db._views[db._master_key]._keys is keys  # in place: O(d) per change
+    assert master_keys() is buffer  # in place: O(d) per change
+    column = db.view()[0][:, :2]  # only a view of a snapshot stays alive
+    expected = column.clone()
+    db.delete("f1")
+    assert master_keys() is not buffer and torch.equal(column, expected)  # copied on write
+    snap = db.snapshot()
+    ids = snap.ids_at(range(len(snap.keys)))
+    db.delete(["f3", "f4"])
+    assert snap.ids_at(range(len(snap.keys))) == ids
+    del column, snap
+    buffer = master_keys()
+    db.delete("f5")
+    assert master_keys() is buffer
 
 
 def test_concurrent_reader_never_sees_a_half_written_fact():

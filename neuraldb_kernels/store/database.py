@@ -9,7 +9,8 @@ request and then kept in sync row by row.
 
 Snapshot semantics: `view()` / `snapshot()` return tensors that never change afterwards, however
 the database is mutated later (appends write outside them or into grown buffers; deletes and
-updates copy-on-write once per snapshot). A snapshot is taken under the database lock, so it never
+updates copy-on-write while a snapshot is still in use, and work in place once it was dropped;
+see view.py). A snapshot is taken under the database lock, so it never
 shows a half-applied batch. Readers may keep and use it without holding any lock.
 
 Thread safety: every public method takes one re-entrant lock; several threads may share a NeuralDB.
@@ -25,6 +26,7 @@ import math
 import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -179,7 +181,7 @@ class NeuralDB:
             raise
         self._row_of = {fact_id: row for row, fact_id in enumerate(self._ids)}
         self._rev_of = dict(zip(self._ids, revs))
-        self._ids_shared = False
+        self._id_readers: weakref.WeakSet[Snapshot] = weakref.WeakSet()  # live snapshots sharing self._ids
         self._master_key = (torch.device("cpu"), self._dtype)
         self._views: dict[tuple[torch.device, torch.dtype], ViewBuffers] = {
             self._master_key: ViewBuffers(keys, residuals)}
@@ -398,9 +400,10 @@ class NeuralDB:
     # -- applying committed changes to memory ---------------------------------------------------
 
     def _unshare_ids(self) -> None:
-        if self._ids_shared:
+        """Copy the row -> id list before rewriting it if a live snapshot shares it."""
+        if len(self._id_readers):
             self._ids = list(self._ids)
-            self._ids_shared = False
+            self._id_readers = weakref.WeakSet()
 
     def _apply_append(self, ids: list[str], revs: list[int], keys: torch.Tensor, residuals: torch.Tensor) -> None:
         if not ids:
@@ -496,8 +499,9 @@ class NeuralDB:
                 buffers = ViewBuffers(keys.to(device, dtype), residuals.to(device, dtype))
                 self._views[(device, dtype)] = buffers
             keys, residuals = buffers.snapshot()
-            self._ids_shared = True
-            return Snapshot(keys, residuals, self._version, self._ids)
+            snap = Snapshot(keys, residuals, self._version, self._ids)
+            self._id_readers.add(snap)
+            return snap
 
     def view(self, device: torch.device | str | None = None,
              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,9 +5,14 @@ into the holes (swap-remove), O(d) per deleted row. Snapshots handed out are `K[
 slices of the buffers and must never change afterwards:
 - appends write rows >= m, outside every earlier snapshot, or into freshly grown buffers;
 - in-place rewrites (updates; deletes, which move rows and free rows for later appends) first
-  copy the buffers once if a snapshot was handed out since the buffers were last copied
-  (copy-on-write). That copy costs no more than one retrieval over the snapshot that caused it,
-  so it is paid for by the reader; with no snapshot outstanding, updates and deletes stay O(d).
+  copy the buffers (copy-on-write) if a snapshot handed out since the last copy may still be in
+  use: some tensor other than the buffer still uses the buffer's storage (a snapshot, or any
+  view of one). That copy costs no more than one retrieval over the live snapshot, so it is paid
+  for by the reader; once readers dropped their snapshots, updates and deletes are O(d) in place.
+  (Storage use counts come from torch's `_storage_Use_Count`; without it every rewrite after a
+  snapshot copies, which is always safe.)
+As for any tensor, a CUDA kernel still reading a dropped snapshot is ordered before later
+rewrites only when the writer uses the same CUDA stream as the reader.
 Not thread-safe by itself: the owning NeuralDB serialises every call under its lock.
 """
 
@@ -16,6 +21,23 @@ from __future__ import annotations
 import torch
 
 MIN_CAPACITY = 16
+
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _storage_use_count(tensor: torch.Tensor) -> int:
+    storage = tensor.untyped_storage()  # held: the count must be read while the storage is alive
+    return _use_count(storage._cdata)
+
+
+_UNSHARED_USE_COUNT = None if _use_count is None else _storage_use_count(torch.empty(1))
+
+
+def _storage_in_use_elsewhere(buffer: torch.Tensor) -> bool:
+    """Whether tensors other than `buffer` use its storage (True when torch cannot tell)."""
+    if _use_count is None:
+        return True
+    return _storage_use_count(buffer) > _UNSHARED_USE_COUNT
 
 
 class ViewBuffers:
@@ -61,10 +83,10 @@ class ViewBuffers:
         self.count += n
 
     def _unshare(self) -> None:
-        if self._shared:
+        if self._shared and (_storage_in_use_elsewhere(self._keys) or _storage_in_use_elsewhere(self._residuals)):
             self._keys = self._keys.clone()
             self._residuals = self._residuals.clone()
-            self._shared = False
+        self._shared = False
 
     def overwrite(self, rows: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor) -> None:
         """Replace the rows at int64 indices `rows` (all < m) with `keys` / `residuals`."""
