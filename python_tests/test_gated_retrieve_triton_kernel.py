@@ -1,0 +1,237 @@
+"""Triton-specific tests of the "triton" gated_retrieve backend: the split-m two-stage reduction,
+tile and split boundaries, both dot paths (multiply + tl.sum for decode, tl.dot for prefill), the
+strict fp32 gate and the bit-for-bit row copy. The generic contract tests live in
+test_gated_retrieve.py; these drive the launcher with explicit tiles so that tiny shapes cross
+many program boundaries. Without a GPU they run in Triton's interpreter (conftest.py sets
+TRITON_INTERPRET=1), so every shape is tiny.
+
+Reference: plain torch float64 on the exact input values (bf16/fp16/fp32 are exact in float64).
+
+Tolerance (derived): the kernel accumulates in fp32 (unit roundoff u = 2^-24). In any summation
+order a length-d dot product has error <= gamma_d |q| |k|, gamma_d = d u / (1 - d u) (Higham,
+Accuracy and Stability, eq. 3.5), and so has each sum of squares relative to its value; a square
+root halves that relative error and adds u, the reciprocal adds u, the two products 2u. So
+|cos_fp32 - cos| <= (2 d + 8) u for d u << 1, plus u for rounding the reported score. Indices must
+agree unless the two best reference cosines are within twice that bound.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from neuraldb_kernels.ops import triton_backend
+from neuraldb_kernels.ops.triton_backend import LaunchConfig, launch, plan_launch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_WHY = triton_backend.unavailable_reason(DEVICE)
+pytestmark = [
+    pytest.mark.skipif(_WHY is not None, reason=f"triton backend unavailable on {DEVICE}: {_WHY}"),
+    # Inf * 0 inside the interpreter's numpy code warns; the kernel masks those lanes on purpose.
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+]
+
+U32 = 2.0**-24
+DECODE_TILES = LaunchConfig(block_n=2, block_m=16, block_d=16, use_dot=False, num_splits=5)
+PREFILL_TILES = LaunchConfig(block_n=16, block_m=16, block_d=32, use_dot=True, num_splits=3)
+
+
+def tolerance(d1: int) -> float:
+    return (2 * d1 + 8) * U32 + U32
+
+
+def reference_cosines(q: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """(n, m) float64 cosines; a zero-norm vector has cosine 0 with everything."""
+    q64, k64 = q.double().cpu(), K.double().cpu()
+    qn = q64.norm(dim=1, keepdim=True)
+    kn = k64.norm(dim=1, keepdim=True)
+    cos = (q64 @ k64.T) / (qn * kn.T)
+    cos[:, kn[:, 0] == 0] = 0.0
+    cos[qn[:, 0] == 0, :] = 0.0
+    return cos
+
+
+def assert_matches_reference(q, K, R, gamma, out, index, score):
+    n, d1 = q.shape
+    assert out.shape == (n, R.shape[1]) and out.dtype == R.dtype
+    assert index.shape == (n,) and index.dtype == torch.int64
+    assert score.shape == (n,) and score.dtype == torch.float32
+    out, index, score, R = out.cpu(), index.cpu(), score.cpu(), R.cpu()
+    tol = tolerance(d1)
+    cos = reference_cosines(q, K)
+    finite = torch.isfinite(q.double().cpu()).all(dim=1)
+    for row in range(n):
+        if not finite[row]:
+            assert index[row] == -1 and torch.isnan(score[row]) and not out[row].any(), row
+            continue
+        best = cos[row].max().item()
+        assert abs(score[row].item() - best) <= tol, (row, score[row].item(), best, tol)
+        if index[row] >= 0:
+            assert cos[row, index[row]].item() >= best - 2 * tol, (row, index[row].item(), best)
+            # the lowest index among the (near-)best keys, unless rounding separates them
+            first = int(torch.nonzero(cos[row] >= best - 2 * tol)[0])
+            assert index[row] >= first, (row, index[row].item(), first)
+            assert torch.equal(out[row].view(torch.uint8), R[index[row]].view(torch.uint8)), row
+        else:
+            assert best <= gamma + tol, (row, best, gamma)
+            assert torch.equal(out[row], torch.zeros_like(out[row])) and not torch.signbit(out[row]).any()
+
+
+def random_case(n, m, d1, d2, q_dtype, k_dtype, r_dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, d1, generator=gen)
+    K = torch.randn(m, d1, generator=gen)
+    R = torch.randn(m, d2, generator=gen)
+    for row in range(0, n, 2):  # planted near-copies: open gates next to closed ones
+        K[(7 * row + 3) % m] = q[row] * 0.7 + 0.2 * torch.randn(d1, generator=gen)
+    return (q.to(q_dtype).to(DEVICE), K.to(k_dtype).to(DEVICE), R.to(r_dtype).to(DEVICE))
+
+
+@pytest.mark.parametrize(
+    "n,m,d1,q_dtype,k_dtype,r_dtype,config",
+    [
+        # decode path, 5 splits of 16-key blocks, d1 not a multiple of BLOCK_D
+        (1, 300, 67, torch.float32, torch.float32, torch.float32, DECODE_TILES),
+        (3, 7, 5, torch.bfloat16, torch.bfloat16, torch.bfloat16, DECODE_TILES),
+        (3, 300, 130, torch.float16, torch.bfloat16, torch.float32, DECODE_TILES),
+        # prefill path (tl.dot), padded query block, mixed dtypes
+        (17, 300, 130, torch.bfloat16, torch.bfloat16, torch.float16, PREFILL_TILES),
+        (17, 7, 67, torch.float32, torch.float16, torch.bfloat16, PREFILL_TILES),
+        (3, 300, 5, torch.bfloat16, torch.float32, torch.float32, PREFILL_TILES),
+    ],
+)
+def test_split_reduction_matches_float64_reference(n, m, d1, q_dtype, k_dtype, r_dtype, config):
+    q, K, R = random_case(n, m, d1, 6, q_dtype, k_dtype, r_dtype, seed=n * m + d1)
+    out, index, score = launch(q, K, R, 0.5, config)
+    assert_matches_reference(q, K, R, 0.5, out, index, score)
+    assert (index >= 0).any(), "the planted near-copies should open some gates"
+
+
+def test_planned_launch_matches_reference():
+    """The heuristic tiles of `retrieve` (as the dispatcher runs it), decode and prefill."""
+    for n in (1, 17):
+        q, K, R = random_case(n, 300, 130, 5, torch.bfloat16, torch.bfloat16, torch.bfloat16, seed=n)
+        assert_matches_reference(q, K, R, 0.4, *triton_backend.retrieve(q, K, R, 0.4))
+
+
+@pytest.mark.parametrize("config", [DECODE_TILES, PREFILL_TILES], ids=["decode", "prefill"])
+def test_exact_ties_across_splits_pick_lowest_index(config):
+    """Integer-valued vectors make every dot product and norm exact, so copies tie bit for bit."""
+    gen = torch.Generator().manual_seed(5)
+    m, d1 = 96, 20  # 6 key blocks of 16 -> 3 splits of 32 keys (decode) / 3 of 32 keys (prefill)
+    K = torch.randint(-3, 4, (m, d1), generator=gen).float()
+    target = torch.randint(-3, 4, (d1,), generator=gen).float()
+    target[0] = 5.0  # not a copy of any random key
+    # copies in the same block (33, 40), a later block of the same split (50) and later splits
+    for row in (40, 50, 70, 95, 33):
+        K[row] = target
+    q = torch.stack([target, 2 * target, -target]).to(DEVICE)
+    R = torch.randn(m, 3, generator=gen).to(DEVICE)
+    out, index, score = launch(q, K.to(DEVICE), R, 0.9, config)
+    assert index[:2].tolist() == [33, 33]
+    assert torch.equal(out[:2].cpu(), R[[33, 33]].cpu())
+    assert index[2] == -1
+
+
+def test_zero_query_ties_every_key_and_takes_key_zero():
+    """A zero query has cosine 0 with all keys (every split ties): with gamma < 0 key 0 wins."""
+    q = torch.zeros(2, 9, device=DEVICE)
+    q[1, 3] = 1.0
+    K = torch.randn(80, 9, device=DEVICE)
+    K[:, 3] = 0.0  # every key is orthogonal to q[1] too
+    R = torch.randn(80, 4, device=DEVICE)
+    out, index, score = launch(q, K, R, -0.5, DECODE_TILES)
+    assert index.tolist() == [0, 0] and score.tolist() == [0.0, 0.0]
+    assert torch.equal(out.cpu(), R[[0, 0]].cpu())
+
+
+def test_nan_inf_and_zero_rows_across_splits():
+    gen = torch.Generator().manual_seed(9)
+    K = torch.randn(70, 33, generator=gen)
+    K[50] = 0.0  # a zero key: cosine 0, never the winner here
+    q = torch.randn(6, 33, generator=gen)
+    q[0, 32] = float("nan")
+    q[1, 0] = float("inf")
+    q[2, 16] = float("-inf")
+    q[3] = 0.0
+    K[64] = q[4] * 3  # the winner sits in the last split, near the end of its block
+    q, K, R = q.to(DEVICE), K.to(DEVICE), torch.randn(70, 5, generator=gen).to(DEVICE)
+    for config in (DECODE_TILES, PREFILL_TILES):
+        out, index, score = launch(q, K, R, 0.3, config)
+        assert index[:4].tolist() == [-1, -1, -1, -1] and torch.isnan(score[:3]).all()
+        assert score[3] == 0.0 and index[4] == 64
+        assert_matches_reference(q, K, R, 0.3, out, index, score)
+
+
+@pytest.mark.parametrize("m", [15, 16, 17, 31, 33])
+def test_winner_at_block_and_split_edges(m):
+    """Winners at the first/last key of blocks and splits, with m around the 16-key block size."""
+    gen = torch.Generator().manual_seed(m)
+    d1 = 33  # BLOCK_D + 1: one full feature tile and a one-element tail
+    K = torch.randn(m, d1, generator=gen)
+    rows = sorted({0, m - 1, min(16, m - 1), 15 if m > 15 else 0})
+    q = K[rows] * 2.0
+    R = torch.randn(m, 3, generator=gen)
+    config = LaunchConfig(block_n=4, block_m=16, block_d=32, use_dot=False, num_splits=2)
+    out, index, score = launch(q.to(DEVICE), K.to(DEVICE), R.to(DEVICE), 0.99, config)
+    assert index.tolist() == rows
+
+
+def test_gate_is_strict_in_float32():
+    gen = torch.Generator().manual_seed(3)
+    K = torch.randn(40, 24, generator=gen).to(DEVICE)
+    q = (K[17] + 0.3 * torch.randn(24, generator=gen).to(DEVICE))[None]
+    R = torch.randn(40, 2, generator=gen).to(DEVICE)
+    _, index, score = launch(q, K, R, -1.0, DECODE_TILES)
+    s = score.item()  # a float32 value, so passing it as gamma is exact
+    assert index.item() == 17
+    assert launch(q, K, R, s, DECODE_TILES)[1].item() == -1
+    below = torch.nextafter(torch.tensor(s), torch.tensor(-2.0)).item()
+    assert launch(q, K, R, below, DECODE_TILES)[1].item() == 17
+
+
+@pytest.mark.parametrize("r_dtype,bits", [(torch.bfloat16, torch.int16), (torch.float32, torch.int32)])
+def test_selected_row_is_copied_bit_for_bit(r_dtype, bits):
+    """Signalling-NaN payloads and -0.0 survive the copy (it moves integers, not floats)."""
+    K = torch.eye(4, 8, device=DEVICE)
+    q = K[[2, 3]].clone()
+    raw = torch.arange(4 * 5, dtype=bits).reshape(4, 5)
+    raw[2, 0] = 0x7F81 if bits == torch.int16 else 0x7F800001  # signalling NaN patterns
+    raw[2, 1] = -0x8000 if bits == torch.int16 else -0x80000000  # -0.0
+    R = raw.view(r_dtype).to(DEVICE)
+    out, index, _ = launch(q, K, R, 0.5, DECODE_TILES)
+    assert index.tolist() == [2, 3]
+    assert torch.equal(out.view(bits).cpu(), raw[[2, 3]])
+
+
+def test_plan_picks_dot_tiles_only_for_prefill_and_fills_splits():
+    for n, use_dot in ((1, False), (8, False), (9, True), (300, True)):
+        config = plan_launch(n, 100_000, 14336, DEVICE)
+        assert config.use_dot is use_dot
+        if use_dot:
+            assert min(config.block_n, config.block_m, config.block_d) >= 16
+        assert 1 <= config.num_splits <= -(-100_000 // config.block_m)
+    assert plan_launch(1, 5, 3, DEVICE).num_splits == 1  # one key block: nothing to split
+
+
+def test_bad_launch_configs_and_float64_are_refused():
+    q, K, R = torch.randn(1, 4, device=DEVICE), torch.randn(3, 4, device=DEVICE), torch.randn(3, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="tl.dot tiles need every side >= 16"):
+        launch(q, K, R, 0.5, LaunchConfig(block_n=1, block_m=16, block_d=16, use_dot=True, num_splits=1))
+    with pytest.raises(ValueError, match="num_splits must be in"):
+        launch(q, K, R, 0.5, LaunchConfig(block_n=1, block_m=16, block_d=16, use_dot=False, num_splits=0))
+    with pytest.raises(TypeError, match="K has dtype torch.float64"):
+        triton_backend.retrieve(q, K.double(), R, 0.5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the triton backend needs no interpreter")
+def test_cpu_tensors_need_the_interpreter():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import torch; from neuraldb_kernels.ops import triton_backend as t; "
+        "print(t.unavailable_reason(torch.device('cpu')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "TRITON_INTERPRET=1 was not set before triton was imported" in result.stdout
