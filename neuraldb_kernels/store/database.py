@@ -37,7 +37,7 @@ from . import schema
 from .facts import StoredFact, FactBatch, prepare_batch
 from .exchange import read_export, write_export
 from .fingerprint import ModelFingerprint, check_compatible
-from .view import ViewBuffers
+from .view import MIN_CAPACITY, ViewBuffers
 
 _SQL_CHUNK = 500  # ids per "WHERE id IN (...)" query, below SQLite's bound-parameter limit
 _SEARCH_CHUNK = 16384  # key rows per matrix product in search()
@@ -164,15 +164,11 @@ class NeuralDB:
             conn.execute("BEGIN")
             try:
                 self._load_meta(schema.read_meta(conn, str(path) if path is not None else "database"))
-                self._ids, revs = [], []
-                for fact_id, rev in conn.execute("SELECT id, rev FROM facts ORDER BY seq"):
-                    self._ids.append(fact_id)
-                    revs.append(rev)
-                count = len(self._ids)
-                keys = schema.decode_rows((r[0] for r in conn.execute("SELECT key FROM facts ORDER BY seq")),
-                                          self._d1, self._dtype, count)
-                residuals = schema.decode_rows((r[0] for r in conn.execute("SELECT residual FROM facts ORDER BY seq")),
-                                               self._d2, self._dtype, count)
+                count = schema.count_facts(conn)
+                capacity = max(MIN_CAPACITY, 2 * count)  # untouched rows cost no memory until used
+                keys = torch.empty((capacity, self._d1), dtype=self._dtype)
+                residuals = torch.empty((capacity, self._d2), dtype=self._dtype)
+                self._ids, revs = schema.read_facts_into(conn, keys, residuals)
                 self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
             finally:
                 conn.execute("COMMIT")
@@ -184,7 +180,7 @@ class NeuralDB:
         self._id_readers: weakref.WeakSet[Snapshot] = weakref.WeakSet()  # live snapshots sharing self._ids
         self._master_key = (torch.device("cpu"), self._dtype)
         self._views: dict[tuple[torch.device, torch.dtype], ViewBuffers] = {
-            self._master_key: ViewBuffers(keys, residuals)}
+            self._master_key: ViewBuffers(keys, residuals, count)}
 
     def _load_meta(self, meta: dict[str, Any]) -> None:
         self._d1, self._d2, self._layer, self._gamma = meta["d1"], meta["d2"], meta["layer"], meta["gamma"]
@@ -468,8 +464,9 @@ class NeuralDB:
             row = self._conn.execute("SELECT key, residual, metadata FROM facts WHERE id = ?", (fact_id,)).fetchone()
         if row is None:
             raise KeyError(f"fact {fact_id!r} was deleted by another connection; call refresh()")
-        return StoredFact(fact_id, schema.decode_rows([row[0]], self._d1, self._dtype, 1)[0],
-                    schema.decode_rows([row[1]], self._d2, self._dtype, 1)[0], json.loads(row[2]))
+        return StoredFact(fact_id, schema.decode_rows([row[0]], torch.empty((1, self._d1), dtype=self._dtype))[0],
+                          schema.decode_rows([row[1]], torch.empty((1, self._d2), dtype=self._dtype))[0],
+                          json.loads(row[2]))
 
     def facts(self) -> Iterator[StoredFact]:
         """Every fact (see `get`), in view row order as of the start of the iteration."""
@@ -496,7 +493,7 @@ class NeuralDB:
             buffers = self._views.get((device, dtype))
             if buffers is None:
                 keys, residuals = self._views[self._master_key].snapshot()
-                buffers = ViewBuffers(keys.to(device, dtype), residuals.to(device, dtype))
+                buffers = ViewBuffers.copy_of(keys.to(device, dtype), residuals.to(device, dtype))
                 self._views[(device, dtype)] = buffers
             keys, residuals = buffers.snapshot()
             snap = Snapshot(keys, residuals, self._version, self._ids)
@@ -581,8 +578,8 @@ class NeuralDB:
             new = [fact_id for fact_id in written if fact_id not in self._row_of]
 
             def decoded(ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-                keys = schema.decode_rows((rows[i][0] for i in ids), self._d1, self._dtype, len(ids))
-                residuals = schema.decode_rows((rows[i][1] for i in ids), self._d2, self._dtype, len(ids))
+                keys = schema.decode_rows((rows[i][0] for i in ids), torch.empty((len(ids), self._d1), dtype=self._dtype))
+                residuals = schema.decode_rows((rows[i][1] for i in ids), torch.empty((len(ids), self._d2), dtype=self._dtype))
                 return keys, residuals
 
             self._apply_remove(removed)

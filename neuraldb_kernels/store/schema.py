@@ -131,16 +131,36 @@ def encode_rows(rows: torch.Tensor) -> list[bytes]:
     return [row.tobytes() for row in raw]
 
 
-def decode_rows(blobs: Iterable[bytes], width: int, dtype: torch.dtype, count: int) -> torch.Tensor:
-    """Stack `count` BLOBs of `width` values each into a (count, width) CPU tensor of `dtype`."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    out = torch.empty((count, width), dtype=dtype)
+def decode_rows(blobs: Iterable[bytes], out: torch.Tensor) -> torch.Tensor:
+    """Fill the first rows of the 2-D CPU tensor `out` (width and dtype as stored) from BLOBs, one
+    per row; returns `out`. ValueError on a BLOB of the wrong length or too many BLOBs."""
+    width = out.shape[1] * out.element_size()
     raw = out.view(torch.uint8).numpy()
-    filled = 0
-    for filled, blob in enumerate(blobs, start=1):
-        if len(blob) != width * itemsize:
-            raise ValueError(f"corrupt vector BLOB of {len(blob)} bytes, expected {width * itemsize}")
-        raw[filled - 1] = np.frombuffer(blob, dtype=np.uint8)
-    if filled != count:
-        raise ValueError(f"expected {count} vector BLOBs, read {filled}")
+    row = 0
+    for row, blob in enumerate(blobs, start=1):
+        if len(blob) != width or row > len(raw):
+            raise ValueError(f"corrupt vector BLOB of {len(blob)} bytes at row {row - 1}, expected {width} "
+                             f"bytes and at most {len(raw)} rows")
+        raw[row - 1] = np.frombuffer(blob, dtype=np.uint8)
     return out
+
+
+def count_facts(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM facts").fetchone()[0]
+
+
+def read_facts_into(conn: sqlite3.Connection, keys: torch.Tensor, residuals: torch.Tensor) -> tuple[list[str], list[int]]:
+    """One pass over all facts in insertion order: fill the first rows of the 2-D CPU `keys` and
+    `residuals` buffers, return (ids, revs). Call inside a read transaction, after `count_facts`
+    sized the buffers."""
+    key_raw, residual_raw = keys.view(torch.uint8).numpy(), residuals.view(torch.uint8).numpy()
+    ids, revs = [], []
+    for row, (fact_id, rev, key, residual) in enumerate(conn.execute("SELECT id, rev, key, residual FROM facts ORDER BY seq")):
+        if len(key) != key_raw.shape[1] or len(residual) != residual_raw.shape[1]:
+            raise ValueError(f"corrupt vector BLOBs of fact {fact_id!r}: {len(key)} and {len(residual)} bytes, "
+                             f"expected {key_raw.shape[1]} and {residual_raw.shape[1]}")
+        key_raw[row] = np.frombuffer(key, dtype=np.uint8)
+        residual_raw[row] = np.frombuffer(residual, dtype=np.uint8)
+        ids.append(fact_id)
+        revs.append(rev)
+    return ids, revs

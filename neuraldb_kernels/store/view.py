@@ -43,19 +43,24 @@ def _storage_in_use_elsewhere(buffer: torch.Tensor) -> bool:
 class ViewBuffers:
     """K and R rows of one view, in buffers with spare capacity."""
 
-    def __init__(self, keys: torch.Tensor, residuals: torch.Tensor):
-        """Take ownership of (m, d1) `keys` and (m, d2) `residuals` (same device and dtype)."""
-        self.count = keys.shape[0]
-        capacity = max(MIN_CAPACITY, self.count)
-        self._keys = self._grown(keys, capacity)
-        self._residuals = self._grown(residuals, capacity)
+    def __init__(self, keys: torch.Tensor, residuals: torch.Tensor, count: int):
+        """Adopt (capacity, d1) / (capacity, d2) buffers (same device and dtype) whose first `count`
+        rows are the view."""
+        self._keys, self._residuals, self.count = keys, residuals, count
         self._shared = False
+
+    @classmethod
+    def copy_of(cls, keys: torch.Tensor, residuals: torch.Tensor) -> "ViewBuffers":
+        """Buffers holding copies of the (m, d1) `keys` and (m, d2) `residuals`."""
+        capacity = max(MIN_CAPACITY, keys.shape[0])
+        return cls(cls._grown(keys, capacity), cls._grown(residuals, capacity), keys.shape[0])
 
     @property
     def capacity(self) -> int:
         return self._keys.shape[0]
 
-    def _grown(self, rows: torch.Tensor, capacity: int) -> torch.Tensor:
+    @staticmethod
+    def _grown(rows: torch.Tensor, capacity: int) -> torch.Tensor:
         buffer = torch.empty((capacity, rows.shape[1]), dtype=rows.dtype, device=rows.device)
         buffer[: rows.shape[0]].copy_(rows)
         return buffer
@@ -84,8 +89,8 @@ class ViewBuffers:
 
     def _unshare(self) -> None:
         if self._shared and (_storage_in_use_elsewhere(self._keys) or _storage_in_use_elsewhere(self._residuals)):
-            self._keys = self._keys.clone()
-            self._residuals = self._residuals.clone()
+            self._keys = self._grown(self._keys[: self.count], self.capacity)
+            self._residuals = self._grown(self._residuals[: self.count], self.capacity)
         self._shared = False
 
     def overwrite(self, rows: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor) -> None:
