@@ -235,3 +235,46 @@ def test_cpu_tensors_need_the_interpreter():
     )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "TRITON_INTERPRET=1 was not set before triton was imported" in result.stdout
+
+
+# Ahead-of-time compilation for real GPUs: the interpreter accepts code that the GPU compiler may
+# reject (tile shapes, dtypes of tl.dot, int64 loop bounds), so the kernels are also compiled to
+# cubins for sm_80 and sm_90 here, in a child process where TRITON_INTERPRET is unset.
+_AOT_SCRIPT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from neuraldb_kernels.ops import triton_backend as tb
+
+assert not tb._interpreting()
+stage1 = dict(part_score_ptr="*fp32", part_index_ptr="*i64", n="i32", m="i32", d1="i32",
+              keys_per_split="i32", num_splits="i32")
+tiles = ("BLOCK_N", "BLOCK_M", "BLOCK_D", "USE_DOT", "DOT_IN_FP32")
+for arch in (80, 90):
+    target = GPUTarget("cuda", arch, 32)
+    for q, k, config, wants_mma in (
+        ("bf16", "bf16", (1, 32, 256, False, False), False),   # decode
+        ("bf16", "bf16", (64, 64, 64, True, False), True),     # prefill, native tensor-core tiles
+        ("fp32", "fp16", (16, 64, 64, True, True), False),     # prefill, mixed dtypes in fp32
+    ):
+        signature = dict(q_ptr="*" + q, k_ptr="*" + k, **stage1, **{t: "constexpr" for t in tiles})
+        src = ASTSource(fn=tb._partial_best_kernel, signature=signature, constexprs=dict(zip(tiles, config)))
+        ptx = triton.compile(src, target=target, options={"num_warps": 4}).asm["ptx"]
+        assert ("mma" in ptx) == wants_mma, (arch, q, k, config)
+    signature = dict(part_score_ptr="*fp32", part_index_ptr="*i64", r_bits_ptr="*i16", out_bits_ptr="*i16",
+                     index_ptr="*i64", score_ptr="*fp32", num_splits="i32", d2="i32", gamma="fp32",
+                     BLOCK_S="constexpr", BLOCK_D2="constexpr")
+    src = ASTSource(fn=tb._finalize_kernel, signature=signature, constexprs=dict(BLOCK_S=1024, BLOCK_D2=1024))
+    triton.compile(src, target=target, options={"num_warps": 4})
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels compile and run for real above")
+def test_kernels_compile_for_sm80_and_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9's default, stated to silence its warning
+    result = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
