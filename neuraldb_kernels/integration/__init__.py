@@ -4,7 +4,7 @@ embedded default model (`load_default_model`)."""
 
 from .architectures import SUPPORTED_MODEL_TYPES, down_proj_dims, locate_down_proj, num_layers
 from .attach import Attachment, Firing, ForwardRecord, attach
-from .default_model import load_default_model
+from .default_model import load_default_model, load_default_tokenizer
 from .fingerprint import model_fingerprint
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "ForwardRecord",
     "attach",
     "load_default_model",
+    "load_default_tokenizer",
     "down_proj_dims",
     "locate_down_proj",
     "model_fingerprint",

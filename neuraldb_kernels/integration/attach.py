@@ -114,27 +114,25 @@ class Attachment:
                 f"facts={len(self.db)}, gamma={self.gamma}, backend={self.backend!r})")
 
     @torch.compiler.disable
-    def _views(self, device: torch.device, dtype: torch.dtype):
-        """(K, R, snapshot, gamma): one database version on `device`, R in `dtype`, K in key_dtype."""
-        key_dtype = dtype if self.key_dtype is None else self.key_dtype
-        while True:
-            residual_view = self.db.snapshot(device, dtype)
-            if key_dtype == dtype:
-                return residual_view.keys, residual_view.residuals, residual_view, self.gamma
-            key_view = self.db.snapshot(device, key_dtype)
-            if key_view.version == residual_view.version:  # else a writer came between the two: retry
-                return key_view.keys, residual_view.residuals, residual_view, self.gamma
+    def _retrieve(self, hidden: torch.Tensor, dtype: torch.dtype):
+        """(retrieved (..., d2) in `dtype`, index (...)) for the projection input `hidden` (..., d1).
 
-    @torch.compiler.disable
-    def _record(self, index: torch.Tensor, score: torch.Tensor, snapshot: Snapshot) -> None:
+        Runs eagerly under torch.compile (it takes the database lock and reads Python state), as
+        one graph break per forward at the hooked layer; the rest of the model compiles.
+        """
+        snapshot = keys = self.db.snapshot(hidden.device, dtype)
+        if self.key_dtype is not None and self.key_dtype != dtype:
+            keys = self.db.snapshot(hidden.device, self.key_dtype)
+            while keys.version != snapshot.version:  # a writer came between the two snapshots
+                snapshot = self.db.snapshot(hidden.device, dtype)
+                keys = self.db.snapshot(hidden.device, self.key_dtype)
+        retrieved, index, score = gated_retrieve(
+            hidden, keys.keys, snapshot.residuals, self.gamma, backend=self.backend, return_index=True)
         self.last = ForwardRecord(index, score, snapshot)
+        return retrieved, index
 
     def _add_retrieval(self, module, args, output):
-        hidden = args[0]
-        keys, residuals, snapshot, gamma = self._views(hidden.device, output.dtype)
-        retrieved, index, score = gated_retrieve(
-            hidden, keys, residuals, gamma, backend=self.backend, return_index=True)
-        self._record(index, score, snapshot)
+        retrieved, index = self._retrieve(args[0], output.dtype)
         return torch.where((index >= 0).unsqueeze(-1), output + retrieved, output)
 
     def fired(self) -> List[Firing]:

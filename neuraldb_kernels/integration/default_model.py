@@ -106,6 +106,23 @@ def _write_cache(directory: Path, gguf: Path, record: dict) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _cached_model_dir(cache_dir: Optional[os.PathLike]) -> Path:
+    """The cache directory of the default model, built first when missing or stale."""
+    gguf = gguf_path()
+    record = _source_record(gguf)
+    directory = cache_root(cache_dir) / CACHE_NAME
+    if not _cache_is_valid(directory, record):
+        _write_cache(directory, gguf, record)
+    return directory
+
+
+def load_default_tokenizer(cache_dir: Optional[os.PathLike] = None):
+    """The tokenizer of the default model alone (builds the cache on first use, like `load_default_model`)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_cached_model_dir(cache_dir))
+
+
 def load_default_model(
     dtype: torch.dtype = torch.float32, cache_dir: Optional[os.PathLike] = None
 ) -> Tuple[torch.nn.Module, object]:
@@ -119,11 +136,6 @@ def load_default_model(
 
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    gguf = gguf_path()
-    record = _source_record(gguf)
-    directory = cache_root(cache_dir) / CACHE_NAME
-    if not _cache_is_valid(directory, record):
-        _write_cache(directory, gguf, record)
+    directory = _cached_model_dir(cache_dir)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    return model, tokenizer
+    return model, AutoTokenizer.from_pretrained(directory)
