@@ -1,0 +1,24 @@
+"""Evaluation of edited models: CounterFact (efficacy, generalization, specificity, fluency,
+consistency), ZsRE (teacher-forced accuracy), preservation (gate fire rate, KL on unrelated text),
+always as before -> after on the same cases, with terminal / JSON / PNG reports.
+
+    from neuraldb_kernels.evaluation import load_cases, evaluate
+    report = evaluate(model, tokenizer, db, load_cases(path, "counterfact", limit=100))
+"""
+
+from .consistency import TfidfModel, read_attribute_snippets
+from .counterfact import CounterFactCase, generation_metrics, probability_metrics
+from .fluency import fluency, generate_texts, ngram_entropy, text_fluency
+from .harness import FORMATS, cases_from_facts, evaluate, load_cases, model_metrics, read_facts
+from .preservation import preservation_metrics
+from .report import METRICS, UNITS, EvaluationReport, plot_scaling, read_json, write_json
+from .scoring import TargetScores, score_targets
+from .zsre import ZsRECase, accuracy_metrics
+
+__all__ = [
+    "FORMATS", "METRICS", "UNITS", "CounterFactCase", "EvaluationReport", "TargetScores", "TfidfModel",
+    "ZsRECase", "accuracy_metrics", "cases_from_facts", "evaluate", "fluency", "generate_texts",
+    "generation_metrics", "load_cases", "model_metrics", "ngram_entropy", "plot_scaling",
+    "preservation_metrics", "probability_metrics", "read_attribute_snippets", "read_facts", "read_json",
+    "score_targets", "text_fluency", "write_json",
+]

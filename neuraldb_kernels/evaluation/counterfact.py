@@ -1,0 +1,155 @@
+"""CounterFact evaluation (paper appendix D.2.1, ROME/MEMIT): efficacy, generalization and
+specificity as probability comparisons, plus fluency and consistency on generated text.
+
+For a case with subject s, new object o* (target_new) and true object o (target_true):
+
+    efficacy        [P(o* | prompt) > P(o | prompt)]
+    generalization  mean over paraphrase prompts of [P(o* | p) > P(o | p)]
+    specificity     mean over neighbourhood prompts n (other subjects, true answer o_n) of
+                    [P(o_n | n) > P(o* | n)]
+
+P is the probability of the target's whole token sequence (see scoring.py), so multi-token
+targets compare as wholes. Each metric is the mean over cases (of the per-case mean) in percent.
+Fluency (fluency.py) and consistency (consistency.py) use the generation prompts, which only the
+original-format records carry.
+
+Cases are built from the editing package's `Fact`s (its readers put a record's test prompts in
+`Fact.extras`), so the evaluation reads exactly the files the editor reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .consistency import TfidfModel, consistency
+from .fluency import FLUENCY_SCALE, fluency, generate_texts
+from .scoring import score_targets
+
+
+@dataclasses.dataclass(frozen=True)
+class CounterFactCase:
+    """One CounterFact test case.
+
+    prompt: the edit prompt with the subject filled in. neighborhood: (prompt, true answer) pairs
+    of other subjects. relation_id / target_new_id: keys into reference snippets (original
+    format only, else None).
+    """
+
+    case_id: Any
+    subject: str
+    prompt: str
+    target_new: str
+    target_true: str
+    paraphrase_prompts: tuple[str, ...] = ()
+    neighborhood: tuple[tuple[str, str], ...] = ()
+    generation_prompts: tuple[str, ...] = ()
+    relation_id: str | None = None
+    target_new_id: str | None = None
+
+
+def _texts(extras: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+    values = extras.get(key, [])
+    if isinstance(values, str):
+        values = [values]
+    if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
+        raise ValueError(f"{where}: {key!r} must be a non-empty string or a list of them, got {values!r}")
+    return tuple(values)
+
+
+def case_from_fact(fact, position: int) -> CounterFactCase:
+    """A `CounterFactCase` from an editing `Fact` read from a CounterFact record (or JSONL with the
+    same extras); `position` names it in errors. The test prompts come from `fact.extras`:
+    rephrase_prompt / paraphrase_prompts, locality_prompt + locality_ground_truth /
+    neighborhood_prompts (whose true answer is target_true), generation_prompts, and
+    relation_id + target_new_id for consistency."""
+    extras = fact.extras
+    where = f"fact {position} (id {fact.fact_id!r})"
+    if not isinstance(fact.target_true, str) or not fact.target_true.strip():
+        raise ValueError(f"{where}: CounterFact metrics compare target_new with target_true, which is missing")
+    paraphrases = _texts(extras, "rephrase_prompt", where) + _texts(extras, "paraphrase_prompts", where)
+    neighbours = [(p, fact.target_true) for p in _texts(extras, "neighborhood_prompts", where)]
+    local = _texts(extras, "locality_prompt", where)
+    if local:
+        answers = _texts(extras, "locality_ground_truth", where)
+        if len(answers) != len(local):
+            raise ValueError(f"{where}: {len(local)} locality prompt(s) but {len(answers)} locality_ground_truth")
+        neighbours += list(zip(local, answers))
+    return CounterFactCase(
+        case_id=extras.get("case_id", fact.fact_id), subject=fact.subject, prompt=fact.filled_prompt,
+        target_new=fact.target_new, target_true=fact.target_true, paraphrase_prompts=paraphrases,
+        neighborhood=tuple(neighbours), generation_prompts=_texts(extras, "generation_prompts", where),
+        relation_id=extras.get("relation_id"), target_new_id=extras.get("target_new_id"))
+
+
+def _per_case_mean(hits: torch.Tensor, owners: list[int], n_cases: int) -> float:
+    """Percent: the mean over the cases owning at least one of `hits` of the mean of their hits."""
+    owner = torch.tensor(owners)
+    sums = torch.zeros(n_cases, dtype=torch.float64).index_add_(0, owner, hits.double())
+    counts = torch.zeros(n_cases, dtype=torch.float64).index_add_(0, owner, torch.ones(len(owners), dtype=torch.float64))
+    present = counts > 0
+    return float((sums[present] / counts[present]).mean()) * 100.0
+
+
+def probability_metrics(model, tokenizer, cases: Sequence[CounterFactCase], *,
+                        batch_size: int = 32) -> dict[str, float]:
+    """efficacy, generalization, specificity in percent (a key is absent when no case has such
+    prompts), all pairs scored in one batched pass."""
+    if not cases:
+        raise ValueError("no CounterFact cases to evaluate")
+    prompts: list[str] = []
+    pairs: list[tuple[str, str]] = []  # (the target that must win, the one it must beat)
+    metrics: list[str] = []  # per test: its metric
+    owners: list[int] = []  # per test: its case
+    for c, case in enumerate(cases):
+        tests = [("efficacy", case.prompt, case.target_new, case.target_true)]
+        tests += [("generalization", p, case.target_new, case.target_true) for p in case.paraphrase_prompts]
+        tests += [("specificity", p, true, case.target_new) for p, true in case.neighborhood]
+        for metric, prompt, winner, loser in tests:
+            metrics.append(metric)
+            owners.append(c)
+            prompts.append(prompt)
+            pairs.append((winner, loser))
+    scores = score_targets(model, tokenizer, prompts, pairs, batch_size=batch_size).log_prob
+    hits = scores[:, 0] > scores[:, 1]
+    result: dict[str, float] = {}
+    for metric in ("efficacy", "generalization", "specificity"):
+        tests = [t for t, name in enumerate(metrics) if name == metric]
+        if tests:
+            result[metric] = _per_case_mean(hits[tests], [owners[t] for t in tests], len(cases))
+    return result
+
+
+def generation_metrics(model, tokenizer, cases: Sequence[CounterFactCase], *,
+                       references: Mapping[tuple[str, str], list[str]] | None = None,
+                       max_new_tokens: int = 100, seed: int = 0, batch_size: int = 16) -> dict[str, float]:
+    """fluency (x100, ROME's scale) over the cases with generation prompts, and consistency
+    (percent) over those of them whose (relation_id, target_new_id) has reference texts.
+    Empty when no case has generation prompts; no consistency without `references`."""
+    with_prompts = [case for case in cases if case.generation_prompts]
+    if not with_prompts:
+        return {}
+    texts = generate_texts(model, tokenizer, [p for case in with_prompts for p in case.generation_prompts],
+                           max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    per_case: list[list[str]] = []
+    start = 0
+    for case in with_prompts:
+        per_case.append(texts[start : start + len(case.generation_prompts)])
+        start += len(case.generation_prompts)
+    result = {"fluency": sum(fluency(t) for t in per_case) / len(per_case) * FLUENCY_SCALE}
+    if references:
+        tfidf = TfidfModel(text for snippets in references.values() for text in snippets)
+        scored = [consistency(tfidf, generated, references[(case.relation_id, case.target_new_id)])
+                  for case, generated in zip(with_prompts, per_case)
+                  if (case.relation_id, case.target_new_id) in references]
+        if scored:
+            result["consistency"] = sum(scored) / len(scored) * 100.0
+    return result
+
+
+def preservation_texts(cases: Sequence[CounterFactCase]) -> list[str]:
+    """Text the edits must leave alone: every neighbourhood prompt followed by its true answer."""
+    return [f"{prompt} {true}" for case in cases for prompt, true in case.neighborhood]

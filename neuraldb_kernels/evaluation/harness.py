@@ -1,0 +1,128 @@
+"""One evaluation run: the same cases scored on the bare model and with a NeuralDB attached.
+
+    cases = load_cases("counterfact-a.json", "counterfact", limit=100)
+    report = evaluate(model, tokenizer, db, cases)          # EvaluationReport: before -> after
+    print(report.table())
+
+Cases are read with the editing package's readers (`FORMATS` names them), so evaluation reads
+the files edits are made from. CounterFact cases get efficacy / generalization / specificity,
+and fluency (plus consistency when reference snippets are given) where they carry generation
+prompts; ZsRE cases get teacher-forced accuracies. Preservation (gate fire rate, KL) is measured
+on the cases' own unrelated text (neighbourhood prompts + true answers; ZsRE `loc` + `loc_ans`)
+unless other texts are given.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import counterfact, zsre
+from .counterfact import CounterFactCase
+from .preservation import preservation_metrics
+from .report import EvaluationReport
+from .zsre import ZsRECase
+
+FORMATS = ("counterfact", "counterfact-full", "zsre", "jsonl")
+
+
+def read_facts(path: str | Path, format: str | None = None, limit: int | None = None) -> list:
+    """Editing `Fact`s from `path` in `format` (one of FORMATS; None: recognised by content),
+    the first `limit` only. FileNotFoundError / ValueError name the problem."""
+    from ..editing import facts as readers
+
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int, got {limit!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    reader = {None: readers.read_facts, "counterfact": readers.read_counterfact,
+              "counterfact-full": readers.read_counterfact, "zsre": readers.read_zsre,
+              "jsonl": readers.read_jsonl}[format]
+    facts = reader(path, limit)
+    if not facts:
+        raise ValueError(f"{path} holds no facts")
+    return facts
+
+
+def cases_from_facts(facts: Sequence) -> list[CounterFactCase] | list[ZsRECase]:
+    """ZsRE cases when the facts come from ZsRE (extras source "zsre"), else CounterFact cases;
+    a ValueError for an empty or mixed list."""
+    if not facts:
+        raise ValueError("no facts to evaluate")
+    kinds = {fact.extras.get("source") == "zsre" for fact in facts}
+    if len(kinds) > 1:
+        raise ValueError("the facts mix ZsRE and CounterFact records; evaluate them separately")
+    module = zsre if kinds.pop() else counterfact
+    return [module.case_from_fact(fact, i) for i, fact in enumerate(facts)]
+
+
+def load_cases(path: str | Path, format: str | None = None, limit: int | None = None):
+    """`cases_from_facts(read_facts(path, format, limit))`."""
+    return cases_from_facts(read_facts(path, format, limit))
+
+
+def model_metrics(model, tokenizer, cases, *, references: Mapping[tuple[str, str], list[str]] | None = None,
+                  batch_size: int = 32, max_new_tokens: int = 100) -> dict[str, float]:
+    """The case metrics of `model` as it is now (bare or with whatever is attached)."""
+    if isinstance(cases[0], ZsRECase):
+        return zsre.accuracy_metrics(model, tokenizer, cases, batch_size=batch_size)
+    metrics = counterfact.probability_metrics(model, tokenizer, cases, batch_size=batch_size)
+    metrics.update(counterfact.generation_metrics(model, tokenizer, cases, references=references,
+                                                  max_new_tokens=max_new_tokens))
+    return metrics
+
+
+def _notes(cases, references, metrics: Mapping[str, float]) -> tuple[str, ...]:
+    if isinstance(cases[0], ZsRECase):
+        return ()
+    notes = []
+    if "fluency" not in metrics:
+        notes.append("fluency: not computed, the cases have no generation prompts "
+                     "(only original-format CounterFact records carry them)")
+    if "consistency" not in metrics:
+        why = ("no reference texts given (ROME's attribute_snippets.json; the shared data has none)"
+               if not references else "no case has reference texts for its (relation_id, target_new_id)")
+        notes.append(f"consistency: not computable, {why}")
+    return tuple(notes)
+
+
+def evaluate(model, tokenizer, db, cases, *, attach_options: Mapping[str, Any] | None = None,
+             references: Mapping[tuple[str, str], list[str]] | None = None,
+             unrelated_texts: Sequence[str] | None = None, batch_size: int = 32, max_new_tokens: int = 100,
+             log: Callable[[str], None] | None = None) -> EvaluationReport:
+    """Score `cases` on the bare `model`, then with `db` attached (`attach(model, db,
+    **attach_options)`, detached afterwards), then preservation on `unrelated_texts` (default: the
+    cases' own unrelated text). `log` receives one progress line per phase."""
+    from ..integration import attach
+
+    if not cases:
+        raise ValueError("no cases to evaluate")
+    options = dict(attach_options or {})
+    say = log or (lambda line: None)
+    started = time.perf_counter()
+    before = model_metrics(model, tokenizer, cases, references=references, batch_size=batch_size,
+                           max_new_tokens=max_new_tokens)
+    say(f"unedited model scored in {time.perf_counter() - started:.1f} s")
+    started = time.perf_counter()
+    with attach(model, db, **options):
+        after = model_metrics(model, tokenizer, cases, references=references, batch_size=batch_size,
+                              max_new_tokens=max_new_tokens)
+    say(f"edited model scored in {time.perf_counter() - started:.1f} s")
+    if unrelated_texts is None:
+        module = zsre if isinstance(cases[0], ZsRECase) else counterfact
+        unrelated_texts = module.preservation_texts(cases)
+    notes = list(_notes(cases, references, after))
+    if unrelated_texts:
+        started = time.perf_counter()
+        after.update(preservation_metrics(model, tokenizer, db, unrelated_texts, attach_options=options,
+                                          batch_size=max(1, batch_size // 2)))
+        before.update({"gate_fire_rate": 0.0, "kl": 0.0})
+        say(f"preservation measured on {len(unrelated_texts)} texts in {time.perf_counter() - started:.1f} s")
+    else:
+        notes.append("gate_fire_rate, kl: not computed, no unrelated text (give some)")
+    return EvaluationReport(n_facts=len(db), n_cases=len(cases), before=before, after=after, notes=tuple(notes))

@@ -1,0 +1,140 @@
+"""Before -> after reports: a terminal table, JSON, and a PNG plot of metrics against the number
+of edits for scaling runs.
+
+JSON layout (what `neuraldb eval --json` writes):
+
+    {"n_facts": edits in the database, "n_cases": evaluated cases,
+     "before": {metric: value}, "after": {metric: value}}
+
+Metrics and units (a metric is absent where the data cannot support it):
+    efficacy, generalization, specificity   percent (0-100)
+    fluency        ROME's weighted n-gram entropy x 100 (bits x 100, e.g. ~600 for fluent text)
+    consistency    TF-IDF cosine x 100
+    gate_fire_rate percent of tokens of unrelated text where a gate fires (0 before: no gates)
+    kl             mean KL(bare || edited) of next-token distributions, nats per token (0 before)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+METRICS = ("efficacy", "generalization", "specificity", "fluency", "consistency", "gate_fire_rate", "kl")
+UNITS = {"efficacy": "%", "generalization": "%", "specificity": "%", "fluency": "bits x100",
+         "consistency": "x100", "gate_fire_rate": "% tokens", "kl": "nats/token"}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationReport:
+    """Metrics of the unedited (`before`) and the edited (`after`) model on the same cases.
+
+    n_facts: facts in the database; n_cases: cases evaluated; notes: lines explaining metrics
+    that could not be computed (printed under the table, not part of the JSON).
+    """
+
+    n_facts: int
+    n_cases: int
+    before: Mapping[str, float]
+    after: Mapping[str, float]
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        """The JSON object (see the module docstring), metrics in `METRICS` order."""
+        def ordered(values: Mapping[str, float]) -> dict[str, float]:
+            return {name: float(values[name]) for name in METRICS if name in values}
+
+        return {"n_facts": self.n_facts, "n_cases": self.n_cases,
+                "before": ordered(self.before), "after": ordered(self.after)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "EvaluationReport":
+        """A report from `to_dict`'s JSON object; ValueError naming what is wrong otherwise."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a report must be a JSON object, got {type(data).__name__}")
+        for key in ("n_facts", "before", "after"):
+            if key not in data:
+                raise ValueError(f"a report needs the key {key!r}")
+        if not isinstance(data["n_facts"], int) or data["n_facts"] < 0:
+            raise ValueError(f"n_facts must be a non-negative int, got {data['n_facts']!r}")
+        metrics = []
+        for side in ("before", "after"):
+            values = data[side]
+            if not isinstance(values, Mapping) or not all(
+                    name in METRICS and isinstance(v, (int, float)) for name, v in values.items()):
+                raise ValueError(f"{side!r} must map metric names ({', '.join(METRICS)}) to numbers")
+            metrics.append({name: float(v) for name, v in values.items()})
+        return cls(data["n_facts"], int(data.get("n_cases", data["n_facts"])), *metrics)
+
+    def table(self) -> str:
+        """A fixed-width before -> after table, one metric per row, then the notes."""
+        names = [name for name in METRICS if name in self.before or name in self.after]
+        lines = [f"{self.n_cases} cases evaluated, {self.n_facts} facts in the database",
+                 f"{'metric':<16}{'before':>10}{'after':>10}{'change':>10}  unit"]
+        for name in names:
+            before, after = self.before.get(name, math.nan), self.after.get(name, math.nan)
+            digits = 4 if name == "kl" else 1
+            lines.append(f"{name:<16}{before:>10.{digits}f}{after:>10.{digits}f}{after - before:>+10.{digits}f}"
+                         f"  {UNITS[name]}")
+        lines.extend(f"note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+def write_json(report: EvaluationReport, path: str | Path) -> None:
+    """Write `report.to_dict()` to `path` (written to a temporary file, then renamed)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    temporary.replace(path)
+
+
+def read_json(path: str | Path) -> EvaluationReport:
+    """A report written by `write_json`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"report {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"report {path} is not valid JSON: {error}") from None
+    try:
+        return EvaluationReport.from_dict(data)
+    except ValueError as error:
+        raise ValueError(f"report {path}: {error}") from None
+
+
+def plot_scaling(reports: Sequence[EvaluationReport], path: str | Path) -> None:
+    """A PNG at `path`: one panel per metric, the after values (line) and the unedited model's
+    before values (dashed) against the number of facts in the database, in increasing order."""
+    if not reports:
+        raise ValueError("plot_scaling needs at least one report")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reports = sorted(reports, key=lambda r: r.n_facts)
+    names = [name for name in METRICS if any(name in r.after for r in reports)]
+    columns = min(3, len(names))
+    rows = math.ceil(len(names) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        points = [(r.n_facts, r.after[name]) for r in reports if name in r.after]
+        base = [(r.n_facts, r.before[name]) for r in reports if name in r.before]
+        ax.plot(*zip(*points), marker="o", label="edited")
+        if base:
+            ax.plot(*zip(*base), linestyle="--", color="gray", label="unedited")
+        if min(n for n, _ in points) > 0 and max(n for n, _ in points) >= 10 * min(n for n, _ in points):
+            ax.set_xscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("facts in the database")
+        ax.set_ylabel(UNITS[name])
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend()
+    figure.tight_layout()
+    figure.savefig(Path(path), format="png", dpi=120)
+    plt.close(figure)
