@@ -1,0 +1,172 @@
+"""The `Editor`: facts in, NeuralDB rows out, live on the model at once.
+
+    editor = Editor(model, tokenizer)                 # a new in-memory NeuralDB, attached
+    ids = editor.edit(read_counterfact(path, limit=1000))
+    model.generate(...)                               # answers with the edits
+    editor.remove(ids[:10])                           # undone at once
+
+Semantics:
+- A fact's id is its explicit id, else a hash of (subject, filled prompt). Editing a subject +
+  prompt that is already in the database REPLACES that row (upsert), unless the stored row has
+  the same target_new: then it is complete and is skipped, which is how an interrupted edit
+  resumes without redoing finished facts. `update()` recomputes and replaces unconditionally.
+- Facts are processed in batches of `batch_size`; each batch is committed to the database
+  (one transaction) before the next starts, so an interruption loses at most one batch.
+- Keys, prefixes and residuals are always computed on the UNEDITED model: the Editor's attachment
+  is taken off while it computes and put back afterwards (also on errors and interruptions);
+  `editor.handle` is the current attachment (a new object after every edit/update).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..integration import attach, down_proj_dims, model_fingerprint
+from ..store import NeuralDB
+from .facts import Fact, FactError, check_facts
+from .hparams import resolve_hparams
+from .keys import compute_keys, pad_token_id
+from .prefixes import generate_prefixes
+from .residuals import optimize_residuals
+from .tokens import EditTokens, model_context_length, tokenize_fact
+
+
+class Editor:
+    """Edits facts into `model` through a NeuralDB at one FFN layer.
+
+    model, tokenizer: a Hugging Face causal LM of a supported type and its fast tokenizer.
+    db: the NeuralDB to write to; None creates an in-memory one for this model (use a NeuralDB
+        with a path to keep the edits). Its layer/gamma are used when `layer`/`gamma` are None.
+    layer, gamma, **hparams: override the model's preset (see `EditHParams` for every field).
+    module_path: for a model type without a preset location (see integration.architectures).
+    The database is attached to the model here; a layer that already has a NeuralDB attached is
+    an error (detach it, and pass its database as `db`).
+    """
+
+    def __init__(self, model, tokenizer, db: Optional[NeuralDB] = None, layer: Optional[int] = None,
+                 gamma: Optional[float] = None, *, module_path: Optional[str] = None, **hparams: Any):
+        if db is not None and not isinstance(db, NeuralDB):
+            raise TypeError(f"db must be a NeuralDB or None, got {type(db).__name__}")
+        if db is not None:
+            if layer is not None and db.layer is not None and layer != db.layer:
+                raise ValueError(f"layer={layer} but the database was built for layer {db.layer}")
+            layer = db.layer if layer is None else layer
+            gamma = db.gamma if gamma is None else gamma
+        self.model = model
+        self.tokenizer = tokenizer
+        self.module_path = module_path
+        self.hparams = resolve_hparams(model, {**hparams, "layer": layer, "gamma": gamma}, module_path)
+        d1, d2 = down_proj_dims(model, self.hparams.layer, module_path)
+        if db is None:
+            db = NeuralDB(d1=d1, d2=d2, layer=self.hparams.layer, gamma=self.hparams.gamma,
+                          fingerprint=model_fingerprint(model, self.hparams.layer, module_path))
+        elif (db.d1, db.d2) != (d1, d2):
+            raise ValueError(f"the database holds d1={db.d1}, d2={db.d2} but layer {self.hparams.layer} of the "
+                             f"model has d1={d1}, d2={d2}")
+        self.db = db
+        self.skipped: list[tuple[int, str]] = []
+        self.handle = self._attach()
+
+    def _attach(self):
+        return attach(self.model, self.db, self.hparams.layer, self.hparams.gamma, module_path=self.module_path)
+
+    def __repr__(self) -> str:
+        return f"Editor(layer={self.hparams.layer}, gamma={self.hparams.gamma}, facts={len(self.db)})"
+
+    # ------------------------------------------------------------------------------------ public
+
+    def edit(self, facts: Iterable[Any], *, on_error: str = "raise", progress: bool = True,
+             callback: Optional[Callable[[list[str]], None]] = None) -> list[str]:
+        """Edit `facts` (Fact objects or mappings, see `Fact`); returns their ids in input order
+        (skipped facts left out). Facts already stored with the same target_new are not redone.
+
+        on_error: "raise" (a FactError naming the first bad fact's index and id) or "skip" (bad
+            facts are left out and listed in `self.skipped` as (input index, message)).
+        progress: show a tqdm bar (facts/s, ETA). callback(ids): called after each committed batch.
+        """
+        return self._run(facts, on_error=on_error, progress=progress, callback=callback, replace=False)
+
+    def update(self, facts: Iterable[Any], *, on_error: str = "raise", progress: bool = True,
+               callback: Optional[Callable[[list[str]], None]] = None) -> list[str]:
+        """Recompute and replace facts that are already in the database (a ValueError listing the
+        ids that are not); same arguments as `edit`."""
+        return self._run(facts, on_error=on_error, progress=progress, callback=callback, replace=True)
+
+    def remove(self, ids: str | Sequence[str], *, missing_ok: bool = False) -> list[str]:
+        """Delete facts by id (one transaction); effective at the model's next forward. Returns the
+        ids deleted; a missing id is an error unless missing_ok."""
+        return self.db.delete(ids, missing_ok=missing_ok)
+
+    # ---------------------------------------------------------------------------------- internals
+
+    def _tokenize(self, indexed: list[tuple[int, Fact]], prefixes, on_error: str):
+        max_length = model_context_length(self.model)
+        kept, tokens = [], []
+        for index, fact in indexed:
+            try:
+                tokens.append(tokenize_fact(self.tokenizer, fact, prefixes, index=index, max_length=max_length,
+                                            kl_template=self.hparams.kl_template))
+                kept.append((index, fact))
+            except FactError as error:
+                if on_error == "raise":
+                    raise
+                self.skipped.append((index, str(error)))
+        return kept, tokens
+
+    def _pending(self, indexed: list[tuple[int, Fact]], replace: bool) -> list[int]:
+        """Positions in `indexed` still to compute (the last fact wins when an id repeats)."""
+        last_of = {fact.fact_id: position for position, (_, fact) in enumerate(indexed)}
+        if replace:
+            missing = [fact_id for fact_id in last_of if fact_id not in self.db]
+            if missing:
+                raise ValueError(f"update: {len(missing)} fact(s) are not in the database, e.g. id {missing[0]!r}; "
+                                 f"use edit() to add facts")
+            return sorted(last_of.values())
+        pending = []
+        for fact_id, position in last_of.items():
+            if fact_id in self.db:
+                stored = self.db.get(fact_id).metadata
+                if stored.get("target_new") == indexed[position][1].target_new:
+                    continue
+            pending.append(position)
+        return sorted(pending)
+
+    def _run(self, facts, *, on_error: str, progress: bool, callback, replace: bool) -> list[str]:
+        valid, self.skipped = check_facts(facts, on_error=on_error, indexed=True)
+        hp = self.hparams
+        pad_id = pad_token_id(self.tokenizer)
+        self.handle.detach()
+        try:
+            prefixes = generate_prefixes(self.model, self.tokenizer, count=hp.n_prefixes, length=hp.prefix_length,
+                                         seed=hp.prefix_seed)
+            indexed, tokens = self._tokenize(valid, prefixes, on_error)
+            pending = self._pending(indexed, replace)
+            # similar lengths together: less padding per batch
+            pending.sort(key=lambda p: (len(tokens[p].target) + len(tokens[p].contexts[0])
+                                        - tokens[p].subject_last[0]))
+            with tqdm(total=len(pending), unit="fact", desc="editing", disable=not progress) as bar:
+                for start in range(0, len(pending), hp.batch_size):
+                    chunk = pending[start : start + hp.batch_size]
+                    self._commit([indexed[p][1] for p in chunk], [tokens[p] for p in chunk], pad_id, callback)
+                    bar.update(len(chunk))
+        finally:
+            self.handle = self._attach()
+        return [fact.fact_id for _, fact in indexed]
+
+    def _commit(self, facts: list[Fact], tokens: list[EditTokens], pad_id: int, callback) -> None:
+        hp = self.hparams
+        keys = compute_keys(self.model, tokens, hp.layer, pad_id=pad_id, batch_size=hp.batch_size,
+                            module_path=self.module_path)
+        result = optimize_residuals(self.model, tokens, hp, pad_id=pad_id, module_path=self.module_path)
+        metadata = []
+        for i, fact in enumerate(facts):
+            metadata.append({**fact.metadata(), "edit": {
+                "layer": hp.layer, "target_prob": float(result.target_prob[i]), "steps": int(result.steps[i]),
+                "converged": bool(result.converged[i])}})
+        ids = [fact.fact_id for fact in facts]
+        self.db.upsert(keys, result.residuals, ids, metadata)
+        if callback is not None:
+            callback(ids)

@@ -1,0 +1,108 @@
+"""Editing hyperparameters: documented defaults and per-architecture presets.
+
+Every field of `EditHParams` has a default; `preset_for(model)` picks the layer l* and gamma (and
+any other field that differs) for known models, identified by (config.model_type, number of
+decoder layers, hidden size). Unknown models get layer = round(0.25 * num_layers) and the defaults;
+run a small sweep (bench/edit_quality.py) to choose better values for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from ..integration.architectures import model_type, num_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class EditHParams:
+    """How keys (Eq. 20) and residuals (Eq. 21) are computed.
+
+    layer: decoder layer l* whose FFN down-projection gets the NeuralDB.
+    gamma: gate threshold on the cosine between a token's key and a stored key.
+    n_prefixes, prefix_length, prefix_seed: N model-written prefixes of `prefix_length` sampled
+        tokens, from a fixed seed; keys and the rewriting loss average over them and the bare prompt.
+    lr: Adam learning rate for r (units of the residual stream).
+    steps: maximum optimisation steps per fact.
+    kl_factor: weight of KL(P_edited || P_unedited) on the next token after "{subject} is a".
+    weight_decay: weight of ||r||^2 / ||v||^2, v the unedited down-projection output at the
+        subject's last token of the bare prompt.
+    clamp_norm_factor: after every step ||r|| is clamped to clamp_norm_factor * ||v||.
+    stop_prob: a fact stops early once exp(-mean NLL of target_new), averaged over contexts and
+        target tokens, reaches this probability.
+    batch_size: facts optimised together in one forward/backward (and committed together).
+    kl_template: the prompt of the KL term, "{}" standing for the subject.
+    """
+
+    layer: int
+    gamma: float = 0.65
+    n_prefixes: int = 5
+    prefix_length: int = 10
+    prefix_seed: int = 0
+    lr: float = 0.5
+    steps: int = 25
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.01
+    clamp_norm_factor: float = 4.0
+    stop_prob: float = 0.9
+    batch_size: int = 64
+    kl_template: str = "{} is a"
+
+    def __post_init__(self) -> None:
+        checks = {
+            "layer": isinstance(self.layer, int) and not isinstance(self.layer, bool) and self.layer >= 0,
+            "gamma": isinstance(self.gamma, (int, float)) and -1.0 <= self.gamma <= 1.0,
+            "n_prefixes": isinstance(self.n_prefixes, int) and self.n_prefixes >= 0,
+            "prefix_length": isinstance(self.prefix_length, int) and self.prefix_length >= 1,
+            "prefix_seed": isinstance(self.prefix_seed, int),
+            "lr": isinstance(self.lr, (int, float)) and self.lr > 0,
+            "steps": isinstance(self.steps, int) and self.steps >= 1,
+            "kl_factor": isinstance(self.kl_factor, (int, float)) and self.kl_factor >= 0,
+            "weight_decay": isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
+            "clamp_norm_factor": isinstance(self.clamp_norm_factor, (int, float)) and self.clamp_norm_factor > 0,
+            "stop_prob": isinstance(self.stop_prob, (int, float)) and 0 < self.stop_prob <= 1,
+            "batch_size": isinstance(self.batch_size, int) and self.batch_size >= 1,
+            "kl_template": isinstance(self.kl_template, str) and self.kl_template.count("{}") == 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
+            raise ValueError(f"invalid editing hyperparameter(s): {values} (see EditHParams for the valid ranges)")
+
+
+# (model_type, num_layers, hidden_size) -> preset fields.
+# SmolLM2-135M: measured sweep, see bench/RESULTS.editing.md. The others: the paper's Table 3.
+PRESETS: dict[tuple[str, int, int], dict[str, Any]] = {
+    ("llama", 30, 576): {"layer": 4, "gamma": 0.65},  # SmolLM2-135M(-Instruct)
+    ("gpt2", 48, 1600): {"layer": 17, "gamma": 0.65},  # GPT-2 XL
+    ("gptj", 28, 4096): {"layer": 8, "gamma": 0.65},  # GPT-J 6B
+    ("llama", 32, 4096): {"layer": 7, "gamma": 0.65},  # Llama 3 8B (Instruct)
+}
+
+
+def _hidden_size(model) -> int:
+    config = model.config
+    for name in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return -1
+
+
+def preset_for(model, module_path: str | None = None) -> dict[str, Any]:
+    """The preset fields for `model` (always includes `layer`)."""
+    layers = num_layers(model, module_path)
+    key = (model_type(model), layers, _hidden_size(model))
+    return dict(PRESETS.get(key, {"layer": round(0.25 * layers)}))
+
+
+def resolve_hparams(model, overrides: Mapping[str, Any], module_path: str | None = None) -> EditHParams:
+    """EditHParams from the model's preset updated with the non-None `overrides`; a TypeError
+    naming unknown fields."""
+    names = {field.name for field in dataclasses.fields(EditHParams)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"unknown editing hyperparameter(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    values = preset_for(model, module_path)
+    values.update({name: value for name, value in overrides.items() if value is not None})
+    return EditHParams(**values)

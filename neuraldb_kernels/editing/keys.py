@@ -1,0 +1,79 @@
+"""Keys (paper Eq. 20): the input of the FFN down-projection at layer l*, at the subject's last
+token, averaged over the bare prompt and the N prefixes.
+
+Contexts of many facts run as one right-padded batch; the forward pass stops as soon as layer l*'s
+down-projection has seen its input (nothing above l* is computed).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..integration.architectures import locate_down_proj
+from .tokens import EditTokens
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to end the forward pass once the keys are read."""
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (n, L) int64, attention mask (n, L) int64) of right-padded token rows."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its eos id, else 0 (padded positions are masked anyway)."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+@torch.no_grad()
+def down_proj_inputs(model, rows: Sequence[Sequence[int]], positions: Sequence[int], layer: int, *,
+                     pad_id: int, module_path: Optional[str] = None) -> torch.Tensor:
+    """(n, d1) float32: the down-projection input at layer `layer` of `rows[i]` at `positions[i]`."""
+    module = locate_down_proj(model, layer, module_path)
+    device = next(model.parameters()).device
+    ids, mask = pad_right(rows, pad_id, device)
+    captured = {}
+
+    def capture(_module, args):
+        captured["x"] = args[0]
+        raise _Captured
+
+    handle = module.register_forward_pre_hook(capture)
+    try:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    index = torch.tensor(list(positions), device=device)
+    return captured["x"][torch.arange(len(rows), device=device), index].float()
+
+
+def compute_keys(model, tokens: Sequence[EditTokens], layer: int, *, pad_id: int, batch_size: int = 64,
+                 module_path: Optional[str] = None) -> torch.Tensor:
+    """(n, d1) float32 keys of the tokenised facts: the mean over each fact's contexts of the
+    down-projection input at its subject's last token. Run on the unedited model."""
+    keys = []
+    for start in range(0, len(tokens), batch_size):
+        chunk = tokens[start : start + batch_size]
+        rows = [context for fact in chunk for context in fact.contexts]
+        positions = [position for fact in chunk for position in fact.subject_last]
+        inputs = down_proj_inputs(model, rows, positions, layer, pad_id=pad_id, module_path=module_path)
+        counts = torch.tensor([len(fact.contexts) for fact in chunk], device=inputs.device)
+        owner = torch.repeat_interleave(torch.arange(len(chunk), device=inputs.device), counts)
+        sums = torch.zeros(len(chunk), inputs.shape[1], device=inputs.device).index_add_(0, owner, inputs)
+        keys.append((sums / counts.unsqueeze(1)).cpu())
+    return torch.cat(keys) if keys else torch.zeros(0, 0)

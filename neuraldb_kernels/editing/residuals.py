@@ -1,0 +1,296 @@
+"""Residuals (paper Eq. 21): for each fact a vector r (d2 floats), added to the FFN down-projection
+output at layer l* at the subject's last token, optimised so that the model gives target_new high
+probability after the prompt under every prefix, while the next-token distribution after
+"{subject} is a" stays close to the unedited model's.
+
+Per fact, minimised with Adam over r:
+
+    L(r) = mean_c [ -mean_t log P_r(target_t | context_c, target_<t) ]
+           + kl_factor * KL(P_r(. | "{subject} is a") || P_0(. | "{subject} is a"))
+           + weight_decay * ||r||^2 / ||v||^2
+
+c runs over the bare prompt and the N prefixes, v is the unedited down-projection output at the
+subject's last token of the bare prompt, and after every step ||r|| <= clamp_norm_factor * ||v||.
+A fact stops once exp(-mean NLL) >= stop_prob.
+
+Batched: many facts (all their contexts and KL prompts) go through one forward/backward per step,
+each fact's r injected only at its own sequences' subject position. What does not depend on r is
+computed once: every token BEFORE the subject's last token is unaffected by r at every layer (the
+model is causal), so those tokens run once through the whole model and their keys/values are kept
+as a KV cache; each step runs only the tokens from the subject's last token on, and the LM head
+only at the positions the loss reads (target tokens and the KL position). Losses are summed over
+facts, and Adam is element-wise, so a fact's trajectory does not depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..integration.architectures import locate_down_proj
+from .hparams import EditHParams
+from .tokens import EditTokens
+
+_ADAM_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualResult:
+    """residuals: (n, d2) float32 CPU. target_prob: (n,) exp(-mean NLL of target_new) reached at
+    the final r. steps: (n,) int64 forward passes each fact took. converged: (n,) bool,
+    target_prob >= stop_prob."""
+
+    residuals: torch.Tensor
+    target_prob: torch.Tensor
+    steps: torch.Tensor
+    converged: torch.Tensor
+
+
+@dataclasses.dataclass
+class _Sequences:
+    """The sequences of one batch, split at the injection position (the subject's last token).
+
+    prefix: tokens before it (left-padded, cached); suffix: from it on (right-padded, recomputed).
+    owner[i]: local fact index of sequence i. Loss reads: targets at (target_seq, target_pos) with
+    token target_id and weight target_weight; the KL logits at (kl_seq[f], kl_pos[f]) for fact f.
+    bare_seq[f]: the bare-prompt sequence of fact f (its injection output gives ||v||).
+    """
+
+    prefix_ids: torch.Tensor
+    prefix_mask: torch.Tensor
+    suffix_ids: torch.Tensor
+    suffix_mask: torch.Tensor
+    owner: torch.Tensor
+    target_seq: torch.Tensor
+    target_pos: torch.Tensor
+    target_id: torch.Tensor
+    target_weight: torch.Tensor
+    target_fact: torch.Tensor
+    kl_seq: torch.Tensor
+    kl_pos: torch.Tensor
+    bare_seq: torch.Tensor
+
+
+def _build_sequences(tokens: Sequence[EditTokens], pad_id: int, device) -> _Sequences:
+    prefixes, suffixes, owner = [], [], []
+    target_seq, target_pos, target_id, target_weight, target_fact = [], [], [], [], []
+    bare_seq = []
+    for f, fact in enumerate(tokens):
+        target = list(fact.target)
+        weight = 1.0 / (len(target) * len(fact.contexts))
+        for c, (context, s) in enumerate(zip(fact.contexts, fact.subject_last)):
+            if c == 0:
+                bare_seq.append(len(prefixes))
+            first = len(context) - 1 - s  # suffix position whose logits predict target[0]
+            for t, token in enumerate(target):
+                target_seq.append(len(prefixes))
+                target_pos.append(first + t)
+                target_id.append(token)
+                target_weight.append(weight)
+                target_fact.append(f)
+            prefixes.append(list(context[:s]))
+            suffixes.append(list(context[s:]) + target[:-1])
+            owner.append(f)
+    kl_seq, kl_pos = [], []
+    for f, fact in enumerate(tokens):
+        kl_seq.append(len(prefixes))
+        kl_pos.append(len(fact.kl_ids) - 1 - fact.kl_subject_last)
+        prefixes.append(list(fact.kl_ids[: fact.kl_subject_last]))
+        suffixes.append(list(fact.kl_ids[fact.kl_subject_last :]))
+        owner.append(f)
+
+    n, width_p, width_s = len(prefixes), max(map(len, prefixes)), max(map(len, suffixes))
+    prefix_ids = torch.full((n, width_p), pad_id, dtype=torch.long)
+    prefix_mask = torch.zeros((n, width_p), dtype=torch.long)
+    suffix_ids = torch.full((n, width_s), pad_id, dtype=torch.long)
+    suffix_mask = torch.zeros((n, width_s), dtype=torch.long)
+    for i, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):
+        if prefix:
+            prefix_ids[i, width_p - len(prefix):] = torch.tensor(prefix)
+            prefix_mask[i, width_p - len(prefix):] = 1
+        suffix_ids[i, : len(suffix)] = torch.tensor(suffix)
+        suffix_mask[i, : len(suffix)] = 1
+
+    def long(values):
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return _Sequences(
+        prefix_ids.to(device), prefix_mask.to(device), suffix_ids.to(device), suffix_mask.to(device),
+        long(owner), long(target_seq), long(target_pos), long(target_id),
+        torch.tensor(target_weight, dtype=torch.float32, device=device), long(target_fact),
+        long(kl_seq), long(kl_pos), long(bare_seq))
+
+
+def _cache_argument(base) -> str:
+    """The forward keyword of the KV cache: `cache` (transformers >= 5.x) or `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _cached_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(keys, values)] per layer of a transformers Cache, each (batch, heads, length, head_dim)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def _new_cache(model, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys, values, index)
+    return cache
+
+
+class _Batch:
+    """The frozen part of one batch (prefix KV cache) and the rows of the facts still optimised."""
+
+    def __init__(self, model, sequences: _Sequences):
+        self.model = model
+        self.base = model.base_model
+        self.lm_head = model.get_output_embeddings()
+        self.cache_argument = _cache_argument(self.base)
+        self.all = sequences
+        self.prefix_length = sequences.prefix_mask.sum(1)
+        self.kv = self._prefix_cache() if sequences.prefix_ids.shape[1] else None
+        self.select(torch.arange(int(sequences.owner.max()) + 1, device=sequences.owner.device))
+
+    @torch.no_grad()
+    def _prefix_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The whole model run once over the left-padded prefixes; their per-layer keys/values
+        with padded positions zeroed (padding is masked out, but must not be NaN)."""
+        seq = self.all
+        positions = (seq.prefix_mask.cumsum(1) - 1).clamp(min=0)
+        output = self.base(input_ids=seq.prefix_ids, attention_mask=seq.prefix_mask, position_ids=positions,
+                           use_cache=True)
+        cache = getattr(output, "cache", None)
+        if cache is None:
+            cache = output.past_key_values
+        keep = seq.prefix_mask.bool()[:, None, :, None]
+        return [(torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)) for k, v in _cached_layers(cache)]
+
+    def select(self, facts: torch.Tensor) -> None:
+        """Restrict the batch to local facts `facts` (sorted), trimming padding to what they need."""
+        seq = self.all
+        self.facts = facts
+        local = torch.full((int(seq.owner.max()) + 1,), -1, dtype=torch.long, device=facts.device)
+        local[facts] = torch.arange(len(facts), device=facts.device)
+        rows = torch.nonzero(local[seq.owner] >= 0).squeeze(1)
+        row_of = torch.full((len(seq.owner),), -1, dtype=torch.long, device=facts.device)
+        row_of[rows] = torch.arange(len(rows), device=facts.device)
+        self.owner = local[seq.owner[rows]]
+        width_p = int(seq.prefix_mask[rows].sum(1).max()) if seq.prefix_mask.shape[1] else 0
+        width_s = int(seq.suffix_mask[rows].sum(1).max())
+        start = seq.prefix_mask.shape[1] - width_p
+        self.prefix_mask = seq.prefix_mask[rows, start:]
+        self.suffix_ids = seq.suffix_ids[rows, :width_s]
+        self.suffix_mask = seq.suffix_mask[rows, :width_s]
+        self.positions = self.prefix_length[rows, None] + torch.arange(width_s, device=facts.device)
+        self.layers = None
+        if self.kv is not None and width_p:
+            self.layers = [(k[rows, :, start:], v[rows, :, start:]) for k, v in self.kv]
+        keep = local[seq.target_fact] >= 0
+        self.target_rows = row_of[seq.target_seq[keep]]
+        self.target_pos = seq.target_pos[keep]
+        self.target_id = seq.target_id[keep]
+        self.target_weight = seq.target_weight[keep]
+        self.target_fact = local[seq.target_fact[keep]]
+        self.kl_rows = row_of[seq.kl_seq[facts]]
+        self.kl_pos = seq.kl_pos[facts]
+        self.bare_rows = row_of[seq.bare_seq[facts]]
+
+    def forward(self, module, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(target log-probs (T,), KL log-probs (F, V), unedited injection outputs (rows, d2))
+        with delta[f] added to `module`'s output at each sequence's first suffix token."""
+        seen = {}
+
+        def inject(_module, _args, output):
+            seen["v"] = output[:, 0].detach()
+            added = output[:, :1] + delta[self.owner].unsqueeze(1).to(output.dtype)
+            return torch.cat([added, output[:, 1:]], dim=1)
+
+        handle = module.register_forward_hook(inject)
+        try:
+            kwargs = {}
+            mask = self.suffix_mask
+            if self.layers is not None:
+                kwargs[self.cache_argument] = _new_cache(self.model, self.layers)
+                mask = torch.cat([self.prefix_mask, self.suffix_mask], dim=1)
+            output = self.base(input_ids=self.suffix_ids, attention_mask=mask, position_ids=self.positions,
+                               use_cache=self.layers is not None, **kwargs)
+        finally:
+            handle.remove()
+        hidden = output[0]
+        target_logits = self.lm_head(hidden[self.target_rows, self.target_pos]).float()
+        target_logp = target_logits.log_softmax(-1).gather(1, self.target_id.unsqueeze(1)).squeeze(1)
+        kl_logp = self.lm_head(hidden[self.kl_rows, self.kl_pos]).float().log_softmax(-1)
+        return target_logp, kl_logp, seen["v"]
+
+
+def optimize_residuals(model, tokens: Sequence[EditTokens], hparams: EditHParams, *, pad_id: int,
+                       module_path: Optional[str] = None) -> ResidualResult:
+    """Residuals of the tokenised facts, optimised together as one batch (see the module doc).
+
+    The model must be unedited (no NeuralDB attached); its parameters are not changed and get no
+    gradients.
+    """
+    module = locate_down_proj(model, hparams.layer, module_path)
+    device = next(model.parameters()).device
+    count = len(tokens)
+    was_training = model.training
+    model.eval()
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        batch = _Batch(model, _build_sequences(tokens, pad_id, device))
+        d2 = batch.lm_head.weight.shape[1]
+        r = torch.zeros(count, d2, device=device)
+        adam_m, adam_v = torch.zeros_like(r), torch.zeros_like(r)
+        kl_reference = v_norm = None
+        target_prob = torch.zeros(count)
+        steps = torch.zeros(count, dtype=torch.long)
+        stop_nll = -math.log(hparams.stop_prob)
+        for step in range(hparams.steps):
+            active = batch.facts
+            delta = r[active].clone().requires_grad_(True)
+            target_logp, kl_logp, v = batch.forward(module, delta)
+            if step == 0:
+                kl_reference = kl_logp.detach()
+                v_norm = v[batch.bare_rows].float().norm(dim=1).clamp_min(1e-6)
+            nll = torch.zeros(len(active), device=device).index_add(
+                0, batch.target_fact, -target_logp * batch.target_weight)
+            kl = F.kl_div(kl_reference[active], kl_logp, log_target=True, reduction="none").sum(1)
+            decay = hparams.weight_decay * delta.pow(2).sum(1) / v_norm[active].pow(2)
+            loss = nll + hparams.kl_factor * kl + decay
+            target_prob[active.cpu()] = torch.exp(-nll.detach()).cpu()
+            steps[active.cpu()] = step + 1
+            done = nll.detach() <= stop_nll
+            if bool(done.all()) or step == hparams.steps - 1:
+                break
+            loss.sum().backward()
+            grad = delta.grad
+            t = step + 1
+            adam_m[active] = _ADAM_BETAS[0] * adam_m[active] + (1 - _ADAM_BETAS[0]) * grad
+            adam_v[active] = _ADAM_BETAS[1] * adam_v[active] + (1 - _ADAM_BETAS[1]) * grad * grad
+            m_hat = adam_m[active] / (1 - _ADAM_BETAS[0] ** t)
+            v_hat = adam_v[active] / (1 - _ADAM_BETAS[1] ** t)
+            updated = delta.detach() - hparams.lr * m_hat / (v_hat.sqrt() + _ADAM_EPS)
+            limit = hparams.clamp_norm_factor * v_norm[active]
+            scale = (limit / updated.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+            keep = ~done
+            r[active[keep]] = (updated * scale.unsqueeze(1))[keep]
+            if bool(done.any()):
+                batch.select(active[keep])
+    finally:
+        for p, flag in zip(model.parameters(), requires):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return ResidualResult(residuals=r.detach().float().cpu(), target_prob=target_prob, steps=steps,
+                          converged=target_prob >= hparams.stop_prob)
