@@ -20,6 +20,10 @@
 #error "define NEURALDB_CPU_ISA (the namespace of this instruction set) before including"
 #endif
 
+// Vector arguments below only cross always-inline internal functions: no ABI is involved.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace neuraldb {
 namespace cpu {
 namespace NEURALDB_CPU_ISA {
@@ -358,3 +362,5 @@ void row_inv_norms(const double* rows, int64_t n, int64_t dim, double* inv, uint
 }  // namespace NEURALDB_CPU_ISA
 }  // namespace cpu
 }  // namespace neuraldb
+
+#pragma GCC diagnostic pop
