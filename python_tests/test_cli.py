@@ -1,0 +1,274 @@
+"""The `neuraldb` command line: every error path's exit code and one-line message (nothing written
+half-way) and the db commands on hand-built databases, through `cli.main` in this process (its
+return value is the process exit code); the console script's exit codes and the workflow
+edit -> eval -> ask -> db rm -> eval on SmolLM2 with two CounterFact facts as subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from neuraldb_kernels.store import ModelFingerprint, NeuralDB
+
+COUNTERFACT = "counterfact/counterfact-a.json"
+
+
+@pytest.fixture
+def neuraldb(capsys):
+    """Run `neuraldb ARGS` in this process; (exit code, stdout, stderr)."""
+    from neuraldb_kernels.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            code = main([str(arg) for arg in args])
+        except SystemExit as done:  # argparse: --help and usage errors
+            code = done.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def neuraldb_process(*args):
+    """Run the console script `neuraldb ARGS` as a subprocess; (exit code, stdout, stderr)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    script = os.path.join(os.path.dirname(sys.executable), "neuraldb")
+    command = [script] if os.path.exists(script) else [sys.executable, "-m", "neuraldb_kernels.cli"]
+    done = subprocess.run(command + [str(arg) for arg in args], env=env, capture_output=True, text=True, timeout=900)
+    return done.returncode, done.stdout, done.stderr
+
+
+def assert_one_line_error(code, err, expected_code, *fragments):
+    assert code == expected_code, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("neuraldb: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama saved as a Hugging Face model directory, with SmolLM2's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from neuraldb_kernels.integration.default_model import load_default_tokenizer
+
+    tokenizer = load_default_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
+    directory = tmp_path_factory.mktemp("tiny") / "model"
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _fingerprint(model_dir, layer=1):
+    from transformers import AutoModelForCausalLM
+
+    from neuraldb_kernels.integration import model_fingerprint
+
+    return model_fingerprint(AutoModelForCausalLM.from_pretrained(model_dir), layer)
+
+
+def _db_dir(path, model_spec, fingerprint, facts=0):
+    """A database directory as `neuraldb edit` lays it out, with `facts` random facts."""
+    path.mkdir()
+    (path / "model.json").write_text(json.dumps({"model": str(model_spec)}))
+    with NeuralDB(path / "neuraldb.sqlite", d1=fingerprint.d1, d2=fingerprint.d2, layer=fingerprint.layer,
+                  fingerprint=fingerprint) as db:
+        if facts:
+            db.add(torch.randn(facts, fingerprint.d1), torch.randn(facts, fingerprint.d2),
+                   ids=[f"fact{i}" for i in range(facts)],
+                   metadata=[{"subject": f"S{i}", "prompt": f"P{i}", "target_new": "new"} for i in range(facts)])
+    return path
+
+
+# ------------------------------------------------------------------------------ error paths
+
+
+def test_help_and_usage_errors(neuraldb):
+    code, out, _ = neuraldb("--help")
+    assert code == 0 and "edit" in out and "eval" in out and "demo" in out
+    code, _, err = neuraldb()
+    assert_one_line_error(code, err, 2, "required")
+    code, _, err = neuraldb("edit", "--facts", "x.json", "--db", "d", "--format", "csv")
+    assert_one_line_error(code, err, 2, "invalid choice: 'csv'")
+    code, _, err = neuraldb("edit", "--facts", "x.json", "--db", "d", "--limit", "0")
+    assert_one_line_error(code, err, 2, "positive integer")
+    code, _, err = neuraldb("edit", "--facts", "x.json", "--db", "d", "--hparam", "bogus=1")
+    assert_one_line_error(code, err, 2, "NAME=VALUE")
+
+
+def test_edit_with_bad_input_writes_nothing(neuraldb, tmp_path, data_dir):
+    db = tmp_path / "db"
+    code, _, err = neuraldb("edit", "--facts", tmp_path / "missing.json", "--db", db)
+    assert_one_line_error(code, err, 1, "no such file")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    code, _, err = neuraldb("edit", "--facts", empty, "--db", db)
+    assert_one_line_error(code, err, 1, "holds no facts")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "{} is in", "subject": "X", "target_new": "Rome"}) + "\n"
+                   + json.dumps({"prompt": "{} is in", "subject": " ", "target_new": "Rome"}) + "\n")
+    code, _, err = neuraldb("edit", "--facts", bad, "--db", db)
+    assert_one_line_error(code, err, 1, "fact 1", "subject is empty")
+    code, _, err = neuraldb("edit", "--facts", data_dir / "zsre" / "zsre-1k.json", "--format", "jsonl", "--db", db)
+    assert_one_line_error(code, err, 1, "not valid JSON")
+    code, _, err = neuraldb("edit", "--facts", data_dir / COUNTERFACT, "--db", db, "--model", tmp_path / "nowhere")
+    assert_one_line_error(code, err, 1, "not a directory")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file.txt").write_text("x")
+    code, _, err = neuraldb("edit", "--facts", data_dir / COUNTERFACT, "--db", tmp_path / "other")
+    assert_one_line_error(code, err, 1, "not a neuraldb database directory")
+    assert not db.exists()
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["file.txt"]
+
+
+def test_edit_that_fails_validation_in_the_editor_leaves_no_database(neuraldb, tmp_path, tiny_model_dir):
+    too_long = tmp_path / "long.jsonl"
+    too_long.write_text(json.dumps({"prompt": "word " * 300 + "{} is in", "subject": "X", "target_new": "Rome"}) + "\n")
+    code, _, err = neuraldb("edit", "--facts", too_long, "--db", tmp_path / "db", "--model", tiny_model_dir,
+                            "--hparam", "layer=1", "--quiet")
+    assert_one_line_error(code, err, 1)
+    assert not (tmp_path / "db").exists()
+
+
+def test_commands_on_a_directory_that_is_no_database(neuraldb, tmp_path, data_dir):
+    code, _, err = neuraldb("eval", "--db", tmp_path, "--data", data_dir / COUNTERFACT, "--limit", "1")
+    assert_one_line_error(code, err, 1, "not a neuraldb database directory")
+    code, _, err = neuraldb("db", "info", "--db", tmp_path / "nothing")
+    assert_one_line_error(code, err, 1, "not a neuraldb database directory")
+    code, _, err = neuraldb("ask", "--db", tmp_path, "  ")
+    assert_one_line_error(code, err, 1, "prompt is empty")
+
+
+def test_database_built_for_another_model_is_refused(neuraldb, tmp_path, tiny_model_dir, data_dir):
+    foreign = ModelFingerprint(model_type="llama", layer=1, d1=1536, d2=576, weights_sha256="0" * 64)
+    directory = _db_dir(tmp_path / "db", tiny_model_dir, foreign)
+    code, _, err = neuraldb("ask", "--db", directory, "The Eiffel Tower is in")
+    assert_one_line_error(code, err, 1, "built for another model", "d1")
+    code, _, err = neuraldb("eval", "--db", directory, "--data", data_dir / COUNTERFACT, "--limit", "1")
+    assert_one_line_error(code, err, 1, "built for another model")
+    same_shape = _fingerprint(tiny_model_dir)
+    other_weights = ModelFingerprint(**{**same_shape.__dict__, "weights_sha256": "f" * 64})
+    directory = _db_dir(tmp_path / "db2", tiny_model_dir, other_weights)
+    code, _, err = neuraldb("ask", "--db", directory, "The Eiffel Tower is in")
+    assert_one_line_error(code, err, 1, "built for another model", "weights")
+    # edit names the recorded model before loading anything
+    code, _, err = neuraldb("edit", "--facts", data_dir / COUNTERFACT, "--db", directory, "--model", "default")
+    assert_one_line_error(code, err, 1, "was built with model")
+
+
+# ---------------------------------------------------------------------------------- db commands
+
+
+def test_db_info_list_rm_export_import(neuraldb, tmp_path, tiny_model_dir):
+    fingerprint = _fingerprint(tiny_model_dir)
+    directory = _db_dir(tmp_path / "db", tiny_model_dir, fingerprint, facts=3)
+    code, out, err = neuraldb("db", "info", "--db", directory)
+    assert code == 0, err
+    assert "facts        3" in out and str(tiny_model_dir) in out and "layer        1" in out
+    code, out, _ = neuraldb("db", "list", "--db", directory, "--limit", "2")
+    assert code == 0 and "fact0  S0: 'P0' -> 'new'" in out and "2 of 3 facts" in out
+    code, _, err = neuraldb("db", "rm", "--db", directory, "fact0", "nope")
+    assert_one_line_error(code, err, 1, "nothing removed", "nope")
+    code, out, err = neuraldb("db", "rm", "--db", directory, "fact0")
+    assert code == 0 and "removed 1 facts; 2 left" in out, err
+    export = tmp_path / "share.safetensors"
+    code, out, err = neuraldb("db", "export", "--db", directory, export)
+    assert code == 0 and export.is_file() and export.with_suffix(".json").is_file(), err
+    code, _, err = neuraldb("db", "export", "--db", directory, export)
+    assert_one_line_error(code, err, 1, "already exists")
+    imported = tmp_path / "imported"
+    code, out, err = neuraldb("db", "import", "--db", imported, export, "--model", tiny_model_dir)
+    assert code == 0 and "imported 2 facts" in out, err
+    with NeuralDB.open(imported / "neuraldb.sqlite") as copy, NeuralDB.open(directory / "neuraldb.sqlite") as original:
+        assert sorted(copy) == sorted(original) == ["fact1", "fact2"]
+        assert torch.equal(copy.get("fact1").residual, original.get("fact1").residual)
+    assert json.loads((imported / "model.json").read_text()) == {"model": str(tiny_model_dir)}
+    code, _, err = neuraldb("db", "import", "--db", imported, export, "--model", tiny_model_dir)
+    assert_one_line_error(code, err, 1, "already exists")
+
+
+def test_db_import_for_another_model_leaves_nothing(neuraldb, tmp_path, tiny_model_dir):
+    foreign = ModelFingerprint(model_type="llama", layer=1, d1=48, d2=32, weights_sha256="0" * 64)
+    directory = _db_dir(tmp_path / "db", tiny_model_dir, foreign, facts=1)
+    export = tmp_path / "share.safetensors"
+    assert neuraldb("db", "export", "--db", directory, export)[0] == 0
+    code, _, err = neuraldb("db", "import", "--db", tmp_path / "imported", export, "--model", tiny_model_dir)
+    assert_one_line_error(code, err, 1, "built for another model", "weights")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db", "share.json", "share.safetensors"]
+
+
+def test_plot_and_backends(neuraldb, tmp_path):
+    reports = []
+    for n, efficacy in ((10, 100.0), (100, 98.0), (1000, 95.0)):
+        path = tmp_path / f"r{n}.json"
+        path.write_text(json.dumps({"n_facts": n, "before": {"efficacy": 10.0}, "after": {"efficacy": efficacy}}))
+        reports.append(path)
+    code, out, err = neuraldb("plot", *reports, "--out", tmp_path / "scaling.png")
+    assert code == 0, err
+    assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+    code, _, err = neuraldb("plot", tmp_path / "missing.json", "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, 1, "does not exist")
+    code, out, err = neuraldb("backends")
+    assert code == 0 and "torch: usable on cpu" in out, err
+
+
+# ------------------------------------------------------------------------------ the workflow
+
+
+def test_console_script_exit_codes(tmp_path):
+    code, _, err = neuraldb_process("edit", "--facts", tmp_path / "missing.json", "--db", tmp_path / "db")
+    assert_one_line_error(code, err, 1, "no such file")
+    code, _, err = neuraldb_process("eval", "--db", tmp_path, "--data", "x", "--format", "csv")
+    assert_one_line_error(code, err, 2, "invalid choice")
+    code, out, err = neuraldb_process("backends")
+    assert code == 0 and "torch: usable on cpu" in out, err
+
+
+def test_edit_eval_ask_rm_eval(tmp_path, data_dir):
+    neuraldb = neuraldb_process
+    directory = tmp_path / "db"
+    data = data_dir / COUNTERFACT
+    code, out, err = neuraldb("edit", "--facts", data, "--format", "counterfact", "--db", directory, "--limit", "2",
+                              "--quiet")
+    assert code == 0, err
+    assert "edited 2 facts" in out and "now holds 2 facts" in out
+    assert json.loads((directory / "model.json").read_text()) == {"model": "default"}
+    code, out, err = neuraldb("edit", "--facts", data, "--db", directory, "--limit", "2", "--quiet")  # resume
+    assert code == 0 and "edited 0 facts" in out and "2 already in the database" in out, err
+
+    report_path = tmp_path / "after_edit.json"
+    code, out, err = neuraldb("eval", "--db", directory, "--data", data, "--limit", "2", "--json", report_path,
+                              "--quiet")
+    assert code == 0, err
+    assert "efficacy" in out and "specificity" in out and "consistency: not computable" in out
+    report = json.loads(report_path.read_text())
+    assert report["n_facts"] == 2 and report["n_cases"] == 2
+    assert set(report["after"]) == {"efficacy", "generalization", "specificity", "gate_fire_rate", "kl"}
+    assert report["after"]["efficacy"] == 100.0 and report["before"]["efficacy"] < 100.0
+    assert report["before"]["gate_fire_rate"] == 0.0
+
+    code, out, err = neuraldb("ask", "--db", directory, "The mother tongue of Danielle Darrieux is")
+    assert code == 0, err
+    assert "without edits:" in out and "with edits:" in out and "facts fired (1)" in out
+    with_edits = next(line for line in out.splitlines() if line.startswith("with edits:"))
+    assert "English" in with_edits and "Danielle Darrieux" in out
+
+    code, out, _ = neuraldb("db", "list", "--db", directory)
+    ids = [line.split()[0] for line in out.splitlines() if "->" in line]
+    assert len(ids) == 2
+    code, out, err = neuraldb("db", "rm", "--db", directory, *ids)
+    assert code == 0 and "0 left" in out, err
+
+    code, out, err = neuraldb("eval", "--db", directory, "--data", data, "--limit", "2", "--json", report_path,
+                              "--quiet")
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert report["n_facts"] == 0 and report["after"] == report["before"]
