@@ -76,7 +76,7 @@ def cuda_extension():
         name="neuraldb_kernels._cuda",
         sources=sources,
         extra_compile_args={
-            "cxx": _optimisation_flags() + ["-std=c++17"],
+            "cxx": _optimisation_flags() + ["-std=c++20"],  # torch's own headers expect C++20
             "nvcc": _optimisation_flags() + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
         },
     )

@@ -350,3 +350,18 @@ def test_torch_compile_fullgraph_has_no_graph_breaks():
     torch.testing.assert_close(compiled(x, W, K, R), ffn_with_edits(x, W, K, R))
     compiled_inductor = torch.compile(ffn_with_edits, fullgraph=True)
     torch.testing.assert_close(compiled_inductor(x, W, K, R), ffn_with_edits(x, W, K, R))
+
+
+def test_keys_with_nan_or_inf_never_win(backend):
+    torch.manual_seed(8)
+    K, R = torch.randn(30, 10), torch.randn(30, 2)
+    q = K[[4, 20]].clone()
+    K[4, 0] = float("nan")
+    K[20, 3] = float("inf")
+    K[21] = q[1] * 2  # the best finite key for the second query
+    out, index, score = run(q, K, R, -1.0, backend)
+    assert index[0] not in (-1, 4) and index[1].item() == 21
+    assert torch.isfinite(score).all()
+    bad_only = torch.full((3, 10), float("nan"))
+    _, index, score = run(q, bad_only, torch.randn(3, 2), -1.0, backend)
+    assert index.tolist() == [-1, -1] and (score == float("-inf")).all()

@@ -4,6 +4,8 @@ registration as the torch.library custom op `neuraldb::gated_retrieve`.
 For every query row q (..., d1) against keys K (m, d1) and residuals R (m, d2):
     score = max_i cos(q, K_i),  index = argmax_i cos(q, K_i) (lowest i on exact ties),
     out   = R[index] if score > gamma else 0.
+A query row with NaN/Inf never matches (score NaN, index -1); a key with NaN/Inf never wins
+(its cosine counts as -inf).
 Gradients: out is a gathered row of R, so d out / d R is an index_add of the upstream gradient
 onto the selected rows. The gate and the argmax are piecewise constant in q and K, so their
 gradient is zero almost everywhere: no gradient flows to q or K (they receive None).

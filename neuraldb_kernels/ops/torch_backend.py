@@ -39,6 +39,7 @@ def retrieve(
     for start in range(0, m, chunk):
         keys = K[start : start + chunk].to(acc)
         scores = (q @ keys.T) * q_inv[:, None] * _inverse_norms(keys)[None, :]
+        scores = scores.nan_to_num(nan=float("-inf"))  # a key with NaN/Inf never matches
         chunk_best, chunk_index = scores.max(dim=1)  # first maximal index on ties
         better = chunk_best > best  # strict: an earlier chunk keeps its ties
         best = torch.where(better, chunk_best, best)
