@@ -19,11 +19,16 @@ __version__ = "0.1.0"
 # public name -> submodule that defines it, imported on first access
 _LAZY = {
     "NeuralDB": "store",
+    "StoredFact": "store",
+    "Snapshot": "store",
     "ModelFingerprint": "store",
+    "FingerprintMismatchWarning": "store",
     "attach": "integration",
+    "model_fingerprint": "integration",
     "load_default_model": "integration",
     "Editor": "editing",
     "Fact": "editing",
+    "evaluate": "evaluation",
 }
 
 
