@@ -73,7 +73,7 @@ class EditHParams:
 # (model_type, num_layers, hidden_size) -> preset fields.
 # SmolLM2-135M: measured sweep, see bench/RESULTS.editing.md. The others: the paper's Table 3.
 PRESETS: dict[tuple[str, int, int], dict[str, Any]] = {
-    ("llama", 30, 576): {"layer": 4, "gamma": 0.65},  # SmolLM2-135M(-Instruct)
+    ("llama", 30, 576): {"layer": 4, "gamma": 0.65, "lr": 1.5},  # SmolLM2-135M(-Instruct)
     ("gpt2", 48, 1600): {"layer": 17, "gamma": 0.65},  # GPT-2 XL
     ("gptj", 28, 4096): {"layer": 8, "gamma": 0.65},  # GPT-J 6B
     ("llama", 32, 4096): {"layer": 7, "gamma": 0.65},  # Llama 3 8B (Instruct)

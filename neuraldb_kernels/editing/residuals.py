@@ -18,7 +18,10 @@ each fact's r injected only at its own sequences' subject position. What does no
 computed once: every token BEFORE the subject's last token is unaffected by r at every layer (the
 model is causal), so those tokens run once through the whole model and their keys/values are kept
 as a KV cache; each step runs only the tokens from the subject's last token on, and the LM head
-only at the positions the loss reads (target tokens and the KL position). Losses are summed over
+only at the positions the loss reads (target tokens and the KL position). The suffix tokens' pass
+through layers 0..l* is frozen as well: after the first step, those layers are replaced (for the
+duration of each forward) by stand-ins that replay the recorded output of layer l* plus r, when the
+model's decoder layers return plain tensors (transformers >= 5). Losses are summed over
 facts, and Adam is element-wise, so a fact's trajectory does not depend on its batch-mates.
 """
 
@@ -32,7 +35,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..integration.architectures import locate_down_proj
+from ..integration.architectures import decoder_layers, locate_down_proj
 from .hparams import EditHParams
 from .tokens import EditTokens
 
@@ -148,11 +151,34 @@ def _new_cache(model, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]):
     return cache
 
 
+class _Skip(torch.nn.Module):
+    """Stands in for a decoder layer below l*: its output is never used (layer l* is replayed)."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for decoder layer l*: its recorded output (r = 0) plus delta at the first suffix token."""
+
+    def __init__(self, recorded: torch.Tensor, delta: torch.Tensor, owner: torch.Tensor):
+        super().__init__()
+        self.recorded, self.delta, self.owner = recorded, delta, owner
+
+    def forward(self, hidden_states, *args, **kwargs):
+        added = self.recorded[:, :1] + self.delta[self.owner].unsqueeze(1).to(self.recorded.dtype)
+        return torch.cat([added, self.recorded[:, 1:]], dim=1)
+
+
 class _Batch:
     """The frozen part of one batch (prefix KV cache) and the rows of the facts still optimised."""
 
-    def __init__(self, model, sequences: _Sequences):
+    def __init__(self, model, sequences: _Sequences, layer: int, module_path: Optional[str]):
         self.model = model
+        self.layer = layer
+        self.decoder_layers = decoder_layers(model, module_path)
+        self.recorded_all = None  # layer l*'s output over all suffix rows (r = 0), once recorded
+        self.recorded = None
         self.base = model.base_model
         self.lm_head = model.get_output_embeddings()
         self.cache_argument = _cache_argument(self.base)
@@ -204,10 +230,15 @@ class _Batch:
         self.kl_rows = row_of[seq.kl_seq[facts]]
         self.kl_pos = seq.kl_pos[facts]
         self.bare_rows = row_of[seq.bare_seq[facts]]
+        if self.recorded_all is not None:
+            self.recorded = self.recorded_all[rows, :width_s]
 
-    def forward(self, module, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(target log-probs (T,), KL log-probs (F, V), unedited injection outputs (rows, d2))
-        with delta[f] added to `module`'s output at each sequence's first suffix token."""
+    def forward(self, module, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(target log-probs (T,), KL log-probs (F, V), unedited injection outputs (rows, d2) or
+        None once layers 0..l* are replayed) with delta[f] added to `module`'s output at each
+        sequence's first suffix token."""
+        if self.recorded is not None:
+            return (*self._run(delta), None)
         seen = {}
 
         def inject(_module, _args, output):
@@ -215,8 +246,32 @@ class _Batch:
             added = output[:, :1] + delta[self.owner].unsqueeze(1).to(output.dtype)
             return torch.cat([added, output[:, 1:]], dim=1)
 
-        handle = module.register_forward_hook(inject)
+        def record(_module, _args, output):
+            # the first forward runs every row at r = 0: layer l*'s output is the unedited one
+            if isinstance(output, torch.Tensor) and not bool(delta.any()) and len(self.facts) == len(self.all.kl_seq):
+                seen["out"] = output.detach()
+
+        handles = [module.register_forward_hook(inject),
+                   self.decoder_layers[self.layer].register_forward_hook(record)]
         try:
+            target_logp, kl_logp = self._run(delta)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if "out" in seen:
+            self.recorded_all = self.recorded = seen["out"]
+        return target_logp, kl_logp, seen["v"]
+
+    def _run(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target log-probs, KL log-probs) of one suffix pass, layers 0..l* replayed if recorded."""
+        replaced = {}
+        if self.recorded is not None:
+            replaced = {i: _Skip() for i in range(self.layer)}
+            replaced[self.layer] = _Replay(self.recorded, delta, self.owner)
+        originals = {i: self.decoder_layers[i] for i in replaced}
+        try:
+            for i, stand_in in replaced.items():
+                self.decoder_layers[i] = stand_in
             kwargs = {}
             mask = self.suffix_mask
             if self.layers is not None:
@@ -225,12 +280,13 @@ class _Batch:
             output = self.base(input_ids=self.suffix_ids, attention_mask=mask, position_ids=self.positions,
                                use_cache=self.layers is not None, **kwargs)
         finally:
-            handle.remove()
+            for i, original in originals.items():
+                self.decoder_layers[i] = original
         hidden = output[0]
         target_logits = self.lm_head(hidden[self.target_rows, self.target_pos]).float()
         target_logp = target_logits.log_softmax(-1).gather(1, self.target_id.unsqueeze(1)).squeeze(1)
         kl_logp = self.lm_head(hidden[self.kl_rows, self.kl_pos]).float().log_softmax(-1)
-        return target_logp, kl_logp, seen["v"]
+        return target_logp, kl_logp
 
 
 def optimize_residuals(model, tokens: Sequence[EditTokens], hparams: EditHParams, *, pad_id: int,
@@ -249,7 +305,7 @@ def optimize_residuals(model, tokens: Sequence[EditTokens], hparams: EditHParams
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        batch = _Batch(model, _build_sequences(tokens, pad_id, device))
+        batch = _Batch(model, _build_sequences(tokens, pad_id, device), hparams.layer, module_path)
         d2 = batch.lm_head.weight.shape[1]
         r = torch.zeros(count, d2, device=device)
         adam_m, adam_v = torch.zeros_like(r), torch.zeros_like(r)

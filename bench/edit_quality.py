@@ -1,0 +1,244 @@
+"""Edit CounterFact facts into SmolLM2 with NeuralDB and measure quality and throughput.
+
+Quality (CounterFact, paper appendix D.2; targets compared by mean per-token NLL, as ROME does):
+  efficacy        P(target_new | prompt)          > P(ground_truth | prompt)
+  generalization  P(target_new | rephrase_prompt) > P(ground_truth | rephrase_prompt)
+  specificity     P(locality_ground_truth | locality_prompt) > P(target_new | locality_prompt)
+measured on the edited model (NeuralDB attached, live gated retrieval) and on the unedited model.
+
+Throughput: facts/s of the batched Editor vs the per-fact loop of existing tools (ROME/MEMIT
+style: one fact at a time, the full model over every context and all logits at every step), same
+hyperparameters, same machine, same run.
+
+Examples (from the repository root; the data is read from ../shared/data):
+  python bench/edit_quality.py --facts 1000 --out /tmp/edit_1k.json
+  python bench/edit_quality.py --facts 128 --layers 2 4 6 8 --gammas 0.55 0.65 0.75 0.85 --out /tmp/sweep.json
+  python bench/edit_quality.py --facts 64 --baseline-facts 8 --out /tmp/throughput.json
+
+The evaluation here is a stand-in kept in bench/ until neuraldb_kernels.evaluation replaces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def mean_target_nll(model, tokenizer, prompts, targets, batch_size: int = 64) -> torch.Tensor:
+    """(n,) mean per-token NLL of " " + targets[i] after prompts[i] (base model + LM head at the
+    target positions only)."""
+    from neuraldb_kernels.editing.tokens import target_ids
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = torch.empty(len(prompts))
+    base, head = model.base_model, model.get_output_embeddings()
+    for start in range(0, len(prompts), batch_size):
+        rows, spans = [], []
+        for prompt, target in zip(prompts[start:start + batch_size], targets[start:start + batch_size]):
+            ids = tokenizer(prompt)["input_ids"]
+            tail = target_ids(tokenizer, target)
+            rows.append(ids + tail)
+            spans.append((len(ids), tail))
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row)
+            mask[i, :len(row)] = 1
+        hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
+        seq, pos, tok, owner = [], [], [], []
+        for i, (length, tail) in enumerate(spans):
+            for t, token in enumerate(tail):
+                seq.append(i), pos.append(length - 1 + t), tok.append(token), owner.append(i)
+        logp = head(hidden[seq, pos]).float().log_softmax(-1).gather(1, torch.tensor(tok)[:, None]).squeeze(1)
+        owner = torch.tensor(owner)
+        sums = torch.zeros(len(rows)).index_add_(0, owner, -logp)
+        counts = torch.zeros(len(rows)).index_add_(0, owner, torch.ones_like(logp))
+        out[start:start + len(rows)] = sums / counts
+    return out
+
+
+def counterfact_metrics(model, tokenizer, facts) -> dict:
+    """Efficacy, generalization, specificity (fractions) of flattened-CounterFact facts."""
+    new = [f.target_new for f in facts]
+    true = [f.target_true for f in facts]
+    result = {}
+    for name, prompts in (("efficacy", [f.filled_prompt for f in facts]),
+                          ("generalization", [f.extras["rephrase_prompt"] for f in facts])):
+        nll_new = mean_target_nll(model, tokenizer, prompts, new)
+        nll_true = mean_target_nll(model, tokenizer, prompts, true)
+        result[name] = float((nll_new < nll_true).float().mean())
+    prompts = [f.extras["locality_prompt"] for f in facts]
+    nll_truth = mean_target_nll(model, tokenizer, prompts, [f.extras["locality_ground_truth"] for f in facts])
+    nll_new = mean_target_nll(model, tokenizer, prompts, new)
+    result["specificity"] = float((nll_truth < nll_new).float().mean())
+    return result
+
+
+# ------------------------------------------------------------------------- per-fact baseline loop
+
+
+def per_fact_residual(model, tokens, hparams, module) -> torch.Tensor:
+    """One fact's residual the way existing tools compute it: every step runs the full model over
+    all its contexts and the KL prompt (right-padded) and the full logits; same loss, Adam, clamp
+    and early stop as `optimize_residuals`."""
+    rows = [list(c) + list(tokens.target[:-1]) for c in tokens.contexts] + [list(tokens.kl_ids)]
+    width = max(map(len, rows))
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    at = torch.tensor(list(tokens.subject_last) + [tokens.kl_subject_last])
+    n = len(tokens.contexts)
+    d2 = model.get_output_embeddings().weight.shape[1]
+    r = torch.zeros(d2, requires_grad=True)
+    optimizer = torch.optim.Adam([r], lr=hparams.lr)
+    state = {}
+
+    def inject(_module, _args, output):
+        state["v"] = output[0, at[0]].detach()
+        output = output.clone()
+        output[torch.arange(len(rows)), at] += r
+        return output
+
+    handle = module.register_forward_hook(inject)
+    try:
+        kl_reference = None
+        for step in range(hparams.steps):
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            logp = logits.log_softmax(-1)
+            nll = 0.0
+            for c, context in enumerate(tokens.contexts):
+                for t, token in enumerate(tokens.target):
+                    nll = nll - logp[c, len(context) - 1 + t, token]
+            nll = nll / (n * len(tokens.target))
+            kl_logp = logp[n, len(tokens.kl_ids) - 1]
+            if kl_reference is None:
+                kl_reference = kl_logp.detach()
+            kl = F.kl_div(kl_reference, kl_logp, log_target=True, reduction="sum")
+            v_norm = state["v"].norm()
+            loss = nll + hparams.kl_factor * kl + hparams.weight_decay * r.pow(2).sum() / v_norm ** 2
+            if float(nll) <= -math.log(hparams.stop_prob) or step == hparams.steps - 1:
+                break
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                limit = hparams.clamp_norm_factor * v_norm
+                if r.norm() > limit:
+                    r.mul_(limit / r.norm())
+    finally:
+        handle.remove()
+    return r.detach()
+
+
+def per_fact_throughput(model, tokenizer, facts, hparams) -> float:
+    """facts/s of the per-fact loop (keys included, like the Editor)."""
+    from neuraldb_kernels.editing import compute_keys, generate_prefixes, tokenize_fact
+    from neuraldb_kernels.integration import locate_down_proj
+
+    prefixes = generate_prefixes(model, tokenizer, count=hparams.n_prefixes, length=hparams.prefix_length,
+                                 seed=hparams.prefix_seed)
+    module = locate_down_proj(model, hparams.layer)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    start = time.perf_counter()
+    for index, fact in enumerate(facts):
+        tokens = tokenize_fact(tokenizer, fact, prefixes, index=index, kl_template=hparams.kl_template)
+        compute_keys(model, [tokens], hparams.layer, pad_id=0)
+        per_fact_residual(model, tokens, hparams, module)
+    return len(facts) / (time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def load_model(model_dir):
+    if model_dir is None:
+        from neuraldb_kernels.integration import load_default_model
+
+        return load_default_model()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-a.json"))
+    parser.add_argument("--facts", type=int, default=1000, help="edit the first N facts of --data together")
+    parser.add_argument("--layers", type=int, nargs="*", default=None, help="layers to try (default: the preset)")
+    parser.add_argument("--gammas", type=float, nargs="*", default=None, help="gammas to evaluate (default: preset)")
+    parser.add_argument("--baseline-facts", type=int, default=0, help="time the per-fact loop on this many facts")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--model-dir", default=None, help="a Hugging Face model directory (default: SmolLM2)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE",
+                        help="override an EditHParams field, e.g. --hparam steps=20")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from neuraldb_kernels.editing import Editor, read_counterfact
+    from neuraldb_kernels.editing.hparams import resolve_hparams
+
+    overrides = {}
+    for item in args.hparam:
+        name, value = item.split("=", 1)
+        overrides[name] = json.loads(value) if value[:1] not in "{" else value
+    model, tokenizer = load_model(args.model_dir)
+    facts = read_counterfact(args.data, limit=args.facts)
+    preset = resolve_hparams(model, overrides)
+    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+              "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv), "facts": len(facts),
+              "data": args.data, "hparams": {**preset.__dict__, **overrides}, "runs": []}
+    start = time.perf_counter()
+    report["unedited"] = counterfact_metrics(model, tokenizer, facts)
+    report["unedited_eval_s"] = time.perf_counter() - start
+    print("unedited", report["unedited"], flush=True)
+    for layer in args.layers or [preset.layer]:
+        editor = Editor(model, tokenizer, **{**overrides, "layer": layer})
+        start = time.perf_counter()
+        ids = editor.edit(facts, progress=True)
+        seconds = time.perf_counter() - start
+        stats = [editor.db.get(i).metadata["edit"] for i in ids]
+        converged = sum(stat["converged"] for stat in stats)
+        mean_steps = sum(stat["steps"] for stat in stats) / max(len(stats), 1)
+        for gamma in args.gammas or [preset.gamma]:
+            editor.db.gamma = gamma
+            metrics = counterfact_metrics(model, tokenizer, facts)
+            run = {"layer": layer, "gamma": gamma, "edit_s": seconds, "facts_per_s": len(ids) / seconds,
+                   "converged": converged, "mean_steps": mean_steps, **metrics}
+            report["runs"].append(run)
+            print(run, flush=True)
+        editor.handle.detach()
+    if args.baseline_facts:
+        first = report["runs"][0]
+        hparams = resolve_hparams(model, {**overrides, "layer": first["layer"]})
+        report["per_fact_loop_facts_per_s"] = per_fact_throughput(model, tokenizer, facts[:args.baseline_facts],
+                                                                  hparams)
+        report["batched_facts_per_s"] = first["facts_per_s"]
+        report["speedup"] = first["facts_per_s"] / report["per_fact_loop_facts_per_s"]
+        print({key: report[key] for key in ("per_fact_loop_facts_per_s", "batched_facts_per_s", "speedup")},
+              flush=True)
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Editing throughput on SmolLM2: the batched Editor vs the per-fact loop of existing tools, same run.
+
+Per-fact loop (ROME/MEMIT style, `per_fact_residual` in bench/edit_quality.py): one fact at a
+time, every step the full model over all its contexts and the full logits. Batched: `Editor.edit`
+(keys + residuals of BATCHED_FACTS CounterFact facts in one batch, frozen prefix KV cache, layers
+0..l* replayed, LM head at the loss positions only). Same hyperparameters (the SmolLM2 preset),
+same facts, same threads. Gate: batched facts/s >= 3x the per-fact loop's.
+
+Run:
+    python -m pytest bench/test_bench_editing.py -q -s
+Quality (efficacy / generalization / specificity) at scale: bench/edit_quality.py.
+"""
+
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+
+from neuraldb_kernels.editing import Editor, read_counterfact, resolve_hparams
+from neuraldb_kernels.integration import load_default_model
+
+HERE = pathlib.Path(__file__).resolve().parent
+DATA = HERE.parents[0].parent / "shared" / "data" / "counterfact" / "counterfact-a.json"
+THREADS = 2
+BATCHED_FACTS = 32
+PER_FACT_FACTS = 4
+GATE = 3.0
+
+
+def _edit_quality():
+    spec = importlib.util.spec_from_file_location("edit_quality", HERE / "edit_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    if not DATA.is_file():
+        pytest.skip(f"{DATA} is not present")
+    model, tokenizer = load_default_model()
+    return model, tokenizer, read_counterfact(DATA, limit=BATCHED_FACTS)
+
+
+def test_gate_batched_editing_vs_per_fact_loop(benchmark, setup):
+    model, tokenizer, facts = setup
+    hparams = resolve_hparams(model, {})
+    per_fact = _edit_quality().per_fact_throughput(model, tokenizer, facts[:PER_FACT_FACTS], hparams)
+
+    def batched():
+        editor = Editor(model, tokenizer)
+        try:
+            editor.edit(facts, progress=False)
+        finally:
+            editor.handle.detach()
+
+    benchmark.pedantic(batched, rounds=1, iterations=1)
+    rate = len(facts) / benchmark.stats.stats.mean
+    benchmark.extra_info.update({"batched_facts_per_s": rate, "per_fact_loop_facts_per_s": per_fact,
+                                 "speedup": rate / per_fact, "threads": THREADS, "layer": hparams.layer})
+    print(f"\nbatched {rate:.3f} facts/s, per-fact loop {per_fact:.3f} facts/s, speedup {rate / per_fact:.1f}x")
+    assert rate >= GATE * per_fact

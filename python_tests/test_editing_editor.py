@@ -1,0 +1,226 @@
+"""Editing on SmolLM2 end to end: keys against an independent hook computation, edits that change
+the answers on the edited prompts and their paraphrases and nothing else, the unedited-model
+guarantee, upsert/skip/update/remove semantics, resume after an interruption, error paths."""
+
+import pytest
+import torch
+
+from neuraldb_kernels import NeuralDB
+from neuraldb_kernels.editing import (Editor, Fact, FactError, compute_keys, generate_prefixes, read_counterfact,
+                                      tokenize_fact)
+from neuraldb_kernels.integration import locate_down_proj
+
+# cheap settings for the semantics tests (quality is tested with the defaults)
+FAST = {"steps": 3, "n_prefixes": 2}
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from neuraldb_kernels.integration import load_default_model
+
+    try:
+        model, tokenizer = load_default_model()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def counterfact(data_dir):
+    return read_counterfact(data_dir / "counterfact" / "counterfact-a.json", limit=12)
+
+
+def _nll(model, tokenizer, prompt, target):
+    """Mean per-token NLL of " " + target after prompt (plain full forward, float64 log-softmax)."""
+    ids = tokenizer(prompt)["input_ids"]
+    tail = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + tail])).logits[0].double()
+    logp = logits.log_softmax(-1)
+    return -sum(logp[len(ids) - 1 + t, token] for t, token in enumerate(tail)).item() / len(tail)
+
+
+def _greedy_next(model, tokenizer, prompts):
+    with torch.no_grad():
+        return [int(model(torch.tensor([tokenizer(p)["input_ids"]])).logits[0, -1].argmax()) for p in prompts]
+
+
+def test_keys_equal_an_independent_hook_computation(smollm2, counterfact):
+    model, tokenizer = smollm2
+    layer = 4
+    prefixes = generate_prefixes(model, tokenizer, count=FAST["n_prefixes"], length=10)
+    facts = counterfact[:3]
+    tokens = [tokenize_fact(tokenizer, fact, prefixes, index=i) for i, fact in enumerate(facts)]
+    keys = compute_keys(model, tokens, layer, pad_id=tokenizer.eos_token_id)
+
+    module = locate_down_proj(model, layer)
+    expected = []
+    for fact in facts:
+        seen = []
+        handle = module.register_forward_hook(lambda _m, args, _out: seen.append(args[0][0]))
+        try:
+            rows = []
+            for prefix in ("", *prefixes):
+                text = prefix + fact.filled_prompt
+                end = text.rindex(fact.subject) + len(fact.subject)
+                encoded = tokenizer(text, return_offsets_mapping=True)
+                last = max(i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < end and b > a)
+                with torch.no_grad():
+                    model(torch.tensor([encoded["input_ids"]]))
+                rows.append(seen[-1][last])
+        finally:
+            handle.remove()
+        expected.append(torch.stack(rows).mean(0))
+    torch.testing.assert_close(keys, torch.stack(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_edits_change_answers_on_prompts_and_paraphrases_and_nothing_else(smollm2, counterfact):
+    model, tokenizer = smollm2
+    # facts whose edited prompt the unedited model answers with the true target
+    facts = [fact for fact in counterfact[:6] if _nll(model, tokenizer, fact.filled_prompt, fact.target_new)
+             > _nll(model, tokenizer, fact.filled_prompt, fact.target_true)][:3]
+    assert len(facts) == 3
+    unrelated = ["The capital of France is", "Water is made of hydrogen and", "The Beatles were a band from",
+                 "My favourite colour is"] + [fact.extras["locality_prompt"] for fact in facts]
+    before = _greedy_next(model, tokenizer, unrelated)
+
+    editor = Editor(model, tokenizer)
+    try:
+        ids = editor.edit(facts, progress=False)
+        assert ids == [fact.fact_id for fact in facts] and len(editor.db) == 3
+        for fact in facts:
+            for prompt in (fact.filled_prompt, fact.extras["rephrase_prompt"]):
+                assert _nll(model, tokenizer, prompt, fact.target_new) < _nll(model, tokenizer, prompt,
+                                                                               fact.target_true), prompt
+        assert _greedy_next(model, tokenizer, unrelated) == before
+        # the fact fired at its subject's last token of the edited prompt
+        with torch.no_grad():
+            model(torch.tensor([tokenizer(facts[0].filled_prompt)["input_ids"]]))
+        tokens = tokenize_fact(tokenizer, facts[0], ())
+        fired = {(firing.position, firing.fact_id) for firing in editor.handle.fired()}
+        assert (tokens.subject_last[0], ids[0]) in fired
+    finally:
+        editor.handle.detach()
+    for fact in facts:  # detached: the model is the unedited one again
+        assert _nll(model, tokenizer, fact.filled_prompt, fact.target_new) > \
+            _nll(model, tokenizer, fact.filled_prompt, fact.target_true)
+
+
+def test_residuals_are_computed_on_the_unedited_model(smollm2, counterfact):
+    model, tokenizer = smollm2
+    first, second = counterfact[5], counterfact[6]
+    alone = Editor(model, tokenizer, **FAST)
+    alone.edit([second], progress=False)
+    alone.handle.detach()
+    editor = Editor(model, tokenizer, **FAST)
+    try:
+        editor.edit([first], progress=False)
+        editor.edit([second], progress=False)  # first is live on the model meanwhile
+    finally:
+        editor.handle.detach()
+    expected = alone.db.get(second.fact_id)
+    got = editor.db.get(second.fact_id)
+    torch.testing.assert_close(got.key, expected.key, rtol=0, atol=0)
+    torch.testing.assert_close(got.residual, expected.residual, rtol=1e-5, atol=1e-5)
+
+
+def test_interrupted_edit_resumes_and_adds_each_fact_once(smollm2, counterfact, tmp_path):
+    model, tokenizer = smollm2
+    facts = counterfact[:5]
+    path = tmp_path / "edits.ndb"
+    db = NeuralDB(path, d1=1536, d2=576, layer=4)
+    committed = []
+
+    def interrupt_after_first_batch(ids):
+        committed.append(list(ids))
+        raise KeyboardInterrupt
+
+    editor = Editor(model, tokenizer, db=db, batch_size=2, **FAST)
+    with pytest.raises(KeyboardInterrupt):
+        editor.edit(facts, progress=False, callback=interrupt_after_first_batch)
+    assert editor.handle.attached  # put back despite the interruption
+    editor.handle.detach()
+    db.close()
+
+    reopened = NeuralDB.open(path)
+    assert sorted(reopened) == sorted(committed[0]) and len(reopened) == 2
+    resumed = []
+    editor = Editor(model, tokenizer, db=reopened, batch_size=2, **FAST)
+    try:
+        ids = editor.edit(facts, progress=False, callback=resumed.append)
+    finally:
+        editor.handle.detach()
+    done = [fact_id for batch in resumed for fact_id in batch]
+    assert sorted(done + committed[0]) == sorted(fact.fact_id for fact in facts)  # each computed once
+    assert sorted(reopened) == sorted(ids) and len(reopened) == 5
+    reopened.close()
+
+
+def test_same_fact_is_skipped_new_target_replaces_update_and_remove(smollm2, counterfact):
+    model, tokenizer = smollm2
+    fact = counterfact[7]
+    editor = Editor(model, tokenizer, **FAST)
+    try:
+        calls = []
+        [fact_id] = editor.edit([fact], progress=False, callback=calls.append)
+        stored = editor.db.get(fact_id)
+        assert stored.metadata["target_new"] == fact.target_new and stored.metadata["subject"] == fact.subject
+        assert editor.edit([fact], progress=False, callback=calls.append) == [fact_id]
+        assert len(calls) == 1  # complete and identical: not recomputed
+
+        changed = Fact(fact.prompt, fact.subject, "Japanese")
+        assert editor.edit([changed], progress=False, callback=calls.append) == [fact_id]
+        assert len(calls) == 2 and len(editor.db) == 1
+        assert editor.db.get(fact_id).metadata["target_new"] == "Japanese"
+        assert not torch.equal(editor.db.get(fact_id).residual, stored.residual)
+
+        assert editor.update([changed], progress=False, callback=calls.append) == [fact_id]
+        assert len(calls) == 3
+        with pytest.raises(ValueError, match="not in the database.*use edit"):
+            editor.update([Fact("{} is in", "Lyon", "Peru")], progress=False)
+
+        assert editor.remove([fact_id]) == [fact_id] and len(editor.db) == 0
+        with pytest.raises(Exception, match=fact_id):
+            editor.remove([fact_id])
+        assert editor.remove([fact_id], missing_ok=True) == []
+    finally:
+        editor.handle.detach()
+
+
+def test_bad_facts_raise_or_are_skipped(smollm2):
+    model, tokenizer = smollm2
+    good = Fact("{} plays the", "Lionel Messi", "violin")
+    too_long = Fact("word " * 9000 + "{} is", "Paris", "big")
+    editor = Editor(model, tokenizer, **FAST)
+    try:
+        with pytest.raises(FactError, match=r"fact 1 \(id .*longer than the model's context of 8192 tokens"):
+            editor.edit([good, too_long], progress=False)
+        with pytest.raises(FactError, match="fact 0.*subject is empty"):
+            editor.edit([Fact("{} is", "", "x")], progress=False)
+        assert len(editor.db) == 0 and editor.handle.attached
+        ids = editor.edit([Fact("{} is", "", "x"), good, too_long], on_error="skip", progress=False)
+        assert ids == [good.fact_id]
+        assert [index for index, _ in editor.skipped] == [0, 2]
+        assert "subject is empty" in editor.skipped[0][1] and "longer than" in editor.skipped[1][1]
+    finally:
+        editor.handle.detach()
+
+
+def test_editor_argument_errors(smollm2):
+    model, tokenizer = smollm2
+    with pytest.raises(TypeError, match="unknown editing hyperparameter.*stepz"):
+        Editor(model, tokenizer, stepz=3)
+    with pytest.raises(ValueError, match="invalid editing hyperparameter.*lr=-1"):
+        Editor(model, tokenizer, lr=-1)
+    with pytest.raises(ValueError, match="layer=5 but the database was built for layer 4"):
+        Editor(model, tokenizer, db=NeuralDB(d1=1536, d2=576, layer=4), layer=5)
+    with pytest.raises(ValueError, match="d1=10, d2=576"):
+        Editor(model, tokenizer, db=NeuralDB(d1=10, d2=576, layer=4))
+    with pytest.raises(TypeError, match="db must be a NeuralDB"):
+        Editor(model, tokenizer, db={})
+    editor = Editor(model, tokenizer)
+    try:
+        with pytest.raises(ValueError, match="already has a NeuralDB attached"):
+            Editor(model, tokenizer)
+    finally:
+        editor.handle.detach()
