@@ -77,7 +77,7 @@ def test_keys_equal_an_independent_hook_computation(smollm2, counterfact):
 def test_edits_change_answers_on_prompts_and_paraphrases_and_nothing_else(smollm2, counterfact):
     model, tokenizer = smollm2
     # facts whose edited prompt the unedited model answers with the true target
-    facts = [fact for fact in counterfact[:6] if _nll(model, tokenizer, fact.filled_prompt, fact.target_new)
+    facts = [fact for fact in counterfact if _nll(model, tokenizer, fact.filled_prompt, fact.target_new)
              > _nll(model, tokenizer, fact.filled_prompt, fact.target_true)][:3]
     assert len(facts) == 3
     unrelated = ["The capital of France is", "Water is made of hydrogen and", "The Beatles were a band from",
