@@ -168,15 +168,12 @@ def test_reader_errors_name_the_record(tmp_path):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from neuraldb_kernels.integration.default_model import gguf_path
+    from neuraldb_kernels.integration.default_model import load_default_tokenizer
 
     try:
-        path = gguf_path()
+        return load_default_tokenizer()
     except FileNotFoundError as error:
         pytest.skip(str(error))
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 def _subject_tokens(tokenizer, text, subject, start=None):
