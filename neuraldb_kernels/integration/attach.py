@@ -17,7 +17,6 @@ the projection input's device, and the projection output's dtype (keys may use `
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from typing import List, Optional
 
 import torch
@@ -29,8 +28,6 @@ from ..store import NeuralDB, Snapshot
 from .architectures import check_layer, locate_down_proj, num_layers
 from .fingerprint import model_fingerprint
 
-# down-projection module -> the Attachment hooked on it (at most one per module)
-_ATTACHED: "weakref.WeakKeyDictionary[torch.nn.Module, Attachment]" = weakref.WeakKeyDictionary()
 _KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -68,7 +65,8 @@ class Attachment:
 
     Attributes: model, db, layer, module (the hooked down-projection), backend, key_dtype.
     `gamma` is the gate in use (the database's current gamma unless one was given to `attach`).
-    After a forward pass, `last` holds its `ForwardRecord` and `fired()` lists its `Firing`s.
+    After a forward pass, `last` holds its `ForwardRecord` and `fired()` lists its `Firing`s
+    (`last` keeps that forward's database snapshot alive until the next forward or `detach`).
     `detach()` (or leaving a `with attach(...)` block) removes the hook.
     """
 
@@ -82,7 +80,6 @@ class Attachment:
         self._gamma = gamma
         self.last: Optional[ForwardRecord] = None
         self._hook = module.register_forward_hook(self._add_retrieval)
-        _ATTACHED[module] = self
 
     @property
     def gamma(self) -> float:
@@ -98,8 +95,6 @@ class Attachment:
             return
         self._hook.remove()
         self._hook = None
-        if _ATTACHED.get(self.module) is self:
-            del _ATTACHED[self.module]
         self.last = None
 
     def __enter__(self) -> "Attachment":
@@ -152,6 +147,15 @@ class Attachment:
         return [Firing(b, t, fact_id, value) for (b, t), fact_id, value in zip(where, ids, values)]
 
 
+def attachment_on(module: torch.nn.Module) -> Optional[Attachment]:
+    """The Attachment hooked on `module`, or None (found among the module's own forward hooks)."""
+    for hook in module._forward_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, Attachment):
+            return owner
+    return None
+
+
 def attach(
     model: torch.nn.Module,
     db: NeuralDB,
@@ -196,7 +200,7 @@ def attach(
     if weight is not None:
         resolve_backend(backend, weight.device, (weight.dtype,))
     db.check_fingerprint(model_fingerprint(model, layer, module_path), allow_weight_mismatch=allow_weight_mismatch)
-    other = _ATTACHED.get(module)
+    other = attachment_on(module)
     if other is not None:
         raise ValueError(
             f"layer {layer} ({type(module).__name__}) already has a NeuralDB attached ({other!r}); "

@@ -1,0 +1,132 @@
+"""Decode speed of SmolLM2-135M-Instruct with a NeuralDB attached vs the bare model, same run.
+
+What is timed: `model.generate` of NEW_TOKENS greedy tokens (prefill of a 10-token prompt, then
+NEW_TOKENS - 1 cached decoding steps), float32 model, 2 threads. The database holds m facts:
+m - 1 random unit keys (they never fire) and one planted fact keyed on the prompt's subject token
+(it fires in the prefill). The attached runs use the "auto" backend (the C++ "cpu" kernel when
+built) with the keys in the model's dtype, and also with `key_dtype=torch.bfloat16`.
+
+Run:
+    python -m pytest bench/test_bench_decode.py -q --benchmark-columns=median,min,rounds
+Gate only (attached at most 10% slower than bare at 10k facts, as a ratio from one run):
+    python -m pytest bench/test_bench_decode.py -q -k gate -s
+"""
+
+import time
+
+import pytest
+import torch
+
+from neuraldb_kernels import NeuralDB, attach
+from neuraldb_kernels.integration import load_default_model
+
+THREADS = 2
+LAYER = 4
+NEW_TOKENS = 16
+FACT_COUNTS = (1_000, 10_000, 100_000)
+PROMPT = "The Eiffel Tower is located in the city of"
+SUBJECT_TOKEN = 3  # " Tower"
+ROUNDS = 5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tokenizer = load_default_model()
+    inputs = dict(tokenizer(PROMPT, return_tensors="pt"))
+    return model, inputs
+
+
+@pytest.fixture(scope="module")
+def planted_key(smollm2):
+    model, inputs = smollm2
+    seen = {}
+    module = model.model.layers[LAYER].mlp.down_proj
+
+    def capture(_, args, output):
+        seen["key"] = args[0][0, SUBJECT_TOKEN].clone()
+
+    handle = module.register_forward_hook(capture)
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    return seen["key"]
+
+
+_DATABASES = {}
+
+
+def database(m: int, planted_key: torch.Tensor) -> NeuralDB:
+    """m facts: m - 1 random unit keys with small residuals, and the planted one (built once per m)."""
+    if m not in _DATABASES:
+        db = NeuralDB(d1=1536, d2=576, layer=LAYER)
+        generator = torch.Generator().manual_seed(m)
+        for start in range(0, m - 1, 10_000):
+            n = min(10_000, m - 1 - start)
+            keys = torch.nn.functional.normalize(torch.randn(n, 1536, generator=generator), dim=1)
+            db.add(keys, torch.randn(n, 576, generator=generator) * 0.01, ids=[f"random-{start + i}" for i in range(n)])
+        db.add(planted_key, torch.randn(576, generator=generator), ids="planted")
+        _DATABASES[m] = db
+    return _DATABASES[m]
+
+
+def generate(model, inputs):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved_min_times(model, inputs, db, key_dtype=None, rounds=ROUNDS):
+    """(bare, attached) minimum seconds per generate call, rounds alternating bare / attached."""
+    bare, attached = [], []
+    generate(model, inputs)  # warm-up
+    for _ in range(rounds):
+        bare.append(timed(lambda: generate(model, inputs)))
+        with attach(model, db, key_dtype=key_dtype) as handle:
+            attached.append(timed(lambda: generate(model, inputs)))
+            assert handle.last is not None
+    return min(bare), min(attached)
+
+
+def test_decode_bare(benchmark, smollm2):
+    model, inputs = smollm2
+    benchmark.group = "decode SmolLM2"
+    benchmark.pedantic(lambda: generate(model, inputs), rounds=ROUNDS, warmup_rounds=1)
+    benchmark.extra_info["tokens_per_s"] = NEW_TOKENS / benchmark.stats.stats.min
+
+
+@pytest.mark.parametrize(
+    "m, key_dtype",
+    [(m, None) for m in FACT_COUNTS] + [(100_000, torch.bfloat16)],
+    ids=[f"{m // 1000}k-keys-model-dtype" for m in FACT_COUNTS] + ["100k-keys-bf16"],
+)
+def test_decode_attached(benchmark, smollm2, planted_key, m, key_dtype):
+    model, inputs = smollm2
+    db = database(m, planted_key)
+    benchmark.group = "decode SmolLM2"
+    with attach(model, db, key_dtype=key_dtype) as handle:
+        with torch.no_grad():
+            model(**inputs)
+        assert [f.fact_id for f in handle.fired()] == ["planted"]
+        benchmark.pedantic(lambda: generate(model, inputs), rounds=ROUNDS, warmup_rounds=1)
+    benchmark.extra_info["tokens_per_s"] = NEW_TOKENS / benchmark.stats.stats.min
+
+
+def test_gate_decode_at_most_10_percent_slower_at_10k_facts(smollm2, planted_key):
+    model, inputs = smollm2
+    bare, attached = interleaved_min_times(model, inputs, database(10_000, planted_key))
+    ratio = attached / bare
+    print(f"\n[decode gate] 10k facts: bare {NEW_TOKENS / bare:.1f} tok/s, attached {NEW_TOKENS / attached:.1f} tok/s, x{ratio:.3f}")
+    assert ratio <= 1.10, f"attached decoding is x{ratio:.3f} the bare model's time at 10k facts"
