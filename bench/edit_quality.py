@@ -133,7 +133,7 @@ def per_fact_residual(model, tokens, hparams, module) -> torch.Tensor:
             kl = F.kl_div(kl_reference, kl_logp, log_target=True, reduction="sum")
             v_norm = state["v"].norm()
             loss = nll + hparams.kl_factor * kl + hparams.weight_decay * r.pow(2).sum() / v_norm ** 2
-            if float(nll) <= -math.log(hparams.stop_prob) or step == hparams.steps - 1:
+            if float(nll.detach()) <= -math.log(hparams.stop_prob) or step == hparams.steps - 1:
                 break
             optimizer.zero_grad()
             loss.backward()
