@@ -6,7 +6,8 @@
 // and each writes the running (max, argmax) of its queries into its own slot of a partials array.
 // One decode query (n = 1) therefore still spreads over all threads through the key chunks. The
 // partials are reduced per query in increasing chunk order with a strict '>', so the lowest index
-// wins ties, and neither the result nor its rounding depends on the number of threads.
+// wins ties, and neither the result nor its rounding depends on the number of threads. Per-thread
+// scratch and per-chunk partials are a cache line apart, so threads never write to a shared line.
 #include "gated_retrieve_cpu.h"
 
 #include <algorithm>
@@ -25,6 +26,7 @@ constexpr int64_t kTileBytes = 128 * 1024;     // half the L2 of small cores: ke
 constexpr int64_t kMaxTileKeys = 1024;         // bounds the per-thread norm scratch for tiny dim
 constexpr int64_t kItemsPerThread = 8;         // work items per thread, for load balance
 constexpr int64_t kMinParallelWork = 1 << 16;  // multiply-adds below which one thread is faster
+constexpr int64_t kCacheLineBytes = 64;
 
 int64_t key_element_bytes(KeyDtype dtype) {
   switch (dtype) {
@@ -95,11 +97,16 @@ void best_match(const Acc* queries, int64_t n, int64_t dim, const void* keys, Ke
   }
   const int64_t query_groups = ceil_div(n, group_size);
 
+  // Strides with a cache line of padding: one thread's (or chunk's) slots never share a line with
+  // another's, whatever the alignment of the allocation.
+  const int64_t line = kCacheLineBytes / static_cast<int64_t>(sizeof(Acc));
+  const int64_t part_stride = n + line;
+  const int64_t scratch_stride = ceil_div(tile, line) * line + line;
   std::vector<Acc> query_inv_norm(n);
   std::vector<uint8_t> query_finite(n);
-  std::vector<Acc> part_score(key_chunks * n, -std::numeric_limits<Acc>::infinity());
-  std::vector<int64_t> part_index(key_chunks * n, -1);
-  std::vector<Acc> scratch(threads * tile);
+  std::vector<Acc> part_score(key_chunks * part_stride, -std::numeric_limits<Acc>::infinity());
+  std::vector<int64_t> part_index(key_chunks * part_stride, -1);
+  std::vector<Acc> scratch(threads * scratch_stride);
 
 #pragma omp parallel num_threads(threads) if (parallel)
   {
@@ -122,9 +129,9 @@ void best_match(const Acc* queries, int64_t n, int64_t dim, const void* keys, Ke
       job.key_begin = chunk * num_tiles / key_chunks * tile;
       job.key_end = std::min(m, (chunk + 1) * num_tiles / key_chunks * tile);
       job.key_tile = tile;
-      job.key_inv_norm_scratch = scratch.data() + thread_index() * tile;
-      job.best_score = part_score.data() + chunk * n + q0;
-      job.best_index = part_index.data() + chunk * n + q0;
+      job.key_inv_norm_scratch = scratch.data() + thread_index() * scratch_stride;
+      job.best_score = part_score.data() + chunk * part_stride + q0;
+      job.best_index = part_index.data() + chunk * part_stride + q0;
       run_scan(isa, job);
     }
 
@@ -133,9 +140,9 @@ void best_match(const Acc* queries, int64_t n, int64_t dim, const void* keys, Ke
       Acc score = -std::numeric_limits<Acc>::infinity();
       int64_t index = -1;
       for (int64_t chunk = 0; chunk < key_chunks; ++chunk) {
-        if (part_score[chunk * n + r] > score) {
-          score = part_score[chunk * n + r];
-          index = part_index[chunk * n + r];
+        if (part_score[chunk * part_stride + r] > score) {
+          score = part_score[chunk * part_stride + r];
+          index = part_index[chunk * part_stride + r];
         }
       }
       if (!query_finite[r]) {

@@ -208,10 +208,13 @@ NEURALDB_INLINE Acc inv_norm(Acc squared_norm) {
 
 // Micro-kernel: dots[a][b] = <q_a, k_b> for QB consecutive query rows and KB consecutive key rows
 // (both of length dim), plus, if kWithNorm, squared[b] = |k_b|^2 in the same pass over the keys.
-// Each key vector is loaded and converted once and used by all QB queries.
+// Each key vector is loaded and converted once and used by all QB queries. If `next` is not null,
+// the KB rows starting there (the keys of the next call) are prefetched into cache meanwhile: the
+// hardware prefetcher alone does not run far enough ahead to overlap the memory reads with the
+// dot products (measured: bf16 keys at n = 1 went from about 65% to over 80% of a plain sum).
 template <int QB, int KB, bool kWithNorm, typename Acc, typename Key>
 NEURALDB_INLINE void dot_block(const Acc* q, const Key* k, int64_t dim, Acc (&dots)[QB][KB],
-                               Acc (&squared)[KB]) {
+                               Acc (&squared)[KB], const Key* next = nullptr) {
   typedef typename Lanes<Acc>::Vec Vec;
   constexpr int64_t kLanes = Lanes<Acc>::count;
   Vec acc[QB][KB];
@@ -222,6 +225,9 @@ NEURALDB_INLINE void dot_block(const Acc* q, const Key* k, int64_t dim, Acc (&do
   }
   int64_t j = 0;
   for (; j + kLanes <= dim; j += kLanes) {
+    if (next != nullptr) {
+      for (int b = 0; b < KB; ++b) __builtin_prefetch(next + b * dim + j);
+    }
     Vec kv[KB];
     for (int b = 0; b < KB; ++b) {
       kv[b] = KeyLoad<Acc, Key>::vec(k + b * dim + j);
@@ -246,16 +252,17 @@ NEURALDB_INLINE void dot_block(const Acc* q, const Key* k, int64_t dim, Acc (&do
 }
 
 // QB queries against keys [t0, t1) of one cache tile, KB keys per micro-kernel call. With
-// kWithNorm the key norms are computed (this is the pass that pulls the tile into cache) and stored
-// in inv_k[i - t0]; without, they are read from there.
+// kWithNorm the key norms are computed (this is the pass that pulls the tile into cache, prefetching
+// the next KB keys below key_end) and stored in inv_k[i - t0]; without, they are read from there.
 template <int QB, int KB, bool kWithNorm, typename Acc, typename Key>
 NEURALDB_INLINE void scan_keys(const Acc* q, const Acc* inv_q, const Key* keys, int64_t t0,
-                               int64_t t1, int64_t dim, Acc* inv_k, Acc* best_score,
-                               int64_t* best_index, int64_t& i) {
+                               int64_t t1, int64_t key_end, int64_t dim, Acc* inv_k,
+                               Acc* best_score, int64_t* best_index, int64_t& i) {
   for (; i + KB <= t1; i += KB) {
     Acc dots[QB][KB];
     Acc squared[KB];
-    dot_block<QB, KB, kWithNorm>(q, keys + i * dim, dim, dots, squared);
+    const Key* next = kWithNorm && i + 2 * KB <= key_end ? keys + (i + KB) * dim : nullptr;
+    dot_block<QB, KB, kWithNorm>(q, keys + i * dim, dim, dots, squared, next);
     for (int b = 0; b < KB; ++b) {
       if (kWithNorm) inv_k[i - t0 + b] = inv_norm(squared[b]);
       const Acc ik = inv_k[i - t0 + b];
@@ -272,25 +279,30 @@ NEURALDB_INLINE void scan_keys(const Acc* q, const Acc* inv_q, const Key* keys, 
 
 template <int QB, bool kWithNorm, typename Acc, typename Key>
 void scan_tile(const Acc* q, const Acc* inv_q, const Key* keys, int64_t t0, int64_t t1,
-               int64_t dim, Acc* inv_k, Acc* best_score, int64_t* best_index) {
+               int64_t key_end, int64_t dim, Acc* inv_k, Acc* best_score, int64_t* best_index) {
   // One query streams KB = 4 keys at a time (8 independent FMA chains); several queries use 2 keys
   // (2*QB dot chains + 2 norm chains, within the 16 vector registers of AVX2).
   constexpr int KB = QB == 1 ? 4 : 2;
   int64_t i = t0;
-  scan_keys<QB, KB, kWithNorm>(q, inv_q, keys, t0, t1, dim, inv_k, best_score, best_index, i);
-  scan_keys<QB, 1, kWithNorm>(q, inv_q, keys, t0, t1, dim, inv_k, best_score, best_index, i);
+  scan_keys<QB, KB, kWithNorm>(q, inv_q, keys, t0, t1, key_end, dim, inv_k, best_score,
+                               best_index, i);
+  scan_keys<QB, 1, kWithNorm>(q, inv_q, keys, t0, t1, key_end, dim, inv_k, best_score, best_index,
+                              i);
 }
 
 template <bool kWithNorm, typename Acc, typename Key>
 void scan_tile_queries(int64_t num_queries, const Acc* q, const Acc* inv_q, const Key* keys,
-                       int64_t t0, int64_t t1, int64_t dim, Acc* inv_k, Acc* best_score,
-                       int64_t* best_index) {
+                       int64_t t0, int64_t t1, int64_t key_end, int64_t dim, Acc* inv_k,
+                       Acc* best_score, int64_t* best_index) {
+#define NEURALDB_SCAN_TILE(QB) \
+  scan_tile<QB, kWithNorm>(q, inv_q, keys, t0, t1, key_end, dim, inv_k, best_score, best_index)
   switch (num_queries) {
-    case 1: scan_tile<1, kWithNorm>(q, inv_q, keys, t0, t1, dim, inv_k, best_score, best_index); break;
-    case 2: scan_tile<2, kWithNorm>(q, inv_q, keys, t0, t1, dim, inv_k, best_score, best_index); break;
-    case 3: scan_tile<3, kWithNorm>(q, inv_q, keys, t0, t1, dim, inv_k, best_score, best_index); break;
-    default: scan_tile<4, kWithNorm>(q, inv_q, keys, t0, t1, dim, inv_k, best_score, best_index); break;
+    case 1: NEURALDB_SCAN_TILE(1); break;
+    case 2: NEURALDB_SCAN_TILE(2); break;
+    case 3: NEURALDB_SCAN_TILE(3); break;
+    default: NEURALDB_SCAN_TILE(4); break;
   }
+#undef NEURALDB_SCAN_TILE
 }
 
 // Keys in tiles of job.key_tile rows: the first group of (up to 4) queries reads the tile from
@@ -305,10 +317,10 @@ void scan_job(const ScanJob<Acc>& job) {
       const int64_t group = job.num_queries - a < 4 ? job.num_queries - a : 4;
       const Acc* q = job.queries + a * dim;
       if (a == 0) {
-        scan_tile_queries<true>(group, q, job.query_inv_norm + a, keys, t0, t1, dim,
+        scan_tile_queries<true>(group, q, job.query_inv_norm + a, keys, t0, t1, job.key_end, dim,
                                 job.key_inv_norm_scratch, job.best_score + a, job.best_index + a);
       } else {
-        scan_tile_queries<false>(group, q, job.query_inv_norm + a, keys, t0, t1, dim,
+        scan_tile_queries<false>(group, q, job.query_inv_norm + a, keys, t0, t1, job.key_end, dim,
                                  job.key_inv_norm_scratch, job.best_score + a, job.best_index + a);
       }
     }
