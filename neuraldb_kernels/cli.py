@@ -7,6 +7,7 @@
     neuraldb plot REPORT.json ... --out PNG
     neuraldb demo
     neuraldb backends
+    (global option, before the command: --threads N)
 
 A database directory DIR holds `neuraldb.sqlite` (the NeuralDB, see store/FORMAT.md) and
 `model.json` ({"model": "default" or the absolute path of a Hugging Face model directory}),
@@ -430,6 +431,8 @@ def _hparam(text: str) -> tuple[str, object]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="neuraldb", description="Edit facts into LLMs with NeuralDB, a gated neural KV database.")
+    parser.add_argument("--threads", type=_positive, default=None,
+                        help="CPU threads for torch (default: torch's choice; on a busy machine 1 can be faster)")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name, handler, help):
@@ -518,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "hparam", None) is not None:
         args.hparam = dict(args.hparam)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     _quiet_libraries()
     try:
         args.handler(args)

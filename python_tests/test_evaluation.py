@@ -213,6 +213,25 @@ def test_generation_is_seeded_and_unchanged_by_a_silent_database(smollm2):
         assert generate_texts(model, tokenizer, prompts, max_new_tokens=6, seed=3) == bare
 
 
+def test_generation_metrics_score_the_generated_texts(smollm2):
+    model, tokenizer = smollm2
+    case = counterfact.CounterFactCase(
+        case_id=0, subject="Luigi Snozzi", prompt="Luigi Snozzi is a citizen of", target_new="Singapore",
+        target_true="Switzerland", generation_prompts=("Luigi Snozzi currently lives in", "Luigi Snozzi is a"),
+        relation_id="P27", target_new_id="Q334")
+    references = {("P27", "Q334"): ["Singapore is a city state in Southeast Asia.", "Citizens of Singapore vote."],
+                  ("P27", "Q39"): ["Switzerland is a country in Europe with Swiss citizens."]}
+    result = counterfact.generation_metrics(model, tokenizer, [case, _case(1)], references=references,
+                                            max_new_tokens=5, seed=1)
+    texts = generate_texts(model, tokenizer, list(case.generation_prompts), max_new_tokens=5, seed=1)
+    assert result["fluency"] == pytest.approx((text_fluency(texts[0]) + text_fluency(texts[1])) / 2 * 100)
+    tfidf = TfidfModel(references[("P27", "Q334")] + references[("P27", "Q39")])
+    expected = tfidf.cosine(" ".join(texts), " ".join(references[("P27", "Q334")])) * 100
+    assert result["consistency"] == pytest.approx(expected)
+    assert set(counterfact.generation_metrics(model, tokenizer, [case], max_new_tokens=2)) == {"fluency"}
+    assert counterfact.generation_metrics(model, tokenizer, [_case(1)]) == {}
+
+
 # ------------------------------------------------------------------------------ consistency
 
 
@@ -294,10 +313,10 @@ def test_preservation_counts_fired_tokens_and_kl_independently(smollm2):
 
 def test_evaluate_with_a_silent_database_changes_nothing(smollm2, data_dir):
     model, tokenizer = smollm2
-    cases = load_cases(data_dir / "counterfact" / "counterfact-a.json", "counterfact", limit=4)
+    cases = load_cases(data_dir / "counterfact" / "counterfact-a.json", "counterfact", limit=2)
     lines = []
     report = evaluate(model, tokenizer, _empty_db(model), cases, log=lines.append)
-    assert report.n_cases == 4 and report.n_facts == 0 and len(lines) == 3
+    assert report.n_cases == 2 and report.n_facts == 0 and len(lines) == 3
     assert set(report.before) == {"efficacy", "generalization", "specificity", "gate_fire_rate", "kl"}
     assert report.after == report.before
     reference = counterfact.probability_metrics(model, tokenizer, cases)

@@ -5,9 +5,10 @@
                     distributions, in nats per token (0 exactly where nothing fired earlier in
                     the text, since an unfired gate leaves the model bit-identical)
 
-Each batch runs twice: on the bare model, then with the database attached for that forward only
-(`attach(model, db, **attach_options)`), so the model must not have another attachment on the
-same layer meanwhile.
+Each batch runs with the database attached for that forward only (`attach(model, db,
+**attach_options)`, so the model must not have another attachment on the same layer meanwhile);
+the texts where some gate fired run again on the bare model for the KL. A text where no gate
+fired contributes KL 0 without a second run: attach guarantees bit-identical outputs there.
 """
 
 from __future__ import annotations
@@ -58,14 +59,17 @@ def preservation_metrics(model, tokenizer, db, texts: Sequence[str], *,
     kl_sum = 0.0
     for start in range(0, len(texts), batch_size):
         input_ids, mask = _batch(tokenizer, texts[start : start + batch_size], limit)
-        inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
-        bare = torch.log_softmax(model(**inputs).logits.float(), dim=-1)
-        with attach(model, db, **options) as handle:
-            edited = torch.log_softmax(model(**inputs).logits.float(), dim=-1)
-            index = handle.last.index.cpu()
         real = mask.bool()
-        kl = (bare.exp() * (bare - edited)).sum(dim=-1).cpu().double()
-        fired += int(((index >= 0) & real).sum())
+        with attach(model, db, **options) as handle:
+            edited = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            fired_at = (handle.last.index.cpu() >= 0) & real
+        fired += int(fired_at.sum())
         tokens += int(real.sum())
-        kl_sum += float(kl[real].sum())
+        rows = fired_at.any(dim=1).nonzero().flatten()
+        if len(rows):
+            bare = model(input_ids=input_ids[rows].to(device), attention_mask=mask[rows].to(device)).logits
+            bare = torch.log_softmax(bare.float(), dim=-1)
+            edited = torch.log_softmax(edited[rows.to(edited.device)].float(), dim=-1)
+            kl = (bare.exp() * (bare - edited)).sum(dim=-1).cpu().double()
+            kl_sum += float(kl[real[rows]].sum())
     return {"gate_fire_rate": fired / tokens * 100.0, "kl": kl_sum / tokens}

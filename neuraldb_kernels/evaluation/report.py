@@ -75,7 +75,7 @@ class EvaluationReport:
                  f"{'metric':<16}{'before':>10}{'after':>10}{'change':>10}  unit"]
         for name in names:
             before, after = self.before.get(name, math.nan), self.after.get(name, math.nan)
-            digits = 4 if name == "kl" else 1
+            digits = {"kl": 4, "gate_fire_rate": 2}.get(name, 1)
             lines.append(f"{name:<16}{before:>10.{digits}f}{after:>10.{digits}f}{after - before:>+10.{digits}f}"
                          f"  {UNITS[name]}")
         lines.extend(f"note: {note}" for note in self.notes)
