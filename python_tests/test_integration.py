@@ -125,7 +125,8 @@ def planted_db(layer, key, residual, gamma=GAMMA, fact_id="planted"):
 
 
 def plant(model, kind, layer, tokenizer, b=1, t=3, scale=8.0, seed=1):
-    """A database with one fact keyed on the down-projection input at token (b, t) of PROMPTS."""
+    """One fact keyed on the down-projection input at token (b, t) of the right-padded PROMPTS:
+    (db, inputs, bare logits, down-projection inputs (batch, seq, d1), residual)."""
     inputs = batch(tokenizer, PROMPTS)
     module = down_proj(model, kind, layer)
     logits, x, y = capture(model, module, **inputs)
