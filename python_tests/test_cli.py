@@ -34,7 +34,9 @@ def neuraldb(capsys):
 
 
 def neuraldb_process(*args):
-    """Run the console script `neuraldb ARGS` as a subprocess; (exit code, stdout, stderr)."""
+    """Run the console script `neuraldb ARGS` as a subprocess; (exit code, stdout, stderr).
+    Model-running commands get `--threads 1`: on a shared 2-core machine one thread is several
+    times faster than two that wait on each other."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     script = os.path.join(os.path.dirname(sys.executable), "neuraldb")
     command = [script] if os.path.exists(script) else [sys.executable, "-m", "neuraldb_kernels.cli"]
@@ -232,8 +234,11 @@ def test_console_script_exit_codes(tmp_path):
     assert code == 0 and "torch: usable on cpu" in out, err
 
 
+@pytest.mark.slow
 def test_edit_eval_ask_rm_eval(tmp_path, data_dir):
-    neuraldb = neuraldb_process
+    def neuraldb(*args):
+        return neuraldb_process("--threads", "1", *args)
+
     directory = tmp_path / "db"
     data = data_dir / COUNTERFACT
     code, out, err = neuraldb("edit", "--facts", data, "--format", "counterfact", "--db", directory, "--limit", "2",
@@ -272,3 +277,15 @@ def test_edit_eval_ask_rm_eval(tmp_path, data_dir):
     assert code == 0, err
     report = json.loads(report_path.read_text())
     assert report["n_facts"] == 0 and report["after"] == report["before"]
+
+
+@pytest.mark.slow
+def test_demo_changes_the_edited_answers_and_nothing_else():
+    code, out, err = neuraldb_process("--threads", "1", "demo", "--quiet")
+    assert code == 0, err
+    answers = [line.split("after:", 1)[1] for line in out.splitlines() if "after:" in line]
+    assert len(answers) == 10
+    for target, answer in zip(["Rome", "Brazil", "chess", "Tokyo", "Rome", "Brazil"], answers):
+        assert target in answer, out
+    assert answers[6:] and all("(unchanged)" in answer for answer in answers[6:]), out
+    assert "4 of 4 unrelated prompts unchanged" in out

@@ -20,10 +20,16 @@ LAYER = 6
 
 @pytest.fixture(scope="module")
 def smollm2():
+    """SmolLM2 and its tokenizer, run with one torch thread while this module's tests run (on a
+    shared 2-core machine one thread is several times faster than two waiting on each other)."""
     from neuraldb_kernels.integration import load_default_model
 
-    torch.manual_seed(0)
-    return load_default_model()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield load_default_model()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _empty_db(model, gamma=0.65):
