@@ -155,37 +155,35 @@ def cmd_edit(args) -> None:
         if args.model is not None and _model_spec(args.model) != spec:
             raise CommandError(f"{directory} was built with model {spec!r}, not {_model_spec(args.model)!r}")
     model, tokenizer = _load_model(spec)
-    if new:
-        hparams = resolve_hparams(model, args.hparam)
-        d1, d2 = down_proj_dims(model, hparams.layer)
-        created_dir = not directory.exists()
-        directory.mkdir(parents=True, exist_ok=True)
-        db = NeuralDB(directory / DB_FILE, d1=d1, d2=d2, layer=hparams.layer, gamma=hparams.gamma,
-                      fingerprint=model_fingerprint(model, hparams.layer))
-        _write_model_file(directory, spec)
-    else:
-        db = NeuralDB.open(directory / DB_FILE)
-        try:
-            _check_fits(db, model)
-        except CommandError:
-            db.close()
-            raise
+    created_dir = new and not directory.exists()
     committed: list[str] = []
-    before = len(db)
-    started = time.perf_counter()
+    db = None
     try:
+        if new:
+            hparams = resolve_hparams(model, args.hparam)
+            d1, d2 = down_proj_dims(model, hparams.layer)
+            directory.mkdir(parents=True, exist_ok=True)
+            db = NeuralDB(directory / DB_FILE, d1=d1, d2=d2, layer=hparams.layer, gamma=hparams.gamma,
+                          fingerprint=model_fingerprint(model, hparams.layer))
+            _write_model_file(directory, spec)
+        else:
+            db = NeuralDB.open(directory / DB_FILE)
+            _check_fits(db, model)
+        before = len(db)
+        started = time.perf_counter()
         editor = Editor(model, tokenizer, db=db, **{k: v for k, v in args.hparam.items() if k not in ("layer", "gamma")})
         try:
             ids = editor.edit(facts, progress=not args.quiet, callback=committed.extend)
         finally:
             editor.handle.detach()
     except BaseException as error:
-        db.close()
+        if db is not None:
+            db.close()
         if new and not committed:  # nothing of this run is worth keeping: leave no database behind
             if created_dir:
                 shutil.rmtree(directory, ignore_errors=True)
             else:
-                for name in (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", MODEL_FILE):
+                for name in (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", MODEL_FILE, f".{MODEL_FILE}.tmp"):
                     (directory / name).unlink(missing_ok=True)
         elif isinstance(error, KeyboardInterrupt):
             print(f"interrupted: {len(committed)} facts were committed to {directory}; "
