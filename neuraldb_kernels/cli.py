@@ -143,7 +143,9 @@ def cmd_edit(args) -> None:
     from .store import NeuralDB
 
     facts = _read_facts(args.facts, args.format, args.limit)
-    check_facts(facts)
+    on_error = "skip" if args.skip_bad else "raise"
+    if not check_facts(facts, on_error=on_error)[0]:  # checked before anything is loaded or written
+        raise CommandError(f"none of the facts in {args.facts} can be edited")
     directory = Path(args.db)
     new = not (directory / DB_FILE).exists()
     if new:
@@ -173,7 +175,7 @@ def cmd_edit(args) -> None:
         started = time.perf_counter()
         editor = Editor(model, tokenizer, db=db, **{k: v for k, v in args.hparam.items() if k not in ("layer", "gamma")})
         try:
-            ids = editor.edit(facts, progress=not args.quiet, callback=committed.extend)
+            ids = editor.edit(facts, progress=not args.quiet, callback=committed.extend, on_error=on_error)
         finally:
             editor.handle.detach()
     except BaseException as error:
@@ -190,15 +192,25 @@ def cmd_edit(args) -> None:
                   f"run the same command again to resume", file=sys.stderr)
         raise
     elapsed = time.perf_counter() - started
+    _print_skipped(editor.skipped)
     print(f"edited {len(committed)} facts in {elapsed:.1f} s ({len(ids) - len(committed)} already in the "
           f"database); {directory} now holds {len(db)} facts (was {before})")
     db.close()
 
 
+def _print_skipped(skipped) -> None:
+    if skipped:
+        print(f"skipped {len(skipped)} bad records:", file=sys.stderr)
+        for index, message in skipped:
+            print(f"  {message}", file=sys.stderr)
+
+
 def cmd_eval(args) -> None:
     from .evaluation import cases_from_facts, evaluate, read_attribute_snippets, write_json
 
-    cases = cases_from_facts(_read_facts(args.data, args.format, args.limit))
+    skipped = [] if args.skip_bad else None
+    cases = cases_from_facts(_read_facts(args.data, args.format, args.limit), skipped=skipped)
+    _print_skipped(skipped)
     references = read_attribute_snippets(args.references) if args.references else None
     unrelated = None
     if args.unrelated:
@@ -451,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--hparam", type=_hparam, action="append", default=[], metavar="NAME=VALUE",
                       help="editing hyperparameter (see EditHParams), e.g. steps=10; layer and gamma apply "
                            "only to a new database; repeatable")
+    edit.add_argument("--skip-bad", action="store_true",
+                      help="leave out facts that cannot be edited (listed on stderr) instead of stopping")
     edit.add_argument("--quiet", action="store_true", help="no progress bar")
 
     evaluate = command("eval", cmd_eval, "score the database's model before -> after edits on a benchmark file")
@@ -465,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=_positive, default=32, help="prompts per forward pass (32)")
     evaluate.add_argument("--max-new-tokens", type=_positive, default=100,
                           help="tokens generated per generation prompt for fluency (100)")
+    evaluate.add_argument("--skip-bad", action="store_true",
+                          help="leave out records that cannot be evaluated (e.g. empty targets; listed on stderr)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress lines")
 
     ask = command("ask", cmd_ask, "answer a prompt with and without the edits, and show which facts fired")

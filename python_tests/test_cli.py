@@ -166,6 +166,25 @@ def test_database_built_for_another_model_is_refused(neuraldb, tmp_path, tiny_mo
     assert_one_line_error(code, err, 1, "was built with model")
 
 
+def test_skip_bad_records(neuraldb, tmp_path, tiny_model_dir):
+    records = tmp_path / "facts.jsonl"
+    good = {"prompt": "{} is located in", "subject": "The Louvre", "target_new": "Berlin", "target_true": "Paris",
+            "extras": {"rephrase_prompt": "The Louvre can be found in"}}
+    bad = {**good, "subject": "Big Ben", "target_true": ""}
+    records.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    directory = _db_dir(tmp_path / "db", tiny_model_dir, _fingerprint(tiny_model_dir))
+    code, _, err = neuraldb("eval", "--db", directory, "--data", records, "--quiet")
+    assert_one_line_error(code, err, 1, "fact 1", "target_true", "--skip-bad")
+    code, out, err = neuraldb("eval", "--db", directory, "--data", records, "--quiet", "--skip-bad")
+    assert code == 0 and "1 cases evaluated" in out, err
+    assert "skipped 1 bad records" in err and "fact 1" in err
+    all_bad = tmp_path / "bad.jsonl"
+    all_bad.write_text(json.dumps({"prompt": "{} is in", "subject": " ", "target_new": "Rome"}) + "\n")
+    code, _, err = neuraldb("edit", "--facts", all_bad, "--db", tmp_path / "new", "--skip-bad")
+    assert_one_line_error(code, err, 1, "none of the facts")
+    assert not (tmp_path / "new").exists()
+
+
 # ---------------------------------------------------------------------------------- db commands
 
 

@@ -179,6 +179,18 @@ def test_case_building_errors_name_the_fact(tmp_path):
         cases_from_facts([Fact("{} a", "X", "Y", "Z"), Fact("{} a", "X", "Y", "Z", extras={"source": "zsre"})])
     with pytest.raises(ValueError, match="loc"):
         cases_from_facts([Fact("{} a", "X", "Y", "Z", extras={"source": "zsre", "rephrase": "r"})])
+    good = Fact("{} is in", "X", "Y", "Z")
+    empty = Fact("{} is in", "W", "Y", " ")
+    with pytest.raises(ValueError, match="fact 1 .*target_true.*skip-bad"):
+        cases_from_facts([good, empty])
+    skipped = []
+    assert [c.subject for c in cases_from_facts([good, empty, good], skipped=skipped)] == ["X", "X"]
+    assert len(skipped) == 1 and skipped[0][0] == 1 and "target_true" in skipped[0][1]
+    with pytest.raises(ValueError, match="none of the 1 facts"):
+        cases_from_facts([empty], skipped=[])
+    zsre_empty = Fact("Who is {}?", "X", "", extras={"source": "zsre", "rephrase": "r", "loc": "l", "loc_ans": "a"})
+    with pytest.raises(ValueError, match="'alt'"):
+        cases_from_facts([zsre_empty])
     with pytest.raises(FileNotFoundError):
         load_cases(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="unknown format"):

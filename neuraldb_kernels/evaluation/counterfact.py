@@ -68,8 +68,10 @@ def case_from_fact(fact, position: int) -> CounterFactCase:
     relation_id + target_new_id for consistency."""
     extras = fact.extras
     where = f"fact {position} (id {fact.fact_id!r})"
-    if not isinstance(fact.target_true, str) or not fact.target_true.strip():
-        raise ValueError(f"{where}: CounterFact metrics compare target_new with target_true, which is missing")
+    for name in ("prompt", "target_new", "target_true"):
+        value = getattr(fact, name)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{where}: CounterFact metrics need a non-empty {name}, got {value!r}")
     paraphrases = _texts(extras, "rephrase_prompt", where) + _texts(extras, "paraphrase_prompts", where)
     neighbours = [(p, fact.target_true) for p in _texts(extras, "neighborhood_prompts", where)]
     local = _texts(extras, "locality_prompt", where)

@@ -49,21 +49,36 @@ def read_facts(path: str | Path, format: str | None = None, limit: int | None = 
     return facts
 
 
-def cases_from_facts(facts: Sequence) -> list[CounterFactCase] | list[ZsRECase]:
-    """ZsRE cases when the facts come from ZsRE (extras source "zsre"), else CounterFact cases;
-    a ValueError for an empty or mixed list."""
+def cases_from_facts(facts: Sequence, *, skipped: list | None = None) -> list[CounterFactCase] | list[ZsRECase]:
+    """ZsRE cases when the facts come from ZsRE (extras source "zsre"), else CounterFact cases.
+
+    A fact that cannot be evaluated (e.g. an empty target) raises a ValueError naming it, unless
+    `skipped` is a list: then it is left out and `(input index, message)` appended there.
+    ValueError for an empty or mixed list, or when nothing is left.
+    """
     if not facts:
         raise ValueError("no facts to evaluate")
     kinds = {fact.extras.get("source") == "zsre" for fact in facts}
     if len(kinds) > 1:
         raise ValueError("the facts mix ZsRE and CounterFact records; evaluate them separately")
     module = zsre if kinds.pop() else counterfact
-    return [module.case_from_fact(fact, i) for i, fact in enumerate(facts)]
+    cases = []
+    for i, fact in enumerate(facts):
+        try:
+            cases.append(module.case_from_fact(fact, i))
+        except ValueError as error:
+            if skipped is None:
+                raise ValueError(f"{error} (leave such records out with --skip-bad / skipped=[])") from None
+            skipped.append((i, str(error)))
+    if not cases:
+        raise ValueError(f"none of the {len(facts)} facts can be evaluated")
+    return cases
 
 
-def load_cases(path: str | Path, format: str | None = None, limit: int | None = None):
-    """`cases_from_facts(read_facts(path, format, limit))`."""
-    return cases_from_facts(read_facts(path, format, limit))
+def load_cases(path: str | Path, format: str | None = None, limit: int | None = None, *,
+               skipped: list | None = None):
+    """`cases_from_facts(read_facts(path, format, limit), skipped=skipped)`."""
+    return cases_from_facts(read_facts(path, format, limit), skipped=skipped)
 
 
 def model_metrics(model, tokenizer, cases, *, references: Mapping[tuple[str, str], list[str]] | None = None,

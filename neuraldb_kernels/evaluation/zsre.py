@@ -35,8 +35,9 @@ def case_from_fact(fact, position: int) -> ZsRECase:
     """A `ZsRECase` from an editing `Fact` read from a ZsRE record (src = its prompt, alt = its
     target_new; rephrase, loc, loc_ans from its extras); `position` names it in errors."""
     fields = {"subject": fact.subject, "src": fact.filled_prompt, "alt": fact.target_new}
-    for name in ("rephrase", "loc", "loc_ans"):
-        value = fact.extras.get(name)
+    values = {**fact.extras, **fields}
+    for name in ("src", "alt", "rephrase", "loc", "loc_ans"):
+        value = values.get(name)
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"fact {position} (id {fact.fact_id!r}): ZsRE field {name!r} must be a "
                              f"non-empty string, got {value!r}")
