@@ -545,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("neuraldb: interrupted", file=sys.stderr)
         return 130
-    except (CommandError, OSError, ValueError, KeyError) as error:
+    except (CommandError, OSError, ValueError, KeyError, ImportError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         print(f"neuraldb: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 1

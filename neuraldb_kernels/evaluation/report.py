@@ -110,7 +110,11 @@ def plot_scaling(reports: Sequence[EvaluationReport], path: str | Path) -> None:
     before values (dashed) against the number of facts in the database, in increasing order."""
     if not reports:
         raise ValueError("plot_scaling needs at least one report")
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib "
+                          "(or pip install 'neuraldb_kernels[plots]')") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
