@@ -188,6 +188,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--model-dir", default=None, help="a Hugging Face model directory (default: SmolLM2)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--db", default=None,
+                        help="keep the edits in this database file (one layer only): an interrupted run "
+                             "started again with the same --db resumes without redoing finished facts")
     parser.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE",
                         help="override an EditHParams field, e.g. --hparam steps=20")
     args = parser.parse_args(argv)
@@ -210,8 +213,23 @@ def main(argv=None) -> dict:
     report["unedited"] = counterfact_metrics(model, tokenizer, facts)
     report["unedited_eval_s"] = time.perf_counter() - start
     print("unedited", report["unedited"], flush=True)
-    for layer in args.layers or [preset.layer]:
-        editor = Editor(model, tokenizer, **{**overrides, "layer": layer})
+    layers = args.layers or [preset.layer]
+    if args.db and len(layers) > 1:
+        parser.error("--db holds one layer's edits: give at most one --layers value with --db")
+    for layer in layers:
+        db = None
+        if args.db:
+            from neuraldb_kernels import NeuralDB
+            from neuraldb_kernels.integration import down_proj_dims, model_fingerprint
+
+            fingerprint = model_fingerprint(model, layer)
+            if pathlib.Path(args.db).exists():
+                db = NeuralDB.open(args.db, fingerprint=fingerprint)
+            else:
+                d1, d2 = down_proj_dims(model, layer)
+                db = NeuralDB(args.db, d1=d1, d2=d2, layer=layer, gamma=preset.gamma, fingerprint=fingerprint)
+            report["resumed_with_facts"] = len(db)  # edit_s then times only the facts still to do
+        editor = Editor(model, tokenizer, db=db, **{**overrides, "layer": layer})
         start = time.perf_counter()
         ids = editor.edit(facts, progress=True)
         seconds = time.perf_counter() - start

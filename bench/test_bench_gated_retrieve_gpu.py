@@ -5,7 +5,7 @@ the keys' size, all in one run. Skipped without CUDA.
 Run:
     python -m pytest bench/test_bench_gated_retrieve_gpu.py -q --benchmark-columns=median,min,rounds
 Bandwidth gate and speedups only (prints the numbers to record in bench/RESULTS.md):
-    python -m pytest bench/test_bench_gated_retrieve_gpu.py -q -k gate -s
+    python -m pytest bench/test_bench_gated_retrieve_gpu.py -q -k test_gate_ -s
 
 Implementations timed per shape (every timed call ends with torch.cuda.synchronize()):
 - "triton", "cuda", "torch": neuraldb_kernels.gated_retrieve(..., backend=name), the full op.

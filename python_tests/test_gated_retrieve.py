@@ -1,4 +1,5 @@
-"""The gated_retrieve contract, checked identically on every backend usable here.
+"""The gated_retrieve contract, checked identically on every (backend, device) pair usable here:
+inputs are built on the CPU, moved to the pair's device for the call, and the results moved back.
 
 The reference is independent of the package: float64 NumPy math on the exact input values.
 
@@ -13,6 +14,7 @@ different indices only when the two best reference cosines lie within twice that
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -24,22 +26,31 @@ from neuraldb_kernels.ops.dispatch import SUPPORTED_DTYPES
 CPU = torch.device("cpu")
 
 
-def usable_backends():
+class Target(NamedTuple):
+    """One backend on one device: what a contract test runs on."""
+
+    name: str
+    device: str
+
+
+def usable_targets():
     status = nk.available_backends()
     return [
         pytest.param(
-            name,
+            Target(name, device),
+            id=f"{name}-{device}",
             marks=pytest.mark.skipif(
-                "cpu" not in status[name].usable_on,
-                reason=f"{name}: {status[name].reasons.get('cpu', 'not usable on CPU tensors')}",
+                device not in status[name].usable_on,
+                reason=f"{name} on {device}: {status[name].reasons.get(device, 'not usable')}",
             ),
         )
         for name in nk.BACKENDS
+        for device in ("cpu", "cuda")
     ]
 
 
-@pytest.fixture(params=usable_backends())
-def backend(request):
+@pytest.fixture(params=usable_targets())
+def backend(request) -> Target:
     return request.param
 
 
@@ -98,8 +109,10 @@ def random_case(lead, m, d1, d2, q_dtype=torch.float32, k_dtype=torch.float32, r
     return q, K, R
 
 
-def run(q, K, R, gamma, backend):
-    return nk.gated_retrieve(q, K, R, gamma, backend=backend, return_index=True)
+def run(q, K, R, gamma, target: Target):
+    """gated_retrieve on `target`'s device; (out, index, score) come back on the CPU (differentiably)."""
+    moved = (t.to(target.device) for t in (q, K, R))
+    return tuple(t.cpu() for t in nk.gated_retrieve(*moved, gamma, backend=target.name, return_index=True))
 
 
 # ----------------------------------------------------------------------------- correctness
@@ -131,7 +144,7 @@ def test_random_inputs_match_float64_reference(backend, lead, m, d1, d2):
     ],
 )
 def test_dtypes_and_mixed_dtypes(backend, q_dtype, k_dtype, r_dtype):
-    if any(d not in SUPPORTED_DTYPES[backend] for d in (q_dtype, k_dtype, r_dtype)):
+    if any(d not in SUPPORTED_DTYPES[backend.name] for d in (q_dtype, k_dtype, r_dtype)):
         with pytest.raises(TypeError, match="does not support dtype"):
             run(*random_case((3,), 5, 19, 4, q_dtype, k_dtype, r_dtype), 0.1, backend)
         return
@@ -142,13 +155,14 @@ def test_dtypes_and_mixed_dtypes(backend, q_dtype, k_dtype, r_dtype):
 
 
 def test_non_contiguous_query(backend):
-    base = torch.randn(9, 4, 41)
+    base = torch.randn(9, 4, 41, device=backend.device)  # strided on the device itself: .to() would compact it
     q = base.transpose(0, 1)[:, ::2]  # (4, 5, 41), strided
     assert not q.is_contiguous()
     K = torch.randn(23, 41)
-    K[5] = q[2, 3] * 3
+    K[5] = q[2, 3].cpu() * 3
     R = torch.randn(23, 6)
     out, index, score = run(q, K, R, 0.5, backend)
+    q = q.cpu()
     assert index[2, 3] == 5
     check_against_reference(q, K, R, 0.5, out, index, score)
 
@@ -328,16 +342,19 @@ def test_gradient_flows_to_selected_residual_rows_only(backend):
 
 
 def test_gradcheck_on_residuals_in_float64(backend):
-    if torch.float64 not in SUPPORTED_DTYPES[backend]:
+    if torch.float64 not in SUPPORTED_DTYPES[backend.name]:
         pytest.skip(f"{backend} has no float64 path")
     torch.manual_seed(6)
     K = torch.randn(8, 5, dtype=torch.float64)
     q = torch.cat([K[[1, 4, 4]], torch.randn(2, 5, dtype=torch.float64)])
     R = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda r: nk.gated_retrieve(q, K, r, 0.9, backend=backend), (R,))
+    assert torch.autograd.gradcheck(lambda r: run(q, K, r, 0.9, backend)[0], (R,))
 
 
-def test_torch_compile_fullgraph_has_no_graph_breaks():
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+)
+def test_torch_compile_fullgraph_has_no_graph_breaks(device):
     def ffn_with_edits(x, W, K, R):
         hidden = torch.relu(x @ W)
         return hidden @ W.T + nk.gated_retrieve(hidden, K, R, 0.7)
@@ -346,6 +363,7 @@ def test_torch_compile_fullgraph_has_no_graph_breaks():
     x, W = torch.randn(2, 3, 16), torch.randn(16, 24)
     K, R = torch.randn(50, 24), torch.randn(50, 16)
     K[3] = torch.relu(x[1, 2] @ W)
+    x, W, K, R = (t.to(device) for t in (x, W, K, R))
     compiled = torch.compile(ffn_with_edits, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x, W, K, R), ffn_with_edits(x, W, K, R))
     compiled_inductor = torch.compile(ffn_with_edits, fullgraph=True)

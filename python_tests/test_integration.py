@@ -19,7 +19,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from neuraldb_kernels import NeuralDB, attach
+from neuraldb_kernels import NeuralDB, attach, available_backends
 from neuraldb_kernels.integration import SUPPORTED_MODEL_TYPES, down_proj_dims, locate_down_proj, num_layers
 from neuraldb_kernels.integration.default_model import load_default_tokenizer
 from neuraldb_kernels.store import FingerprintMismatchWarning
@@ -182,6 +182,28 @@ def test_planted_fact_adds_its_residual_at_exactly_that_token(kind, layer, token
     assert fired == [(b, t, "planted")]
     assert not torch.equal(edited, bare)
     assert torch.equal(edited[0], bare[0]) and torch.equal(edited[b, :t], bare[b, :t])
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_planted_fact_on_cuda_tensors_with_each_gpu_backend(backend, tokenizer):
+    reason = available_backends()[backend].reasons.get("cuda")
+    if reason is not None:
+        pytest.skip(f"{backend} on cuda: {reason}")
+    model = tiny_model("llama", tokenizer).cuda()
+    (b, t), layer = PLANTED, 1
+    inputs = {name: value.cuda() for name, value in batch(tokenizer, PROMPTS).items()}
+    module = down_proj(model, "llama", layer)
+    bare, x, _ = capture(model, module, **inputs)
+    firing = (cosines(x, x[b, t]) > GAMMA) & inputs["attention_mask"].bool()
+    assert firing.nonzero().tolist() == [[b, t]], "test premise: only the planted token is near its key"
+    residual = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(1)) * 8.0
+    expected = with_addition(model, module, {(b, t): residual.cuda()}, **inputs)
+    with attach(model, planted_db(layer, x[b, t].cpu(), residual), backend=backend) as handle:
+        with torch.no_grad():
+            edited = model(**inputs).logits
+        assert handle.last.index.device.type == "cuda"
+    assert torch.equal(edited, expected)
+    assert torch.equal(edited[0], bare[0]) and not torch.equal(edited, bare)
 
 
 @pytest.mark.parametrize("kind", sorted(ARCHS))
