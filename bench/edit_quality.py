@@ -103,10 +103,16 @@ def per_fact_residual(model, tokens, hparams, module) -> torch.Tensor:
     for i, row in enumerate(rows):
         ids[i, :len(row)] = torch.tensor(row)
         mask[i, :len(row)] = 1
-    at = torch.tensor(list(tokens.subject_last) + [tokens.kl_subject_last])
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    at = torch.tensor(list(tokens.subject_last) + [tokens.kl_subject_last], device=device)
     n = len(tokens.contexts)
+    # (context, position, token) of every target token: what the NLL reads from the logits
+    picks = [(c, len(context) - 1 + t, token) for c, context in enumerate(tokens.contexts)
+             for t, token in enumerate(tokens.target)]
+    pick_row, pick_pos, pick_token = torch.tensor(picks, device=device).T
     d2 = model.get_output_embeddings().weight.shape[1]
-    r = torch.zeros(d2, requires_grad=True)
+    r = torch.zeros(d2, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([r], lr=hparams.lr)
     state = {}
 
@@ -122,11 +128,7 @@ def per_fact_residual(model, tokens, hparams, module) -> torch.Tensor:
         for step in range(hparams.steps):
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
             logp = logits.log_softmax(-1)
-            nll = 0.0
-            for c, context in enumerate(tokens.contexts):
-                for t, token in enumerate(tokens.target):
-                    nll = nll - logp[c, len(context) - 1 + t, token]
-            nll = nll / (n * len(tokens.target))
+            nll = -logp[pick_row, pick_pos, pick_token].sum() / (n * len(tokens.target))
             kl_logp = logp[n, len(tokens.kl_ids) - 1]
             if kl_reference is None:
                 kl_reference = kl_logp.detach()

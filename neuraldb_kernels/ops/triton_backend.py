@@ -198,7 +198,8 @@ class LaunchConfig:
     """Tile sizes and the key split of one launch.
 
     block_n queries x block_m keys x block_d features per tile; use_dot picks tl.dot tiles (every
-    side >= 16) over multiply + tl.sum; num_splits programs share the keys of each query block.
+    side >= 16) over multiply + tl.sum; num_splits programs share the keys of each query block;
+    num_warps and num_stages (software-pipelined loads in flight) go to Triton's compiler.
     """
 
     block_n: int
@@ -207,6 +208,7 @@ class LaunchConfig:
     use_dot: bool
     num_splits: int
     num_warps: int = 4
+    num_stages: int = 3
 
 
 def _pow2_at_least(x: int) -> int:
@@ -216,8 +218,10 @@ def _pow2_at_least(x: int) -> int:
 def plan_launch(n: int, m: int, d1: int, device: torch.device) -> LaunchConfig:
     """Heuristic tiles by n (decode vs prefill) and enough key splits to fill the device."""
     if n <= _BROADCAST_MAX_QUERIES:
-        block_n, block_m, use_dot = _pow2_at_least(n), 32 if n == 1 else 16, False
-        block_d = min(256, _BROADCAST_TILE_ELEMENTS // (block_n * block_m), max(16, _pow2_at_least(d1)))
+        # 16 keys x 512 features at n = 1: the fastest of 96 configurations on an H200 for d1 = 1536
+        # and 14336, bf16 and fp32 (bench/triton_decode_sweep.py, bench/RESULTS.md)
+        block_n, block_m, use_dot = _pow2_at_least(n), 16, False
+        block_d = min(512, _BROADCAST_TILE_ELEMENTS // (block_n * block_m), max(16, _pow2_at_least(d1)))
     else:
         block_n, block_m, use_dot = (16 if n <= 16 else 32 if n <= 32 else 64), 64, True
         block_d = min(64, max(16, _pow2_at_least(d1)))
@@ -254,6 +258,7 @@ def launch(
         q2d, K, part_score, part_index, n, m, d1, keys_per_split, num_splits,
         BLOCK_N=config.block_n, BLOCK_M=config.block_m, BLOCK_D=config.block_d,
         USE_DOT=config.use_dot, DOT_IN_FP32=dot_in_fp32, num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )  # fmt: skip
 
     out = torch.empty((n, d2), dtype=R.dtype, device=q2d.device)
