@@ -1,6 +1,8 @@
 """Edit CounterFact facts into SmolLM2 with NeuralDB and measure quality and throughput.
 
-Quality (CounterFact, paper appendix D.2; targets compared by mean per-token NLL, as ROME does):
+Quality (CounterFact, paper appendix D.2, scored by neuraldb_kernels.evaluation; by default targets
+compare by mean per-token log-probability, ROME/MEMIT's convention; --compare sequence for whole
+targets), in percent:
   efficacy        P(target_new | prompt)          > P(ground_truth | prompt)
   generalization  P(target_new | rephrase_prompt) > P(ground_truth | rephrase_prompt)
   specificity     P(locality_ground_truth | locality_prompt) > P(target_new | locality_prompt)
@@ -15,7 +17,8 @@ Examples (from the repository root; the data is read from ../shared/data):
   python bench/edit_quality.py --facts 128 --layers 2 4 6 8 --gammas 0.55 0.65 0.75 0.85 --out /tmp/sweep.json
   python bench/edit_quality.py --facts 64 --baseline-facts 8 --out /tmp/throughput.json
 
-The evaluation here is a stand-in kept in bench/ until neuraldb_kernels.evaluation replaces it.
+The edited model is evaluated first and the unedited one last (all attachments detached), so that
+a long run with --db saves its edits before any evaluation.
 """
 
 from __future__ import annotations
@@ -38,55 +41,11 @@ DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @torch.no_grad()
-def mean_target_nll(model, tokenizer, prompts, targets, batch_size: int = 64) -> torch.Tensor:
-    """(n,) mean per-token NLL of " " + targets[i] after prompts[i] (base model + LM head at the
-    target positions only)."""
-    from neuraldb_kernels.editing.tokens import target_ids
+def counterfact_metrics(model, tokenizer, cases, compare: str) -> dict:
+    """Efficacy, generalization, specificity in percent (neuraldb_kernels.evaluation)."""
+    from neuraldb_kernels.evaluation import probability_metrics
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = torch.empty(len(prompts))
-    base, head = model.base_model, model.get_output_embeddings()
-    for start in range(0, len(prompts), batch_size):
-        rows, spans = [], []
-        for prompt, target in zip(prompts[start:start + batch_size], targets[start:start + batch_size]):
-            ids = tokenizer(prompt)["input_ids"]
-            tail = target_ids(tokenizer, target)
-            rows.append(ids + tail)
-            spans.append((len(ids), tail))
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = torch.tensor(row)
-            mask[i, :len(row)] = 1
-        hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
-        seq, pos, tok, owner = [], [], [], []
-        for i, (length, tail) in enumerate(spans):
-            for t, token in enumerate(tail):
-                seq.append(i), pos.append(length - 1 + t), tok.append(token), owner.append(i)
-        logp = head(hidden[seq, pos]).float().log_softmax(-1).gather(1, torch.tensor(tok)[:, None]).squeeze(1)
-        owner = torch.tensor(owner)
-        sums = torch.zeros(len(rows)).index_add_(0, owner, -logp)
-        counts = torch.zeros(len(rows)).index_add_(0, owner, torch.ones_like(logp))
-        out[start:start + len(rows)] = sums / counts
-    return out
-
-
-def counterfact_metrics(model, tokenizer, facts) -> dict:
-    """Efficacy, generalization, specificity (fractions) of flattened-CounterFact facts."""
-    new = [f.target_new for f in facts]
-    true = [f.target_true for f in facts]
-    result = {}
-    for name, prompts in (("efficacy", [f.filled_prompt for f in facts]),
-                          ("generalization", [f.extras["rephrase_prompt"] for f in facts])):
-        nll_new = mean_target_nll(model, tokenizer, prompts, new)
-        nll_true = mean_target_nll(model, tokenizer, prompts, true)
-        result[name] = float((nll_new < nll_true).float().mean())
-    prompts = [f.extras["locality_prompt"] for f in facts]
-    nll_truth = mean_target_nll(model, tokenizer, prompts, [f.extras["locality_ground_truth"] for f in facts])
-    nll_new = mean_target_nll(model, tokenizer, prompts, new)
-    result["specificity"] = float((nll_truth < nll_new).float().mean())
-    return result
+    return probability_metrics(model, tokenizer, cases, compare=compare)
 
 
 # ------------------------------------------------------------------------- per-fact baseline loop
@@ -190,6 +149,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--model-dir", default=None, help="a Hugging Face model directory (default: SmolLM2)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--compare", choices=["token_mean", "sequence"], default="token_mean",
+                        help="target comparison (neuraldb_kernels.evaluation): token_mean is ROME/MEMIT's "
+                             "convention, as in the published tables (default); sequence compares whole targets")
     parser.add_argument("--db", default=None,
                         help="keep the edits in this database file (one layer only): an interrupted run "
                              "started again with the same --db resumes without redoing finished facts")
@@ -199,6 +161,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
 
     from neuraldb_kernels.editing import Editor, read_counterfact
+    from neuraldb_kernels.evaluation import cases_from_facts
     from neuraldb_kernels.editing.hparams import resolve_hparams
 
     overrides = {}
@@ -207,14 +170,11 @@ def main(argv=None) -> dict:
         overrides[name] = json.loads(value) if value[:1] not in "{" else value
     model, tokenizer = load_model(args.model_dir)
     facts = read_counterfact(args.data, limit=args.facts)
+    cases = cases_from_facts(facts)
     preset = resolve_hparams(model, overrides)
     report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv), "facts": len(facts),
-              "data": args.data, "hparams": {**preset.__dict__, **overrides}, "runs": []}
-    start = time.perf_counter()
-    report["unedited"] = counterfact_metrics(model, tokenizer, facts)
-    report["unedited_eval_s"] = time.perf_counter() - start
-    print("unedited", report["unedited"], flush=True)
+              "data": args.data, "compare": args.compare, "metrics_unit": "percent", "hparams": {**preset.__dict__, **overrides}, "runs": []}
     layers = args.layers or [preset.layer]
     if args.db and len(layers) > 1:
         parser.error("--db holds one layer's edits: give at most one --layers value with --db")
@@ -240,12 +200,18 @@ def main(argv=None) -> dict:
         mean_steps = sum(stat["steps"] for stat in stats) / max(len(stats), 1)
         for gamma in args.gammas or [preset.gamma]:
             editor.db.gamma = gamma
-            metrics = counterfact_metrics(model, tokenizer, facts)
+            metrics = counterfact_metrics(model, tokenizer, cases, args.compare)
             run = {"layer": layer, "gamma": gamma, "edit_s": seconds, "facts_per_s": len(ids) / seconds,
                    "converged": converged, "mean_steps": mean_steps, **metrics}
             report["runs"].append(run)
             print(run, flush=True)
         editor.handle.detach()
+    # The unedited model last, once every attachment is off: an interrupted run (--db) has then
+    # already saved its edits, and a resumed one spends no time before editing.
+    start = time.perf_counter()
+    report["unedited"] = counterfact_metrics(model, tokenizer, cases, args.compare)
+    report["unedited_eval_s"] = time.perf_counter() - start
+    print("unedited", report["unedited"], flush=True)
     if args.baseline_facts:
         first = report["runs"][0]
         hparams = resolve_hparams(model, {**overrides, "layer": first["layer"]})

@@ -221,7 +221,7 @@ def cmd_eval(args) -> None:
     db, model, tokenizer = _open_with_model(Path(args.db))
     with db:
         report = evaluate(model, tokenizer, db, cases, references=references, unrelated_texts=unrelated,
-                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, compare=args.compare,
                           log=None if args.quiet else lambda line: print(line, file=sys.stderr))
     print(report.table())
     if args.json:
@@ -481,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="tokens generated per generation prompt for fluency (100)")
     evaluate.add_argument("--skip-bad", action="store_true",
                           help="leave out records that cannot be evaluated (e.g. empty targets; listed on stderr)")
+    evaluate.add_argument("--compare", choices=["sequence", "token_mean"], default="sequence",
+                          help="CounterFact: compare whole-target probabilities (sequence, default) or mean "
+                               "per-token log-probabilities (token_mean, ROME/MEMIT's convention)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress lines")
 
     ask = command("ask", cmd_ask, "answer a prompt with and without the edits, and show which facts fired")

@@ -278,6 +278,9 @@ def test_edit_eval_ask_rm_eval(tmp_path, data_dir):
     assert set(report["after"]) == {"efficacy", "generalization", "specificity", "gate_fire_rate", "kl"}
     assert report["after"]["efficacy"] == 100.0 and report["before"]["efficacy"] < 100.0
     assert report["before"]["gate_fire_rate"] == 0.0
+    code, out, err = neuraldb("eval", "--db", directory, "--data", data, "--limit", "2", "--quiet",
+                              "--compare", "token_mean")
+    assert code == 0 and "mean per-token log-probabilities" in out, err
 
     code, out, err = neuraldb("ask", "--db", directory, "The mother tongue of Danielle Darrieux is")
     assert code == 0, err

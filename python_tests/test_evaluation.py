@@ -137,6 +137,21 @@ def test_counterfact_metrics_compare_probabilities_and_average_per_case(monkeypa
     assert ("N1a", ("a", "new")) in seen and ("P0", ("new", "true")) in seen
 
 
+def test_token_mean_comparison_divides_by_target_length(monkeypatch):
+    # "new" is 1 token at log-prob -1.5; "true" is 3 tokens at -3.0 in all: the whole sequence favours
+    # "new" (-1.5 > -3.0), the per-token mean favours "true" (-1.5 < -1.0)
+    def fake_scores(model, tokenizer, prompts, targets, *, batch_size):
+        rows = len(prompts)
+        return TargetScores(torch.tensor([[-1.5, -3.0]] * rows, dtype=torch.float64), None,
+                            torch.tensor([[1, 3]] * rows))
+
+    monkeypatch.setattr(counterfact, "score_targets", fake_scores)
+    assert counterfact.probability_metrics(None, None, [_case(0)]) == {"efficacy": 100.0}
+    assert counterfact.probability_metrics(None, None, [_case(0)], compare="token_mean") == {"efficacy": 0.0}
+    with pytest.raises(ValueError, match="compare must be one of"):
+        counterfact.probability_metrics(None, None, [_case(0)], compare="mean")
+
+
 def test_counterfact_metrics_leave_out_what_the_cases_lack(monkeypatch):
     monkeypatch.setattr(counterfact, "score_targets", lambda m, t, prompts, targets, batch_size: type(
         "S", (), {"log_prob": torch.tensor([[0.0, -1.0]] * len(prompts), dtype=torch.float64)})())

@@ -9,7 +9,9 @@ For a case with subject s, new object o* (target_new) and true object o (target_
                     [P(o_n | n) > P(o* | n)]
 
 P is the probability of the target's whole token sequence (see scoring.py), so multi-token
-targets compare as wholes. Each metric is the mean over cases (of the per-case mean) in percent.
+targets compare as wholes (compare="sequence", the default). compare="token_mean" compares the
+mean per-token log-probability instead: the convention of ROME/MEMIT's evaluation code, and so of
+the published tables built on it (ROME, MEMIT, AlphaEdit, NeuralDB); use it to compare with them. Each metric is the mean over cases (of the per-case mean) in percent.
 Fluency (fluency.py) and consistency (consistency.py) use the generation prompts, which only the
 original-format records carry.
 
@@ -96,10 +98,16 @@ def _per_case_mean(hits: torch.Tensor, owners: list[int], n_cases: int) -> float
     return float((sums[present] / counts[present]).mean()) * 100.0
 
 
+COMPARISONS = ("sequence", "token_mean")
+
+
 def probability_metrics(model, tokenizer, cases: Sequence[CounterFactCase], *,
-                        batch_size: int = 32) -> dict[str, float]:
+                        batch_size: int = 32, compare: str = "sequence") -> dict[str, float]:
     """efficacy, generalization, specificity in percent (a key is absent when no case has such
-    prompts), all pairs scored in one batched pass."""
+    prompts), all pairs scored in one batched pass. compare: "sequence" (whole-target
+    log-probabilities) or "token_mean" (mean per-token log-probabilities, ROME's convention)."""
+    if compare not in COMPARISONS:
+        raise ValueError(f"compare must be one of {COMPARISONS}, got {compare!r}")
     if not cases:
         raise ValueError("no CounterFact cases to evaluate")
     prompts: list[str] = []
@@ -115,7 +123,8 @@ def probability_metrics(model, tokenizer, cases: Sequence[CounterFactCase], *,
             owners.append(c)
             prompts.append(prompt)
             pairs.append((winner, loser))
-    scores = score_targets(model, tokenizer, prompts, pairs, batch_size=batch_size).log_prob
+    scored = score_targets(model, tokenizer, prompts, pairs, batch_size=batch_size)
+    scores = scored.log_prob if compare == "sequence" else scored.log_prob / scored.n_tokens
     hits = scores[:, 0] > scores[:, 1]
     result: dict[str, float] = {}
     for metric in ("efficacy", "generalization", "specificity"):

@@ -82,11 +82,12 @@ def load_cases(path: str | Path, format: str | None = None, limit: int | None = 
 
 
 def model_metrics(model, tokenizer, cases, *, references: Mapping[tuple[str, str], list[str]] | None = None,
-                  batch_size: int = 32, max_new_tokens: int = 100) -> dict[str, float]:
-    """The case metrics of `model` as it is now (bare or with whatever is attached)."""
+                  batch_size: int = 32, max_new_tokens: int = 100, compare: str = "sequence") -> dict[str, float]:
+    """The case metrics of `model` as it is now (bare or with whatever is attached); `compare` as in
+    `counterfact.probability_metrics` (CounterFact only)."""
     if isinstance(cases[0], ZsRECase):
         return zsre.accuracy_metrics(model, tokenizer, cases, batch_size=batch_size)
-    metrics = counterfact.probability_metrics(model, tokenizer, cases, batch_size=batch_size)
+    metrics = counterfact.probability_metrics(model, tokenizer, cases, batch_size=batch_size, compare=compare)
     metrics.update(counterfact.generation_metrics(model, tokenizer, cases, references=references,
                                                   max_new_tokens=max_new_tokens))
     return metrics
@@ -109,10 +110,11 @@ def _notes(cases, references, metrics: Mapping[str, float]) -> tuple[str, ...]:
 def evaluate(model, tokenizer, db, cases, *, attach_options: Mapping[str, Any] | None = None,
              references: Mapping[tuple[str, str], list[str]] | None = None,
              unrelated_texts: Sequence[str] | None = None, batch_size: int = 32, max_new_tokens: int = 100,
-             log: Callable[[str], None] | None = None) -> EvaluationReport:
+             compare: str = "sequence", log: Callable[[str], None] | None = None) -> EvaluationReport:
     """Score `cases` on the bare `model`, then with `db` attached (`attach(model, db,
     **attach_options)`, detached afterwards), then preservation on `unrelated_texts` (default: the
-    cases' own unrelated text). `log` receives one progress line per phase."""
+    cases' own unrelated text). `compare`: see `counterfact.probability_metrics`. `log` receives
+    one progress line per phase."""
     from ..integration import attach
 
     if not cases:
@@ -121,17 +123,20 @@ def evaluate(model, tokenizer, db, cases, *, attach_options: Mapping[str, Any] |
     say = log or (lambda line: None)
     started = time.perf_counter()
     before = model_metrics(model, tokenizer, cases, references=references, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens)
+                           max_new_tokens=max_new_tokens, compare=compare)
     say(f"unedited model scored in {time.perf_counter() - started:.1f} s")
     started = time.perf_counter()
     with attach(model, db, **options):
         after = model_metrics(model, tokenizer, cases, references=references, batch_size=batch_size,
-                              max_new_tokens=max_new_tokens)
+                              max_new_tokens=max_new_tokens, compare=compare)
     say(f"edited model scored in {time.perf_counter() - started:.1f} s")
     if unrelated_texts is None:
         module = zsre if isinstance(cases[0], ZsRECase) else counterfact
         unrelated_texts = module.preservation_texts(cases)
     notes = list(_notes(cases, references, after))
+    if compare != "sequence" and not isinstance(cases[0], ZsRECase):
+        notes.append("efficacy, generalization, specificity compare mean per-token log-probabilities "
+                     "(ROME/MEMIT's convention), not whole-target probabilities")
     if unrelated_texts:
         started = time.perf_counter()
         after.update(preservation_metrics(model, tokenizer, db, unrelated_texts, attach_options=options,
