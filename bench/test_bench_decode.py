@@ -21,21 +21,12 @@ import torch
 from neuraldb_kernels import NeuralDB, attach
 from neuraldb_kernels.integration import load_default_model
 
-THREADS = 2
 LAYER = 4
 NEW_TOKENS = 16
 FACT_COUNTS = (1_000, 10_000, 100_000)
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT_TOKEN = 3  # " Tower"
 ROUNDS = 5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,10 @@ forward per prompt + target), on the same SmolLM2 and the same cases, in the sam
 
     python -m pytest bench/test_bench_evaluation.py -q -s
 
-Gate: batched >= 2x faster per case. Threads: torch's setting (set NEURALDB_BENCH_THREADS=1 on
+Gate: batched >= 2x faster per case. Threads: 2 (bench/conftest.py; set NEURALDB_BENCH_THREADS=1 on
 a shared machine, where one thread is several times faster than two waiting on each other).
 """
 
-import os
 import pathlib
 import time
 
@@ -26,8 +25,6 @@ def setup():
     from neuraldb_kernels.evaluation import load_cases
     from neuraldb_kernels.integration import load_default_model
 
-    if os.environ.get("NEURALDB_BENCH_THREADS"):
-        torch.set_num_threads(int(os.environ["NEURALDB_BENCH_THREADS"]))
     model, tokenizer = load_default_model()
     return model, tokenizer, load_cases(DATA, "counterfact", limit=CASES)
 

@@ -22,12 +22,10 @@ Shapes (a subset of the issue's product so the suite runs in a few minutes on 2 
 m = 1e5 (essential for the gates), n = 16 and n = 256 prefill at m = 1e4 (n = 16 also at 1e5).
 """
 
-import dataclasses
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
+from retrieval_cases import BF16, F32, GPT2XL, SMOL, Case, CaseInputs, interleaved_min_times, naive
 
 import neuraldb_kernels as nk
 from neuraldb_kernels.ops import cpu_backend
@@ -37,7 +35,6 @@ try:
 except ImportError:  # optional dependency
     faiss = None
 
-THREADS = 2
 GAMMA = 0.5
 pytestmark = pytest.mark.skipif(
     cpu_backend.unavailable_reason(torch.device("cpu")) is not None,
@@ -45,26 +42,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    n: int
-    m: int
-    d1: int
-    d2: int
-    key_dtype: torch.dtype
-
-    @property
-    def id(self) -> str:
-        kd = {torch.float32: "f32", torch.bfloat16: "bf16"}[self.key_dtype]
-        return f"n{self.n}-m{self.m}-d{self.d1}x{self.d2}-{kd}"
-
-    @property
-    def key_bytes(self) -> int:
-        return self.m * self.d1 * self.key_dtype.itemsize
-
-
-SMOL, GPT2XL = (1536, 576), (6400, 1600)
-F32, BF16 = torch.float32, torch.bfloat16
 CASES = [
     Case(1, 100_000, *SMOL, F32),
     Case(1, 100_000, *SMOL, BF16),
@@ -78,52 +55,15 @@ CASES = [
 IMPLS = ["read", "cpu", "torch", "naive", "faiss"]
 
 
-class Inputs:
-    """Random inputs of one Case, built once and kept while consecutive tests use the same Case."""
-
-    _case = None
-    _data = {}
-
-    @classmethod
-    def get(cls, case: Case) -> dict:
-        if cls._case != case:
-            cls._data = {}
-            cls._case = None  # free the previous case's tensors before allocating
-            gen = torch.Generator().manual_seed(0)
-            K = torch.empty(case.m, case.d1, dtype=case.key_dtype)
-            for s in range(0, case.m, 8192):  # chunked: no full float32 copy of bf16 keys
-                K[s : s + 8192] = torch.randn(min(8192, case.m - s), case.d1, generator=gen)
-            q = torch.randn(case.n, case.d1, generator=gen)
-            q[0] = K[case.m // 3].float() * 2  # one planted match, so the gate opens somewhere
-            cls._data = {
-                "q": q,
-                "K": K,
-                "R": torch.randn(case.m, case.d2, generator=gen),
-            }
-            cls._case = case
-        return cls._data
-
-    @classmethod
-    def extra(cls, case: Case, name: str, build):
-        data = cls.get(case)
-        if name not in data:
-            data[name] = build(data)
-        return data[name]
-
-
-def naive(q, K, R, gamma):
-    """The code a user would write (in K's dtype, as torch matmul wants one dtype)."""
-    scores = F.normalize(q.to(K.dtype), dim=-1) @ F.normalize(K, dim=-1).T
-    best, index = scores.max(dim=-1)
-    return R[index] * (best > gamma)[:, None].to(R.dtype)
+INPUTS = CaseInputs("cpu", F32, F32)
 
 
 def make_impl(name: str, case: Case):
     """A zero-argument callable running implementation `name` on `case`'s inputs."""
-    d = Inputs.get(case)
+    d = INPUTS.get(case)
     q, K, R = d["q"], d["K"], d["R"]
     if name == "read":
-        ref = Inputs.extra(case, "read_ref", lambda _: torch.ones(case.key_bytes // 4))
+        ref = INPUTS.extra(case, "read_ref", lambda _: torch.ones(case.key_bytes // 4))
         return lambda: ref.sum()
     if name in ("cpu", "torch"):
         return lambda: nk.gated_retrieve(q, K, R, GAMMA, backend=name, return_index=True)
@@ -134,14 +74,14 @@ def make_impl(name: str, case: Case):
             pytest.skip("faiss is not installed (optional: pip install faiss-cpu)")
         if case.d1 * case.m * 4 > 1 << 30:
             pytest.skip("faiss needs a float32 copy of K; skipped above 1 GiB to spare shared memory")
-        faiss.omp_set_num_threads(THREADS)
+        faiss.omp_set_num_threads(torch.get_num_threads())  # bench/conftest.py sets it
 
         def build(data):
             index = faiss.IndexFlatIP(case.d1)
             index.add(F.normalize(data["K"].float(), dim=-1).numpy())
             return index
 
-        index = Inputs.extra(case, "faiss_index", build)
+        index = INPUTS.extra(case, "faiss_index", build)
         qn = F.normalize(q, dim=-1).numpy()
         return lambda: index.search(qn, 1)
     raise ValueError(name)
@@ -150,14 +90,6 @@ def make_impl(name: str, case: Case):
 def rounds_for(name: str, case: Case) -> int:
     slow = name in ("naive", "torch") and case.key_bytes > 200e6
     return 3 if slow or case.n >= 256 else 7
-
-
-@pytest.fixture(autouse=True)
-def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize(
@@ -175,20 +107,6 @@ def test_gated_retrieve_cpu(benchmark, case, impl):
 
 
 # ----------------------------------------------------------------------------------------- gates
-
-
-def interleaved_min_times(fns: dict, rounds: int) -> dict:
-    """Min wall time of each callable over `rounds` interleaved repetitions (A B C A B C ...), so
-    that load from other processes hits every contender alike; the min rejects the noisy rounds."""
-    for fn in fns.values():
-        fn()  # warm-up: page faults, thread pools, caches
-    best = {name: float("inf") for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 GATE_CASES = {c.id: c for c in CASES if c.n == 1 and c.d1 == SMOL[0]}

@@ -17,11 +17,11 @@ Implementations timed per shape (every timed call ends with torch.cuda.synchroni
            (key bytes / kernel time) / (2 * key bytes / copy time).
 """
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
+from retrieval_cases import (BF16, F32, GPT2XL, LLAMA3_8B, SMOL, Case, CaseInputs, cuda_event_seconds,
+                             interleaved_min_times, naive)
 
 import neuraldb_kernels as nk
 
@@ -35,26 +35,6 @@ BANDWIDTH_TARGET = 0.80  # issue 2: n=1, m=1e5, d1=14336, bf16 keys
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU benchmark skipped")
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    n: int
-    m: int
-    d1: int
-    d2: int
-    key_dtype: torch.dtype
-
-    @property
-    def id(self) -> str:
-        kd = {torch.float32: "f32", torch.bfloat16: "bf16"}[self.key_dtype]
-        return f"n{self.n}-m{self.m}-d{self.d1}x{self.d2}-{kd}"
-
-    @property
-    def key_bytes(self) -> int:
-        return self.m * self.d1 * self.key_dtype.itemsize
-
-
-SMOL, GPT2XL, LLAMA3_8B = (1536, 576), (6400, 1600), (14336, 4096)
-F32, BF16 = torch.float32, torch.bfloat16
 GATE_CASE = Case(1, 100_000, *LLAMA3_8B, BF16)
 CASES = [
     GATE_CASE,
@@ -69,46 +49,16 @@ CASES = [
 IMPLS = ["copy", "triton", "cuda", "torch", "naive", "faiss"]
 
 
-class Inputs:
-    """Random CUDA inputs of one Case, kept while consecutive tests use the same Case."""
-
-    _case = None
-    _data = {}
-
-    @classmethod
-    def get(cls, case: Case) -> dict:
-        if cls._case != case:
-            cls._data, cls._case = {}, None
-            torch.cuda.empty_cache()
-            gen = torch.Generator(device="cuda").manual_seed(0)
-            K = torch.randn(case.m, case.d1, generator=gen, device="cuda").to(case.key_dtype)
-            q = torch.randn(case.n, case.d1, generator=gen, device="cuda").to(BF16)
-            q[0] = (K[case.m // 3].float() * 2).to(BF16)  # one planted match: the gate opens
-            R = torch.randn(case.m, case.d2, generator=gen, device="cuda").to(BF16)
-            cls._data, cls._case = {"q": q, "K": K, "R": R}, case
-        return cls._data
-
-    @classmethod
-    def extra(cls, case: Case, name: str, build):
-        data = cls.get(case)
-        if name not in data:
-            data[name] = build(data)
-        return data[name]
-
-
-def naive(q, K, R, gamma):
-    scores = F.normalize(q.to(K.dtype), dim=-1) @ F.normalize(K, dim=-1).T
-    best, index = scores.max(dim=-1)
-    return R[index] * (best > gamma)[:, None].to(R.dtype)
+INPUTS = CaseInputs("cuda", BF16, BF16)
 
 
 def make_impl(name: str, case: Case):
     """A zero-argument callable running implementation `name` on `case`'s CUDA inputs."""
-    d = Inputs.get(case)
+    d = INPUTS.get(case)
     q, K, R = d["q"], d["K"], d["R"]
     if name == "copy":
-        src = Inputs.extra(case, "copy_src", lambda _: torch.ones(case.key_bytes // 4, device="cuda"))
-        dst = Inputs.extra(case, "copy_dst", lambda _: torch.empty_like(src))
+        src = INPUTS.extra(case, "copy_src", lambda _: torch.ones(case.key_bytes // 4, device="cuda"))
+        dst = INPUTS.extra(case, "copy_dst", lambda _: torch.empty_like(src))
         return lambda: dst.copy_(src)
     if name in ("triton", "cuda", "torch"):
         status = nk.available_backends()[name]
@@ -127,7 +77,7 @@ def make_impl(name: str, case: Case):
             index.add(F.normalize(data["K"].float(), dim=-1).cpu().numpy())
             return resources, index
 
-        _, index = Inputs.extra(case, "faiss_index", build)
+        _, index = INPUTS.extra(case, "faiss_index", build)
         qn = F.normalize(q.float(), dim=-1).cpu().numpy()
         return lambda: index.search(qn, 1)
     raise ValueError(name)
@@ -159,27 +109,11 @@ def test_gated_retrieve_gpu(benchmark, case, impl):
 # ----------------------------------------------------------------------------------------- gates
 
 
-def interleaved_min_times(fns: dict, rounds: int) -> dict:
-    """Min CUDA-event time (s) of each callable over interleaved rounds (A B C A B C ...)."""
-    for fn in fns.values():
-        fn()
-    torch.cuda.synchronize()
-    best = {name: float("inf") for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            best[name] = min(best[name], start.elapsed_time(end) / 1e3)
-    return best
-
-
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gate_fraction_of_hbm_copy_bandwidth_at_n1(backend):
     case = GATE_CASE
-    t = interleaved_min_times({name: make_impl(name, case) for name in ("copy", backend, "naive")}, rounds=20)
+    fns = {name: make_impl(name, case) for name in ("copy", backend, "naive")}
+    t = interleaved_min_times(fns, rounds=20, seconds=cuda_event_seconds)
     copy_bandwidth = 2 * case.key_bytes / t["copy"]
     fraction = (case.key_bytes / t[backend]) / copy_bandwidth
     print(
@@ -201,7 +135,7 @@ def test_gate_speedups_over_naive_and_faiss(case):
         if status is not None and "cuda" not in status.usable_on:
             continue
         fns[name] = make_impl(name, case)
-    t = interleaved_min_times(fns, rounds=10)
+    t = interleaved_min_times(fns, rounds=10, seconds=cuda_event_seconds)
     for name in ("triton", "cuda"):
         if name in t:
             others = ", ".join(f"{t[o] / t[name]:.2f}x over {o}" for o in t if o not in ("triton", "cuda"))

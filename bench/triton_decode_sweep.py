@@ -18,18 +18,33 @@ import sys
 import time
 
 import torch
+from retrieval_cases import cuda_event_seconds, interleaved_min_times
 
 CASES = [(100_000, 14336, 4096, torch.bfloat16), (100_000, 1536, 576, torch.bfloat16),
          (100_000, 1536, 576, torch.float32)]
 
 
-def event_seconds(fn) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
+def time_case(m: int, d1: int, d2: int, dtype: torch.dtype, grid: list, rounds: int):
+    """(min seconds per config, copy bandwidth B/s, the planned config, configs timed) for one case."""
+    import neuraldb_kernels as nk
+    from neuraldb_kernels.ops.triton_backend import launch, plan_launch
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    K = torch.randn(m, d1, generator=gen, device="cuda").to(dtype)
+    R = torch.randn(m, d2, generator=gen, device="cuda").to(dtype)
+    q = (K[m // 3].float() * 2).to(dtype)[None]
+    src = torch.ones(K.numel() * K.element_size() // 4, device="cuda")
+    dst = torch.empty_like(src)
+    expected = nk.gated_retrieve(q, K, R, 0.5, backend="torch", return_index=True)[1]
+    planned = plan_launch(1, m, d1, q.device)
+    configs = [planned] + [c for c in grid if c != planned]
+    fns = {"copy": lambda: dst.copy_(src)}
+    for config in configs:
+        index = launch(q, K, R, 0.5, config)[1]  # compiles; checked against the torch backend
+        assert torch.equal(index, expected), (config, index, expected)
+        fns[config] = lambda config=config: launch(q, K, R, 0.5, config)
+    best = interleaved_min_times(fns, rounds, seconds=cuda_event_seconds)
+    return best, 2 * src.numel() * src.element_size() / best["copy"], planned, configs
 
 
 def main(argv=None) -> list:
@@ -40,8 +55,7 @@ def main(argv=None) -> list:
     if not torch.cuda.is_available():
         parser.error("no CUDA device is visible to torch: the sweep needs a GPU")
 
-    import neuraldb_kernels as nk
-    from neuraldb_kernels.ops.triton_backend import LaunchConfig, launch, plan_launch
+    from neuraldb_kernels.ops.triton_backend import LaunchConfig
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     grid = [LaunchConfig(1, bm, bd, False, min(1024, per_sm * sms), warps, stages)
@@ -50,34 +64,16 @@ def main(argv=None) -> list:
             if bm * bd <= 16384]
     results = []
     for m, d1, d2, dtype in CASES:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        K = torch.randn(m, d1, generator=gen, device="cuda").to(dtype)
-        R = torch.randn(m, d2, generator=gen, device="cuda").to(dtype)
-        q = (K[m // 3].float() * 2).to(dtype)[None]
-        src = torch.ones(K.numel() * K.element_size() // 4, device="cuda")
-        dst = torch.empty_like(src)
-        expected = nk.gated_retrieve(q, K, R, 0.5, backend="torch", return_index=True)[1]
-        planned = plan_launch(1, m, d1, q.device)
-        configs = [planned] + [c for c in grid if c != planned]
-        fns = {"copy": lambda: dst.copy_(src)}
-        for config in configs:
-            index = launch(q, K, R, 0.5, config)[1]  # compiles; checked against the torch backend
-            assert torch.equal(index, expected), (config, index, expected)
-            fns[config] = lambda config=config: launch(q, K, R, 0.5, config)
-        best = {name: float("inf") for name in fns}
-        for _ in range(args.rounds):
-            for name, fn in fns.items():
-                best[name] = min(best[name], event_seconds(fn))
-        copy_bandwidth = 2 * K.numel() * K.element_size() / best["copy"]
+        best, copy_bandwidth, planned, configs = time_case(m, d1, d2, dtype, grid, args.rounds)
+        key_bytes = m * d1 * dtype.itemsize
         case = f"n1-m{m}-d{d1}-{str(dtype).split('.')[-1]}"
         rows = sorted(((best[c], c) for c in configs), key=lambda row: row[0])
         for seconds, config in rows[:8] + [(best[planned], planned)]:
-            share = K.numel() * K.element_size() / seconds / copy_bandwidth
+            share = key_bytes / seconds / copy_bandwidth
             tag = " (current plan)" if config == planned else ""
             print(f"{case} {seconds * 1e3:.3f} ms {100 * share:.1f}% of copy {config}{tag}", flush=True)
             results.append({"case": case, "ms": seconds * 1e3, "share_of_copy": share, "planned": config == planned,
                             "config": config.__dict__, "copy_GBps": copy_bandwidth / 1e9})
-        del K, R, src, dst
         torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:

@@ -11,6 +11,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .contract import require_kernel_inputs
+
 try:
     from .. import _cuda
 except ImportError as exc:  # not built (CPU-only torch, no nvcc) or built against another torch
@@ -42,15 +44,7 @@ def retrieve(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q2d (n >= 1, d1), K (m >= 1, d1), R (m, d2), contiguous CUDA tensors, float32/float16/bfloat16 ->
     out (n, d2) R.dtype, index (n,) int64, score (n,) float32 (cosines accumulated in fp32)."""
-    for name, t in (("q", q2d), ("K", K), ("R", R)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"gated_retrieve[cuda]: {name} has dtype {t.dtype}; the cuda backend supports "
-                "float32, float16 and bfloat16 (use backend='cpu' or 'torch' for float64)"
-            )
-    why = unavailable_reason(q2d.device)
-    if why is not None:
-        raise RuntimeError(f"gated_retrieve[cuda]: not available for tensors on {q2d.device}: {why}")
+    require_kernel_inputs("cuda", SUPPORTED_DTYPES, unavailable_reason, q2d, K, R)
     stream = torch.cuda.current_stream(q2d.device).cuda_stream
     out, index, score = _cuda.gated_retrieve(q2d, K, R, float(gamma), stream)
     return out, index, score

@@ -32,6 +32,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .contract import require_kernel_inputs
+
 try:
     import triton
     import triton.language as tl
@@ -277,14 +279,6 @@ def retrieve(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q2d (n >= 1, d1), K (m >= 1, d1), R (m, d2), contiguous, float32/float16/bfloat16 ->
     out (n, d2) R.dtype, index (n,) int64, score (n,) float32 (cosines accumulated in fp32)."""
-    for name, t in (("q", q2d), ("K", K), ("R", R)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"gated_retrieve[triton]: {name} has dtype {t.dtype}; the triton backend supports "
-                "float32, float16 and bfloat16 (use backend='cpu' or 'torch' for float64)"
-            )
-    why = unavailable_reason(q2d.device)
-    if why is not None:
-        raise RuntimeError(f"gated_retrieve[triton]: not available for tensors on {q2d.device}: {why}")
+    require_kernel_inputs("triton", SUPPORTED_DTYPES, unavailable_reason, q2d, K, R)
     n, m = q2d.shape[0], K.shape[0]
     return launch(q2d, K, R, gamma, plan_launch(n, m, q2d.shape[1], q2d.device))
