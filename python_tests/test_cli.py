@@ -166,6 +166,24 @@ def test_database_built_for_another_model_is_refused(neuraldb, tmp_path, tiny_mo
     assert_one_line_error(code, err, 1, "was built with model")
 
 
+def test_consistency_from_reference_snippets_of_original_format_records(neuraldb, tmp_path, tiny_model_dir,
+                                                                        data_dir):
+    # the first original-format record rewrites (P27, Luigi Snozzi) to Singapore, Q334
+    snippets = tmp_path / "attribute_snippets.json"
+    snippets.write_text(json.dumps([{"relation_id": "P27", "target_id": "Q334",
+                                     "samples": [{"text": "Singapore is a city state."}, {"text": "He lives there."}]}]))
+    directory = _db_dir(tmp_path / "db", tiny_model_dir, _fingerprint(tiny_model_dir))
+    report_path = tmp_path / "report.json"
+    full_format = data_dir / "counterfact" / "counterfact-full-format-a.json"
+    code, out, err = neuraldb("eval", "--db", directory, "--data", full_format,
+                              "--limit", "1", "--references", snippets, "--max-new-tokens", "4", "--quiet",
+                              "--json", report_path)
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert 0.0 <= report["before"]["consistency"] <= 100.0 and "consistency" in report["after"]
+    assert "not computable" not in out
+
+
 def test_skip_bad_records(neuraldb, tmp_path, tiny_model_dir):
     records = tmp_path / "facts.jsonl"
     good = {"prompt": "{} is located in", "subject": "The Louvre", "target_new": "Berlin", "target_true": "Paris",

@@ -110,6 +110,7 @@ def test_read_original_counterfact(data_dir):
     assert first.prompt == "{}, who has a citizenship from" and first.subject == "Luigi Snozzi"
     assert (first.target_new, first.target_true) == ("Singapore", "Switzerland")
     assert len(first.extras["neighborhood_prompts"]) == 10
+    assert (first.extras["relation_id"], first.extras["target_new_id"]) == ("P27", "Q334")  # consistency keys
     check_facts(facts)
 
 

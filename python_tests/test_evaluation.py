@@ -181,6 +181,7 @@ def test_cases_come_from_the_editing_readers(data_dir):
     full = load_cases(data_dir / "counterfact" / "counterfact-full-format-a.json", "counterfact-full", limit=1)
     assert full[0].prompt == "Luigi Snozzi, who has a citizenship from" and len(full[0].generation_prompts) == 10
     assert all(true == "Switzerland" for _, true in full[0].neighborhood) and len(full[0].neighborhood) == 10
+    assert (full[0].relation_id, full[0].target_new_id) == ("P27", "Q334")
     records = load_cases(data_dir / "zsre" / "zsre-1k.json", "zsre", limit=2)
     assert isinstance(records[0], zsre.ZsRECase) and records[0].alt == "unmanned aircraft"
 

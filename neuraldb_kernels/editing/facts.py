@@ -201,7 +201,9 @@ def counterfact_fact(record: Mapping, index: int = 0, source: str = "counterfact
     Flattened: prompt (subject filled in), subject, target_new, ground_truth, rephrase_prompt,
     locality_prompt, locality_ground_truth, case_id. Original: requested_rewrite {prompt with
     "{}", subject, target_new.str, target_true.str}, paraphrase_prompts, neighborhood_prompts, ....
-    The evaluation prompts go to `extras`. Not validated here (see `check_fact`).
+    The evaluation prompts go to `extras` (and, from the original schema, relation_id and
+    target_new_id: the keys of the consistency metric's reference texts). Not validated here (see
+    `check_fact`).
     """
     where = _record_where(source, index)
     if not isinstance(record, Mapping):
@@ -210,6 +212,10 @@ def counterfact_fact(record: Mapping, index: int = 0, source: str = "counterfact
         rewrite = _field(record, "requested_rewrite", where)
         extras = {key: record[key] for key in ("case_id", "paraphrase_prompts", "neighborhood_prompts",
                                                "attribute_prompts", "generation_prompts") if key in record}
+        if "relation_id" in rewrite:
+            extras["relation_id"] = str(rewrite["relation_id"])
+        if isinstance(rewrite.get("target_new"), Mapping) and "id" in rewrite["target_new"]:
+            extras["target_new_id"] = str(rewrite["target_new"]["id"])
         return Fact(prompt=_field(rewrite, "prompt", where), subject=_field(rewrite, "subject", where),
                     target_new=_field(rewrite, "target_new.str", where),
                     target_true=_field(rewrite, "target_true.str", where),
