@@ -370,6 +370,17 @@ def test_torch_compile_fullgraph_has_no_graph_breaks(device):
     torch.testing.assert_close(compiled_inductor(x, W, K, R), ffn_with_edits(x, W, K, R))
 
 
+def test_eager_inference_path_equals_the_custom_op(backend):
+    # without autograd or torch.compile, gated_retrieve skips the custom-op dispatch: same results
+    q, K, R = random_case((3, 4), 50, 24, 6, seed=11)
+    K[7] = q[1, 2] * 3
+    eager = run(q, K, R, 0.3, backend)
+    via_op = torch.ops.neuraldb.gated_retrieve(*(t.to(backend.device) for t in (q, K, R)), 0.3, backend.name)
+    assert eager[1][1, 2] == 7
+    for a, b in zip(eager, via_op):
+        assert torch.equal(a, b.cpu())
+
+
 def test_keys_with_nan_or_inf_never_win(backend):
     torch.manual_seed(8)
     K, R = torch.randn(30, 10), torch.randn(30, 2)

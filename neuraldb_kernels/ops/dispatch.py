@@ -45,6 +45,7 @@ class BackendStatus:
         return "\n".join(parts)
 
 
+@functools.lru_cache(maxsize=None)
 def backend_module(name: str):
     """The module implementing backend `name` (retrieve, unavailable_reason)."""
     if name not in _MODULES:
