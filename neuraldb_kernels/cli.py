@@ -286,6 +286,8 @@ def cmd_ask(args) -> None:
 
 
 def cmd_db_info(args) -> None:
+    from .editing.editor import BARE_KEY_SUFFIX
+
     directory = Path(args.db)
     spec = _recorded_model(directory)
     with _open_db(directory) as db:
@@ -293,7 +295,8 @@ def cmd_db_info(args) -> None:
         fp = db.fingerprint
         print(f"database     {db.path}")
         print(f"model        {spec}")
-        print(f"facts        {len(db)}")
+        second = sum(1 for fact_id in db if fact_id.endswith(BARE_KEY_SUFFIX))
+        print(f"facts        {len(db) - second}" + (f" (+{second} bare-prompt key rows)" if second else ""))
         print(f"layer        {db.layer}   gamma {db.gamma}   d1 {db.d1}   d2 {db.d2}   dtype {str(db.dtype).removeprefix('torch.')}")
         print(f"fingerprint  {fp.describe() if fp is not None else 'none'}")
         print(f"created      {db.created_at}")
@@ -301,24 +304,30 @@ def cmd_db_info(args) -> None:
 
 
 def cmd_db_list(args) -> None:
+    from .editing.editor import BARE_KEY_SUFFIX
+
     with _open_db(Path(args.db)) as db:
-        ids = list(db)
+        ids = [fact_id for fact_id in db if not fact_id.endswith(BARE_KEY_SUFFIX)]
         shown = ids if args.limit is None else ids[: args.limit]
         for fact_id in shown:
             meta = db.get(fact_id).metadata
             was = f" (was {meta['target_true']!r})" if meta.get("target_true") else ""
+            second = " [+bare-prompt key]" if fact_id + BARE_KEY_SUFFIX in db else ""
             print(f"{fact_id}  {meta.get('subject', '?')}: {meta.get('prompt', '?')!r} -> "
-                  f"{meta.get('target_new', '?')!r}{was}")
+                  f"{meta.get('target_new', '?')!r}{was}{second}")
         print(f"{len(shown)} of {len(ids)} facts")
 
 
 def cmd_db_rm(args) -> None:
+    from .editing.editor import BARE_KEY_SUFFIX, with_bare_keys
+
     with _open_db(Path(args.db)) as db:
         try:
-            removed = db.delete(args.ids)
+            removed = db.delete(with_bare_keys(db, args.ids))
         except KeyError as error:
             raise CommandError(f"nothing removed: {error.args[0]}") from None
-        print(f"removed {len(removed)} facts; {len(db)} left")
+        left = sum(1 for fact_id in db if not fact_id.endswith(BARE_KEY_SUFFIX))
+        print(f"removed {sum(not r.endswith(BARE_KEY_SUFFIX) for r in removed)} facts; {left} left")
 
 
 def cmd_db_export(args) -> None:

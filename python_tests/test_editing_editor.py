@@ -8,6 +8,7 @@ import torch
 from neuraldb_kernels import NeuralDB
 from neuraldb_kernels.editing import (Editor, Fact, FactError, compute_keys, generate_prefixes, read_counterfact,
                                       tokenize_fact)
+from neuraldb_kernels.editing.editor import BARE_KEY_SUFFIX
 from neuraldb_kernels.integration import locate_down_proj
 
 # cheap settings for the semantics tests (quality is tested with the defaults)
@@ -38,6 +39,11 @@ def _nll(model, tokenizer, prompt, target):
         logits = model(torch.tensor([ids + tail])).logits[0].double()
     logp = logits.log_softmax(-1)
     return -sum(logp[len(ids) - 1 + t, token] for t, token in enumerate(tail)).item() / len(tail)
+
+
+def _facts_in(db):
+    """The fact ids of `db` without the second (bare-prompt) key rows."""
+    return [fact_id for fact_id in db if not fact_id.endswith(BARE_KEY_SUFFIX)]
 
 
 def _greedy_next(model, tokenizer, prompts):
@@ -87,7 +93,7 @@ def test_edits_change_answers_on_prompts_and_paraphrases_and_nothing_else(smollm
     editor = Editor(model, tokenizer)
     try:
         ids = editor.edit(facts, progress=False)
-        assert ids == [fact.fact_id for fact in facts] and len(editor.db) == 3
+        assert ids == [fact.fact_id for fact in facts] and len(_facts_in(editor.db)) == 3
         for fact in facts:
             for prompt in (fact.filled_prompt, fact.extras["rephrase_prompt"]):
                 assert _nll(model, tokenizer, prompt, fact.target_new) < _nll(model, tokenizer, prompt,
@@ -143,7 +149,7 @@ def test_interrupted_edit_resumes_and_adds_each_fact_once(smollm2, counterfact, 
     db.close()
 
     reopened = NeuralDB.open(path)
-    assert sorted(reopened) == sorted(committed[0]) and len(reopened) == 2
+    assert sorted(_facts_in(reopened)) == sorted(committed[0]) and len(committed[0]) == 2
     resumed = []
     editor = Editor(model, tokenizer, db=reopened, batch_size=2, **FAST)
     try:
@@ -152,7 +158,11 @@ def test_interrupted_edit_resumes_and_adds_each_fact_once(smollm2, counterfact, 
         editor.handle.detach()
     done = [fact_id for batch in resumed for fact_id in batch]
     assert sorted(done + committed[0]) == sorted(fact.fact_id for fact in facts)  # each computed once
-    assert sorted(reopened) == sorted(ids) and len(reopened) == 5
+    assert sorted(_facts_in(reopened)) == sorted(ids) and len(ids) == 5
+    for fact_id in reopened:  # second key rows only beside their own fact, with its residual
+        if fact_id.endswith(BARE_KEY_SUFFIX):
+            parent = fact_id.removesuffix(BARE_KEY_SUFFIX)
+            assert torch.equal(reopened.get(fact_id).residual, reopened.get(parent).residual)
     reopened.close()
 
 
@@ -170,7 +180,7 @@ def test_same_fact_is_skipped_new_target_replaces_update_and_remove(smollm2, cou
 
         changed = Fact(fact.prompt, fact.subject, "Japanese")
         assert editor.edit([changed], progress=False, callback=calls.append) == [fact_id]
-        assert len(calls) == 2 and len(editor.db) == 1
+        assert len(calls) == 2 and _facts_in(editor.db) == [fact_id]
         assert editor.db.get(fact_id).metadata["target_new"] == "Japanese"
         assert not torch.equal(editor.db.get(fact_id).residual, stored.residual)
 
@@ -179,12 +189,55 @@ def test_same_fact_is_skipped_new_target_replaces_update_and_remove(smollm2, cou
         with pytest.raises(ValueError, match="not in the database.*use edit"):
             editor.update([Fact("{} is in", "Lyon", "Peru")], progress=False)
 
-        assert editor.remove([fact_id]) == [fact_id] and len(editor.db) == 0
+        assert editor.remove([fact_id]) == [fact_id] and len(editor.db) == 0  # with any second key row
         with pytest.raises(Exception, match=fact_id):
             editor.remove([fact_id])
         assert editor.remove([fact_id], missing_ok=True) == []
     finally:
         editor.handle.detach()
+
+
+def test_subject_first_prompt_gets_a_bare_prompt_key_row(smollm2, counterfact):
+    # "Saint Petersburg is a twin city of": without a BOS token the subject opens the sequence, and
+    # its query there is far from the prefixed contexts' average; "The mother tongue of Danielle
+    # Darrieux is" keeps its subject mid-sentence in every context
+    model, tokenizer = smollm2
+    subject_first, subject_inside = counterfact[8], counterfact[0]
+    editor = Editor(model, tokenizer, **FAST)
+    try:
+        first_id, inside_id = editor.edit([subject_first, subject_inside], progress=False)
+        assert sorted(editor.db) == sorted([first_id, inside_id, first_id + BARE_KEY_SUFFIX])
+        second = editor.db.get(first_id + BARE_KEY_SUFFIX)
+        assert second.metadata["bare_key_of"] == first_id
+        assert torch.equal(second.residual, editor.db.get(first_id).residual)
+        # the second key is the bare prompt's down-projection input at the subject's last token
+        tokens = tokenize_fact(tokenizer, subject_first, ())
+        seen = []
+        module = locate_down_proj(model, editor.hparams.layer)
+        editor.handle.detach()
+        handle = module.register_forward_hook(lambda _m, args, _out: seen.append(args[0][0]))
+        try:
+            with torch.no_grad():
+                model(torch.tensor([tokens.contexts[0]]))
+        finally:
+            handle.remove()
+        query = seen[-1][tokens.subject_last[0]]
+        torch.testing.assert_close(second.key, query, rtol=1e-5, atol=1e-5)
+        assert torch.nn.functional.cosine_similarity(query, editor.db.get(first_id).key, dim=0) < 0.8
+        # attached, the edited prompt fires at the subject through the second key
+        editor.handle = editor._attach()
+        with torch.no_grad():
+            model(torch.tensor([tokens.contexts[0]]))
+        fired = {(f.position, f.fact_id) for f in editor.handle.fired()}
+        assert (tokens.subject_last[0], first_id + BARE_KEY_SUFFIX) in fired
+        assert editor.remove([first_id]) == [first_id] and sorted(editor.db) == [inside_id]
+    finally:
+        editor.handle.detach()
+    never = Editor(model, tokenizer, **FAST, bare_key_below=-1.0)
+    try:
+        assert never.edit([subject_first], progress=False) == [first_id] and list(never.db) == [first_id]
+    finally:
+        never.handle.detach()
 
 
 def test_bad_facts_raise_or_are_skipped(smollm2):

@@ -32,6 +32,11 @@ class EditHParams:
         target tokens, reaches this probability.
     batch_size: facts optimised together in one forward/backward (and committed together).
     kl_template: the prompt of the KL term, "{}" standing for the subject.
+    bare_key_below: a fact whose bare-prompt query (no prefix) has cosine < this with its averaged
+        key also gets that query as a second key row ("<id>#bare", same residual). Prompts that
+        start with the subject put it at sequence position 0 in models without a BOS token (SmolLM2,
+        GPT-2), where its representation is far from the prefixed contexts' (cosine 0.1-0.6
+        measured): without the second key the edited prompt itself would not fire. -1 never adds one.
     """
 
     layer: int
@@ -47,6 +52,7 @@ class EditHParams:
     stop_prob: float = 0.9
     batch_size: int = 64
     kl_template: str = "{} is a"
+    bare_key_below: float = 0.8
 
     def __post_init__(self) -> None:
         checks = {
@@ -63,6 +69,7 @@ class EditHParams:
             "stop_prob": isinstance(self.stop_prob, (int, float)) and 0 < self.stop_prob <= 1,
             "batch_size": isinstance(self.batch_size, int) and self.batch_size >= 1,
             "kl_template": isinstance(self.kl_template, str) and self.kl_template.count("{}") == 1,
+            "bare_key_below": isinstance(self.bare_key_below, (int, float)) and -1.0 <= self.bare_key_below <= 1.0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
