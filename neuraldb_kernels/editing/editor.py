@@ -10,11 +10,12 @@ Semantics:
   prompt that is already in the database REPLACES that row (upsert), unless the stored row has
   the same target_new: then it is complete and is skipped, which is how an interrupted edit
   resumes without redoing finished facts. `update()` recomputes and replaces unconditionally.
-- Facts are processed in batches of `batch_size`; each batch is committed to the database
-  (one transaction) before the next starts, so an interruption loses at most one batch.
+- Facts are processed in batches of `batch_size`; each batch's rows are written to the database
+  in one transaction before the next batch starts, so an interruption loses at most one batch.
 - A fact may hold a second key row, id "<id>#bare" with the same residual: the query of its bare
   prompt, stored when that is far from the averaged key (`EditHParams.bare_key_below`; prompts
-  that start with the subject). `remove()` and `neuraldb db rm` delete it with its fact.
+  that start with the subject). `remove()` and `neuraldb db rm` delete it with its fact. Facts
+  stored before this rule existed have none until `update()` recomputes them.
 - Keys, prefixes and residuals are always computed on the UNEDITED model: the Editor's attachment
   is taken off while it computes and put back afterwards (also on errors and interruptions);
   `editor.handle` is the current attachment (a new object after every edit/update).

@@ -11,7 +11,8 @@ For a case with subject s, new object o* (target_new) and true object o (target_
 P is the probability of the target's whole token sequence (see scoring.py), so multi-token
 targets compare as wholes (compare="sequence", the default). compare="token_mean" compares the
 mean per-token log-probability instead: the convention of ROME/MEMIT's evaluation code, and so of
-the published tables built on it (ROME, MEMIT, AlphaEdit, NeuralDB); use it to compare with them. Each metric is the mean over cases (of the per-case mean) in percent.
+the published tables built on it (ROME, MEMIT, AlphaEdit, NeuralDB); use it to compare with them.
+Each metric is the mean over cases (of the per-case mean) in percent.
 Fluency (fluency.py) and consistency (consistency.py) use the generation prompts, which only the
 original-format records carry.
 
