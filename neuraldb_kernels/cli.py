@@ -286,7 +286,7 @@ def cmd_ask(args) -> None:
 
 
 def cmd_db_info(args) -> None:
-    from .editing.editor import BARE_KEY_SUFFIX
+    from .editing.editor import count_facts
 
     directory = Path(args.db)
     spec = _recorded_model(directory)
@@ -295,8 +295,9 @@ def cmd_db_info(args) -> None:
         fp = db.fingerprint
         print(f"database     {db.path}")
         print(f"model        {spec}")
-        second = sum(1 for fact_id in db if fact_id.endswith(BARE_KEY_SUFFIX))
-        print(f"facts        {len(db) - second}" + (f" (+{second} bare-prompt key rows)" if second else ""))
+        facts = count_facts(db)
+        second = len(db) - facts
+        print(f"facts        {facts}" + (f" (+{second} bare-prompt key rows)" if second else ""))
         print(f"layer        {db.layer}   gamma {db.gamma}   d1 {db.d1}   d2 {db.d2}   dtype {str(db.dtype).removeprefix('torch.')}")
         print(f"fingerprint  {fp.describe() if fp is not None else 'none'}")
         print(f"created      {db.created_at}")
@@ -319,15 +320,14 @@ def cmd_db_list(args) -> None:
 
 
 def cmd_db_rm(args) -> None:
-    from .editing.editor import BARE_KEY_SUFFIX, with_bare_keys
+    from .editing.editor import BARE_KEY_SUFFIX, count_facts, with_bare_keys
 
     with _open_db(Path(args.db)) as db:
         try:
             removed = db.delete(with_bare_keys(db, args.ids))
         except KeyError as error:
             raise CommandError(f"nothing removed: {error.args[0]}") from None
-        left = sum(1 for fact_id in db if not fact_id.endswith(BARE_KEY_SUFFIX))
-        print(f"removed {sum(not r.endswith(BARE_KEY_SUFFIX) for r in removed)} facts; {left} left")
+        print(f"removed {sum(not r.endswith(BARE_KEY_SUFFIX) for r in removed)} facts; {count_facts(db)} left")
 
 
 def cmd_db_export(args) -> None:

@@ -234,6 +234,22 @@ def test_db_info_list_rm_export_import(neuraldb, tmp_path, tiny_model_dir):
     assert_one_line_error(code, err, 1, "already exists")
 
 
+def test_db_commands_count_and_remove_bare_prompt_key_rows_with_their_fact(neuraldb, tmp_path, tiny_model_dir):
+    fingerprint = _fingerprint(tiny_model_dir)
+    directory = _db_dir(tmp_path / "db", tiny_model_dir, fingerprint, facts=2)
+    with NeuralDB.open(directory / "neuraldb.sqlite") as db:  # fact0 gets a second key row, as the Editor adds
+        db.add(torch.randn(1, fingerprint.d1), db.get("fact0").residual[None], ids=["fact0#bare"],
+               metadata=[{**db.get("fact0").metadata, "bare_key_of": "fact0"}])
+    code, out, err = neuraldb("db", "info", "--db", directory)
+    assert code == 0 and "facts        2 (+1 bare-prompt key rows)" in out, err
+    code, out, _ = neuraldb("db", "list", "--db", directory)
+    assert "fact0  S0: 'P0' -> 'new' [+bare-prompt key]" in out and "2 of 2 facts" in out and "#bare" not in out
+    code, out, err = neuraldb("db", "rm", "--db", directory, "fact0")
+    assert code == 0 and "removed 1 facts; 1 left" in out, err
+    with NeuralDB.open(directory / "neuraldb.sqlite") as db:
+        assert list(db) == ["fact1"]
+
+
 def test_db_import_for_another_model_leaves_nothing(neuraldb, tmp_path, tiny_model_dir):
     foreign = ModelFingerprint(model_type="llama", layer=1, d1=48, d2=32, weights_sha256="0" * 64)
     directory = _db_dir(tmp_path / "db", tiny_model_dir, foreign, facts=1)

@@ -40,6 +40,11 @@ from .tokens import EditTokens, model_context_length, tokenize_fact
 BARE_KEY_SUFFIX = "#bare"  # id suffix of a fact's second key row (see EditHParams.bare_key_below)
 
 
+def count_facts(db: NeuralDB) -> int:
+    """The facts in `db`, its bare-prompt key rows not counted."""
+    return sum(1 for fact_id in db if not fact_id.endswith(BARE_KEY_SUFFIX))
+
+
 def with_bare_keys(db: NeuralDB, ids: Sequence[str]) -> list[str]:
     """`ids` followed by the ids of their bare-prompt key rows that `db` holds."""
     return list(ids) + [fact_id + BARE_KEY_SUFFIX for fact_id in ids if fact_id + BARE_KEY_SUFFIX in db]
