@@ -40,14 +40,6 @@ DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # ------------------------------------------------------------------------------------ evaluation
 
 
-@torch.no_grad()
-def counterfact_metrics(model, tokenizer, cases, compare: str) -> dict:
-    """Efficacy, generalization, specificity in percent (neuraldb_kernels.evaluation)."""
-    from neuraldb_kernels.evaluation import probability_metrics
-
-    return probability_metrics(model, tokenizer, cases, compare=compare)
-
-
 # ------------------------------------------------------------------------- per-fact baseline loop
 
 
@@ -161,7 +153,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
 
     from neuraldb_kernels.editing import Editor, read_counterfact
-    from neuraldb_kernels.evaluation import cases_from_facts
+    from neuraldb_kernels.evaluation import cases_from_facts, probability_metrics
     from neuraldb_kernels.editing.hparams import resolve_hparams
 
     overrides = {}
@@ -200,7 +192,7 @@ def main(argv=None) -> dict:
         mean_steps = sum(stat["steps"] for stat in stats) / max(len(stats), 1)
         for gamma in args.gammas or [preset.gamma]:
             editor.db.gamma = gamma
-            metrics = counterfact_metrics(model, tokenizer, cases, args.compare)
+            metrics = probability_metrics(model, tokenizer, cases, compare=args.compare)
             run = {"layer": layer, "gamma": gamma, "edit_s": seconds, "facts_per_s": len(ids) / seconds,
                    "converged": converged, "mean_steps": mean_steps, **metrics}
             report["runs"].append(run)
@@ -209,7 +201,7 @@ def main(argv=None) -> dict:
     # The unedited model last, once every attachment is off: an interrupted run (--db) has then
     # already saved its edits, and a resumed one spends no time before editing.
     start = time.perf_counter()
-    report["unedited"] = counterfact_metrics(model, tokenizer, cases, args.compare)
+    report["unedited"] = probability_metrics(model, tokenizer, cases, compare=args.compare)
     report["unedited_eval_s"] = time.perf_counter() - start
     print("unedited", report["unedited"], flush=True)
     if args.baseline_facts:

@@ -14,28 +14,18 @@ Example (from the repository root; `--data` takes a CounterFact file as in ../sh
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import sys
 import time
 
 import torch
-
-HERE = pathlib.Path(__file__).resolve().parent
+from edit_quality import per_fact_throughput  # float(nll) every step synchronises
 
 
 def synchronize() -> None:
     if torch.cuda.is_initialized():
         torch.cuda.synchronize()
-
-
-def per_fact_throughput(model, tokenizer, facts, hparams) -> float:
-    """facts/s of the ROME/MEMIT-style per-fact loop (bench/edit_quality.py)."""
-    spec = importlib.util.spec_from_file_location("edit_quality", HERE / "edit_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.per_fact_throughput(model, tokenizer, facts, hparams)  # float(nll) every step synchronises
 
 
 def median_seconds(fn, rounds: int) -> float:

@@ -11,11 +11,11 @@ Run:
 Quality (efficacy / generalization / specificity) at scale: bench/edit_quality.py.
 """
 
-import importlib.util
 import pathlib
 
 import pytest
 import torch
+from edit_quality import per_fact_throughput
 
 from neuraldb_kernels.editing import Editor, read_counterfact, resolve_hparams
 from neuraldb_kernels.integration import load_default_model
@@ -25,13 +25,6 @@ DATA = HERE.parents[0].parent / "shared" / "data" / "counterfact" / "counterfact
 BATCHED_FACTS = 32
 PER_FACT_FACTS = 4
 GATE = 3.0
-
-
-def _edit_quality():
-    spec = importlib.util.spec_from_file_location("edit_quality", HERE / "edit_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +38,7 @@ def setup():
 def test_gate_batched_editing_vs_per_fact_loop(benchmark, setup):
     model, tokenizer, facts = setup
     hparams = resolve_hparams(model, {})
-    per_fact = _edit_quality().per_fact_throughput(model, tokenizer, facts[:PER_FACT_FACTS], hparams)
+    per_fact = per_fact_throughput(model, tokenizer, facts[:PER_FACT_FACTS], hparams)
 
     def batched():
         editor = Editor(model, tokenizer)

@@ -139,6 +139,7 @@ def _read_facts(path: str, format: str | None, limit: int | None) -> list:
 
 def cmd_edit(args) -> None:
     from .editing import Editor, check_facts, resolve_hparams
+    from .editing.editor import count_facts
     from .integration import down_proj_dims, model_fingerprint
     from .store import NeuralDB
 
@@ -171,7 +172,7 @@ def cmd_edit(args) -> None:
         else:
             db = NeuralDB.open(directory / DB_FILE)
             _check_fits(db, model)
-        before = len(db)
+        before = count_facts(db)
         started = time.perf_counter()
         editor = Editor(model, tokenizer, db=db, **{k: v for k, v in args.hparam.items() if k not in ("layer", "gamma")})
         try:
@@ -194,7 +195,7 @@ def cmd_edit(args) -> None:
     elapsed = time.perf_counter() - started
     _print_skipped(editor.skipped)
     print(f"edited {len(committed)} facts in {elapsed:.1f} s ({len(ids) - len(committed)} already in the "
-          f"database); {directory} now holds {len(db)} facts (was {before})")
+          f"database); {directory} now holds {count_facts(db)} facts (was {before})")
     db.close()
 
 

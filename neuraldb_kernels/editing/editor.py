@@ -189,7 +189,10 @@ class Editor:
         far = (torch.nn.functional.cosine_similarity(bare, keys, dim=1) < hp.bare_key_below).tolist()
         extra = [i for i, is_far in enumerate(far) if is_far]
         # stale second rows of facts recomputed now go first; a crash then leaves nothing wrong behind
-        self.db.delete([ids[i] + BARE_KEY_SUFFIX for i, is_far in enumerate(far) if not is_far], missing_ok=True)
+        stale = [ids[i] + BARE_KEY_SUFFIX for i, is_far in enumerate(far) if not is_far]
+        stale = [fact_id for fact_id in stale if fact_id in self.db]
+        if stale:  # (only an update or a changed target has any: fresh edits skip the transaction)
+            self.db.delete(stale)
         self.db.upsert(torch.cat([keys, bare[extra]]), torch.cat([result.residuals, result.residuals[extra]]),
                        ids + [ids[i] + BARE_KEY_SUFFIX for i in extra],
                        metadata + [{**metadata[i], "bare_key_of": ids[i]} for i in extra])
