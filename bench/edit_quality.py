@@ -18,7 +18,10 @@ Examples (from the repository root; the data is read from ../shared/data):
   python bench/edit_quality.py --facts 64 --baseline-facts 8 --out /tmp/throughput.json
 
 The edited model is evaluated first and the unedited one last (all attachments detached), so that
-a long run with --db saves its edits before any evaluation.
+a long run with --db saves its edits before any evaluation. With --db the run is resumable as a
+whole: the database keeps the finished facts, <db>.progress.json the time each invocation spent
+editing and the scores of each finished evaluation chunk (--eval-chunk cases); the report then
+covers every invocation (edit_s, edited_facts and facts_per_s summed over `edit_segments`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pathlib
 import platform
 import sys
@@ -37,7 +41,66 @@ import torch.nn.functional as F
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-# ------------------------------------------------------------------------------------ evaluation
+# ---------------------------------------------------------------------- progress of a long run
+
+
+class Progress:
+    """What a run with --db has done, in `<db>.progress.json`, so that an interrupted run resumes
+    its evaluation too and the report covers the whole job: the editing segments of every
+    invocation (facts edited, seconds, threads) and the per-case scores of each finished
+    evaluation chunk, keyed by what was evaluated. Without a path nothing is written."""
+
+    def __init__(self, path):
+        self.path = pathlib.Path(path) if path else None
+        self.data = {"edit_segments": [], "evaluations": {}}
+        if self.path is not None and self.path.exists():
+            self.data = json.loads(self.path.read_text())
+
+    def save(self) -> None:
+        if self.path is not None:
+            temporary = self.path.with_name(self.path.name + ".tmp")
+            temporary.write_text(json.dumps(self.data))
+            os.replace(temporary, self.path)  # a crash leaves the old file or the new one, never half
+
+    def add_edit_segment(self, facts: int, seconds: float) -> None:
+        """Record an invocation that edited `facts` facts in `seconds`; one that found every fact
+        done (facts = 0) is not an editing segment and changes nothing."""
+        if not facts:
+            return
+        self.data["edit_segments"].append({"facts": facts, "seconds": seconds, "threads": torch.get_num_threads(),
+                                           "date": time.strftime("%Y-%m-%d %H:%M")})
+        # the database changed: saved scores of the edited model are stale
+        self.data["evaluations"] = {label: chunks for label, chunks in self.data["evaluations"].items()
+                                    if not json.loads(label)["edited"]}
+        self.save()
+
+
+def chunked_metrics(model, tokenizer, cases, *, compare: str, chunk: int, progress: Progress,
+                    **label) -> dict:
+    """Percent metrics of `cases` scored `chunk` cases at a time, each finished chunk's per-case
+    scores kept in `progress` under `label` (plus compare, chunk, number of cases); chunks already
+    there are not scored again. The result equals one `probability_metrics` call over all cases."""
+    from neuraldb_kernels.evaluation import case_scores, metrics_from_case_scores
+    from neuraldb_kernels.evaluation.counterfact import PROBABILITY_METRICS
+
+    key = json.dumps({**label, "compare": compare, "chunk": chunk, "cases": len(cases)}, sort_keys=True)
+    done = progress.data["evaluations"].setdefault(key, {})
+    for start in range(0, len(cases), chunk):
+        if str(start) not in done:
+            scores = case_scores(model, tokenizer, cases[start : start + chunk], compare=compare)
+            done[str(start)] = {metric: [None if math.isnan(v) else v for v in values.tolist()]
+                                for metric, values in scores.items()}
+            progress.save()
+    starts = sorted(map(int, done))
+    metrics = [metric for metric in PROBABILITY_METRICS if any(metric in done[str(start)] for start in starts)]
+    combined = {}
+    for metric in metrics:
+        values = []
+        for start in starts:
+            size = min(chunk, len(cases) - start)
+            values += done[str(start)].get(metric, [None] * size)
+        combined[metric] = torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float64)
+    return metrics_from_case_scores(combined)
 
 
 # ------------------------------------------------------------------------- per-fact baseline loop
@@ -149,11 +212,15 @@ def main(argv=None) -> dict:
                              "started again with the same --db resumes without redoing finished facts")
     parser.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE",
                         help="override an EditHParams field, e.g. --hparam steps=20")
+    parser.add_argument("--eval-chunk", type=int, default=250,
+                        help="cases scored per evaluation chunk; with --db each finished chunk is kept in "
+                             "<db>.progress.json and a resumed run skips it")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from neuraldb_kernels.editing import Editor, read_counterfact
-    from neuraldb_kernels.evaluation import cases_from_facts, probability_metrics
+    from neuraldb_kernels.editing.editor import count_facts
+    from neuraldb_kernels.evaluation import cases_from_facts
     from neuraldb_kernels.editing.hparams import resolve_hparams
 
     overrides = {}
@@ -170,6 +237,8 @@ def main(argv=None) -> dict:
     layers = args.layers or [preset.layer]
     if args.db and len(layers) > 1:
         parser.error("--db holds one layer's edits: give at most one --layers value with --db")
+    progress = Progress(args.db + ".progress.json" if args.db else None)
+    evaluate = dict(compare=args.compare, chunk=args.eval_chunk, progress=progress, data=args.data)
     for layer in layers:
         db = None
         if args.db:
@@ -182,26 +251,36 @@ def main(argv=None) -> dict:
             else:
                 d1, d2 = down_proj_dims(model, layer)
                 db = NeuralDB(args.db, d1=d1, d2=d2, layer=layer, gamma=preset.gamma, fingerprint=fingerprint)
-            report["resumed_with_facts"] = len(db)  # edit_s then times only the facts still to do
+            report["resumed_with_facts"] = count_facts(db)
         editor = Editor(model, tokenizer, db=db, **{**overrides, "layer": layer})
+        edited = []  # facts committed by this invocation (a resumed run skips finished ones)
         start = time.perf_counter()
-        ids = editor.edit(facts, progress=True)
+        ids = editor.edit(facts, progress=True, callback=edited.extend)
         seconds = time.perf_counter() - start
+        if args.db:
+            progress.add_edit_segment(len(edited), seconds)
+            segments = progress.data["edit_segments"]
+        else:
+            segments = [{"facts": len(edited), "seconds": seconds, "threads": torch.get_num_threads()}]
+        edit_s = sum(segment["seconds"] for segment in segments)
+        edited_facts = sum(segment["facts"] for segment in segments)
         stats = [editor.db.get(i).metadata["edit"] for i in ids]
         converged = sum(stat["converged"] for stat in stats)
         mean_steps = sum(stat["steps"] for stat in stats) / max(len(stats), 1)
         for gamma in args.gammas or [preset.gamma]:
             editor.db.gamma = gamma
-            metrics = probability_metrics(model, tokenizer, cases, compare=args.compare)
-            run = {"layer": layer, "gamma": gamma, "edit_s": seconds, "facts_per_s": len(ids) / seconds,
+            metrics = chunked_metrics(model, tokenizer, cases, edited=True, layer=layer, gamma=gamma,
+                                      db_rows=len(editor.db), **evaluate)
+            run = {"layer": layer, "gamma": gamma, "edit_s": edit_s, "edited_facts": edited_facts,
+                   "facts_per_s": edited_facts / edit_s if edit_s else None, "edit_segments": segments,
                    "converged": converged, "mean_steps": mean_steps, **metrics}
             report["runs"].append(run)
-            print(run, flush=True)
+            print({key: value for key, value in run.items() if key != "edit_segments"}, flush=True)
         editor.handle.detach()
     # The unedited model last, once every attachment is off: an interrupted run (--db) has then
     # already saved its edits, and a resumed one spends no time before editing.
     start = time.perf_counter()
-    report["unedited"] = probability_metrics(model, tokenizer, cases, compare=args.compare)
+    report["unedited"] = chunked_metrics(model, tokenizer, cases, edited=False, **evaluate)
     report["unedited_eval_s"] = time.perf_counter() - start
     print("unedited", report["unedited"], flush=True)
     if args.baseline_facts:

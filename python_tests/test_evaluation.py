@@ -126,7 +126,7 @@ def test_counterfact_metrics_compare_probabilities_and_average_per_case(monkeypa
     def fake_scores(model, tokenizer, prompts, targets, *, batch_size):
         seen.extend(zip(prompts, targets))
         return TargetScores(
-            torch.tensor([table[p] for p in prompts], dtype=torch.float64), None, None)
+            torch.tensor([table.get(p, (-1.0, -1.0)) for p in prompts], dtype=torch.float64), None, None)
 
     monkeypatch.setattr(counterfact, "score_targets", fake_scores)
     cases = [_case(0, ["R0a", "R0b"], [("N0", "t0")]), _case(1, ["R1"], [("N1a", "a"), ("N1b", "b"), ("N1c", "c")])]
@@ -135,6 +135,12 @@ def test_counterfact_metrics_compare_probabilities_and_average_per_case(monkeypa
     assert result["generalization"] == pytest.approx((0.5 + 0.0) / 2 * 100)  # a tie is no win
     assert result["specificity"] == pytest.approx((1.0 + 2 / 3) / 2 * 100)
     assert ("N1a", ("a", "new")) in seen and ("P0", ("new", "true")) in seen
+    # the per-case shares behind those means; a case without paraphrases has NaN there
+    per_case = counterfact.case_scores(None, None, cases + [_case(2)])
+    assert per_case["efficacy"].tolist() == [1.0, 0.0, 0.0]  # P2 is not in the table: its two targets tie
+    assert per_case["generalization"][:2].tolist() == [0.5, 0.0] and per_case["generalization"][2].isnan()
+    assert per_case["specificity"][:2].tolist() == pytest.approx([1.0, 2 / 3])
+    assert counterfact.metrics_from_case_scores(per_case)["generalization"] == pytest.approx(25.0)
 
 
 def test_token_mean_comparison_divides_by_target_length(monkeypatch):

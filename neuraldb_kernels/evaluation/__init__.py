@@ -7,7 +7,8 @@ always as before -> after on the same cases, with terminal / JSON / PNG reports.
 """
 
 from .consistency import TfidfModel, read_attribute_snippets
-from .counterfact import CounterFactCase, generation_metrics, probability_metrics
+from .counterfact import (CounterFactCase, case_scores, generation_metrics, metrics_from_case_scores,
+                          probability_metrics)
 from .fluency import fluency, generate_texts, ngram_entropy, text_fluency
 from .harness import FORMATS, cases_from_facts, evaluate, load_cases, model_metrics, read_facts
 from .preservation import preservation_metrics
@@ -17,8 +18,8 @@ from .zsre import ZsRECase, accuracy_metrics
 
 __all__ = [
     "FORMATS", "METRICS", "UNITS", "CounterFactCase", "EvaluationReport", "TargetScores", "TfidfModel",
-    "ZsRECase", "accuracy_metrics", "cases_from_facts", "evaluate", "fluency", "generate_texts",
-    "generation_metrics", "load_cases", "model_metrics", "ngram_entropy", "plot_scaling",
+    "ZsRECase", "accuracy_metrics", "case_scores", "cases_from_facts", "evaluate", "fluency", "generate_texts",
+    "generation_metrics", "load_cases", "metrics_from_case_scores", "model_metrics", "ngram_entropy", "plot_scaling",
     "preservation_metrics", "probability_metrics", "read_attribute_snippets", "read_facts", "read_json",
     "score_targets", "text_fluency", "write_json",
 ]

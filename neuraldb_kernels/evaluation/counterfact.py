@@ -90,23 +90,16 @@ def case_from_fact(fact, position: int) -> CounterFactCase:
         relation_id=extras.get("relation_id"), target_new_id=extras.get("target_new_id"))
 
 
-def _per_case_mean(hits: torch.Tensor, owners: list[int], n_cases: int) -> float:
-    """Percent: the mean over the cases owning at least one of `hits` of the mean of their hits."""
-    owner = torch.tensor(owners)
-    sums = torch.zeros(n_cases, dtype=torch.float64).index_add_(0, owner, hits.double())
-    counts = torch.zeros(n_cases, dtype=torch.float64).index_add_(0, owner, torch.ones(len(owners), dtype=torch.float64))
-    present = counts > 0
-    return float((sums[present] / counts[present]).mean()) * 100.0
-
-
 COMPARISONS = ("sequence", "token_mean")
+PROBABILITY_METRICS = ("efficacy", "generalization", "specificity")
 
 
-def probability_metrics(model, tokenizer, cases: Sequence[CounterFactCase], *,
-                        batch_size: int = 32, compare: str = "sequence") -> dict[str, float]:
-    """efficacy, generalization, specificity in percent (a key is absent when no case has such
-    prompts), all pairs scored in one batched pass. compare: "sequence" (whole-target
-    log-probabilities) or "token_mean" (mean per-token log-probabilities, ROME's convention)."""
+def case_scores(model, tokenizer, cases: Sequence[CounterFactCase], *,
+                batch_size: int = 32, compare: str = "sequence") -> dict[str, torch.Tensor]:
+    """Per case, the share of its tests won, for each of PROBABILITY_METRICS that some case has
+    prompts for: (n_cases,) float64 in [0, 1], NaN for a case without such prompts. All pairs are
+    scored in one batched pass. compare: "sequence" (whole-target log-probabilities) or
+    "token_mean" (mean per-token log-probabilities, ROME's convention)."""
     if compare not in COMPARISONS:
         raise ValueError(f"compare must be one of {COMPARISONS}, got {compare!r}")
     if not cases:
@@ -126,13 +119,28 @@ def probability_metrics(model, tokenizer, cases: Sequence[CounterFactCase], *,
             pairs.append((winner, loser))
     scored = score_targets(model, tokenizer, prompts, pairs, batch_size=batch_size)
     scores = scored.log_prob if compare == "sequence" else scored.log_prob / scored.n_tokens
-    hits = scores[:, 0] > scores[:, 1]
-    result: dict[str, float] = {}
-    for metric in ("efficacy", "generalization", "specificity"):
-        tests = [t for t, name in enumerate(metrics) if name == metric]
-        if tests:
-            result[metric] = _per_case_mean(hits[tests], [owners[t] for t in tests], len(cases))
+    hits = (scores[:, 0] > scores[:, 1]).double()
+    result: dict[str, torch.Tensor] = {}
+    for metric in PROBABILITY_METRICS:
+        tests = torch.tensor([t for t, name in enumerate(metrics) if name == metric], dtype=torch.long)
+        if len(tests):
+            owner = torch.tensor(owners)[tests]
+            wins = torch.zeros(len(cases), dtype=torch.float64).index_add_(0, owner, hits[tests])
+            counts = torch.bincount(owner, minlength=len(cases)).double()
+            result[metric] = wins / counts  # 0 / 0 = NaN: the case has no such prompts
     return result
+
+
+def metrics_from_case_scores(scores: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Percent: each metric's mean over the cases that have it (the NaN-free entries)."""
+    return {metric: float(values.nanmean()) * 100.0 for metric, values in scores.items()}
+
+
+def probability_metrics(model, tokenizer, cases: Sequence[CounterFactCase], *,
+                        batch_size: int = 32, compare: str = "sequence") -> dict[str, float]:
+    """efficacy, generalization, specificity in percent: the mean over cases of the share of their
+    tests won (a key is absent when no case has such prompts); see `case_scores`."""
+    return metrics_from_case_scores(case_scores(model, tokenizer, cases, batch_size=batch_size, compare=compare))
 
 
 def generation_metrics(model, tokenizer, cases: Sequence[CounterFactCase], *,

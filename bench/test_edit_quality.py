@@ -1,0 +1,92 @@
+"""bench/edit_quality.py's resumable evaluation: chunked scores equal one pass over all cases, an
+interrupted evaluation resumes without scoring finished chunks again, and editing invalidates
+the edited model's saved scores. A stand-in scorer keeps these fast (no model)."""
+
+import json
+import math
+
+import pytest
+import torch
+from edit_quality import Progress, chunked_metrics
+
+import neuraldb_kernels.evaluation as evaluation
+from neuraldb_kernels.evaluation import counterfact
+
+
+def _case(i):
+    # every third case has no paraphrase: its generalization score is NaN and must not count
+    return counterfact.CounterFactCase(case_id=i, subject=f"S{i}", prompt=f"P{i}", target_new="new",
+                                       target_true="true", paraphrase_prompts=() if i % 3 == 0 else (f"R{i}",),
+                                       neighborhood=((f"N{i}", "t"),))
+
+
+def _share(i, metric):
+    """The stand-in per-case score: a fixed pseudo-random share in [0, 1]."""
+    return ((i * 7 + len(metric) * 3) % 11) / 10.0
+
+
+class _Scorer:
+    """Stands in for `case_scores`; counts the cases it scores and can fail on a chosen call."""
+
+    def __init__(self, fail_on_call=None):
+        self.calls, self.scored, self.fail_on_call = 0, [], fail_on_call
+
+    def __call__(self, model, tokenizer, cases, *, compare):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise KeyboardInterrupt("interrupted")
+        self.scored += [case.case_id for case in cases]
+        ids = [case.case_id for case in cases]
+        return {"efficacy": torch.tensor([_share(i, "efficacy") for i in ids], dtype=torch.float64),
+                "generalization": torch.tensor([math.nan if i % 3 == 0 else _share(i, "generalization")
+                                                for i in ids], dtype=torch.float64)}
+
+
+def _expected(n):
+    """The metrics of one pass over n cases, computed here in plain Python."""
+    efficacy = [_share(i, "efficacy") for i in range(n)]
+    generalization = [_share(i, "generalization") for i in range(n) if i % 3]
+    return {"efficacy": 100 * sum(efficacy) / len(efficacy),
+            "generalization": 100 * sum(generalization) / len(generalization)}
+
+
+def test_chunked_scores_equal_one_pass_and_are_not_recomputed(tmp_path, monkeypatch):
+    cases = [_case(i) for i in range(23)]  # 23 = 4 chunks of 6, the last one short
+    scorer = _Scorer()
+    monkeypatch.setattr(evaluation, "case_scores", scorer)
+    path = tmp_path / "db.progress.json"
+    first = chunked_metrics(None, None, cases, compare="token_mean", chunk=6, progress=Progress(path), edited=False)
+    assert first == pytest.approx(_expected(23))
+    assert scorer.scored == list(range(23)) and scorer.calls == 4
+    again = chunked_metrics(None, None, cases, compare="token_mean", chunk=6, progress=Progress(path), edited=False)
+    assert again == first and scorer.calls == 4  # everything came from the file
+    # another comparison is another evaluation: scored anew, the first one kept
+    chunked_metrics(None, None, cases, compare="sequence", chunk=6, progress=Progress(path), edited=False)
+    assert scorer.calls == 8 and len(json.loads(path.read_text())["evaluations"]) == 2
+
+
+def test_interrupted_evaluation_resumes_where_it_stopped(tmp_path, monkeypatch):
+    cases = [_case(i) for i in range(20)]
+    path = tmp_path / "db.progress.json"
+    monkeypatch.setattr(evaluation, "case_scores", _Scorer(fail_on_call=3))
+    with pytest.raises(KeyboardInterrupt):
+        chunked_metrics(None, None, cases, compare="token_mean", chunk=5, progress=Progress(path), edited=True)
+    scorer = _Scorer()
+    monkeypatch.setattr(evaluation, "case_scores", scorer)
+    result = chunked_metrics(None, None, cases, compare="token_mean", chunk=5, progress=Progress(path), edited=True)
+    assert scorer.scored == list(range(10, 20))  # the two finished chunks were kept
+    assert result == pytest.approx(_expected(20))
+
+
+def test_editing_drops_only_the_edited_models_scores(tmp_path, monkeypatch):
+    cases = [_case(i) for i in range(4)]
+    monkeypatch.setattr(evaluation, "case_scores", _Scorer())
+    progress = Progress(tmp_path / "db.progress.json")
+    for edited in (True, False):
+        chunked_metrics(None, None, cases, compare="token_mean", chunk=4, progress=progress, edited=edited)
+    progress.add_edit_segment(facts=0, seconds=1.0)  # nothing edited: the scores still hold
+    assert len(progress.data["evaluations"]) == 2
+    progress.add_edit_segment(facts=3, seconds=2.0)
+    saved = json.loads((tmp_path / "db.progress.json").read_text())
+    assert [json.loads(label)["edited"] for label in saved["evaluations"]] == [False]
+    assert [segment["facts"] for segment in saved["edit_segments"]] == [3]  # the no-op run is no segment
