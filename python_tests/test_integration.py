@@ -130,14 +130,15 @@ def planted_db(layer, key, residual, gamma=GAMMA, fact_id="planted"):
 
 
 def plant(model, kind, layer, tokenizer, b=1, t=3, scale=8.0, seed=1):
-    """One fact keyed on the down-projection input at token (b, t) of the right-padded PROMPTS:
-    (db, inputs, bare logits, down-projection inputs (batch, seq, d1), residual)."""
-    inputs = batch(tokenizer, PROMPTS)
+    """One fact keyed on the down-projection input at token (b, t) of the right-padded PROMPTS, on
+    the model's device: (db, inputs, bare logits, down-projection inputs (batch, seq, d1), residual)."""
+    device = next(model.parameters()).device
+    inputs = {name: value.to(device) for name, value in batch(tokenizer, PROMPTS).items()}
     module = down_proj(model, kind, layer)
     logits, x, y = capture(model, module, **inputs)
     generator = torch.Generator().manual_seed(seed)
-    residual = torch.randn(y.shape[-1], generator=generator) * scale
-    db = planted_db(layer, x[b, t], residual)
+    residual = (torch.randn(y.shape[-1], generator=generator) * scale).to(device)
+    db = planted_db(layer, x[b, t].cpu(), residual.cpu())
     return db, inputs, logits, x, residual
 
 
@@ -168,10 +169,18 @@ def test_generic_module_path_reaches_the_same_module(tokenizer):
 # -- exactness -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", sorted(ARCHS))
-@pytest.mark.parametrize("layer", [0, 1])
-def test_planted_fact_adds_its_residual_at_exactly_that_token(kind, layer, tokenizer):
-    model = tiny_model(kind, tokenizer)
+# every architecture and layer on CPU; on a GPU, each GPU backend (skipped without one, with the reason)
+PLANTED_CASES = ([(kind, layer, "cpu", "auto") for kind in sorted(ARCHS) for layer in (0, 1)]
+                 + [("llama", 1, "cuda", backend) for backend in ("triton", "cuda", "torch")])
+
+
+@pytest.mark.parametrize("kind, layer, device, backend", PLANTED_CASES)
+def test_planted_fact_adds_its_residual_at_exactly_that_token(kind, layer, device, backend, tokenizer):
+    if device == "cuda":
+        reason = available_backends()[backend].reasons.get("cuda")
+        if reason is not None:
+            pytest.skip(f"{backend} on cuda: {reason}")
+    model = tiny_model(kind, tokenizer).to(device)
     b, t = PLANTED
     db, inputs, bare, x, residual = plant(model, kind, layer, tokenizer, b=b, t=t)
     mask = inputs["attention_mask"].bool()
@@ -179,36 +188,15 @@ def test_planted_fact_adds_its_residual_at_exactly_that_token(kind, layer, token
     assert firing.nonzero().tolist() == [[b, t]], "test premise: only the planted token is near its key"
 
     expected = with_addition(model, down_proj(model, kind, layer), {(b, t): residual}, **inputs)
-    with attach(model, db) as handle:
+    with attach(model, db, backend=backend) as handle:
         with torch.no_grad():
             edited = model(**inputs).logits
         fired = [(f.batch, f.position, f.fact_id) for f in handle.fired() if mask[f.batch, f.position]]
+        assert handle.last.index.device.type == device
     assert torch.equal(edited, expected)
     assert fired == [(b, t, "planted")]
     assert not torch.equal(edited, bare)
     assert torch.equal(edited[0], bare[0]) and torch.equal(edited[b, :t], bare[b, :t])
-
-
-@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
-def test_planted_fact_on_cuda_tensors_with_each_gpu_backend(backend, tokenizer):
-    reason = available_backends()[backend].reasons.get("cuda")
-    if reason is not None:
-        pytest.skip(f"{backend} on cuda: {reason}")
-    model = tiny_model("llama", tokenizer).cuda()
-    (b, t), layer = PLANTED, 1
-    inputs = {name: value.cuda() for name, value in batch(tokenizer, PROMPTS).items()}
-    module = down_proj(model, "llama", layer)
-    bare, x, _ = capture(model, module, **inputs)
-    firing = (cosines(x, x[b, t]) > GAMMA) & inputs["attention_mask"].bool()
-    assert firing.nonzero().tolist() == [[b, t]], "test premise: only the planted token is near its key"
-    residual = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(1)) * 8.0
-    expected = with_addition(model, module, {(b, t): residual.cuda()}, **inputs)
-    with attach(model, planted_db(layer, x[b, t].cpu(), residual), backend=backend) as handle:
-        with torch.no_grad():
-            edited = model(**inputs).logits
-        assert handle.last.index.device.type == "cuda"
-    assert torch.equal(edited, expected)
-    assert torch.equal(edited[0], bare[0]) and not torch.equal(edited, bare)
 
 
 @pytest.mark.parametrize("kind", sorted(ARCHS))

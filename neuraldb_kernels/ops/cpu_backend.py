@@ -36,3 +36,6 @@ def retrieve(
     """q2d (n, d1), K (m >= 1, d1) and R (m, d2) contiguous -> out (n, d2) R.dtype, index (n,) int64,
     score (n,) float32. Uses torch.get_num_threads() threads."""
     return _cpu.gated_retrieve(q2d, K, R, float(gamma), torch.get_num_threads())
+
+
+run = retrieve  # the dispatcher's entry point (the C++ kernel checks its own inputs)

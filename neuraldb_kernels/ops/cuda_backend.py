@@ -39,12 +39,19 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return None
 
 
-def retrieve(
+def run(
     q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q2d (n >= 1, d1), K (m >= 1, d1), R (m, d2), contiguous CUDA tensors, float32/float16/bfloat16 ->
-    out (n, d2) R.dtype, index (n,) int64, score (n,) float32 (cosines accumulated in fp32)."""
-    require_kernel_inputs("cuda", SUPPORTED_DTYPES, unavailable_reason, q2d, K, R)
+    out (n, d2) R.dtype, index (n,) int64, score (n,) float32 (cosines accumulated in fp32).
+    Inputs unchecked: the dispatcher's entry point (it checks dtypes and availability first)."""
     stream = torch.cuda.current_stream(q2d.device).cuda_stream
-    out, index, score = _cuda.gated_retrieve(q2d, K, R, float(gamma), stream)
-    return out, index, score
+    return tuple(_cuda.gated_retrieve(q2d, K, R, float(gamma), stream))
+
+
+def retrieve(
+    q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`run` for direct calls: a TypeError / RuntimeError first for an unsupported dtype or device."""
+    require_kernel_inputs("cuda", SUPPORTED_DTYPES, unavailable_reason, q2d, K, R)
+    return run(q2d, K, R, gamma)

@@ -47,7 +47,8 @@ class BackendStatus:
 
 @functools.lru_cache(maxsize=None)
 def backend_module(name: str):
-    """The module implementing backend `name` (retrieve, unavailable_reason)."""
+    """The module implementing backend `name`: run (the dispatcher's unchecked entry point),
+    retrieve (for direct calls) and unavailable_reason."""
     if name not in _MODULES:
         raise ValueError(f"gated_retrieve: unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
     return importlib.import_module(f"{__package__}.{_MODULES[name]}")

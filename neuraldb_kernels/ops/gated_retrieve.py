@@ -38,7 +38,7 @@ def _retrieve(
             score = score.masked_fill(nonfinite, float("nan"))
         return out, index, score
     q2d = q.reshape(n, q.shape[-1]).contiguous()
-    out, index, score = backend_module(name).retrieve(q2d, K.contiguous(), R.contiguous(), gamma)
+    out, index, score = backend_module(name).run(q2d, K.contiguous(), R.contiguous(), gamma)
     return out.reshape(*lead, d2), index.reshape(lead), score.reshape(lead)
 
 

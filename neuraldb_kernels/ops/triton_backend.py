@@ -274,11 +274,18 @@ def launch(
     return out, index, score
 
 
-def retrieve(
+def run(
     q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q2d (n >= 1, d1), K (m >= 1, d1), R (m, d2), contiguous, float32/float16/bfloat16 ->
-    out (n, d2) R.dtype, index (n,) int64, score (n,) float32 (cosines accumulated in fp32)."""
+    out (n, d2) R.dtype, index (n,) int64, score (n,) float32 (cosines accumulated in fp32).
+    Inputs unchecked: the dispatcher's entry point (it checks dtypes and availability first)."""
+    return launch(q2d, K, R, gamma, plan_launch(q2d.shape[0], K.shape[0], q2d.shape[1], q2d.device))
+
+
+def retrieve(
+    q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`run` for direct calls: a TypeError / RuntimeError first for an unsupported dtype or device."""
     require_kernel_inputs("triton", SUPPORTED_DTYPES, unavailable_reason, q2d, K, R)
-    n, m = q2d.shape[0], K.shape[0]
-    return launch(q2d, K, R, gamma, plan_launch(n, m, q2d.shape[1], q2d.device))
+    return run(q2d, K, R, gamma)
