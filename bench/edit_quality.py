@@ -219,7 +219,6 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
 
     from neuraldb_kernels.editing import Editor, read_counterfact
-    from neuraldb_kernels.editing.editor import count_facts
     from neuraldb_kernels.evaluation import cases_from_facts
     from neuraldb_kernels.editing.hparams import resolve_hparams
 
@@ -251,7 +250,7 @@ def main(argv=None) -> dict:
             else:
                 d1, d2 = down_proj_dims(model, layer)
                 db = NeuralDB(args.db, d1=d1, d2=d2, layer=layer, gamma=preset.gamma, fingerprint=fingerprint)
-            report["resumed_with_facts"] = count_facts(db)
+            report["resumed_with_facts"] = len(db)
         editor = Editor(model, tokenizer, db=db, **{**overrides, "layer": layer})
         edited = []  # facts committed by this invocation (a resumed run skips finished ones)
         start = time.perf_counter()

@@ -139,7 +139,6 @@ def _read_facts(path: str, format: str | None, limit: int | None) -> list:
 
 def cmd_edit(args) -> None:
     from .editing import Editor, check_facts, resolve_hparams
-    from .editing.editor import count_facts
     from .integration import down_proj_dims, model_fingerprint
     from .store import NeuralDB
 
@@ -172,7 +171,7 @@ def cmd_edit(args) -> None:
         else:
             db = NeuralDB.open(directory / DB_FILE)
             _check_fits(db, model)
-        before = count_facts(db)
+        before = len(db)
         started = time.perf_counter()
         editor = Editor(model, tokenizer, db=db, **{k: v for k, v in args.hparam.items() if k not in ("layer", "gamma")})
         try:
@@ -195,7 +194,7 @@ def cmd_edit(args) -> None:
     elapsed = time.perf_counter() - started
     _print_skipped(editor.skipped)
     print(f"edited {len(committed)} facts in {elapsed:.1f} s ({len(ids) - len(committed)} already in the "
-          f"database); {directory} now holds {count_facts(db)} facts (was {before})")
+          f"database); {directory} now holds {len(db)} facts (was {before})")
     db.close()
 
 
@@ -287,8 +286,6 @@ def cmd_ask(args) -> None:
 
 
 def cmd_db_info(args) -> None:
-    from .editing.editor import count_facts
-
     directory = Path(args.db)
     spec = _recorded_model(directory)
     with _open_db(directory) as db:
@@ -296,9 +293,8 @@ def cmd_db_info(args) -> None:
         fp = db.fingerprint
         print(f"database     {db.path}")
         print(f"model        {spec}")
-        facts = count_facts(db)
-        second = len(db) - facts
-        print(f"facts        {facts}" + (f" (+{second} bare-prompt key rows)" if second else ""))
+        extra = db.key_rows - len(db)
+        print(f"facts        {len(db)}" + (f" (+{extra} extra keys: bare-prompt queries)" if extra else ""))
         print(f"layer        {db.layer}   gamma {db.gamma}   d1 {db.d1}   d2 {db.d2}   dtype {str(db.dtype).removeprefix('torch.')}")
         print(f"fingerprint  {fp.describe() if fp is not None else 'none'}")
         print(f"created      {db.created_at}")
@@ -306,29 +302,27 @@ def cmd_db_info(args) -> None:
 
 
 def cmd_db_list(args) -> None:
-    from .editing.editor import BARE_KEY_SUFFIX
-
     with _open_db(Path(args.db)) as db:
-        ids = [fact_id for fact_id in db if not fact_id.endswith(BARE_KEY_SUFFIX)]
+        ids = list(db)
         shown = ids if args.limit is None else ids[: args.limit]
         for fact_id in shown:
-            meta = db.get(fact_id).metadata
+            fact = db.get(fact_id)
+            meta = fact.metadata
             was = f" (was {meta['target_true']!r})" if meta.get("target_true") else ""
-            second = " [+bare-prompt key]" if fact_id + BARE_KEY_SUFFIX in db else ""
+            extra = len(fact.keys) - 1
+            keys = f" [+{extra} extra key{'s' if extra > 1 else ''}]" if extra else ""
             print(f"{fact_id}  {meta.get('subject', '?')}: {meta.get('prompt', '?')!r} -> "
-                  f"{meta.get('target_new', '?')!r}{was}{second}")
+                  f"{meta.get('target_new', '?')!r}{was}{keys}")
         print(f"{len(shown)} of {len(ids)} facts")
 
 
 def cmd_db_rm(args) -> None:
-    from .editing.editor import BARE_KEY_SUFFIX, count_facts, with_bare_keys
-
     with _open_db(Path(args.db)) as db:
         try:
-            removed = db.delete(with_bare_keys(db, args.ids))
+            removed = db.delete(args.ids)
         except KeyError as error:
             raise CommandError(f"nothing removed: {error.args[0]}") from None
-        print(f"removed {sum(not r.endswith(BARE_KEY_SUFFIX) for r in removed)} facts; {count_facts(db)} left")
+        print(f"removed {len(removed)} facts; {len(db)} left")
 
 
 def cmd_db_export(args) -> None:

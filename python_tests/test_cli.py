@@ -234,19 +234,20 @@ def test_db_info_list_rm_export_import(neuraldb, tmp_path, tiny_model_dir):
     assert_one_line_error(code, err, 1, "already exists")
 
 
-def test_db_commands_count_and_remove_bare_prompt_key_rows_with_their_fact(neuraldb, tmp_path, tiny_model_dir):
+def test_db_commands_count_and_remove_extra_keys_with_their_fact(neuraldb, tmp_path, tiny_model_dir):
     fingerprint = _fingerprint(tiny_model_dir)
     directory = _db_dir(tmp_path / "db", tiny_model_dir, fingerprint, facts=2)
-    with NeuralDB.open(directory / "neuraldb.sqlite") as db:  # fact0 gets a second key row, as the Editor adds
-        db.add(torch.randn(1, fingerprint.d1), db.get("fact0").residual[None], ids=["fact0#bare"],
-               metadata=[{**db.get("fact0").metadata, "bare_key_of": "fact0"}])
+    with NeuralDB.open(directory / "neuraldb.sqlite") as db:  # fact0 gets an extra key, as the Editor adds
+        fact0 = db.get("fact0")
+        db.upsert(fact0.key, fact0.residual, "fact0", fact0.metadata, extra_keys=torch.randn(1, fingerprint.d1))
     code, out, err = neuraldb("db", "info", "--db", directory)
-    assert code == 0 and "facts        2 (+1 bare-prompt key rows)" in out, err
+    assert code == 0 and "facts        2 (+1 extra keys: bare-prompt queries)" in out, err
     code, out, _ = neuraldb("db", "list", "--db", directory)
-    assert "fact0  S0: 'P0' -> 'new' [+bare-prompt key]" in out and "2 of 2 facts" in out and "#bare" not in out
+    assert "fact0  S0: 'P0' -> 'new' [+1 extra key]" in out and "2 of 2 facts" in out
     code, out, err = neuraldb("db", "rm", "--db", directory, "fact0")
     assert code == 0 and "removed 1 facts; 1 left" in out, err
     with NeuralDB.open(directory / "neuraldb.sqlite") as db:
+        assert db.key_rows == 1
         assert list(db) == ["fact1"]
 
 

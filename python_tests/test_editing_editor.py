@@ -8,7 +8,6 @@ import torch
 from neuraldb_kernels import NeuralDB
 from neuraldb_kernels.editing import (Editor, Fact, FactError, compute_keys, generate_prefixes, read_counterfact,
                                       tokenize_fact)
-from neuraldb_kernels.editing.editor import BARE_KEY_SUFFIX
 from neuraldb_kernels.integration import locate_down_proj
 
 # cheap settings for the semantics tests (quality is tested with the defaults)
@@ -41,11 +40,6 @@ def _nll(model, tokenizer, prompt, target):
     return -sum(logp[len(ids) - 1 + t, token] for t, token in enumerate(tail)).item() / len(tail)
 
 
-def _facts_in(db):
-    """The fact ids of `db` without the second (bare-prompt) key rows."""
-    return [fact_id for fact_id in db if not fact_id.endswith(BARE_KEY_SUFFIX)]
-
-
 def _greedy_next(model, tokenizer, prompts):
     with torch.no_grad():
         return [int(model(torch.tensor([tokenizer(p)["input_ids"]])).logits[0, -1].argmax()) for p in prompts]
@@ -57,10 +51,10 @@ def test_keys_equal_an_independent_hook_computation(smollm2, counterfact):
     prefixes = generate_prefixes(model, tokenizer, count=FAST["n_prefixes"], length=10)
     facts = counterfact[:3]
     tokens = [tokenize_fact(tokenizer, fact, prefixes, index=i) for i, fact in enumerate(facts)]
-    keys = compute_keys(model, tokens, layer, pad_id=tokenizer.eos_token_id)
+    keys, bare = compute_keys(model, tokens, layer, pad_id=tokenizer.eos_token_id)
 
     module = locate_down_proj(model, layer)
-    expected = []
+    expected, expected_bare = [], []
     for fact in facts:
         seen = []
         handle = module.register_forward_hook(lambda _m, args, _out: seen.append(args[0][0]))
@@ -77,7 +71,9 @@ def test_keys_equal_an_independent_hook_computation(smollm2, counterfact):
         finally:
             handle.remove()
         expected.append(torch.stack(rows).mean(0))
+        expected_bare.append(rows[0])  # the bare prompt, no prefix
     torch.testing.assert_close(keys, torch.stack(expected), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bare, torch.stack(expected_bare), rtol=1e-5, atol=1e-5)
 
 
 def test_edits_change_answers_on_prompts_and_paraphrases_and_nothing_else(smollm2, counterfact):
@@ -93,7 +89,7 @@ def test_edits_change_answers_on_prompts_and_paraphrases_and_nothing_else(smollm
     editor = Editor(model, tokenizer)
     try:
         ids = editor.edit(facts, progress=False)
-        assert ids == [fact.fact_id for fact in facts] and len(_facts_in(editor.db)) == 3
+        assert ids == [fact.fact_id for fact in facts] and len(list(editor.db)) == 3
         for fact in facts:
             for prompt in (fact.filled_prompt, fact.extras["rephrase_prompt"]):
                 assert _nll(model, tokenizer, prompt, fact.target_new) < _nll(model, tokenizer, prompt,
@@ -149,7 +145,7 @@ def test_interrupted_edit_resumes_and_adds_each_fact_once(smollm2, counterfact, 
     db.close()
 
     reopened = NeuralDB.open(path)
-    assert sorted(_facts_in(reopened)) == sorted(committed[0]) and len(committed[0]) == 2
+    assert sorted(list(reopened)) == sorted(committed[0]) and len(committed[0]) == 2
     resumed = []
     editor = Editor(model, tokenizer, db=reopened, batch_size=2, **FAST)
     try:
@@ -158,11 +154,10 @@ def test_interrupted_edit_resumes_and_adds_each_fact_once(smollm2, counterfact, 
         editor.handle.detach()
     done = [fact_id for batch in resumed for fact_id in batch]
     assert sorted(done + committed[0]) == sorted(fact.fact_id for fact in facts)  # each computed once
-    assert sorted(_facts_in(reopened)) == sorted(ids) and len(ids) == 5
-    for fact_id in reopened:  # second key rows only beside their own fact, with its residual
-        if fact_id.endswith(BARE_KEY_SUFFIX):
-            parent = fact_id.removesuffix(BARE_KEY_SUFFIX)
-            assert torch.equal(reopened.get(fact_id).residual, reopened.get(parent).residual)
+    assert sorted(list(reopened)) == sorted(ids) and len(ids) == 5
+    for fact_id in reopened:  # an extra key only where the edit recorded one
+        stored = reopened.get(fact_id)
+        assert len(stored.keys) == 1 + stored.metadata["edit"]["bare_prompt_key"]
     reopened.close()
 
 
@@ -180,7 +175,7 @@ def test_same_fact_is_skipped_new_target_replaces_update_and_remove(smollm2, cou
 
         changed = Fact(fact.prompt, fact.subject, "Japanese")
         assert editor.edit([changed], progress=False, callback=calls.append) == [fact_id]
-        assert len(calls) == 2 and _facts_in(editor.db) == [fact_id]
+        assert len(calls) == 2 and list(editor.db) == [fact_id]
         assert editor.db.get(fact_id).metadata["target_new"] == "Japanese"
         assert not torch.equal(editor.db.get(fact_id).residual, stored.residual)
 
@@ -189,7 +184,7 @@ def test_same_fact_is_skipped_new_target_replaces_update_and_remove(smollm2, cou
         with pytest.raises(ValueError, match="not in the database.*use edit"):
             editor.update([Fact("{} is in", "Lyon", "Peru")], progress=False)
 
-        assert editor.remove([fact_id]) == [fact_id] and len(editor.db) == 0  # with any second key row
+        assert editor.remove([fact_id]) == [fact_id] and len(editor.db) == 0 and editor.db.key_rows == 0
         with pytest.raises(Exception, match=fact_id):
             editor.remove([fact_id])
         assert editor.remove([fact_id], missing_ok=True) == []
@@ -197,7 +192,7 @@ def test_same_fact_is_skipped_new_target_replaces_update_and_remove(smollm2, cou
         editor.handle.detach()
 
 
-def test_subject_first_prompt_gets_a_bare_prompt_key_row(smollm2, counterfact):
+def test_subject_first_prompt_gets_a_bare_prompt_extra_key(smollm2, counterfact):
     # "Saint Petersburg is a twin city of": without a BOS token the subject opens the sequence, and
     # its query there is far from the prefixed contexts' average; "The mother tongue of Danielle
     # Darrieux is" keeps its subject mid-sentence in every context
@@ -206,11 +201,11 @@ def test_subject_first_prompt_gets_a_bare_prompt_key_row(smollm2, counterfact):
     editor = Editor(model, tokenizer, **FAST)
     try:
         first_id, inside_id = editor.edit([subject_first, subject_inside], progress=False)
-        assert sorted(editor.db) == sorted([first_id, inside_id, first_id + BARE_KEY_SUFFIX])
-        second = editor.db.get(first_id + BARE_KEY_SUFFIX)
-        assert second.metadata["bare_key_of"] == first_id
-        assert torch.equal(second.residual, editor.db.get(first_id).residual)
-        # the second key is the bare prompt's down-projection input at the subject's last token
+        assert sorted(editor.db) == sorted([first_id, inside_id]) and editor.db.key_rows == 3
+        stored = editor.db.get(first_id)
+        assert len(stored.keys) == 2 and stored.metadata["edit"]["bare_prompt_key"]
+        assert len(editor.db.get(inside_id).keys) == 1
+        # the extra key is the bare prompt's down-projection input at the subject's last token
         tokens = tokenize_fact(tokenizer, subject_first, ())
         seen = []
         module = locate_down_proj(model, editor.hparams.layer)
@@ -222,20 +217,21 @@ def test_subject_first_prompt_gets_a_bare_prompt_key_row(smollm2, counterfact):
         finally:
             handle.remove()
         query = seen[-1][tokens.subject_last[0]]
-        torch.testing.assert_close(second.key, query, rtol=1e-5, atol=1e-5)
-        assert torch.nn.functional.cosine_similarity(query, editor.db.get(first_id).key, dim=0) < 0.8
-        # attached, the edited prompt fires at the subject through the second key
+        torch.testing.assert_close(stored.keys[1], query, rtol=1e-5, atol=1e-5)
+        assert torch.nn.functional.cosine_similarity(query, stored.key, dim=0) < 0.8
+        # attached, the edited prompt fires at the subject through the extra key
         editor.handle = editor._attach()
         with torch.no_grad():
             model(torch.tensor([tokens.contexts[0]]))
         fired = {(f.position, f.fact_id) for f in editor.handle.fired()}
-        assert (tokens.subject_last[0], first_id + BARE_KEY_SUFFIX) in fired
+        assert (tokens.subject_last[0], first_id) in fired
         assert editor.remove([first_id]) == [first_id] and sorted(editor.db) == [inside_id]
+        assert editor.db.key_rows == 1
     finally:
         editor.handle.detach()
     never = Editor(model, tokenizer, **FAST, bare_key_below=-1.0)
     try:
-        assert never.edit([subject_first], progress=False) == [first_id] and list(never.db) == [first_id]
+        assert never.edit([subject_first], progress=False) == [first_id] and never.db.key_rows == 1
     finally:
         never.handle.detach()
 

@@ -18,7 +18,7 @@ def _facts(n, seed=0):
     keys = torch.randn(n, D1, generator=generator, dtype=torch.float64)
     residuals = torch.randn(n, D2, generator=generator, dtype=torch.float64)
     ids = [f"fact-{i}" for i in range(n)]
-    metadata = [{"subject": f"S{i}", "prompt": f"{{}} plays for", "target_new": "Ajax", "target_true": None,
+    metadata = [{"subject": f"S{i}", "prompt": "{} plays for", "target_new": "Ajax", "target_true": None,
                  "source": "test", "extra": {"case_id": i, "tags": ["a", "ü"]}} for i in range(n)]
     return keys, residuals, ids, metadata
 

@@ -236,8 +236,15 @@ def test_export_import_errors(tmp_path, db):
     refused(ValueError, r"duplicate id 'a' in the batch \(positions 0 and 2\)")
     rewrite(metadata=[{}, {}])
     refused(ValueError, "has 3 ids but 2 metadata entries")
-    rewrite(ids=["a", "b"])
+    rewrite(ids=["a", "b"], key_counts=[1, 1])
     refused(ValueError, r"the sidecar describes torch.float16 \(2, 6\)")
+    rewrite(key_counts=[1, 2, 1])  # four key rows described, three stored
+    refused(ValueError, r"tensor 'keys' is torch.float16 \(3, 6\), the sidecar describes torch.float16 \(4, 6\)")
+    for bad in ([1, 1], [1, 0, 1], [1, True, 1], "1,1,1"):
+        rewrite(key_counts=bad)
+        refused(ValueError, "'key_counts' must be a list of 3 positive ints")
+    sidecar.write_text(json.dumps({key: value for key, value in document.items() if key != "key_counts"}))
+    refused(ValueError, r"lacks the field 'key_counts' \(format version 2\)")
     sidecar.write_text(json.dumps({key: value for key, value in document.items() if key != "gamma"}))
     refused(ValueError, r"lacks the fields \['gamma'\]")
     sidecar.write_text("{not json")

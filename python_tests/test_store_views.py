@@ -22,17 +22,31 @@ def _encoded(numbers, dtype=torch.float32):
     return keys.to(dtype), residuals.to(dtype)
 
 
-def _assert_matches_model(db, model, dtypes):
+def _as_rows(keys):
+    """The rows of a (k, d) tensor as a sorted list of tuples (a fact's key rows in any order)."""
+    return sorted(map(tuple, keys.tolist()))
+
+
+def _assert_matches_model(db, model, dtypes, *, files=False):
+    """model: id -> ((k, D1) keys, own key first, (D2,) residual) in float64."""
     assert len(db) == len(model) and set(db) == set(model)
+    rows = sum(len(keys) for keys, _ in model.values())
+    assert db.key_rows == rows
     for dtype in dtypes:
         snap = db.snapshot(dtype=dtype)
-        assert snap.keys.shape == (len(model), D1) and snap.keys.dtype == dtype and snap.keys.is_contiguous()
-        ids = snap.ids_at(range(len(model)))
-        assert ids == db.ids_at(torch.arange(len(model))) and sorted(ids) == sorted(model)
+        assert snap.keys.shape == (rows, D1) and snap.keys.dtype == dtype and snap.keys.is_contiguous()
+        ids = snap.ids_at(range(rows))
+        assert ids == db.ids_at(torch.arange(rows)) and set(ids) == set(model)
+        rows_of = {}
         for row, fact_id in enumerate(ids):
-            key, residual = model[fact_id]
-            assert torch.equal(snap.keys[row], key.to(db.dtype).to(dtype))
-            assert torch.equal(snap.residuals[row], residual.to(db.dtype).to(dtype))
+            rows_of.setdefault(fact_id, []).append(row)
+            assert torch.equal(snap.residuals[row], model[fact_id][1].to(db.dtype).to(dtype))
+        for fact_id, (keys, _) in model.items():  # each fact's rows hold exactly its keys
+            assert _as_rows(snap.keys[rows_of[fact_id]]) == _as_rows(keys.to(db.dtype).to(dtype))
+    if files:  # the file holds each fact's keys in order, its own key first
+        for fact_id, (keys, residual) in model.items():
+            stored = db.get(fact_id)
+            assert torch.equal(stored.keys, keys.to(db.dtype)) and torch.equal(stored.key, keys[0].to(db.dtype))
 
 
 @pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16], ids=str)
@@ -43,6 +57,14 @@ def test_random_operations_match_a_dict_model(tmp_path, storage):
     model = {}  # id -> (key, residual) in float64, the independent reference
     kept_snapshots = []  # (snapshot, cloned keys, cloned residuals, ids at the time)
     next_number = 0
+    def extra_keys(n):
+        """For n facts: None or 1-2 more keys each (facts change their key count on upsert)."""
+        counts = [rng.choice([0, 0, 1, 2]) for _ in range(n)]
+        return [torch.randn(c, D1, generator=generator, dtype=torch.float64) if c else None for c in counts]
+
+    def with_extra(key, extra):
+        return key.unsqueeze(0) if extra is None else torch.cat([key.unsqueeze(0), extra])
+
     for step in range(160):
         action = rng.choice(["add", "add", "delete", "upsert", "snapshot"])
         if action == "add":
@@ -50,9 +72,13 @@ def test_random_operations_match_a_dict_model(tmp_path, storage):
             keys = torch.randn(n, D1, generator=generator, dtype=torch.float64)
             residuals = torch.randn(n, D2, generator=generator, dtype=torch.float64)
             ids = [f"f{next_number + i}" for i in range(n)]
+            extra = extra_keys(n)
             next_number += n
-            db.add(keys[0] if n == 1 else keys, residuals[0] if n == 1 else residuals, ids[0] if n == 1 else ids)
-            model.update({fact_id: (keys[i], residuals[i]) for i, fact_id in enumerate(ids)})
+            if n == 1:
+                db.add(keys[0], residuals[0], ids[0], extra_keys=extra[0])
+            else:
+                db.add(keys, residuals, ids, extra_keys=extra)
+            model.update({fact_id: (with_extra(keys[i], extra[i]), residuals[i]) for i, fact_id in enumerate(ids)})
         elif action == "delete" and model:
             doomed = rng.sample(sorted(model), rng.randint(1, min(4, len(model))))
             assert db.delete(doomed) == doomed
@@ -63,20 +89,21 @@ def test_random_operations_match_a_dict_model(tmp_path, storage):
             next_number += 1
             keys = torch.randn(len(ids), D1, generator=generator, dtype=torch.float64)
             residuals = torch.randn(len(ids), D2, generator=generator, dtype=torch.float64)
-            db.upsert(keys, residuals, ids)
-            model.update({fact_id: (keys[i], residuals[i]) for i, fact_id in enumerate(ids)})
+            extra = extra_keys(len(ids))
+            db.upsert(keys, residuals, ids, extra_keys=extra)
+            model.update({fact_id: (with_extra(keys[i], extra[i]), residuals[i]) for i, fact_id in enumerate(ids)})
         else:
             snap = db.snapshot(dtype=torch.float64)
             kept_snapshots.append((snap, snap.keys.clone(), snap.residuals.clone(), snap.ids_at(range(len(snap.keys)))))
         if step % 10 == 0:
             _assert_matches_model(db, model, [storage, torch.float64])
-    _assert_matches_model(db, model, [storage, torch.float64])
+    _assert_matches_model(db, model, [storage, torch.float64], files=True)
     for snap, keys, residuals, ids in kept_snapshots:  # no later mutation changed an earlier snapshot
         assert torch.equal(snap.keys, keys) and torch.equal(snap.residuals, residuals)
         assert snap.ids_at(range(len(keys))) == ids
     db.close()
     with NeuralDB.open(tmp_path / "r.ndb") as reopened:
-        _assert_matches_model(reopened, model, [storage])
+        _assert_matches_model(reopened, model, [storage], files=True)
 
 
 def test_snapshot_survives_append_growth_update_and_delete():

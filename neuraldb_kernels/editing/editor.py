@@ -12,10 +12,10 @@ Semantics:
   resumes without redoing finished facts. `update()` recomputes and replaces unconditionally.
 - Facts are processed in batches of `batch_size`; each batch's rows are written to the database
   in one transaction before the next batch starts, so an interruption loses at most one batch.
-- A fact may hold a second key row, id "<id>#bare" with the same residual: the query of its bare
-  prompt, stored when that is far from the averaged key (`EditHParams.bare_key_below`; prompts
-  that start with the subject). `remove()` and `neuraldb db rm` delete it with its fact. Facts
-  stored before this rule existed have none until `update()` recomputes them.
+- A fact may hold an extra key beside its averaged one (the store keeps several keys per fact,
+  one residual): the query of its bare prompt, stored when that is far from the averaged key
+  (`EditHParams.bare_key_below`; prompts that start with the subject). Facts stored before this
+  rule existed have none until `update()` recomputes them.
 - Keys, prefixes and residuals are always computed on the UNEDITED model: the Editor's attachment
   is taken off while it computes and put back afterwards (also on errors and interruptions);
   `editor.handle` is the current attachment (a new object after every edit/update).
@@ -36,19 +36,6 @@ from .keys import compute_keys, pad_token_id
 from .prefixes import generate_prefixes
 from .residuals import optimize_residuals
 from .tokens import EditTokens, model_context_length, tokenize_fact
-
-BARE_KEY_SUFFIX = "#bare"  # id suffix of a fact's second key row (see EditHParams.bare_key_below)
-
-
-def count_facts(db: NeuralDB) -> int:
-    """The facts in `db`, its bare-prompt key rows not counted."""
-    return sum(1 for fact_id in db if not fact_id.endswith(BARE_KEY_SUFFIX))
-
-
-def with_bare_keys(db: NeuralDB, ids: Sequence[str]) -> list[str]:
-    """`ids` followed by the ids of their bare-prompt key rows that `db` holds."""
-    return list(ids) + [fact_id + BARE_KEY_SUFFIX for fact_id in ids if fact_id + BARE_KEY_SUFFIX in db]
-
 
 class Editor:
     """Edits facts into `model` through a NeuralDB at one FFN layer.
@@ -112,11 +99,9 @@ class Editor:
         return self._run(facts, on_error=on_error, progress=progress, callback=callback, replace=True)
 
     def remove(self, ids: str | Sequence[str], *, missing_ok: bool = False) -> list[str]:
-        """Delete facts by id, with their bare-prompt key rows (one transaction); effective at the
-        model's next forward. Returns the fact ids deleted; a missing id is an error unless missing_ok."""
-        ids = [ids] if isinstance(ids, str) else list(ids)
-        deleted = self.db.delete(with_bare_keys(self.db, ids), missing_ok=missing_ok)
-        return [fact_id for fact_id in deleted if not fact_id.endswith(BARE_KEY_SUFFIX)]
+        """Delete facts by id (one transaction); effective at the model's next forward. Returns
+        the ids deleted; a missing id is an error unless missing_ok."""
+        return self.db.delete(ids, missing_ok=missing_ok)
 
     # ---------------------------------------------------------------------------------- internals
 
@@ -177,24 +162,17 @@ class Editor:
     def _commit(self, facts: list[Fact], tokens: list[EditTokens], pad_id: int, callback) -> None:
         hp = self.hparams
         keys, bare = compute_keys(self.model, tokens, hp.layer, pad_id=pad_id, batch_size=hp.batch_size,
-                                  module_path=self.module_path, return_bare=True)
+                                  module_path=self.module_path)
         result = optimize_residuals(self.model, tokens, hp, pad_id=pad_id, module_path=self.module_path)
+        # the bare prompt's own query becomes an extra key where it is far from the averaged key
+        far = (torch.nn.functional.cosine_similarity(bare, keys, dim=1) < hp.bare_key_below).tolist()
         metadata = []
         for i, fact in enumerate(facts):
             metadata.append({**fact.metadata(), "edit": {
                 "layer": hp.layer, "target_prob": float(result.target_prob[i]), "steps": int(result.steps[i]),
-                "converged": bool(result.converged[i])}})
+                "converged": bool(result.converged[i]), "bare_prompt_key": far[i]}})
         ids = [fact.fact_id for fact in facts]
-        # second key rows where the bare prompt's own query is far from the averaged key
-        far = (torch.nn.functional.cosine_similarity(bare, keys, dim=1) < hp.bare_key_below).tolist()
-        extra = [i for i, is_far in enumerate(far) if is_far]
-        # stale second rows of facts recomputed now go first; a crash then leaves nothing wrong behind
-        stale = [ids[i] + BARE_KEY_SUFFIX for i, is_far in enumerate(far) if not is_far]
-        stale = [fact_id for fact_id in stale if fact_id in self.db]
-        if stale:  # (only an update or a changed target has any: fresh edits skip the transaction)
-            self.db.delete(stale)
-        self.db.upsert(torch.cat([keys, bare[extra]]), torch.cat([result.residuals, result.residuals[extra]]),
-                       ids + [ids[i] + BARE_KEY_SUFFIX for i in extra],
-                       metadata + [{**metadata[i], "bare_key_of": ids[i]} for i in extra])
+        self.db.upsert(keys, result.residuals, ids, metadata,
+                       extra_keys=[bare[i] if is_far else None for i, is_far in enumerate(far)])
         if callback is not None:
             callback(ids)

@@ -33,7 +33,7 @@ class EditHParams:
     batch_size: facts optimised together in one forward/backward (and committed together).
     kl_template: the prompt of the KL term, "{}" standing for the subject.
     bare_key_below: a fact whose bare-prompt query (no prefix) has cosine < this with its averaged
-        key also gets that query as a second key row ("<id>#bare", same residual). Prompts that
+        key also gets that query as an extra key (same fact, same residual). Prompts that
         start with the subject put it at sequence position 0 in models without a BOS token (SmolLM2,
         GPT-2), where its representation is far from the prefixed contexts' (cosine 0.1-0.6
         measured): without the second key the edited prompt itself would not fire. -1 never adds one.

@@ -63,10 +63,10 @@ def down_proj_inputs(model, rows: Sequence[Sequence[int]], positions: Sequence[i
 
 
 def compute_keys(model, tokens: Sequence[EditTokens], layer: int, *, pad_id: int, batch_size: int = 64,
-                 module_path: Optional[str] = None, return_bare: bool = False):
-    """(n, d1) float32 keys of the tokenised facts: the mean over each fact's contexts of the
-    down-projection input at its subject's last token. Run on the unedited model. With
-    return_bare, also (n, d1) float32: that input in each fact's bare-prompt context alone."""
+                 module_path: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, bare), both (n, d1) float32, of the tokenised facts, run on the unedited model:
+    keys[i] is the mean over fact i's contexts of the down-projection input at its subject's last
+    token (Eq. 20); bare[i] is that input in its bare-prompt context alone."""
     keys, bare = [], []
     for start in range(0, len(tokens), batch_size):
         chunk = tokens[start : start + batch_size]
@@ -79,5 +79,5 @@ def compute_keys(model, tokens: Sequence[EditTokens], layer: int, *, pad_id: int
         keys.append((sums / counts.unsqueeze(1)).cpu())
         bare.append(inputs[torch.cumsum(counts, 0) - counts].cpu())  # contexts[0] is the bare prompt
     if not keys:
-        return (torch.zeros(0, 0), torch.zeros(0, 0)) if return_bare else torch.zeros(0, 0)
-    return (torch.cat(keys), torch.cat(bare)) if return_bare else torch.cat(keys)
+        return torch.zeros(0, 0), torch.zeros(0, 0)
+    return torch.cat(keys), torch.cat(bare)

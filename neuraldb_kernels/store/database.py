@@ -1,11 +1,15 @@
-"""`NeuralDB`: a durable, incremental store of facts (id, key, residual, metadata) with live
+"""`NeuralDB`: a durable, incremental store of facts (id, keys, residual, metadata) with live
 retrieval views.
+
+A fact has one residual and k >= 1 keys: its own key, plus any extra keys (other queries that
+must retrieve the same residual, e.g. the Editor's bare-prompt key). Retrieval sees key rows:
+a fact with k keys is k rows of every view, each with the fact's residual.
 
 SQLite (format in FORMAT.md) is the source of truth: every add / upsert / delete call is one
 transaction, committed before memory changes. In memory the database keeps the row order (row i
-of every view is fact `ids[i]`) and one `ViewBuffers` per (device, dtype), the (CPU, storage
-dtype) one always present and loaded in one pass at open. Other views are built from it on first
-request and then kept in sync row by row.
+of every view is a key row of fact `ids[i]`) and one `ViewBuffers` per (device, dtype), the
+(CPU, storage dtype) one always present and loaded in one pass at open. Other views are built
+from it on first request and then kept in sync row by row.
 
 Snapshot semantics: `view()` / `snapshot()` return tensors that never change afterwards, however
 the database is mutated later (appends write outside them or into grown buffers; deletes and
@@ -56,8 +60,9 @@ class SearchHit:
 class Snapshot:
     """A consistent, immutable retrieval view.
 
-    keys: (m, d1), residuals: (m, d2), contiguous, on the requested device and dtype; row i is the
-    fact `ids_at([i])[0]`. version: the database version the snapshot shows.
+    keys: (m, d1), residuals: (m, d2), contiguous, on the requested device and dtype, one row per
+    key (m >= the number of facts); row i is a key of fact `ids_at([i])[0]`. version: the
+    database version the snapshot shows.
     """
 
     keys: torch.Tensor
@@ -136,8 +141,10 @@ class NeuralDB:
             raise FileNotFoundError(f"no NeuralDB database at {os.fspath(path)}")
         conn = schema.connect(path)
         try:
-            schema.read_meta(conn, os.fspath(path))  # checks it is a NeuralDB before changing anything
+            meta = schema.read_meta(conn, os.fspath(path))  # checks it is a NeuralDB before changing anything
             schema.configure_file(conn)
+            if meta["format_version"] < schema.FORMAT_VERSION:
+                schema.migrate(conn, os.fspath(path))
         except BaseException:
             conn.close()
             raise
@@ -164,19 +171,20 @@ class NeuralDB:
             conn.execute("BEGIN")
             try:
                 self._load_meta(schema.read_meta(conn, str(path) if path is not None else "database"))
-                count = schema.count_facts(conn)
+                count = schema.count_key_bytes(conn) // (self._d1 * self._dtype.itemsize)
                 capacity = max(MIN_CAPACITY, 2 * count)  # untouched rows cost no memory until used
                 keys = torch.empty((capacity, self._d1), dtype=self._dtype)
                 residuals = torch.empty((capacity, self._d2), dtype=self._dtype)
-                self._ids, revs = schema.read_facts_into(conn, keys, residuals)
+                self._ids, self._rev_of = schema.read_facts_into(conn, keys, residuals)
                 self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
             finally:
                 conn.execute("COMMIT")
         except BaseException:
             conn.close()
             raise
-        self._row_of = {fact_id: row for row, fact_id in enumerate(self._ids)}
-        self._rev_of = dict(zip(self._ids, revs))
+        self._rows_of: dict[str, list[int]] = {}  # a fact's view rows, its own key's first
+        for row, fact_id in enumerate(self._ids):
+            self._rows_of.setdefault(fact_id, []).append(row)
         self._id_readers: weakref.WeakSet[Snapshot] = weakref.WeakSet()  # live snapshots sharing self._ids
         self._master_key = (torch.device("cpu"), self._dtype)
         self._views: dict[tuple[torch.device, torch.dtype], ViewBuffers] = {
@@ -246,7 +254,7 @@ class NeuralDB:
 
     def __repr__(self) -> str:
         where = "memory" if self._path is None else str(self._path)
-        return (f"NeuralDB({where}, facts={len(self._ids)}, d1={self._d1}, d2={self._d2}, layer={self._layer}, "
+        return (f"NeuralDB({where}, facts={len(self._rows_of)}, d1={self._d1}, d2={self._d2}, layer={self._layer}, "
                 f"gamma={self._gamma}, dtype={schema.dtype_name(self._dtype)}{', closed' if self._closed else ''})")
 
     # -- fingerprint ---------------------------------------------------------------------------
@@ -309,22 +317,26 @@ class NeuralDB:
                     "residual = excluded.residual, metadata = excluded.metadata") if upsert else ""
         self._conn.executemany(
             "INSERT INTO facts(id, rev, key, residual, metadata) VALUES (?, ?, ?, ?, ?)" + conflict,
-            zip(batch.ids, [revision] * len(batch), schema.encode_rows(batch.keys),
+            zip(batch.ids, [revision] * len(batch), [schema.encode_keys(batch.fact_keys(i)) for i in range(len(batch))],
                 schema.encode_rows(batch.residuals), batch.metadata_json))
         return revision
 
     def add(self, keys: torch.Tensor, residuals: torch.Tensor, ids: str | Sequence[str] | None = None,
-            metadata: dict[str, Any] | Sequence[dict[str, Any] | None] | None = None) -> list[str]:
+            metadata: dict[str, Any] | Sequence[dict[str, Any] | None] | None = None, *,
+            extra_keys: torch.Tensor | Sequence[torch.Tensor | None] | None = None) -> list[str]:
         """Add one fact (keys (d1,), residuals (d2,)) or a batch ((n, d1), (n, d2)) in one transaction.
 
         ids: None (generated uuid4 hex), or one str / n distinct str not yet in the database.
         metadata: None, a mapping, or n mappings (see `StoredFact`); created_at is filled in when absent.
+        extra_keys: more keys per fact that retrieve its residual: for one fact a (d1,) / (j, d1)
+        tensor, for a batch n entries, each None or such a tensor.
         Returns the ids. On any error nothing is stored.
         """
-        batch = prepare_batch(keys, residuals, ids, metadata, d1=self._d1, d2=self._d2, dtype=self._dtype)
+        batch = prepare_batch(keys, residuals, ids, metadata, d1=self._d1, d2=self._d2, dtype=self._dtype,
+                              extra_keys=extra_keys)
         with self._lock:
             self._check_open()
-            existing = [fact_id for fact_id in batch.ids if fact_id in self._row_of]
+            existing = [fact_id for fact_id in batch.ids if fact_id in self._rows_of]
             if existing:
                 raise ValueError(f"{len(existing)} id(s) already in the database, e.g. {existing[0]!r}; "
                                  f"use upsert to replace facts")
@@ -332,38 +344,43 @@ class NeuralDB:
         return batch.ids
 
     def _add_batch(self, batch: FactBatch) -> None:
-        self._reserve(len(batch))
+        fact_keys = [batch.fact_keys(i) for i in range(len(batch))]
+        self._reserve(sum(len(k) for k in fact_keys))
         try:
             revision = self._transaction(lambda: self._insert_rows(batch, upsert=False))
         except sqlite3.IntegrityError as error:
             raise ValueError(f"an id of the batch is already in the database file, written by another "
                              f"connection (call refresh()): {error}") from None
-        self._apply_append(batch.ids, [revision] * len(batch), batch.keys, batch.residuals)
+        self._apply_append(batch.ids, [revision] * len(batch), fact_keys, batch.residuals)
 
     def upsert(self, keys: torch.Tensor, residuals: torch.Tensor, ids: str | Sequence[str],
-               metadata: dict[str, Any] | Sequence[dict[str, Any] | None] | None = None) -> list[str]:
-        """Like `add`, but facts whose id exists are replaced (key, residual and metadata), keeping
-        their row in the views. ids are required. One transaction; on any error nothing changes."""
+               metadata: dict[str, Any] | Sequence[dict[str, Any] | None] | None = None, *,
+               extra_keys: torch.Tensor | Sequence[torch.Tensor | None] | None = None) -> list[str]:
+        """Like `add`, but facts whose id exists are replaced (keys, residual and metadata: extra
+        keys not given again are dropped). A replaced fact keeps its rows in the views when its
+        number of keys is unchanged. ids are required. One transaction; on any error nothing changes."""
         if ids is None:
             raise ValueError("upsert needs the ids of the facts to insert or replace")
-        batch = prepare_batch(keys, residuals, ids, metadata, d1=self._d1, d2=self._d2, dtype=self._dtype)
+        batch = prepare_batch(keys, residuals, ids, metadata, d1=self._d1, d2=self._d2, dtype=self._dtype,
+                              extra_keys=extra_keys)
+        fact_keys = [batch.fact_keys(i) for i in range(len(batch))]
         with self._lock:
             self._check_open()
-            existing = [i for i, fact_id in enumerate(batch.ids) if fact_id in self._row_of]
-            new = [i for i, fact_id in enumerate(batch.ids) if fact_id not in self._row_of]
-            self._reserve(len(new))
+            existing = [i for i, fact_id in enumerate(batch.ids) if fact_id in self._rows_of]
+            new = [i for i, fact_id in enumerate(batch.ids) if fact_id not in self._rows_of]
+            self._reserve(self._rows_to_append(batch.ids, fact_keys))
             revision = self._transaction(lambda: self._insert_rows(batch, upsert=True))
             self._apply_overwrite([batch.ids[i] for i in existing], [revision] * len(existing),
-                                  batch.keys[existing], batch.residuals[existing])
+                                  [fact_keys[i] for i in existing], batch.residuals[existing])
             self._apply_append([batch.ids[i] for i in new], [revision] * len(new),
-                               batch.keys[new], batch.residuals[new])
+                               [fact_keys[i] for i in new], batch.residuals[new])
         return batch.ids
 
     def delete(self, ids: str | Sequence[str], *, missing_ok: bool = False) -> list[str]:
         """Delete one fact or a batch in one transaction; returns the ids actually deleted.
 
         A missing id is a KeyError (and nothing is deleted) unless `missing_ok`.
-        Views shrink by swap-remove: the last rows move into the holes.
+        Views shrink by swap-remove: the last rows move into the holes of the facts' key rows.
         """
         if isinstance(ids, str):
             ids = [ids]
@@ -377,11 +394,11 @@ class NeuralDB:
             raise ValueError("duplicate ids in the batch to delete")
         with self._lock:
             self._check_open()
-            missing = [fact_id for fact_id in ids if fact_id not in self._row_of]
+            missing = [fact_id for fact_id in ids if fact_id not in self._rows_of]
             if missing and not missing_ok:
                 raise KeyError(f"{len(missing)} id(s) not in the database, e.g. {missing[0]!r} "
                                f"(pass missing_ok=True to ignore missing ids)")
-            present = [fact_id for fact_id in ids if fact_id in self._row_of]
+            present = [fact_id for fact_id in ids if fact_id in self._rows_of]
             if not present:
                 return []
 
@@ -401,40 +418,65 @@ class NeuralDB:
             self._ids = list(self._ids)
             self._id_readers = weakref.WeakSet()
 
-    def _apply_append(self, ids: list[str], revs: list[int], keys: torch.Tensor, residuals: torch.Tensor) -> None:
+    def _rows_to_append(self, ids: list[str], fact_keys: list[torch.Tensor]) -> int:
+        """The view rows that writing these facts appends: new facts, and replaced facts whose
+        number of keys changes (`_apply_overwrite` moves those)."""
+        return sum(len(keys) for fact_id, keys in zip(ids, fact_keys)
+                   if len(self._rows_of.get(fact_id, ())) != len(keys))
+
+    def _apply_append(self, ids: list[str], revs: list[int], fact_keys: list[torch.Tensor],
+                      residuals: torch.Tensor) -> None:
+        """Append facts: fact i's (k_i, d1) keys as k_i rows, each with residuals[i]."""
         if not ids:
             return
-        for fact_id, rev in zip(ids, revs):
-            self._row_of[fact_id] = len(self._ids)
-            self._ids.append(fact_id)  # rows beyond every snapshot's count: no copy needed
+        for fact_id, rev, keys in zip(ids, revs, fact_keys):
+            start = len(self._ids)
+            self._rows_of[fact_id] = list(range(start, start + len(keys)))
+            self._ids += [fact_id] * len(keys)  # rows beyond every snapshot's count: no copy needed
             self._rev_of[fact_id] = rev
+        counts = torch.tensor([len(keys) for keys in fact_keys])
+        rows = torch.cat(fact_keys), residuals.repeat_interleave(counts, dim=0)
         for buffers in self._views.values():
-            buffers.append(keys, residuals)
+            buffers.append(*rows)
         self._version += 1
 
-    def _apply_overwrite(self, ids: list[str], revs: list[int], keys: torch.Tensor, residuals: torch.Tensor) -> None:
-        if not ids:
-            return
-        rows = torch.tensor([self._row_of[fact_id] for fact_id in ids], dtype=torch.int64)
-        for buffers in self._views.values():
-            buffers.overwrite(rows, keys, residuals)
-        self._rev_of.update(zip(ids, revs))
-        self._version += 1
+    def _apply_overwrite(self, ids: list[str], revs: list[int], fact_keys: list[torch.Tensor],
+                         residuals: torch.Tensor) -> None:
+        """Replace facts in place where their number of keys is unchanged; the others are removed
+        and appended anew (`_reserve` must have made room)."""
+        same = [i for i, fact_id in enumerate(ids) if len(self._rows_of[fact_id]) == len(fact_keys[i])]
+        if same:
+            rows = torch.tensor([row for i in same for row in self._rows_of[ids[i]]], dtype=torch.int64)
+            counts = torch.tensor([len(fact_keys[i]) for i in same])
+            keys = torch.cat([fact_keys[i] for i in same])
+            for buffers in self._views.values():
+                buffers.overwrite(rows, keys, residuals[same].repeat_interleave(counts, dim=0))
+            self._rev_of.update((ids[i], revs[i]) for i in same)
+            self._version += 1
+        kept = set(same)
+        moved = [i for i in range(len(ids)) if i not in kept]
+        if moved:
+            self._apply_remove([ids[i] for i in moved])
+            self._apply_append([ids[i] for i in moved], [revs[i] for i in moved], [fact_keys[i] for i in moved],
+                               residuals[moved])
 
     def _apply_remove(self, ids: list[str]) -> None:
         """Swap-remove: the surviving rows at the end move into the holes of removed rows below the new count."""
         if not ids:
             return
         self._unshare_ids()
-        removed = {self._row_of.pop(fact_id) for fact_id in ids}
+        removed = set()
         for fact_id in ids:
+            removed.update(self._rows_of.pop(fact_id))
             del self._rev_of[fact_id]
         count = len(self._ids) - len(removed)
         holes = sorted(row for row in removed if row < count)
         movers = [row for row in range(count, len(self._ids)) if row not in removed]
         for hole, mover in zip(holes, movers):
-            self._ids[hole] = self._ids[mover]
-            self._row_of[self._ids[hole]] = hole
+            fact_id = self._ids[mover]
+            self._ids[hole] = fact_id
+            rows = self._rows_of[fact_id]
+            rows[rows.index(mover)] = hole
         del self._ids[count:]
         sources = torch.tensor(movers, dtype=torch.int64)
         targets = torch.tensor(holes, dtype=torch.int64)
@@ -445,33 +487,39 @@ class NeuralDB:
     # -- reading -------------------------------------------------------------------------------
 
     def __len__(self) -> int:
+        """The number of facts (see `key_rows` for the rows retrieval scans)."""
+        return len(self._rows_of)
+
+    @property
+    def key_rows(self) -> int:
+        """The number of key rows of every view: the facts' keys, extra keys included."""
         return len(self._ids)
 
     def __contains__(self, fact_id: object) -> bool:
-        return fact_id in self._row_of
+        return fact_id in self._rows_of
 
     def __iter__(self) -> Iterator[str]:
-        """The fact ids in view row order, as of the start of the iteration."""
+        """The fact ids as of the start of the iteration (each once)."""
         with self._lock:
-            return iter(list(self._ids))
+            return iter(list(self._rows_of))
 
     def get(self, fact_id: str) -> StoredFact:
         """The fact with this id, read from the database file; KeyError if absent."""
         with self._lock:
             self._check_open()
-            if fact_id not in self._row_of:
+            if fact_id not in self._rows_of:
                 raise KeyError(f"no fact with id {fact_id!r}")
             row = self._conn.execute("SELECT key, residual, metadata FROM facts WHERE id = ?", (fact_id,)).fetchone()
         if row is None:
             raise KeyError(f"fact {fact_id!r} was deleted by another connection; call refresh()")
-        return StoredFact(fact_id, schema.decode_rows([row[0]], torch.empty((1, self._d1), dtype=self._dtype))[0],
+        return StoredFact(fact_id, schema.decode_keys(row[0], self._d1, self._dtype, fact_id),
                           schema.decode_rows([row[1]], torch.empty((1, self._d2), dtype=self._dtype))[0],
                           json.loads(row[2]))
 
     def facts(self) -> Iterator[StoredFact]:
-        """Every fact (see `get`), in view row order as of the start of the iteration."""
+        """Every fact (see `get`), as of the start of the iteration."""
         for fact_id in iter(self):
-            if fact_id in self._row_of:
+            if fact_id in self._rows_of:
                 yield self.get(fact_id)
 
     def ids_at(self, indices: torch.Tensor | Sequence[int]) -> list[str | None]:
@@ -513,7 +561,8 @@ class NeuralDB:
 
     def search(self, q: torch.Tensor, k: int = 5) -> list[SearchHit]:
         """The `k` facts whose keys have the highest cosine with the query `q` (d1,), best first
-        (ties: lower view row first); cosines computed in float32 from the stored keys."""
+        (a fact with several keys counts with its best; ties: lower view row first); cosines
+        computed in float32 from the stored keys."""
         if not isinstance(q, torch.Tensor) or not q.dtype.is_floating_point:
             raise TypeError(f"q must be a floating torch.Tensor, got {type(q).__name__}")
         if q.shape != (self._d1,):
@@ -525,18 +574,20 @@ class NeuralDB:
             raise ValueError("q must be finite with a non-zero norm")
         query = query / query.norm()
         snap = self.snapshot()
-        best_scores = torch.empty(0)
-        best_rows = torch.empty(0, dtype=torch.int64)
+        scores = torch.empty(snap.keys.shape[0])
         for start in range(0, snap.keys.shape[0], _SEARCH_CHUNK):
             chunk = snap.keys[start : start + _SEARCH_CHUNK].float()
-            scores = (chunk @ query) / chunk.norm(dim=1)
-            scores = torch.cat([best_scores, scores])
-            rows = torch.cat([best_rows, torch.arange(start, start + chunk.shape[0])])
-            order = torch.sort(scores, descending=True, stable=True).indices[:k]
-            best_scores, best_rows = scores[order], rows[order]
-        ids = snap.ids_at(best_rows)
+            scores[start : start + chunk.shape[0]] = (chunk @ query) / chunk.norm(dim=1)
+        ids, best = [], []
+        for row in torch.sort(scores, descending=True, stable=True).indices.tolist():
+            fact_id = snap.ids_at([row])[0]
+            if fact_id not in ids:
+                ids.append(fact_id)
+                best.append(float(scores[row]))
+                if len(ids) == k:
+                    break
         metadata = self._metadata_of(ids)
-        return [SearchHit(fact_id, score, metadata[fact_id]) for fact_id, score in zip(ids, best_scores.tolist())]
+        return [SearchHit(fact_id, score, metadata[fact_id]) for fact_id, score in zip(ids, best)]
 
     def _metadata_of(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
@@ -565,7 +616,7 @@ class NeuralDB:
                 self._data_version = data_version
                 self._load_meta(schema.read_meta(self._conn, str(self._path)))
                 on_disk = dict(self._conn.execute("SELECT id, rev FROM facts"))
-                removed = [fact_id for fact_id in self._ids if fact_id not in on_disk]
+                removed = [fact_id for fact_id in self._rows_of if fact_id not in on_disk]
                 written = [fact_id for fact_id, rev in on_disk.items() if self._rev_of.get(fact_id) != rev]
                 rows: dict[str, tuple[bytes, bytes]] = {}
                 for start in range(0, len(written), _SQL_CHUNK):
@@ -574,18 +625,20 @@ class NeuralDB:
                     rows.update((fact_id, (key, residual)) for fact_id, key, residual in self._conn.execute(query, chunk))
             finally:
                 self._conn.execute("COMMIT")
-            updated = [fact_id for fact_id in written if fact_id in self._row_of]
-            new = [fact_id for fact_id in written if fact_id not in self._row_of]
+            updated = [fact_id for fact_id in written if fact_id in self._rows_of]
+            new = [fact_id for fact_id in written if fact_id not in self._rows_of]
 
-            def decoded(ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-                keys = schema.decode_rows((rows[i][0] for i in ids), torch.empty((len(ids), self._d1), dtype=self._dtype))
-                residuals = schema.decode_rows((rows[i][1] for i in ids), torch.empty((len(ids), self._d2), dtype=self._dtype))
+            def decoded(ids: list[str]) -> tuple[list[torch.Tensor], torch.Tensor]:
+                keys = [schema.decode_keys(rows[i][0], self._d1, self._dtype, i) for i in ids]
+                residuals = schema.decode_rows((rows[i][1] for i in ids),
+                                               torch.empty((len(ids), self._d2), dtype=self._dtype))
                 return keys, residuals
 
+            updated_rows, new_rows = decoded(updated), decoded(new)
             self._apply_remove(removed)
-            self._apply_overwrite(updated, [on_disk[i] for i in updated], *decoded(updated))
-            self._reserve(len(new))
-            self._apply_append(new, [on_disk[i] for i in new], *decoded(new))
+            self._reserve(self._rows_to_append(updated + new, updated_rows[0] + new_rows[0]))
+            self._apply_overwrite(updated, [on_disk[i] for i in updated], *updated_rows)
+            self._apply_append(new, [on_disk[i] for i in new], *new_rows)
             return bool(removed or written)
 
     # -- copies --------------------------------------------------------------------------------
@@ -611,26 +664,35 @@ class NeuralDB:
                 Path(f"{temporary}{suffix}").unlink(missing_ok=True)
 
     def export(self, file: str | os.PathLike) -> Path:
-        """Write `file` (.safetensors: "keys" (m, d1), "residuals" (m, d2) in the storage dtype, view
-        row order) and its sidecar `file` with suffix .json (ids, metadata, settings, format version,
-        the safetensors file's SHA-256). Returns the sidecar path. Never overwrites."""
+        """Write `file` (.safetensors: "keys" (r, d1), every fact's keys in turn, and "residuals"
+        (m, d2), one per fact, in the storage dtype) and its sidecar `file` with suffix .json (ids,
+        key counts, metadata, settings, format version, the safetensors file's SHA-256). Returns
+        the sidecar path. Never overwrites."""
         with self._lock:
             self._check_open()
             snap = self.snapshot()
-            metadata = self._metadata_of(snap._ids[: len(snap.keys)])
+            ids = list(self._rows_of)
+            rows = [list(self._rows_of[fact_id]) for fact_id in ids]
+            metadata = self._metadata_of(ids)
+        key_rows = torch.tensor([row for fact_rows in rows for row in fact_rows], dtype=torch.int64)
+        first_rows = torch.tensor([fact_rows[0] for fact_rows in rows], dtype=torch.int64)
         settings = {"d1": self._d1, "d2": self._d2, "layer": self._layer, "gamma": self._gamma,
                     "dtype": schema.dtype_name(self._dtype),
                     "fingerprint": None if self._fingerprint is None else dataclasses.asdict(self._fingerprint)}
-        ids = snap.ids_at(range(len(snap.keys)))
-        return write_export(Path(file), snap.keys, snap.residuals, ids, [metadata[i] for i in ids], settings)
+        return write_export(Path(file), snap.keys[key_rows], snap.residuals[first_rows],
+                            [len(fact_rows) for fact_rows in rows], ids, [metadata[i] for i in ids], settings)
 
     @classmethod
     def import_(cls, file: str | os.PathLike, path: str | os.PathLike | None = None) -> "NeuralDB":
         """Create a database (in memory, or at `path`) from an export written by `export`, after
         validating both files completely."""
-        settings, keys, residuals, ids, metadata = read_export(Path(file))
-        batch = prepare_batch(keys, residuals, ids, metadata, d1=settings["d1"], d2=settings["d2"],
-                              dtype=schema.STORAGE_DTYPES[settings["dtype"]])
+        settings, keys, residuals, key_counts, ids, metadata = read_export(Path(file))
+        starts = [0]
+        for count in key_counts[:-1]:
+            starts.append(starts[-1] + count)
+        batch = prepare_batch(keys[starts] if ids else keys, residuals, ids, metadata, d1=settings["d1"],
+                              d2=settings["d2"], dtype=schema.STORAGE_DTYPES[settings["dtype"]],
+                              extra_keys=[keys[start + 1 : start + count] for start, count in zip(starts, key_counts)])
         fingerprint = None if settings["fingerprint"] is None else ModelFingerprint(**settings["fingerprint"])
         db = cls(path, d1=settings["d1"], d2=settings["d2"], layer=settings["layer"], gamma=settings["gamma"],
                  dtype=settings["dtype"], fingerprint=fingerprint)

@@ -1,8 +1,10 @@
 """Export / import of a NeuralDB as a pair of files for sharing (format in FORMAT.md):
 
-- `NAME.safetensors`: tensors "keys" (m, d1) and "residuals" (m, d2) in the storage dtype;
+- `NAME.safetensors`: tensors "keys" (r, d1), every fact's keys in turn, and "residuals" (m, d2),
+  one per fact, in the storage dtype;
 - `NAME.json`: format name and version, settings (d1, d2, layer, gamma, dtype, fingerprint),
-  the m ids and m metadata objects in row order, and the SHA-256 of the .safetensors file.
+  the m ids, m key counts (summing to r) and m metadata objects in fact order, and the SHA-256
+  of the .safetensors file. Version 1 exports have no key counts: one key per fact.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _sha256(file: Path) -> str:
     return digest.hexdigest()
 
 
-def write_export(file: Path, keys: torch.Tensor, residuals: torch.Tensor, ids: list[str],
+def write_export(file: Path, keys: torch.Tensor, residuals: torch.Tensor, key_counts: list[int], ids: list[str],
                  metadata: list[dict[str, Any]], settings: dict[str, Any]) -> Path:
     """Write the pair (never overwriting either file); returns the sidecar path."""
     sidecar = sidecar_of(file)
@@ -47,17 +49,18 @@ def write_export(file: Path, keys: torch.Tensor, residuals: torch.Tensor, ids: l
     save_file({"keys": keys.contiguous(), "residuals": residuals.contiguous()}, str(file),
               metadata={"format": EXPORT_FORMAT, "format_version": str(FORMAT_VERSION), "count": str(len(ids))})
     document = {"format": EXPORT_FORMAT, "format_version": FORMAT_VERSION, **settings,
-                "safetensors_sha256": _sha256(file), "ids": ids, "metadata": metadata}
+                "safetensors_sha256": _sha256(file), "ids": ids, "key_counts": key_counts, "metadata": metadata}
     with open(sidecar, "x", encoding="utf-8") as stream:
         json.dump(document, stream, ensure_ascii=False, allow_nan=False)
     return sidecar
 
 
-def read_export(file: Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, list[Any], list[Any]]:
-    """Read and check an export: (settings, keys, residuals, ids, metadata).
+def read_export(file: Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, list[int], list[Any], list[Any]]:
+    """Read and check an export: (settings, keys, residuals, key_counts, ids, metadata).
 
-    Checks format and version, the checksum, tensor names, shapes and dtype, and that ids and
-    metadata are lists of the row count. Per-fact checks (finite values, key norms, unique ids,
+    Checks format and version, the checksum, tensor names, shapes and dtype, that ids and
+    metadata are lists of the fact count and the key counts positive ints summing to the key
+    rows (a version 1 export has one key per fact). Per-fact checks (finite values, key norms, unique ids,
     metadata types) are left to the batch validation of `NeuralDB.add`.
     """
     sidecar = sidecar_of(file)
@@ -90,12 +93,18 @@ def read_export(file: Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor,
     ids, metadata = document["ids"], document["metadata"]
     if not isinstance(ids, list) or not isinstance(metadata, list):
         raise ValueError(f"{sidecar}: 'ids' and 'metadata' must be lists")
+    if version >= 2 and "key_counts" not in document:
+        raise ValueError(f"{sidecar} lacks the field 'key_counts' (format version {version})")
+    key_counts = document["key_counts"] if version >= 2 else [1] * len(ids)
+    if (not isinstance(key_counts, list) or len(key_counts) != len(ids)
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in key_counts)):
+        raise ValueError(f"{sidecar}: 'key_counts' must be a list of {len(ids)} positive ints (one per id)")
     dtype = STORAGE_DTYPES[document["dtype"]]
-    expected = {"keys": (len(ids), document["d1"]), "residuals": (len(ids), document["d2"])}
+    expected = {"keys": (sum(key_counts), document["d1"]), "residuals": (len(ids), document["d2"])}
     for name, tensor in (("keys", keys), ("residuals", residuals)):
         if tensor.dtype != dtype or tuple(tensor.shape) != expected[name]:
             raise ValueError(f"{file}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, the sidecar "
                              f"describes {dtype} {expected[name]}")
     if len(metadata) != len(ids):
         raise ValueError(f"{sidecar} has {len(ids)} ids but {len(metadata)} metadata entries")
-    return {name: document[name] for name in _SETTINGS}, keys, residuals, ids, metadata
+    return {name: document[name] for name in _SETTINGS}, keys, residuals, key_counts, ids, metadata

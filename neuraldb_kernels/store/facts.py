@@ -24,30 +24,42 @@ _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class StoredFact:
     """One stored fact.
 
-    id: stable string id. key: (d1,) CPU tensor, residual: (d2,) CPU tensor, both in the
-    database's storage dtype. metadata: subject, prompt, target_new, target_true, source,
+    id: stable string id. keys: (k, d1) CPU tensor, k >= 1: the fact's own key first, then any
+    extra keys (other queries that retrieve the same residual); residual: (d2,) CPU tensor; both
+    in the database's storage dtype. metadata: subject, prompt, target_new, target_true, source,
     created_at (ISO-8601 UTC) where given, plus any JSON-serialisable extras.
     """
 
     id: str
-    key: torch.Tensor
+    keys: torch.Tensor
     residual: torch.Tensor
     metadata: dict[str, Any]
+
+    @property
+    def key(self) -> torch.Tensor:
+        """(d1,): the fact's own key, `keys[0]`."""
+        return self.keys[0]
 
 
 @dataclasses.dataclass(frozen=True)
 class FactBatch:
-    """A validated batch: n ids, (n, d1) keys and (n, d2) residuals on CPU in the storage dtype,
-    n metadata dicts (created_at filled in) and their JSON texts."""
+    """A validated batch: n ids, (n, d1) keys, n (j_i, d1) extra keys (j_i >= 0) and (n, d2)
+    residuals on CPU in the storage dtype, n metadata dicts (created_at filled in) and their JSON
+    texts."""
 
     ids: list[str]
     keys: torch.Tensor
+    extra_keys: list[torch.Tensor]
     residuals: torch.Tensor
     metadata: list[dict[str, Any]]
     metadata_json: list[str]
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def fact_keys(self, i: int) -> torch.Tensor:
+        """(1 + j_i, d1): fact i's key followed by its extra keys."""
+        return torch.cat([self.keys[i : i + 1], self.extra_keys[i]])
 
 
 def _rows(name: str, values: Any, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
@@ -133,13 +145,42 @@ def _metadata(metadata: Any, ids: list[str], single: bool) -> tuple[list[dict[st
     return dicts, texts
 
 
+def _extra_keys(extra_keys: Any, ids: list[str], single: bool, d1: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    if extra_keys is None:
+        return [torch.empty((0, d1), dtype=dtype) for _ in ids]
+    if single and isinstance(extra_keys, torch.Tensor):
+        extra_keys = [extra_keys]
+    if isinstance(extra_keys, torch.Tensor) or not isinstance(extra_keys, Sequence):
+        raise TypeError(f"extra_keys must be None, a tensor for one fact, or a sequence with one entry (None or "
+                        f"a tensor) per fact, got {type(extra_keys).__name__}")
+    if len(extra_keys) != len(ids):
+        raise ValueError(f"got {len(extra_keys)} extra_keys entries for {len(ids)} facts")
+    out = []
+    for i, entry in enumerate(extra_keys):
+        if entry is None:
+            out.append(torch.empty((0, d1), dtype=dtype))
+            continue
+        where = f"extra keys of {_position(i, ids[i])}"
+        if isinstance(entry, torch.Tensor) and (entry.dim() not in (1, 2) or entry.shape[-1] != d1):
+            raise ValueError(f"{where} must have shape ({d1},) or (j, {d1}), got {tuple(entry.shape)}")
+        rows, _ = _rows(where, entry, d1, dtype)
+        if not torch.isfinite(rows).all():
+            raise ValueError(f"{where} contain NaN or Inf (in storage dtype "
+                             f"{str(dtype).removeprefix('torch.')})")
+        if (rows == 0).all(dim=1).any():
+            raise ValueError(f"{where}: one has zero norm (cosine undefined)")
+        out.append(rows)
+    return out
+
+
 def prepare_batch(keys: Any, residuals: Any, ids: Any, metadata: Any, *,
-                  d1: int, d2: int, dtype: torch.dtype) -> FactBatch:
+                  d1: int, d2: int, dtype: torch.dtype, extra_keys: Any = None) -> FactBatch:
     """Validate one fact or a batch and convert it to the storage layout.
 
     keys: (d1,) or (n, d1); residuals: (d2,) or (n, d2); any float dtype and device. ids: None
     (fresh uuid4 hex ids), a str, or n str. metadata: None, a mapping, or n mappings/None.
-    Raises TypeError/ValueError naming the problem and the fact's id and batch position.
+    extra_keys: more keys per fact (other queries that retrieve the same residual): None; for one
+    fact a (d1,) / (j, d1) tensor; for a batch n entries, each None or such a tensor. Raises TypeError/ValueError naming the problem and the fact's id and batch position.
     """
     key_rows, key_single = _rows("keys", keys, d1, dtype)
     residual_rows, residual_single = _rows("residuals", residuals, d2, dtype)
@@ -154,5 +195,6 @@ def prepare_batch(keys: Any, residuals: Any, ids: Any, metadata: Any, *,
         i = zero[0]
         raise ValueError(f"key of {_position(i, fact_ids[i])} has zero norm (cosine undefined); "
                          f"{len(zero)} zero key(s) in the batch")
+    extra = _extra_keys(extra_keys, fact_ids, key_single, d1, dtype)
     dicts, texts = _metadata(metadata, fact_ids, key_single)
-    return FactBatch(fact_ids, key_rows, residual_rows, dicts, texts)
+    return FactBatch(fact_ids, key_rows, extra, residual_rows, dicts, texts)

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 APPLICATION_ID = 0x4E44424B  # "NDBK" in the SQLite header: marks the file as a NeuralDB.
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -28,7 +28,7 @@ CREATE TABLE facts (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,  -- insertion order: the row order of a freshly opened view
     id       TEXT NOT NULL UNIQUE,
     rev      INTEGER NOT NULL,        -- meta.revision of the transaction that last wrote this row
-    key      BLOB NOT NULL,           -- d1 values, storage dtype, little-endian
+    key      BLOB NOT NULL,           -- k >= 1 keys of d1 values (the fact's own key first), storage dtype, LE
     residual BLOB NOT NULL,           -- d2 values, storage dtype, little-endian
     metadata TEXT NOT NULL            -- JSON object
 );
@@ -145,22 +145,96 @@ def decode_rows(blobs: Iterable[bytes], out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def count_facts(conn: sqlite3.Connection) -> int:
-    return conn.execute("SELECT count(*) FROM facts").fetchone()[0]
+def count_key_bytes(conn: sqlite3.Connection) -> int:
+    """The total size of all key BLOBs (key rows = this / bytes per key)."""
+    return conn.execute("SELECT coalesce(sum(length(key)), 0) FROM facts").fetchone()[0]
 
 
-def read_facts_into(conn: sqlite3.Connection, keys: torch.Tensor, residuals: torch.Tensor) -> tuple[list[str], list[int]]:
-    """One pass over all facts in insertion order: fill the first rows of the 2-D CPU `keys` and
-    `residuals` buffers, return (ids, revs). Call inside a read transaction, after `count_facts`
-    sized the buffers."""
-    key_raw, residual_raw = keys.view(torch.uint8).numpy(), residuals.view(torch.uint8).numpy()
-    ids, revs = [], []
-    for row, (fact_id, rev, key, residual) in enumerate(conn.execute("SELECT id, rev, key, residual FROM facts ORDER BY seq")):
-        if len(key) != key_raw.shape[1] or len(residual) != residual_raw.shape[1]:
-            raise ValueError(f"corrupt vector BLOBs of fact {fact_id!r}: {len(key)} and {len(residual)} bytes, "
-                             f"expected {key_raw.shape[1]} and {residual_raw.shape[1]}")
-        key_raw[row] = np.frombuffer(key, dtype=np.uint8)
-        residual_raw[row] = np.frombuffer(residual, dtype=np.uint8)
-        ids.append(fact_id)
-        revs.append(rev)
-    return ids, revs
+def encode_keys(keys: torch.Tensor) -> bytes:
+    """One key BLOB: the rows of a (k, d1) CPU tensor in the storage dtype, one after the other."""
+    return keys.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def decode_keys(blob: bytes, d1: int, dtype: torch.dtype, fact_id: str) -> torch.Tensor:
+    """(k, d1) keys of one key BLOB; ValueError naming the fact when its length is not k whole keys."""
+    width = d1 * torch.empty(0, dtype=dtype).element_size()
+    if not blob or len(blob) % width:
+        raise ValueError(f"corrupt key BLOB of fact {fact_id!r}: {len(blob)} bytes, expected a positive "
+                         f"multiple of {width} (d1={d1} values)")
+    raw = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    return raw.view(dtype).reshape(len(blob) // width, d1)
+
+
+def read_facts_into(conn: sqlite3.Connection, keys: torch.Tensor,
+                    residuals: torch.Tensor) -> tuple[list[str], dict[str, int]]:
+    """One pass over all facts in insertion order, filling the first key rows of the 2-D CPU `keys`
+    and `residuals` buffers (a fact with k keys fills k rows, each with its residual). Returns
+    (the fact id of each row, {fact id: rev}). Call inside a read transaction, after
+    `count_key_bytes` sized the buffers."""
+    d1, dtype = keys.shape[1], keys.dtype
+    residual_raw = residuals.view(torch.uint8).numpy()
+    row_ids, revs = [], {}
+    query = "SELECT id, rev, key, residual FROM facts ORDER BY seq"
+    for fact_id, rev, key, residual in conn.execute(query):
+        if len(residual) != residual_raw.shape[1]:
+            raise ValueError(f"corrupt residual BLOB of fact {fact_id!r}: {len(residual)} bytes, expected "
+                             f"{residual_raw.shape[1]}")
+        fact_keys = decode_keys(key, d1, dtype, fact_id)
+        row = len(row_ids)
+        if row + len(fact_keys) > len(keys):
+            raise ValueError(f"the database changed while it was read (fact {fact_id!r} does not fit)")
+        keys[row : row + len(fact_keys)] = fact_keys
+        residual_raw[row : row + len(fact_keys)] = np.frombuffer(residual, dtype=np.uint8)
+        row_ids += [fact_id] * len(fact_keys)
+        revs[fact_id] = rev
+    return row_ids, revs
+
+
+# ------------------------------------------------------------------------------------ migration
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    """Version 1 held one key per fact; the Editor stored a fact's second key as a row of its own,
+    id "<id>#bare" with metadata bare_key_of = "<id>" and the same residual. Version 2 keys such a
+    row onto its fact (appended to the fact's key BLOB) and deletes the row; other rows are kept."""
+    revision = None
+    for row_id, key, metadata in conn.execute("SELECT id, key, metadata FROM facts WHERE id LIKE '%#bare' "
+                                              "ORDER BY seq").fetchall():
+        owner = json.loads(metadata).get("bare_key_of")
+        if not isinstance(owner, str) or row_id != owner + "#bare":
+            continue
+        found = conn.execute("SELECT key FROM facts WHERE id = ?", (owner,)).fetchone()
+        if found is None or len(found[0]) != len(key):
+            continue
+        if revision is None:
+            revision = next_revision(conn)
+        conn.execute("UPDATE facts SET key = ?, rev = ? WHERE id = ?", (found[0] + key, revision, owner))
+        conn.execute("DELETE FROM facts WHERE id = ?", (row_id,))
+
+
+_MIGRATIONS = {1: _migrate_1_to_2}  # from version v to v + 1
+
+
+def migrate(conn: sqlite3.Connection, where: str) -> None:
+    """Bring an existing database to FORMAT_VERSION, in one transaction (a no-op when it is there).
+    ValueError naming `where` when the file cannot be written."""
+    version = None
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as error:
+        raise ValueError(f"{where} cannot be opened for writing ({error})") from None
+    try:
+        version = json.loads(conn.execute("SELECT value FROM meta WHERE name = 'format_version'").fetchone()[0])
+        if version < FORMAT_VERSION:
+            for step in range(version, FORMAT_VERSION):
+                _MIGRATIONS[step](conn)
+            write_meta(conn, {"format_version": FORMAT_VERSION})
+            conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError as error:
+        conn.execute("ROLLBACK")
+        raise ValueError(f"{where} uses NeuralDB format version {version} and must be migrated to version "
+                         f"{FORMAT_VERSION} on open, but that failed: {error}") from None
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
