@@ -75,12 +75,12 @@ class Progress:
         self.save()
 
 
-def chunked_metrics(model, tokenizer, cases, *, compare: str, chunk: int, progress: Progress,
-                    **label) -> dict:
-    """Percent metrics of `cases` scored `chunk` cases at a time, each finished chunk's per-case
-    scores kept in `progress` under `label` (plus compare, chunk, number of cases); chunks already
-    there are not scored again. The result equals one `probability_metrics` call over all cases."""
-    from neuraldb_kernels.evaluation import case_scores, metrics_from_case_scores
+def chunked_case_scores(model, tokenizer, cases, *, compare: str, chunk: int, progress: Progress,
+                        **label) -> dict[str, torch.Tensor]:
+    """`case_scores` of `cases` (per metric, (n,) float64, NaN where a case has no such test),
+    scored `chunk` cases at a time, each finished chunk kept in `progress` under `label` (plus
+    compare, chunk, number of cases); chunks already there are not scored again."""
+    from neuraldb_kernels.evaluation import case_scores
     from neuraldb_kernels.evaluation.counterfact import PROBABILITY_METRICS
 
     key = json.dumps({**label, "compare": compare, "chunk": chunk, "cases": len(cases)}, sort_keys=True)
@@ -100,7 +100,21 @@ def chunked_metrics(model, tokenizer, cases, *, compare: str, chunk: int, progre
             size = min(chunk, len(cases) - start)
             values += done[str(start)].get(metric, [None] * size)
         combined[metric] = torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float64)
-    return metrics_from_case_scores(combined)
+    return combined
+
+
+def in_effect(facts) -> list[int]:
+    """Positions of the records whose edit is in effect: a later record with the same id (subject
+    and prompt) replaces an earlier one (CounterFact repeats some with other targets)."""
+    last = {fact.fact_id: position for position, fact in enumerate(facts)}
+    return sorted(last.values())
+
+
+def percent_metrics(scores: dict[str, torch.Tensor], positions: list[int]) -> dict[str, float]:
+    """Percent metrics over the cases at `positions` (see metrics_from_case_scores)."""
+    from neuraldb_kernels.evaluation import metrics_from_case_scores
+
+    return metrics_from_case_scores({metric: values[positions] for metric, values in scores.items()})
 
 
 # ------------------------------------------------------------------------- per-fact baseline loop
@@ -238,6 +252,8 @@ def main(argv=None) -> dict:
         parser.error("--db holds one layer's edits: give at most one --layers value with --db")
     progress = Progress(args.db + ".progress.json" if args.db else None)
     evaluate = dict(compare=args.compare, chunk=args.eval_chunk, progress=progress, data=args.data)
+    everything, effective = list(range(len(cases))), in_effect(facts)
+    report["superseded_records"] = len(facts) - len(effective)  # metrics "in_effect" leave them out
     for layer in layers:
         db = None
         if args.db:
@@ -268,18 +284,23 @@ def main(argv=None) -> dict:
         mean_steps = sum(stat["steps"] for stat in stats) / max(len(stats), 1)
         for gamma in args.gammas or [preset.gamma]:
             editor.db.gamma = gamma
-            metrics = chunked_metrics(model, tokenizer, cases, edited=True, layer=layer, gamma=gamma,
-                                      db_rows=len(editor.db), **evaluate)
+            scores = chunked_case_scores(model, tokenizer, cases, edited=True, layer=layer, gamma=gamma,
+                                         db_rows=len(editor.db), **evaluate)
             run = {"layer": layer, "gamma": gamma, "edit_s": edit_s, "edited_facts": edited_facts,
                    "facts_per_s": edited_facts / edit_s if edit_s else None, "edit_segments": segments,
-                   "converged": converged, "mean_steps": mean_steps, **metrics}
+                   "converged": converged, "mean_steps": mean_steps, **percent_metrics(scores, everything)}
+            if report["superseded_records"]:
+                run["in_effect"] = percent_metrics(scores, effective)
             report["runs"].append(run)
             print({key: value for key, value in run.items() if key != "edit_segments"}, flush=True)
         editor.handle.detach()
     # The unedited model last, once every attachment is off: an interrupted run (--db) has then
     # already saved its edits, and a resumed one spends no time before editing.
     start = time.perf_counter()
-    report["unedited"] = chunked_metrics(model, tokenizer, cases, edited=False, **evaluate)
+    scores = chunked_case_scores(model, tokenizer, cases, edited=False, **evaluate)
+    report["unedited"] = percent_metrics(scores, everything)
+    if report["superseded_records"]:
+        report["unedited_in_effect"] = percent_metrics(scores, effective)
     report["unedited_eval_s"] = time.perf_counter() - start
     print("unedited", report["unedited"], flush=True)
     if args.baseline_facts:

@@ -1,13 +1,14 @@
 """bench/edit_quality.py's resumable evaluation: chunked scores equal one pass over all cases, an
-interrupted evaluation resumes without scoring finished chunks again, and editing invalidates
-the edited model's saved scores. A stand-in scorer keeps these fast (no model)."""
+interrupted evaluation resumes without scoring finished chunks again, editing invalidates the
+edited model's saved scores, and superseded records are left out of the metrics in effect. A
+stand-in scorer keeps these fast (no model)."""
 
 import json
 import math
 
 import pytest
 import torch
-from edit_quality import Progress, chunked_metrics
+from edit_quality import Progress, chunked_case_scores, in_effect, percent_metrics
 
 import neuraldb_kernels.evaluation as evaluation
 from neuraldb_kernels.evaluation import counterfact
@@ -55,13 +56,15 @@ def test_chunked_scores_equal_one_pass_and_are_not_recomputed(tmp_path, monkeypa
     scorer = _Scorer()
     monkeypatch.setattr(evaluation, "case_scores", scorer)
     path = tmp_path / "db.progress.json"
-    first = chunked_metrics(None, None, cases, compare="token_mean", chunk=6, progress=Progress(path), edited=False)
-    assert first == pytest.approx(_expected(23))
+    first = chunked_case_scores(None, None, cases, compare="token_mean", chunk=6, progress=Progress(path), edited=False)
+    assert percent_metrics(first, list(range(23))) == pytest.approx(_expected(23))
     assert scorer.scored == list(range(23)) and scorer.calls == 4
-    again = chunked_metrics(None, None, cases, compare="token_mean", chunk=6, progress=Progress(path), edited=False)
-    assert again == first and scorer.calls == 4  # everything came from the file
+    again = chunked_case_scores(None, None, cases, compare="token_mean", chunk=6, progress=Progress(path), edited=False)
+    assert scorer.calls == 4  # everything came from the file
+    assert again.keys() == first.keys()
+    assert all(torch.equal(again[m].nan_to_num(-1), first[m].nan_to_num(-1)) for m in first)
     # another comparison is another evaluation: scored anew, the first one kept
-    chunked_metrics(None, None, cases, compare="sequence", chunk=6, progress=Progress(path), edited=False)
+    chunked_case_scores(None, None, cases, compare="sequence", chunk=6, progress=Progress(path), edited=False)
     assert scorer.calls == 8 and len(json.loads(path.read_text())["evaluations"]) == 2
 
 
@@ -70,12 +73,12 @@ def test_interrupted_evaluation_resumes_where_it_stopped(tmp_path, monkeypatch):
     path = tmp_path / "db.progress.json"
     monkeypatch.setattr(evaluation, "case_scores", _Scorer(fail_on_call=3))
     with pytest.raises(KeyboardInterrupt):
-        chunked_metrics(None, None, cases, compare="token_mean", chunk=5, progress=Progress(path), edited=True)
+        chunked_case_scores(None, None, cases, compare="token_mean", chunk=5, progress=Progress(path), edited=True)
     scorer = _Scorer()
     monkeypatch.setattr(evaluation, "case_scores", scorer)
-    result = chunked_metrics(None, None, cases, compare="token_mean", chunk=5, progress=Progress(path), edited=True)
+    result = chunked_case_scores(None, None, cases, compare="token_mean", chunk=5, progress=Progress(path), edited=True)
     assert scorer.scored == list(range(10, 20))  # the two finished chunks were kept
-    assert result == pytest.approx(_expected(20))
+    assert percent_metrics(result, list(range(20))) == pytest.approx(_expected(20))
 
 
 def test_editing_drops_only_the_edited_models_scores(tmp_path, monkeypatch):
@@ -83,10 +86,20 @@ def test_editing_drops_only_the_edited_models_scores(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "case_scores", _Scorer())
     progress = Progress(tmp_path / "db.progress.json")
     for edited in (True, False):
-        chunked_metrics(None, None, cases, compare="token_mean", chunk=4, progress=progress, edited=edited)
+        chunked_case_scores(None, None, cases, compare="token_mean", chunk=4, progress=progress, edited=edited)
     progress.add_edit_segment(facts=0, seconds=1.0)  # nothing edited: the scores still hold
     assert len(progress.data["evaluations"]) == 2
     progress.add_edit_segment(facts=3, seconds=2.0)
     saved = json.loads((tmp_path / "db.progress.json").read_text())
     assert [json.loads(label)["edited"] for label in saved["evaluations"]] == [False]
     assert [segment["facts"] for segment in saved["edit_segments"]] == [3]  # the no-op run is no segment
+
+
+def test_only_the_last_record_of_a_fact_is_in_effect(monkeypatch):
+    from neuraldb_kernels.editing import Fact
+
+    facts = [Fact("{} is in", "Lyon", "Peru"), Fact("{} is in", "Oslo", "Chad"), Fact("{} is in", "Lyon", "Fiji")]
+    assert in_effect(facts) == [1, 2]  # the first Lyon record was replaced by the third
+    scores = {"efficacy": torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)}
+    assert percent_metrics(scores, in_effect(facts)) == {"efficacy": 100.0}
+    assert percent_metrics(scores, [0, 1, 2]) == pytest.approx({"efficacy": 200 / 3})

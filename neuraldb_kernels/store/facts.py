@@ -180,7 +180,8 @@ def prepare_batch(keys: Any, residuals: Any, ids: Any, metadata: Any, *,
     keys: (d1,) or (n, d1); residuals: (d2,) or (n, d2); any float dtype and device. ids: None
     (fresh uuid4 hex ids), a str, or n str. metadata: None, a mapping, or n mappings/None.
     extra_keys: more keys per fact (other queries that retrieve the same residual): None; for one
-    fact a (d1,) / (j, d1) tensor; for a batch n entries, each None or such a tensor. Raises TypeError/ValueError naming the problem and the fact's id and batch position.
+    fact a (d1,) / (j, d1) tensor; for a batch n entries, each None or such a tensor.
+    Raises TypeError/ValueError naming the problem and the fact's id and batch position.
     """
     key_rows, key_single = _rows("keys", keys, d1, dtype)
     residual_rows, residual_single = _rows("residuals", residuals, d2, dtype)
