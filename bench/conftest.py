@@ -1,12 +1,15 @@
 """Benchmark session setup: every suite runs torch with BENCH_THREADS threads (2, the CI machine's
-cores, unless NEURALDB_BENCH_THREADS says otherwise), restored afterwards."""
+cores, unless NEURALDB_BENCH_THREADS says otherwise), restored afterwards; the SmolLM2 suites
+share one loaded model and the CounterFact file of ../shared/data."""
 
 import os
+import pathlib
 
 import pytest
 import torch
 
 BENCH_THREADS = int(os.environ.get("NEURALDB_BENCH_THREADS", "2"))
+COUNTERFACT = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact" / "counterfact-a.json"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -15,3 +18,19 @@ def bench_threads():
     torch.set_num_threads(BENCH_THREADS)
     yield BENCH_THREADS
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the embedded SmolLM2, loaded once per session."""
+    from neuraldb_kernels.integration import load_default_model
+
+    return load_default_model()
+
+
+@pytest.fixture(scope="session")
+def counterfact_path():
+    """The CounterFact records the SmolLM2 suites read; they are skipped when it is absent."""
+    if not COUNTERFACT.is_file():
+        pytest.skip(f"{COUNTERFACT} is not present")
+    return COUNTERFACT

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from neuraldb_kernels import NeuralDB, attach
-from neuraldb_kernels.integration import load_default_model
 
 LAYER = 4
 NEW_TOKENS = 16
@@ -30,15 +29,14 @@ ROUNDS = 5
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    model, tokenizer = load_default_model()
-    inputs = dict(tokenizer(PROMPT, return_tensors="pt"))
-    return model, inputs
+def model_and_inputs(smollm2):
+    model, tokenizer = smollm2
+    return model, dict(tokenizer(PROMPT, return_tensors="pt"))
 
 
 @pytest.fixture(scope="module")
-def planted_key(smollm2):
-    model, inputs = smollm2
+def planted_key(model_and_inputs):
+    model, inputs = model_and_inputs
     seen = {}
     module = model.model.layers[LAYER].mlp.down_proj
 
@@ -95,8 +93,8 @@ def interleaved_min_times(model, inputs, db, key_dtypes=(None,), rounds=ROUNDS):
     return {name: min(values) for name, values in times.items()}
 
 
-def test_decode_bare(benchmark, smollm2):
-    model, inputs = smollm2
+def test_decode_bare(benchmark, model_and_inputs):
+    model, inputs = model_and_inputs
     benchmark.group = "decode SmolLM2"
     benchmark.pedantic(lambda: generate(model, inputs), rounds=ROUNDS, warmup_rounds=1)
     benchmark.extra_info["tokens_per_s"] = NEW_TOKENS / benchmark.stats.stats.min
@@ -107,8 +105,8 @@ def test_decode_bare(benchmark, smollm2):
     [(m, None) for m in FACT_COUNTS] + [(10_000, torch.float16), (100_000, torch.float16)],
     ids=[f"{m // 1000}k-keys-model-dtype" for m in FACT_COUNTS] + ["10k-keys-fp16", "100k-keys-fp16"],
 )
-def test_decode_attached(benchmark, smollm2, planted_key, m, key_dtype):
-    model, inputs = smollm2
+def test_decode_attached(benchmark, model_and_inputs, planted_key, m, key_dtype):
+    model, inputs = model_and_inputs
     db = database(m, planted_key)
     benchmark.group = "decode SmolLM2"
     with attach(model, db, key_dtype=key_dtype) as handle:
@@ -119,9 +117,9 @@ def test_decode_attached(benchmark, smollm2, planted_key, m, key_dtype):
     benchmark.extra_info["tokens_per_s"] = NEW_TOKENS / benchmark.stats.stats.min
 
 
-def test_gate_decode_at_most_10_percent_slower_at_10k_facts(smollm2, planted_key):
+def test_gate_decode_at_most_10_percent_slower_at_10k_facts(model_and_inputs, planted_key):
     """Gate on the default (keys in the model's dtype); float16 keys are timed alongside for the record."""
-    model, inputs = smollm2
+    model, inputs = model_and_inputs
     times = interleaved_min_times(model, inputs, database(10_000, planted_key), key_dtypes=(None, torch.float16))
     for key_dtype in (None, torch.float16):
         print(f"\n[decode gate] 10k facts, keys {key_dtype or 'in the model dtype'}: bare "

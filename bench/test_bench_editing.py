@@ -11,28 +11,21 @@ Run:
 Quality (efficacy / generalization / specificity) at scale: bench/edit_quality.py.
 """
 
-import pathlib
-
 import pytest
 import torch
 from edit_quality import per_fact_throughput
 
 from neuraldb_kernels.editing import Editor, read_counterfact, resolve_hparams
-from neuraldb_kernels.integration import load_default_model
 
-HERE = pathlib.Path(__file__).resolve().parent
-DATA = HERE.parents[0].parent / "shared" / "data" / "counterfact" / "counterfact-a.json"
 BATCHED_FACTS = 32
 PER_FACT_FACTS = 4
 GATE = 3.0
 
 
 @pytest.fixture(scope="module")
-def setup():
-    if not DATA.is_file():
-        pytest.skip(f"{DATA} is not present")
-    model, tokenizer = load_default_model()
-    return model, tokenizer, read_counterfact(DATA, limit=BATCHED_FACTS)
+def setup(smollm2, counterfact_path):
+    model, tokenizer = smollm2
+    return model, tokenizer, read_counterfact(counterfact_path, limit=BATCHED_FACTS)
 
 
 def test_gate_batched_editing_vs_per_fact_loop(benchmark, setup):

@@ -8,25 +8,20 @@ Gate: batched >= 2x faster per case. Threads: 2 (bench/conftest.py; set NEURALDB
 a shared machine, where one thread is several times faster than two waiting on each other).
 """
 
-import pathlib
 import time
 
 import pytest
 import torch
 
-DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact" / "counterfact-a.json"
 CASES = 40
 
 
 @pytest.fixture(scope="module")
-def setup():
-    if not DATA.is_file():
-        pytest.skip(f"{DATA} is not present")
+def setup(smollm2, counterfact_path):
     from neuraldb_kernels.evaluation import load_cases
-    from neuraldb_kernels.integration import load_default_model
 
-    model, tokenizer = load_default_model()
-    return model, tokenizer, load_cases(DATA, "counterfact", limit=CASES)
+    model, tokenizer = smollm2
+    return model, tokenizer, load_cases(counterfact_path, "counterfact", limit=CASES)
 
 
 def _per_pair_loop(model, tokenizer, cases):
