@@ -175,3 +175,32 @@ def test_bad_extra_keys_are_refused_and_nothing_is_stored(extra, error, message)
     with pytest.raises(error, match=message):
         db.upsert(keys, residuals, ["a", "b"], extra_keys=extra)
     assert len(db) == 0 and db.key_rows == 0
+
+
+def test_corrupt_vector_blobs_are_refused_on_open(tmp_path):
+    keys, residuals = _facts(2, seed=8)
+    path = tmp_path / "db.ndb"
+    NeuralDB(path, d1=D1, d2=D2).add(keys, residuals, ["a", "b"])
+    width = D1 * 4
+
+    def opened_with(column, blob):
+        conn = sqlite3.connect(path)
+        original = conn.execute(f"SELECT {column} FROM facts WHERE id = 'b'").fetchone()[0]
+        conn.execute(f"UPDATE facts SET {column} = ? WHERE id = 'b'", (blob(original),))
+        conn.commit()
+        conn.close()
+        try:
+            return NeuralDB.open(path)
+        finally:
+            conn = sqlite3.connect(path)
+            conn.execute(f"UPDATE facts SET {column} = ? WHERE id = 'b'", (original,))
+            conn.commit()
+            conn.close()
+
+    for column, blob in (("key", lambda b: b[:-1]), ("key", lambda b: b""), ("residual", lambda b: b + b"\0")):
+        with pytest.raises(ValueError, match=f"corrupt vector BLOBs of fact 'b'.* expected a positive multiple of {width}"):
+            opened_with(column, blob)
+    with opened_with("key", lambda b: b + b) as db:  # two whole keys: a fact with an extra key
+        snap = db.snapshot()
+        assert db.key_rows == 3 and snap.ids_at(range(3)) == ["a", "b", "b"]
+        assert torch.equal(snap.keys[1:], keys[1].float().repeat(2, 1))

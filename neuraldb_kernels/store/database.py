@@ -315,10 +315,10 @@ class NeuralDB:
         revision = schema.next_revision(self._conn)
         conflict = (" ON CONFLICT(id) DO UPDATE SET rev = excluded.rev, key = excluded.key, "
                     "residual = excluded.residual, metadata = excluded.metadata") if upsert else ""
+        key_blobs = [schema.encode_keys(batch.fact_keys(i)) for i in range(len(batch))]
         self._conn.executemany(
             "INSERT INTO facts(id, rev, key, residual, metadata) VALUES (?, ?, ?, ?, ?)" + conflict,
-            zip(batch.ids, [revision] * len(batch), [schema.encode_keys(batch.fact_keys(i)) for i in range(len(batch))],
-                schema.encode_rows(batch.residuals), batch.metadata_json))
+            zip(batch.ids, [revision] * len(batch), key_blobs, schema.encode_rows(batch.residuals), batch.metadata_json))
         return revision
 
     def add(self, keys: torch.Tensor, residuals: torch.Tensor, ids: str | Sequence[str] | None = None,

@@ -171,21 +171,21 @@ def read_facts_into(conn: sqlite3.Connection, keys: torch.Tensor,
     and `residuals` buffers (a fact with k keys fills k rows, each with its residual). Returns
     (the fact id of each row, {fact id: rev}). Call inside a read transaction, after
     `count_key_bytes` sized the buffers."""
-    d1, dtype = keys.shape[1], keys.dtype
-    residual_raw = residuals.view(torch.uint8).numpy()
+    key_raw, residual_raw = keys.view(torch.uint8).numpy(), residuals.view(torch.uint8).numpy()
+    width = key_raw.shape[1]
     row_ids, revs = [], {}
     query = "SELECT id, rev, key, residual FROM facts ORDER BY seq"
     for fact_id, rev, key, residual in conn.execute(query):
-        if len(residual) != residual_raw.shape[1]:
-            raise ValueError(f"corrupt residual BLOB of fact {fact_id!r}: {len(residual)} bytes, expected "
-                             f"{residual_raw.shape[1]}")
-        fact_keys = decode_keys(key, d1, dtype, fact_id)
+        count = len(key) // width
+        if not key or len(key) % width or len(residual) != residual_raw.shape[1]:
+            raise ValueError(f"corrupt vector BLOBs of fact {fact_id!r}: {len(key)} and {len(residual)} bytes, "
+                             f"expected a positive multiple of {width} and {residual_raw.shape[1]}")
         row = len(row_ids)
-        if row + len(fact_keys) > len(keys):
+        if row + count > len(key_raw):
             raise ValueError(f"the database changed while it was read (fact {fact_id!r} does not fit)")
-        keys[row : row + len(fact_keys)] = fact_keys
-        residual_raw[row : row + len(fact_keys)] = np.frombuffer(residual, dtype=np.uint8)
-        row_ids += [fact_id] * len(fact_keys)
+        key_raw[row : row + count] = np.frombuffer(key, dtype=np.uint8).reshape(count, width)
+        residual_raw[row : row + count] = np.frombuffer(residual, dtype=np.uint8)
+        row_ids += [fact_id] * count
         revs[fact_id] = rev
     return row_ids, revs
 
