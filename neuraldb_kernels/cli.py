@@ -193,6 +193,11 @@ def cmd_edit(args) -> None:
         raise
     elapsed = time.perf_counter() - started
     _print_skipped(editor.skipped)
+    if editor.superseded:
+        earlier, later = editor.superseded[0]
+        print(f"{len(editor.superseded)} records repeat the subject and prompt of a later record, which "
+              f"replaced them (e.g. record {earlier} by record {later}): one target per subject and prompt",
+              file=sys.stderr)
     print(f"edited {len(committed)} facts in {elapsed:.1f} s ({len(ids) - len(committed)} already in the "
           f"database); {directory} now holds {len(db)} facts (was {before})")
     db.close()

@@ -140,6 +140,24 @@ def test_edit_that_fails_validation_in_the_editor_leaves_no_database(neuraldb, t
     assert not (tmp_path / "db").exists()
 
 
+def test_records_repeating_a_subject_and_prompt_are_reported(neuraldb, tmp_path, tiny_model_dir):
+    records = tmp_path / "facts.jsonl"
+    twin = {"prompt": "{} is a twin city of", "subject": "Lyon", "target_true": "Beirut"}
+    other = {"prompt": "{} is located in", "subject": "The Louvre", "target_new": "Berlin", "target_true": "Paris"}
+    records.write_text("\n".join(json.dumps(r) for r in (
+        {**twin, "target_new": "Manila"}, other, {**twin, "target_new": "Karachi"})) + "\n")
+    directory = tmp_path / "db"
+    code, out, err = neuraldb("edit", "--facts", records, "--db", directory, "--model", tiny_model_dir,
+                              "--hparam", "layer=1", "--hparam", "steps=2", "--quiet")
+    assert code == 0 and "now holds 2 facts" in out, err
+    assert "1 records repeat the subject and prompt of a later record" in err and "record 0 by record 2" in err
+    with NeuralDB.open(directory / "neuraldb.sqlite") as db:
+        targets = sorted(db.get(fact_id).metadata["target_new"] for fact_id in db)
+    assert targets == ["Berlin", "Karachi"]  # the last of the repeated records
+    code, out, err = neuraldb("eval", "--db", directory, "--data", records, "--quiet")
+    assert code == 0 and "1 cases repeat the subject and prompt of a later case" in out, err
+
+
 def test_commands_on_a_directory_that_is_no_database(neuraldb, tmp_path, data_dir):
     code, _, err = neuraldb("eval", "--db", tmp_path, "--data", data_dir / COUNTERFACT, "--limit", "1")
     assert_one_line_error(code, err, 1, "not a neuraldb database directory")

@@ -37,6 +37,17 @@ from .prefixes import generate_prefixes
 from .residuals import optimize_residuals
 from .tokens import EditTokens, model_context_length, tokenize_fact
 
+def _superseded(indexed: list[tuple[int, Fact]]) -> list[tuple[int, int]]:
+    """(earlier input index, later input index) for each fact replaced by a later one with its id."""
+    last: dict[str, int] = {}
+    pairs = []
+    for index, fact in indexed:
+        if fact.fact_id in last:
+            pairs.append((last[fact.fact_id], index))
+        last[fact.fact_id] = index
+    return pairs
+
+
 class Editor:
     """Edits facts into `model` through a NeuralDB at one FFN layer.
 
@@ -71,6 +82,7 @@ class Editor:
                              f"model has d1={d1}, d2={d2}")
         self.db = db
         self.skipped: list[tuple[int, str]] = []
+        self.superseded: list[tuple[int, int]] = []
         self.handle = self._attach()
 
     def _attach(self):
@@ -85,6 +97,8 @@ class Editor:
              callback: Optional[Callable[[list[str]], None]] = None) -> list[str]:
         """Edit `facts` (Fact objects or mappings, see `Fact`); returns their ids in input order
         (skipped facts left out). Facts already stored with the same target_new are not redone.
+        Facts with the same id (subject and prompt) in one call: the last one is edited, and
+        `self.superseded` lists (earlier input index, the later index that replaced it).
 
         on_error: "raise" (a FactError naming the first bad fact's index and id) or "skip" (bad
             facts are left out and listed in `self.skipped` as (input index, message)).
@@ -146,6 +160,7 @@ class Editor:
             prefixes = generate_prefixes(self.model, self.tokenizer, count=hp.n_prefixes, length=hp.prefix_length,
                                          seed=hp.prefix_seed)
             indexed, tokens = self._tokenize(valid, prefixes, on_error)
+            self.superseded = _superseded(indexed)
             pending = self._pending(indexed, replace)
             # similar lengths together: less padding per batch
             pending.sort(key=lambda p: (len(tokens[p].target) + len(tokens[p].contexts[0])

@@ -93,10 +93,25 @@ def model_metrics(model, tokenizer, cases, *, references: Mapping[tuple[str, str
     return metrics
 
 
+def _repeated_prompts(cases) -> int:
+    """How many cases share their (subject, prompt) with a later case that has another target."""
+    last_target = {}
+    repeated = 0
+    for case in reversed(cases):
+        key = (case.subject, case.prompt)
+        repeated += key in last_target and last_target[key] != case.target_new
+        last_target.setdefault(key, case.target_new)
+    return repeated
+
+
 def _notes(cases, references, metrics: Mapping[str, float]) -> tuple[str, ...]:
     if isinstance(cases[0], ZsRECase):
         return ()
     notes = []
+    repeated = _repeated_prompts(cases)
+    if repeated:
+        notes.append(f"{repeated} cases repeat the subject and prompt of a later case with another target: "
+                     f"an edit keeps one target per subject and prompt (the last), so these count as misses")
     if "fluency" not in metrics:
         notes.append("fluency: not computed, the cases have no generation prompts "
                      "(only original-format CounterFact records carry them)")
