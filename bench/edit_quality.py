@@ -217,6 +217,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--baseline-facts", type=int, default=0, help="time the per-fact loop on this many facts")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--model-dir", default=None, help="a Hugging Face model directory (default: SmolLM2)")
+    parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--compare", choices=["token_mean", "sequence"], default="token_mean",
                         help="target comparison (neuraldb_kernels.evaluation): token_mean is ROME/MEMIT's "
@@ -241,10 +242,14 @@ def main(argv=None) -> dict:
         name, value = item.split("=", 1)
         overrides[name] = json.loads(value) if value[:1] not in "{" else value
     model, tokenizer = load_model(args.model_dir)
+    model.to(args.device)
     facts = read_counterfact(args.data, limit=args.facts)
     cases = cases_from_facts(facts)
     preset = resolve_hparams(model, overrides)
-    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    if torch.device(args.device).type == "cuda":
+        machine = f"{torch.cuda.get_device_name(args.device)} ({machine} on the host)"
+    report = {"machine": machine,
               "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv), "facts": len(facts),
               "data": args.data, "compare": args.compare, "metrics_unit": "percent", "hparams": {**preset.__dict__, **overrides}, "runs": []}
     layers = args.layers or [preset.layer]
