@@ -37,6 +37,7 @@ from .prefixes import generate_prefixes
 from .residuals import optimize_residuals
 from .tokens import EditTokens, model_context_length, tokenize_fact
 
+
 def _superseded(indexed: list[tuple[int, Fact]]) -> list[tuple[int, int]]:
     """(earlier input index, later input index) for each fact replaced by a later one with its id."""
     last: dict[str, int] = {}
