@@ -62,17 +62,25 @@ class Progress:
             temporary.write_text(json.dumps(self.data))
             os.replace(temporary, self.path)  # a crash leaves the old file or the new one, never half
 
-    def add_edit_segment(self, facts: int, seconds: float) -> None:
-        """Record an invocation that edited `facts` facts in `seconds`; one that found every fact
-        done (facts = 0) is not an editing segment and changes nothing."""
-        if not facts:
-            return
-        self.data["edit_segments"].append({"facts": facts, "seconds": seconds, "threads": torch.get_num_threads(),
-                                           "date": time.strftime("%Y-%m-%d %H:%M")})
-        # the database changed: saved scores of the edited model are stale
-        self.data["evaluations"] = {label: chunks for label, chunks in self.data["evaluations"].items()
-                                    if not json.loads(label)["edited"]}
-        self.save()
+    def start_edit_segment(self):
+        """Begin this invocation's editing segment; returns the Editor callback that records each
+        committed batch in it (facts so far, seconds since now) and saves, so an interrupted
+        invocation keeps what it did. An invocation that commits nothing adds no segment; the
+        first commit drops the saved scores of the edited model (the database changed)."""
+        start = time.perf_counter()
+        segment = {"facts": 0, "seconds": 0.0, "threads": torch.get_num_threads(),
+                   "date": time.strftime("%Y-%m-%d %H:%M")}
+
+        def committed(ids) -> None:
+            if not segment["facts"]:
+                self.data["edit_segments"].append(segment)
+                self.data["evaluations"] = {label: chunks for label, chunks in self.data["evaluations"].items()
+                                            if not json.loads(label)["edited"]}
+            segment["facts"] += len(ids)
+            segment["seconds"] = time.perf_counter() - start
+            self.save()
+
+        return committed
 
 
 def chunked_case_scores(model, tokenizer, cases, *, compare: str, chunk: int, progress: Progress,
@@ -256,10 +264,12 @@ def main(argv=None) -> dict:
     if args.db and len(layers) > 1:
         parser.error("--db holds one layer's edits: give at most one --layers value with --db")
     progress = Progress(args.db + ".progress.json" if args.db else None)
-    evaluate = dict(compare=args.compare, chunk=args.eval_chunk, progress=progress, data=args.data)
     everything, effective = list(range(len(cases))), in_effect(facts)
     report["superseded_records"] = len(facts) - len(effective)  # metrics "in_effect" leave them out
     for layer in layers:
+        if not args.db:
+            progress = Progress(None)  # each layer of a sweep is timed on its own
+        evaluate = dict(compare=args.compare, chunk=args.eval_chunk, progress=progress, data=args.data)
         db = None
         if args.db:
             from neuraldb_kernels import NeuralDB
@@ -273,15 +283,8 @@ def main(argv=None) -> dict:
                 db = NeuralDB(args.db, d1=d1, d2=d2, layer=layer, gamma=preset.gamma, fingerprint=fingerprint)
             report["resumed_with_facts"] = len(db)
         editor = Editor(model, tokenizer, db=db, **{**overrides, "layer": layer})
-        edited = []  # facts committed by this invocation (a resumed run skips finished ones)
-        start = time.perf_counter()
-        ids = editor.edit(facts, progress=True, callback=edited.extend)
-        seconds = time.perf_counter() - start
-        if args.db:
-            progress.add_edit_segment(len(edited), seconds)
-            segments = progress.data["edit_segments"]
-        else:
-            segments = [{"facts": len(edited), "seconds": seconds, "threads": torch.get_num_threads()}]
+        ids = editor.edit(facts, progress=True, callback=progress.start_edit_segment())
+        segments = progress.data["edit_segments"]  # every invocation's, with --db
         edit_s = sum(segment["seconds"] for segment in segments)
         edited_facts = sum(segment["facts"] for segment in segments)
         stats = [editor.db.get(i).metadata["edit"] for i in ids]

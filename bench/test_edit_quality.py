@@ -81,18 +81,23 @@ def test_interrupted_evaluation_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert percent_metrics(result, list(range(20))) == pytest.approx(_expected(20))
 
 
-def test_editing_drops_only_the_edited_models_scores(tmp_path, monkeypatch):
+def test_editing_segments_are_kept_per_batch_and_drop_the_edited_models_scores(tmp_path, monkeypatch):
     cases = [_case(i) for i in range(4)]
     monkeypatch.setattr(evaluation, "case_scores", _Scorer())
     progress = Progress(tmp_path / "db.progress.json")
     for edited in (True, False):
         chunked_case_scores(None, None, cases, compare="token_mean", chunk=4, progress=progress, edited=edited)
-    progress.add_edit_segment(facts=0, seconds=1.0)  # nothing edited: the scores still hold
-    assert len(progress.data["evaluations"]) == 2
-    progress.add_edit_segment(facts=3, seconds=2.0)
-    saved = json.loads((tmp_path / "db.progress.json").read_text())
+    progress.start_edit_segment()  # an invocation that commits nothing: no segment, the scores hold
+    assert progress.data["edit_segments"] == [] and len(progress.data["evaluations"]) == 2
+    committed = progress.start_edit_segment()
+    committed(["a", "b"])
+    saved = json.loads((tmp_path / "db.progress.json").read_text())  # on disk after the first batch
     assert [json.loads(label)["edited"] for label in saved["evaluations"]] == [False]
-    assert [segment["facts"] for segment in saved["edit_segments"]] == [3]  # the no-op run is no segment
+    assert [segment["facts"] for segment in saved["edit_segments"]] == [2]
+    committed(["c"])  # the same segment grows (an interruption now keeps 3 facts and their time)
+    saved = json.loads((tmp_path / "db.progress.json").read_text())
+    assert [segment["facts"] for segment in saved["edit_segments"]] == [3]
+    assert saved["edit_segments"][0]["seconds"] > 0
 
 
 def test_only_the_last_record_of_a_fact_is_in_effect(monkeypatch):
