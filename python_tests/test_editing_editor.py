@@ -273,3 +273,35 @@ def test_editor_argument_errors(smollm2):
             Editor(model, tokenizer)
     finally:
         editor.handle.detach()
+
+
+def test_a_generic_bare_prompt_query_is_not_stored(smollm2, data_dir):
+    # "Bay, which is located in": the one-token subject opens the sequence, and without a BOS token
+    # the first position looks alike for every token, so that query would fire on any text
+    model, tokenizer = smollm2
+    bay = read_counterfact(data_dir / "counterfact" / "counterfact-a.json", limit=426)[425]
+    assert bay.subject == "Bay"
+    editor = Editor(model, tokenizer, **FAST)
+    try:
+        [fact_id] = editor.edit([bay], progress=False)
+        stored = editor.db.get(fact_id)
+        assert len(stored.keys) == 1 and not stored.metadata["edit"]["bare_prompt_key"]
+        assert stored.metadata["edit"]["bare_prompt_key_generic"]
+        # independently: the bare query passes the gate against the first token of unrelated text
+        editor.handle.detach()
+        seen = []
+        module = locate_down_proj(model, editor.hparams.layer)
+        handle = module.register_forward_hook(lambda _m, args, _out: seen.append(args[0][0, 0]))
+        try:
+            with torch.no_grad():
+                for text in (bay.filled_prompt, "The weather today is"):
+                    model(torch.tensor([tokenizer(text)["input_ids"]]))
+        finally:
+            handle.remove()
+        assert torch.nn.functional.cosine_similarity(seen[0], seen[1], dim=0) > editor.hparams.gamma
+        editor.handle = editor._attach()  # attached, unrelated text does not fire the fact
+        with torch.no_grad():
+            model(torch.tensor([tokenizer("The weather today is")["input_ids"]]))
+        assert editor.handle.fired() == []
+    finally:
+        editor.handle.detach()

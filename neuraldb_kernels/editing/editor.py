@@ -14,8 +14,10 @@ Semantics:
   in one transaction before the next batch starts, so an interruption loses at most one batch.
 - A fact may hold an extra key beside its averaged one (the store keeps several keys per fact,
   one residual): the query of its bare prompt, stored when that is far from the averaged key
-  (`EditHParams.bare_key_below`; prompts that start with the subject). Facts stored before this
-  rule existed have none until `update()` recomputes them.
+  (`EditHParams.bare_key_below`; prompts that start with the subject), unless it is generic: its
+  cosine with a query of the model-written prefixes passes gamma, so it would fire on any text
+  (the first position of a model without a BOS token looks alike for every token). Facts stored
+  before these rules existed keep their keys until `update()` recomputes them.
 - Keys, prefixes and residuals are always computed on the UNEDITED model: the Editor's attachment
   is taken off while it computes and put back afterwards (also on errors and interruptions);
   `editor.handle` is the current attachment (a new object after every edit/update).
@@ -32,7 +34,7 @@ from ..integration import attach, down_proj_dims, model_fingerprint
 from ..store import NeuralDB
 from .facts import Fact, FactError, check_facts
 from .hparams import resolve_hparams
-from .keys import compute_keys, pad_token_id
+from .keys import compute_keys, generic_queries, pad_token_id
 from .prefixes import generate_prefixes
 from .residuals import optimize_residuals
 from .tokens import EditTokens, model_context_length, tokenize_fact
@@ -162,6 +164,8 @@ class Editor:
                                          seed=hp.prefix_seed)
             indexed, tokens = self._tokenize(valid, prefixes, on_error)
             self.superseded = _superseded(indexed)
+            generic = generic_queries(self.model, self.tokenizer, prefixes, hp.layer, pad_id=pad_id,
+                                      module_path=self.module_path)
             pending = self._pending(indexed, replace)
             # similar lengths together: less padding per batch
             pending.sort(key=lambda p: (len(tokens[p].target) + len(tokens[p].contexts[0])
@@ -169,26 +173,35 @@ class Editor:
             with tqdm(total=len(pending), unit="fact", desc="editing", disable=not progress) as bar:
                 for start in range(0, len(pending), hp.batch_size):
                     chunk = pending[start : start + hp.batch_size]
-                    self._commit([indexed[p][1] for p in chunk], [tokens[p] for p in chunk], pad_id, callback)
+                    self._commit([indexed[p][1] for p in chunk], [tokens[p] for p in chunk], pad_id, generic, callback)
                     bar.update(len(chunk))
         finally:
             self.handle = self._attach()
         return [fact.fact_id for _, fact in indexed]
 
-    def _commit(self, facts: list[Fact], tokens: list[EditTokens], pad_id: int, callback) -> None:
+    def _commit(self, facts: list[Fact], tokens: list[EditTokens], pad_id: int, generic: torch.Tensor,
+                callback) -> None:
+        """Compute and store one batch. generic: (t, d1) unit generic queries (see generic_queries)."""
         hp = self.hparams
         keys, bare = compute_keys(self.model, tokens, hp.layer, pad_id=pad_id, batch_size=hp.batch_size,
                                   module_path=self.module_path)
         result = optimize_residuals(self.model, tokens, hp, pad_id=pad_id, module_path=self.module_path)
-        # the bare prompt's own query becomes an extra key where it is far from the averaged key
+        # the bare prompt's own query becomes an extra key where it is far from the averaged key,
+        # unless it is generic (it would pass the gate on arbitrary text)
         far = (torch.nn.functional.cosine_similarity(bare, keys, dim=1) < hp.bare_key_below).tolist()
+        is_generic = [False] * len(facts)  # (no prefixes: nothing to compare with)
+        if len(generic):
+            best = (torch.nn.functional.normalize(bare, dim=1) @ generic.T).max(dim=1).values
+            is_generic = (best > hp.gamma).tolist()
+        extra = [far[i] and not is_generic[i] for i in range(len(facts))]
         metadata = []
         for i, fact in enumerate(facts):
             metadata.append({**fact.metadata(), "edit": {
                 "layer": hp.layer, "target_prob": float(result.target_prob[i]), "steps": int(result.steps[i]),
-                "converged": bool(result.converged[i]), "bare_prompt_key": far[i]}})
+                "converged": bool(result.converged[i]), "bare_prompt_key": extra[i],
+                "bare_prompt_key_generic": far[i] and is_generic[i]}})
         ids = [fact.fact_id for fact in facts]
         self.db.upsert(keys, result.residuals, ids, metadata,
-                       extra_keys=[bare[i] if is_far else None for i, is_far in enumerate(far)])
+                       extra_keys=[bare[i] if extra[i] else None for i in range(len(facts))])
         if callback is not None:
             callback(ids)

@@ -37,6 +37,8 @@ class EditHParams:
         start with the subject put it at sequence position 0 in models without a BOS token (SmolLM2,
         GPT-2), where its representation is far from the prefixed contexts' (cosine 0.1-0.6
         measured): without the second key the edited prompt itself would not fire. -1 never adds one.
+        A bare-prompt query that is generic (cosine > gamma with the query at some token of the
+        model-written prefixes) is never added: it would fire on any text.
     """
 
     layer: int

@@ -1,5 +1,6 @@
 """Keys (paper Eq. 20): the input of the FFN down-projection at layer l*, at the subject's last
-token, averaged over the bare prompt and the N prefixes.
+token, averaged over the bare prompt and the N prefixes; and the generic queries an extra key
+must stay clear of.
 
 Contexts of many facts run as one right-padded batch; the forward pass stops as soon as layer l*'s
 down-projection has seen its input (nothing above l* is computed).
@@ -81,3 +82,17 @@ def compute_keys(model, tokens: Sequence[EditTokens], layer: int, *, pad_id: int
     if not keys:
         return torch.zeros(0, 0), torch.zeros(0, 0)
     return torch.cat(keys), torch.cat(bare)
+
+
+def generic_queries(model, tokenizer, texts: Sequence[str], layer: int, *, pad_id: int,
+                    module_path: Optional[str] = None) -> torch.Tensor:
+    """(t, d1) float32, unit norm: the down-projection input at every token of `texts` (the
+    model-written prefixes: generic text, first positions included). A key whose cosine with one
+    of these passes the gate would fire on arbitrary text, e.g. a query taken where the subject
+    opens a sequence in a model without a BOS token, whose first position looks alike for every
+    token."""
+    rows = [list(tokenizer(text)["input_ids"]) for text in texts]
+    every = [row[: position + 1] for row in rows for position in range(len(row))]
+    inputs = down_proj_inputs(model, every, [len(row) - 1 for row in every], layer, pad_id=pad_id,
+                              module_path=module_path)
+    return torch.nn.functional.normalize(inputs, dim=1).cpu()
