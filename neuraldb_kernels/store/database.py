@@ -311,11 +311,11 @@ class NeuralDB:
         for buffers in self._views.values():
             buffers.reserve(extra)
 
-    def _insert_rows(self, batch: FactBatch, *, upsert: bool) -> int:
+    def _insert_rows(self, batch: FactBatch, fact_keys: list[torch.Tensor], *, upsert: bool) -> int:
         revision = schema.next_revision(self._conn)
         conflict = (" ON CONFLICT(id) DO UPDATE SET rev = excluded.rev, key = excluded.key, "
                     "residual = excluded.residual, metadata = excluded.metadata") if upsert else ""
-        key_blobs = [schema.encode_keys(batch.fact_keys(i)) for i in range(len(batch))]
+        key_blobs = [schema.encode_keys(keys) for keys in fact_keys]
         self._conn.executemany(
             "INSERT INTO facts(id, rev, key, residual, metadata) VALUES (?, ?, ?, ?, ?)" + conflict,
             zip(batch.ids, [revision] * len(batch), key_blobs, schema.encode_rows(batch.residuals), batch.metadata_json))
@@ -347,7 +347,7 @@ class NeuralDB:
         fact_keys = [batch.fact_keys(i) for i in range(len(batch))]
         self._reserve(sum(len(k) for k in fact_keys))
         try:
-            revision = self._transaction(lambda: self._insert_rows(batch, upsert=False))
+            revision = self._transaction(lambda: self._insert_rows(batch, fact_keys, upsert=False))
         except sqlite3.IntegrityError as error:
             raise ValueError(f"an id of the batch is already in the database file, written by another "
                              f"connection (call refresh()): {error}") from None
@@ -369,7 +369,7 @@ class NeuralDB:
             existing = [i for i, fact_id in enumerate(batch.ids) if fact_id in self._rows_of]
             new = [i for i, fact_id in enumerate(batch.ids) if fact_id not in self._rows_of]
             self._reserve(self._rows_to_append(batch.ids, fact_keys))
-            revision = self._transaction(lambda: self._insert_rows(batch, upsert=True))
+            revision = self._transaction(lambda: self._insert_rows(batch, fact_keys, upsert=True))
             self._apply_overwrite([batch.ids[i] for i in existing], [revision] * len(existing),
                                   [fact_keys[i] for i in existing], batch.residuals[existing])
             self._apply_append([batch.ids[i] for i in new], [revision] * len(new),
