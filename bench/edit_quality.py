@@ -111,13 +111,6 @@ def chunked_case_scores(model, tokenizer, cases, *, compare: str, chunk: int, pr
     return combined
 
 
-def in_effect(facts) -> list[int]:
-    """Positions of the records whose edit is in effect: a later record with the same id (subject
-    and prompt) replaces an earlier one (CounterFact repeats some with other targets)."""
-    last = {fact.fact_id: position for position, fact in enumerate(facts)}
-    return sorted(last.values())
-
-
 def percent_metrics(scores: dict[str, torch.Tensor], positions: list[int]) -> dict[str, float]:
     """Percent metrics over the cases at `positions` (see metrics_from_case_scores)."""
     from neuraldb_kernels.evaluation import metrics_from_case_scores
@@ -242,6 +235,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
 
     from neuraldb_kernels.editing import Editor, read_counterfact
+    from neuraldb_kernels.editing.editor import superseded_facts
     from neuraldb_kernels.evaluation import cases_from_facts
     from neuraldb_kernels.editing.hparams import resolve_hparams
 
@@ -264,8 +258,12 @@ def main(argv=None) -> dict:
     if args.db and len(layers) > 1:
         parser.error("--db holds one layer's edits: give at most one --layers value with --db")
     progress = Progress(args.db + ".progress.json" if args.db else None)
-    everything, effective = list(range(len(cases))), in_effect(facts)
-    report["superseded_records"] = len(facts) - len(effective)  # metrics "in_effect" leave them out
+    # a later record with the same subject and prompt replaces an earlier one (CounterFact repeats
+    # some with other targets): the metrics "in_effect" leave the replaced records out
+    replaced = {earlier for earlier, _ in superseded_facts(enumerate(facts))}
+    everything = list(range(len(cases)))
+    effective = [position for position in everything if position not in replaced]
+    report["superseded_records"] = len(replaced)
     for layer in layers:
         if not args.db:
             progress = Progress(None)  # each layer of a sweep is timed on its own

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from edit_quality import Progress, chunked_case_scores, in_effect, percent_metrics
+from edit_quality import Progress, chunked_case_scores, percent_metrics
 
 import neuraldb_kernels.evaluation as evaluation
 from neuraldb_kernels.evaluation import counterfact
@@ -100,11 +100,7 @@ def test_editing_segments_are_kept_per_batch_and_drop_the_edited_models_scores(t
     assert saved["edit_segments"][0]["seconds"] > 0
 
 
-def test_only_the_last_record_of_a_fact_is_in_effect(monkeypatch):
-    from neuraldb_kernels.editing import Fact
-
-    facts = [Fact("{} is in", "Lyon", "Peru"), Fact("{} is in", "Oslo", "Chad"), Fact("{} is in", "Lyon", "Fiji")]
-    assert in_effect(facts) == [1, 2]  # the first Lyon record was replaced by the third
-    scores = {"efficacy": torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)}
-    assert percent_metrics(scores, in_effect(facts)) == {"efficacy": 100.0}
+def test_metrics_in_effect_leave_the_replaced_records_out():
+    scores = {"efficacy": torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)}  # record 0 was replaced
+    assert percent_metrics(scores, [1, 2]) == {"efficacy": 100.0}
     assert percent_metrics(scores, [0, 1, 2]) == pytest.approx({"efficacy": 200 / 3})

@@ -217,3 +217,12 @@ def test_subject_span_ignores_surrounding_spaces(tokenizer):
     assert with_spaces == without
     with pytest.raises(ValueError, match="empty subject span"):
         subject_last_token(tokenizer, text, (start, start + 1))
+
+
+def test_superseded_facts_pairs_each_replaced_record_with_its_replacement():
+    from neuraldb_kernels.editing.editor import superseded_facts
+
+    facts = [Fact("{} is in", "Lyon", "Peru"), Fact("{} is in", "Oslo", "Chad"), Fact("{} is in", "Lyon", "Fiji"),
+             Fact("{} is in", "Lyon", "Mali"), Fact("{} lies in", "Oslo", "Iran")]  # another prompt: another fact
+    assert superseded_facts(enumerate(facts)) == [(0, 2), (2, 3)]
+    assert superseded_facts([(5, facts[1]), (9, facts[1])]) == [(5, 9)]  # indices as given

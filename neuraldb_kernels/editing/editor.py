@@ -40,8 +40,9 @@ from .residuals import optimize_residuals
 from .tokens import EditTokens, model_context_length, tokenize_fact
 
 
-def _superseded(indexed: list[tuple[int, Fact]]) -> list[tuple[int, int]]:
-    """(earlier input index, later input index) for each fact replaced by a later one with its id."""
+def superseded_facts(indexed: Iterable[tuple[int, Fact]]) -> list[tuple[int, int]]:
+    """(earlier index, later index) for each fact that a later one with the same id (subject and
+    prompt) replaces, given (index, fact) pairs in input order."""
     last: dict[str, int] = {}
     pairs = []
     for index, fact in indexed:
@@ -163,7 +164,7 @@ class Editor:
             prefixes = generate_prefixes(self.model, self.tokenizer, count=hp.n_prefixes, length=hp.prefix_length,
                                          seed=hp.prefix_seed)
             indexed, tokens = self._tokenize(valid, prefixes, on_error)
-            self.superseded = _superseded(indexed)
+            self.superseded = superseded_facts(indexed)
             generic = generic_queries(self.model, self.tokenizer, prefixes, hp.layer, pad_id=pad_id,
                                       module_path=self.module_path)
             pending = self._pending(indexed, replace)
