@@ -4,7 +4,7 @@
 # in two calls on the same warm machine.
 #
 #   here:           bash bench/gpu_edit_quality.sh prepare
-#                   (writes .gpu/smollm2.gguf.part1, .part2, .sha256, .gpu/pylib/gguf, .gpu/counterfact-a.json)
+#                   (writes .gpu/smollm2.gguf.part1, .part2, .sha256, .gpu/pylib/gguf + its metadata, .gpu/counterfact-a.json)
 #   device call 1:  carry .gpu/smollm2.gguf.part1                  bash bench/gpu_edit_quality.sh stage
 #   device call 2:  carry .gpu/smollm2.gguf.part2 .gpu/smollm2.gguf.sha256 .gpu/pylib .gpu/counterfact-a.json
 #                   (at once: the machine keeps call 1's file only while it stays warm)
@@ -31,6 +31,11 @@ case "${1:-}" in
     sha256sum < "$gguf" | cut -d' ' -f1 > .gpu/smollm2.gguf.sha256
     rm -rf .gpu/pylib/gguf
     cp -r "$($PY -c "import gguf, os; print(os.path.dirname(gguf.__file__))")" .gpu/pylib/gguf
+    # transformers reads gguf's version from the package metadata ("N/A" without it fails)
+    gguf_version=$($PY -c "import importlib.metadata as m; print(m.version('gguf'))")
+    rm -rf .gpu/pylib/gguf-*.dist-info
+    mkdir -p ".gpu/pylib/gguf-$gguf_version.dist-info"
+    printf 'Metadata-Version: 2.1\nName: gguf\nVersion: %s\n' "$gguf_version" > ".gpu/pylib/gguf-$gguf_version.dist-info/METADATA"
     find .gpu/pylib -name __pycache__ -prune -exec rm -rf {} +
     cp "$($PY -c "import pathlib; print(pathlib.Path('bench').resolve().parents[1] / 'shared/data/counterfact/counterfact-a.json')")" .gpu/counterfact-a.json
     ls -l .gpu/smollm2.gguf.part1 .gpu/smollm2.gguf.part2 .gpu/counterfact-a.json
