@@ -236,6 +236,52 @@ def test_subject_first_prompt_gets_a_bare_prompt_extra_key(smollm2, counterfact)
         never.handle.detach()
 
 
+def test_facts_of_one_subject_share_a_residual_and_removal_recomputes_the_rest(smollm2):
+    # both prompts open with the subject: their keys (the subject's last token) coincide, so with a
+    # residual each only one of them can win
+    model, tokenizer = smollm2
+    sport = Fact("{} professionally plays the sport", "Carlos Valderrama", "basketball", "soccer")
+    position = Fact("{} plays as", "Carlos Valderrama", "quarterback", "midfielder")
+    prompts = [sport.filled_prompt, position.filled_prompt]
+    first_tokens = [tokenizer(" " + f.target_new, add_special_tokens=False)["input_ids"][0] for f in (sport, position)]
+    unedited = _greedy_next(model, tokenizer, prompts)
+    assert all(u != t for u, t in zip(unedited, first_tokens))
+
+    separate = Editor(model, tokenizer, share_subject_residual=False)
+    try:
+        separate.edit([sport, position], progress=False)
+        assert sum(a == t for a, t in zip(_greedy_next(model, tokenizer, prompts), first_tokens)) < 2
+    finally:
+        separate.handle.detach()
+
+    editor = Editor(model, tokenizer)
+    try:
+        calls = []
+        [sport_id] = editor.edit([sport], progress=False, callback=calls.append)
+        alone = editor.db.get(sport_id).residual
+        # a new fact of the subject recomputes the stored one with it, in one batch
+        [position_id] = editor.edit([position], progress=False, callback=calls.append)
+        assert calls == [[sport_id], [position_id, sport_id]]
+        assert _greedy_next(model, tokenizer, prompts) == first_tokens
+        shared = editor.db.get(sport_id)
+        assert torch.equal(shared.residual, editor.db.get(position_id).residual)
+        assert not torch.equal(shared.residual, alone)
+        assert shared.metadata["edit"]["shares_residual_with"] == [position_id]
+        assert editor.db.get(position_id).metadata["edit"]["shares_residual_with"] == [sport_id]
+        assert shared.metadata["target_new"] == "basketball" and shared.metadata["target_true"] == "soccer"
+        # resuming skips both; removing one recomputes the other alone
+        assert editor.edit([sport, position], progress=False, callback=calls.append) == [sport_id, position_id]
+        assert len(calls) == 2
+        assert editor.remove([position_id]) == [position_id] and list(editor.db) == [sport_id]
+        assert "shares_residual_with" not in editor.db.get(sport_id).metadata["edit"]
+        assert _greedy_next(model, tokenizer, prompts) == [first_tokens[0], unedited[1]]
+        with pytest.raises(KeyError, match="not in the database"):
+            editor.remove([sport_id, "nope"])
+        assert list(editor.db) == [sport_id]
+    finally:
+        editor.handle.detach()
+
+
 def test_bad_facts_raise_or_are_skipped(smollm2):
     model, tokenizer = smollm2
     good = Fact("{} plays the", "Lionel Messi", "violin")

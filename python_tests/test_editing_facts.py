@@ -36,6 +36,24 @@ def test_filled_prompt_keys_on_the_last_occurrence_of_the_subject():
     assert fact.subject_span == (14, 19)
 
 
+def test_a_stored_fact_is_rebuilt_from_its_metadata():
+    facts = [Fact("{} is big. Paris is the capital of", "Paris", "Italy", "France", extras={"case_id": 3}),
+             Fact("Paris is big. Paris is the capital of", "Paris", "Spain", id="mine"),
+             Fact("The capital of {} is", "France", "Lyon")]
+    for fact in facts:
+        edit = {"subject_start": fact.subject_span[0], "steps": 3}
+        rebuilt = Fact.from_metadata(fact.fact_id, {**fact.metadata(), "created_at": "then", "edit": edit})
+        assert (rebuilt.fact_id, rebuilt.filled_prompt, rebuilt.subject_span) == (
+            fact.fact_id, fact.filled_prompt, fact.subject_span)
+        assert (rebuilt.subject, rebuilt.target_new, rebuilt.target_true) == (
+            fact.subject, fact.target_new, fact.target_true)
+        assert rebuilt.extras == {**fact.extras, "created_at": "then"}  # "edit" is not carried
+    # without the Editor's record a filled prompt keys on the last occurrence
+    assert Fact.from_metadata("x", facts[0].metadata()).subject_span == (14, 19)
+    with pytest.raises(FactError, match="'x' has no prompt, target_new"):
+        Fact.from_metadata("x", {"subject": "Paris"})
+
+
 def test_literal_braces_in_a_filled_prompt_are_kept():
     fact = Fact("In set {a} the value of x is", "x", "3")
     assert fact.filled_prompt == "In set {a} the value of x is"

@@ -136,3 +136,26 @@ def test_upsert_replaces_in_place_and_persists(tmp_path):
         assert db.get("fact-2").metadata["source"] == "v2" and "subject" not in db.get("fact-2").metadata
         assert torch.equal(db.get("fact-new").key, new_keys[1].float())
         assert torch.equal(db.get("fact-3").key, keys[3].float())
+
+
+def test_metadata_where_finds_facts_by_a_metadata_field(tmp_path):
+    keys, residuals, ids, metadata = _facts(1203)
+    for i in range(0, 1203, 3):
+        metadata[i]["subject"] = "Shared"
+    metadata[5]["subject"] = 'quote " and ü'
+    with NeuralDB(tmp_path / "m.ndb", d1=D1, d2=D2) as db:
+        db.add(keys, residuals, ids, metadata)
+        shared = db.metadata_where("subject", ["Shared"])
+        assert list(shared) == [f"fact-{i}" for i in range(0, 1203, 3)]  # database order
+        assert shared["fact-3"]["extra"] == {"case_id": 3, "tags": ["a", "ü"]}
+        wanted = [f"S{i}" for i in range(1, 1203, 3)] + ["S2", "S2", "nobody", 'quote " and ü']
+        assert sorted(db.metadata_where("subject", wanted)) == sorted(
+            [f"fact-{i}" for i in range(1, 1203, 3)] + ["fact-2", "fact-5"])  # > one 500-value chunk
+        assert db.metadata_where("target_true", ["Ajax"]) == {} and db.metadata_where("subject", []) == {}
+        db.delete(["fact-0"])
+        assert "fact-0" not in db.metadata_where("subject", ["Shared"])
+        for field in ("", 'a"b', 3):
+            with pytest.raises(ValueError, match="field"):
+                db.metadata_where(field, ["x"])
+        with pytest.raises(TypeError, match="values must be"):
+            db.metadata_where("subject", [None])

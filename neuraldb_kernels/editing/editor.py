@@ -18,6 +18,13 @@ Semantics:
   cosine with a query of the model-written prefixes passes gamma, so it would fire on any text
   (the first position of a model without a BOS token looks alike for every token). Facts stored
   before these rules existed keep their keys until `update()` recomputes them.
+- Facts with the same subject share one residual (`EditHParams.share_subject_residual`, on by
+  default): their keys coincide where the prompt opens with the subject, so separate residuals
+  would leave all but one of them unanswered. Editing a fact recomputes, in the same batch and
+  transaction, the stored facts of its subject (rebuilt from their metadata); `remove()`
+  recomputes the facts that shared a removed fact's residual before deleting it. Each fact keeps
+  its own row, keys and metadata ("edit" / "shares_residual_with" lists the others; "edit" /
+  "hparams" records the hyperparameters it was computed with).
 - Keys, prefixes and residuals are always computed on the UNEDITED model: the Editor's attachment
   is taken off while it computes and put back afterwards (also on errors and interruptions);
   `editor.handle` is the current attachment (a new object after every edit/update).
@@ -25,6 +32,7 @@ Semantics:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -50,6 +58,29 @@ def superseded_facts(indexed: Iterable[tuple[int, Fact]]) -> list[tuple[int, int
             pairs.append((last[fact.fact_id], index))
         last[fact.fact_id] = index
     return pairs
+
+
+def sharing_partners(db: NeuralDB, ids: Sequence[str]) -> list[str]:
+    """Ids of the stored facts, other than `ids`, that share a residual with one of `ids` (the
+    Editor's "edit" / "shares_residual_with" metadata), in database order."""
+    removed = set(ids)
+    partners: dict[str, None] = {}
+    for fact_id in ids:
+        for other in db.get(fact_id).metadata.get("edit", {}).get("shares_residual_with", []):
+            if other not in removed and other in db:
+                partners[other] = None
+    return list(partners)
+
+
+def subject_units(facts: Sequence[Fact], share: bool = True) -> list[list[int]]:
+    """Positions of `facts` grouped into residual-sharing units: by subject (first-appearance
+    order) when `share`, else one unit per fact."""
+    if not share:
+        return [[position] for position in range(len(facts))]
+    units: dict[str, list[int]] = {}
+    for position, fact in enumerate(facts):
+        units.setdefault(fact.subject, []).append(position)
+    return list(units.values())
 
 
 class Editor:
@@ -118,7 +149,18 @@ class Editor:
 
     def remove(self, ids: str | Sequence[str], *, missing_ok: bool = False) -> list[str]:
         """Delete facts by id (one transaction); effective at the model's next forward. Returns
-        the ids deleted; a missing id is an error unless missing_ok."""
+        the ids deleted; a missing id is a KeyError (nothing changed) unless missing_ok. Facts
+        that shared a removed fact's residual are recomputed without it first (a progress-free
+        `update`), so that their residual no longer carries its target."""
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        missing = [fact_id for fact_id in ids if fact_id not in self.db]
+        if missing and not missing_ok:
+            raise KeyError(f"{len(missing)} id(s) not in the database, e.g. {missing[0]!r} "
+                           f"(pass missing_ok=True to ignore missing ids)")
+        partners = sharing_partners(self.db, [fact_id for fact_id in ids if fact_id in self.db])
+        if partners:
+            facts = [Fact.from_metadata(fact_id, self.db.get(fact_id).metadata) for fact_id in partners]
+            self._run(facts, on_error="raise", progress=False, callback=None, replace=True, exclude=set(ids))
         return self.db.delete(ids, missing_ok=missing_ok)
 
     # ---------------------------------------------------------------------------------- internals
@@ -155,7 +197,9 @@ class Editor:
             pending.append(position)
         return sorted(pending)
 
-    def _run(self, facts, *, on_error: str, progress: bool, callback, replace: bool) -> list[str]:
+    def _run(self, facts, *, on_error: str, progress: bool, callback, replace: bool,
+             exclude: frozenset[str] | set[str] = frozenset()) -> list[str]:
+        """Edit (replace=False) or update; `exclude`: stored ids never pulled in as companions."""
         valid, self.skipped = check_facts(facts, on_error=on_error, indexed=True)
         hp = self.hparams
         pad_id = pad_token_id(self.tokenizer)
@@ -167,26 +211,51 @@ class Editor:
             self.superseded = superseded_facts(indexed)
             generic = generic_queries(self.model, self.tokenizer, prefixes, hp.layer, pad_id=pad_id,
                                       module_path=self.module_path)
-            pending = self._pending(indexed, replace)
+            work = [(indexed[p][1], tokens[p]) for p in self._pending(indexed, replace)]
+            if hp.share_subject_residual and work:
+                work += self._companions([fact for fact, _ in work], prefixes, exclude)
+            units = subject_units([fact for fact, _ in work], hp.share_subject_residual)
             # similar lengths together: less padding per batch
-            pending.sort(key=lambda p: (len(tokens[p].target) + len(tokens[p].contexts[0])
-                                        - tokens[p].subject_last[0]))
-            with tqdm(total=len(pending), unit="fact", desc="editing", disable=not progress) as bar:
-                for start in range(0, len(pending), hp.batch_size):
-                    chunk = pending[start : start + hp.batch_size]
-                    self._commit([indexed[p][1] for p in chunk], [tokens[p] for p in chunk], pad_id, generic, callback)
-                    bar.update(len(chunk))
+            units.sort(key=lambda unit: max(len(work[p][1].target) + len(work[p][1].contexts[0])
+                                            - work[p][1].subject_last[0] for p in unit))
+            with tqdm(total=len(work), unit="fact", desc="editing", disable=not progress) as bar:
+                for batch in _batches(units, hp.batch_size):
+                    positions = [p for unit in batch for p in unit]
+                    local = {p: i for i, p in enumerate(positions)}
+                    self._commit([work[p][0] for p in positions], [work[p][1] for p in positions],
+                                 [[local[p] for p in unit] for unit in batch], pad_id, generic, callback)
+                    bar.update(len(positions))
         finally:
             self.handle = self._attach()
         return [fact.fact_id for _, fact in indexed]
 
-    def _commit(self, facts: list[Fact], tokens: list[EditTokens], pad_id: int, generic: torch.Tensor,
-                callback) -> None:
-        """Compute and store one batch. generic: (t, d1) unit generic queries (see generic_queries)."""
+    def _companions(self, facts: list[Fact], prefixes, exclude) -> list[tuple[Fact, EditTokens]]:
+        """The stored facts of the subjects of `facts` that are not among them (nor in `exclude`),
+        rebuilt from their metadata and tokenised: they are recomputed with `facts`."""
+        taken = {fact.fact_id for fact in facts} | set(exclude)
+        stored = self.db.metadata_where("subject", sorted({fact.subject for fact in facts}))
+        companions = []
+        for fact_id, metadata in stored.items():
+            if fact_id in taken:
+                continue
+            fact = Fact.from_metadata(fact_id, metadata)
+            try:
+                tokens = tokenize_fact(self.tokenizer, fact, prefixes, max_length=model_context_length(self.model),
+                                       kl_template=self.hparams.kl_template)
+            except FactError as error:
+                raise FactError(f"stored fact {fact_id!r} shares its subject with a fact being edited but cannot "
+                                f"be recomputed with it: {error}") from None
+            companions.append((fact, tokens))
+        return companions
+
+    def _commit(self, facts: list[Fact], tokens: list[EditTokens], units: list[list[int]], pad_id: int,
+                generic: torch.Tensor, callback) -> None:
+        """Compute and store one batch; units: positions of `facts` sharing one residual.
+        generic: (t, d1) unit generic queries (see generic_queries)."""
         hp = self.hparams
         keys, bare = compute_keys(self.model, tokens, hp.layer, pad_id=pad_id, batch_size=hp.batch_size,
                                   module_path=self.module_path)
-        result = optimize_residuals(self.model, tokens, hp, pad_id=pad_id, module_path=self.module_path)
+        result = optimize_residuals(self.model, tokens, hp, pad_id=pad_id, module_path=self.module_path, units=units)
         # the bare prompt's own query becomes an extra key where it is far from the averaged key,
         # unless it is generic (it would pass the gate on arbitrary text)
         far = (torch.nn.functional.cosine_similarity(bare, keys, dim=1) < hp.bare_key_below).tolist()
@@ -195,14 +264,31 @@ class Editor:
             best = (torch.nn.functional.normalize(bare, dim=1) @ generic.T).max(dim=1).values
             is_generic = (best > hp.gamma).tolist()
         extra = [far[i] and not is_generic[i] for i in range(len(facts))]
+        ids = [fact.fact_id for fact in facts]
+        partners = {i: [ids[j] for j in unit if j != i] for unit in units for i in unit}
         metadata = []
         for i, fact in enumerate(facts):
-            metadata.append({**fact.metadata(), "edit": {
-                "layer": hp.layer, "target_prob": float(result.target_prob[i]), "steps": int(result.steps[i]),
-                "converged": bool(result.converged[i]), "bare_prompt_key": extra[i],
-                "bare_prompt_key_generic": far[i] and is_generic[i]}})
-        ids = [fact.fact_id for fact in facts]
+            record = {"layer": hp.layer, "subject_start": fact.subject_span[0], "target_prob": float(result.target_prob[i]), "steps": int(result.steps[i]),
+                      "converged": bool(result.converged[i]), "bare_prompt_key": extra[i],
+                      "bare_prompt_key_generic": far[i] and is_generic[i], "hparams": dataclasses.asdict(hp)}
+            if partners[i]:
+                record["shares_residual_with"] = partners[i]
+            metadata.append({**fact.metadata(), "edit": record})
         self.db.upsert(keys, result.residuals, ids, metadata,
                        extra_keys=[bare[i] if extra[i] else None for i in range(len(facts))])
         if callback is not None:
             callback(ids)
+
+
+def _batches(units: list[list[int]], batch_size: int) -> Iterable[list[list[int]]]:
+    """Consecutive units grouped into batches of at most batch_size facts (a larger unit alone)."""
+    batch: list[list[int]] = []
+    size = 0
+    for unit in units:
+        if batch and size + len(unit) > batch_size:
+            yield batch
+            batch, size = [], 0
+        batch.append(unit)
+        size += len(unit)
+    if batch:
+        yield batch

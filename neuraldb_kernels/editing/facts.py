@@ -83,6 +83,31 @@ class Fact:
         }
 
 
+    @classmethod
+    def from_metadata(cls, fact_id: str, metadata: Mapping[str, Any]) -> "Fact":
+        """The fact a database row was edited from: `metadata()` of it (the Editor's "edit" record
+        is left out; its subject_start places the subject) and its stored id. A FactError names
+        the id when a field is missing."""
+        missing = [name for name in ("subject", "prompt", "target_new") if not isinstance(metadata.get(name), str)]
+        if missing:
+            raise FactError(f"stored fact {fact_id!r} has no {', '.join(missing)} in its metadata: it was not "
+                            f"written by the Editor and cannot be recomputed")
+        extras = {name: value for name, value in metadata.items() if name not in _METADATA_FIELDS}
+        prompt, subject = metadata["prompt"], metadata["subject"]
+        # the Editor records where the keyed subject starts: an earlier occurrence than the last
+        # one (a template's slot) is given back as a template
+        start = metadata.get("edit", {}).get("subject_start")
+        if (isinstance(start, int) and SUBJECT_SLOT not in prompt and prompt[start : start + len(subject)] == subject
+                and start != prompt.rfind(subject)):
+            prompt = prompt[:start] + SUBJECT_SLOT + prompt[start + len(subject):]
+        return cls(prompt=prompt, subject=subject, target_new=metadata["target_new"],
+                   target_true=metadata.get("target_true"), id=fact_id, extras=extras)
+
+
+# metadata() fields that are not extras ("edit": what the Editor records about the computation)
+_METADATA_FIELDS = ("subject", "prompt", "target_new", "target_true", "edit")
+
+
 def _describe(index: int, fact: Any) -> str:
     ident = None
     if isinstance(fact, Fact):

@@ -39,6 +39,11 @@ class EditHParams:
         measured): without the second key the edited prompt itself would not fire. -1 never adds one.
         A bare-prompt query that is generic (cosine > gamma with the query at some token of the
         model-written prefixes) is never added: it would fire on any text.
+    share_subject_residual: facts with the same subject (exact string) get one residual, optimised
+        on all of their prompts together. Their keys are the subject's last token, which in
+        prompts that open with the subject ("X plays", "X was born in") is the same for every
+        relation, so with a residual each only one of them could win. Editing a fact recomputes
+        the stored facts of its subject with it; removing one recomputes the others.
     """
 
     layer: int
@@ -55,6 +60,7 @@ class EditHParams:
     batch_size: int = 64
     kl_template: str = "{} is a"
     bare_key_below: float = 0.8
+    share_subject_residual: bool = True
 
     def __post_init__(self) -> None:
         checks = {
@@ -72,6 +78,7 @@ class EditHParams:
             "batch_size": isinstance(self.batch_size, int) and self.batch_size >= 1,
             "kl_template": isinstance(self.kl_template, str) and self.kl_template.count("{}") == 1,
             "bare_key_below": isinstance(self.bare_key_below, (int, float)) and -1.0 <= self.bare_key_below <= 1.0,
+            "share_subject_residual": isinstance(self.share_subject_residual, bool),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

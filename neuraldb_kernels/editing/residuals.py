@@ -13,8 +13,12 @@ c runs over the bare prompt and the N prefixes, v is the unedited down-projectio
 subject's last token of the bare prompt, and after every step ||r|| <= clamp_norm_factor * ||v||.
 A fact stops once exp(-mean NLL) >= stop_prob.
 
-Batched: many facts (all their contexts and KL prompts) go through one forward/backward per step,
-each fact's r injected only at its own sequences' subject position. What does not depend on r is
+Facts may share one r (`units`: facts about one subject whose keys coincide, see the Editor): the
+loss then sums the members' NLL terms, with the KL and decay terms once (from the first member), and
+the unit stops once every member's exp(-mean NLL) >= stop_prob. A unit of one fact is the above.
+
+Batched: many units (all their contexts and KL prompts) go through one forward/backward per step,
+each unit's r injected only at its own sequences' subject position. What does not depend on r is
 computed once: every token BEFORE the subject's last token is unaffected by r at every layer (the
 model is causal), so those tokens run once through the whole model and their keys/values are kept
 as a KV cache; each step runs only the tokens from the subject's last token on, and the LM head
@@ -22,7 +26,7 @@ only at the positions the loss reads (target tokens and the KL position). The su
 through layers 0..l* is frozen as well: after the first step, those layers are replaced (for the
 duration of each forward) by stand-ins that replay the recorded output of layer l* plus r, when the
 model's decoder layers return plain tensors (transformers >= 5). Losses are summed over
-facts, and Adam is element-wise, so a fact's trajectory does not depend on its batch-mates.
+units, and Adam is element-wise, so a unit's trajectory does not depend on its batch-mates.
 """
 
 from __future__ import annotations
@@ -45,9 +49,9 @@ _ADAM_EPS = 1e-8
 
 @dataclasses.dataclass(frozen=True)
 class ResidualResult:
-    """residuals: (n, d2) float32 CPU. target_prob: (n,) exp(-mean NLL of target_new) reached at
-    the final r. steps: (n,) int64 forward passes each fact took. converged: (n,) bool,
-    target_prob >= stop_prob."""
+    """Per fact (members of a unit hold the same residual row and steps). residuals: (n, d2)
+    float32 CPU. target_prob: (n,) exp(-mean NLL of target_new) reached at the final r. steps:
+    (n,) int64 forward passes the fact's unit took. converged: (n,) bool, target_prob >= stop_prob."""
 
     residuals: torch.Tensor
     target_prob: torch.Tensor
@@ -60,9 +64,10 @@ class _Sequences:
     """The sequences of one batch, split at the injection position (the subject's last token).
 
     prefix: tokens before it (left-padded, cached); suffix: from it on (right-padded, recomputed).
-    owner[i]: local fact index of sequence i. Loss reads: targets at (target_seq, target_pos) with
-    token target_id and weight target_weight; the KL logits at (kl_seq[f], kl_pos[f]) for fact f.
-    bare_seq[f]: the bare-prompt sequence of fact f (its injection output gives ||v||).
+    owner[i]: the unit (shared r) of sequence i. Loss reads: targets at (target_seq, target_pos)
+    with token target_id and weight target_weight, of fact target_fact; the KL logits at
+    (kl_seq[u], kl_pos[u]) for unit u. bare_seq[u]: the bare-prompt sequence of unit u's first
+    fact (its injection output gives ||v||).
     """
 
     prefix_ids: torch.Tensor
@@ -80,33 +85,36 @@ class _Sequences:
     bare_seq: torch.Tensor
 
 
-def _build_sequences(tokens: Sequence[EditTokens], pad_id: int, device) -> _Sequences:
+def _build_sequences(tokens: Sequence[EditTokens], units: Sequence[Sequence[int]], pad_id: int,
+                     device) -> _Sequences:
     prefixes, suffixes, owner = [], [], []
     target_seq, target_pos, target_id, target_weight, target_fact = [], [], [], [], []
     bare_seq = []
-    for f, fact in enumerate(tokens):
-        target = list(fact.target)
-        weight = 1.0 / (len(target) * len(fact.contexts))
-        for c, (context, s) in enumerate(zip(fact.contexts, fact.subject_last)):
-            if c == 0:
-                bare_seq.append(len(prefixes))
-            first = len(context) - 1 - s  # suffix position whose logits predict target[0]
-            for t, token in enumerate(target):
-                target_seq.append(len(prefixes))
-                target_pos.append(first + t)
-                target_id.append(token)
-                target_weight.append(weight)
-                target_fact.append(f)
-            prefixes.append(list(context[:s]))
-            suffixes.append(list(context[s:]) + target[:-1])
-            owner.append(f)
+    for u, members in enumerate(units):
+        bare_seq.append(len(prefixes))
+        for f in members:
+            fact = tokens[f]
+            target = list(fact.target)
+            weight = 1.0 / (len(target) * len(fact.contexts))
+            for context, s in zip(fact.contexts, fact.subject_last):
+                first = len(context) - 1 - s  # suffix position whose logits predict target[0]
+                for t, token in enumerate(target):
+                    target_seq.append(len(prefixes))
+                    target_pos.append(first + t)
+                    target_id.append(token)
+                    target_weight.append(weight)
+                    target_fact.append(f)
+                prefixes.append(list(context[:s]))
+                suffixes.append(list(context[s:]) + target[:-1])
+                owner.append(u)
     kl_seq, kl_pos = [], []
-    for f, fact in enumerate(tokens):
+    for u, members in enumerate(units):
+        fact = tokens[members[0]]
         kl_seq.append(len(prefixes))
         kl_pos.append(len(fact.kl_ids) - 1 - fact.kl_subject_last)
         prefixes.append(list(fact.kl_ids[: fact.kl_subject_last]))
         suffixes.append(list(fact.kl_ids[fact.kl_subject_last :]))
-        owner.append(f)
+        owner.append(u)
 
     n, width_p, width_s = len(prefixes), max(map(len, prefixes)), max(map(len, suffixes))
     prefix_ids = torch.full((n, width_p), pad_id, dtype=torch.long)
@@ -171,7 +179,7 @@ class _Replay(torch.nn.Module):
 
 
 class _Batch:
-    """The frozen part of one batch (prefix KV cache) and the rows of the facts still optimised."""
+    """The frozen part of one batch (prefix KV cache) and the rows of the units still optimised."""
 
     def __init__(self, model, sequences: _Sequences, layer: int, module_path: Optional[str]):
         self.model = model
@@ -201,15 +209,15 @@ class _Batch:
         keep = seq.prefix_mask.bool()[:, None, :, None]
         return [(torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)) for k, v in _cached_layers(cache)]
 
-    def select(self, facts: torch.Tensor) -> None:
-        """Restrict the batch to local facts `facts` (sorted), trimming padding to what they need."""
+    def select(self, units: torch.Tensor) -> None:
+        """Restrict the batch to units `units` (sorted), trimming padding to what they need."""
         seq = self.all
-        self.facts = facts
-        local = torch.full((int(seq.owner.max()) + 1,), -1, dtype=torch.long, device=facts.device)
-        local[facts] = torch.arange(len(facts), device=facts.device)
+        self.units = units
+        local = torch.full((int(seq.owner.max()) + 1,), -1, dtype=torch.long, device=units.device)
+        local[units] = torch.arange(len(units), device=units.device)
         rows = torch.nonzero(local[seq.owner] >= 0).squeeze(1)
-        row_of = torch.full((len(seq.owner),), -1, dtype=torch.long, device=facts.device)
-        row_of[rows] = torch.arange(len(rows), device=facts.device)
+        row_of = torch.full((len(seq.owner),), -1, dtype=torch.long, device=units.device)
+        row_of[rows] = torch.arange(len(rows), device=units.device)
         self.owner = local[seq.owner[rows]]
         width_p = int(seq.prefix_mask[rows].sum(1).max()) if seq.prefix_mask.shape[1] else 0
         width_s = int(seq.suffix_mask[rows].sum(1).max())
@@ -217,26 +225,27 @@ class _Batch:
         self.prefix_mask = seq.prefix_mask[rows, start:]
         self.suffix_ids = seq.suffix_ids[rows, :width_s]
         self.suffix_mask = seq.suffix_mask[rows, :width_s]
-        self.positions = self.prefix_length[rows, None] + torch.arange(width_s, device=facts.device)
+        self.positions = self.prefix_length[rows, None] + torch.arange(width_s, device=units.device)
         self.layers = None
         if self.kv is not None and width_p:
             self.layers = [(k[rows, :, start:], v[rows, :, start:]) for k, v in self.kv]
-        keep = local[seq.target_fact] >= 0
+        keep = local[seq.owner[seq.target_seq]] >= 0
         self.target_rows = row_of[seq.target_seq[keep]]
         self.target_pos = seq.target_pos[keep]
         self.target_id = seq.target_id[keep]
         self.target_weight = seq.target_weight[keep]
-        self.target_fact = local[seq.target_fact[keep]]
-        self.kl_rows = row_of[seq.kl_seq[facts]]
-        self.kl_pos = seq.kl_pos[facts]
-        self.bare_rows = row_of[seq.bare_seq[facts]]
+        self.target_fact = seq.target_fact[keep]
+        self.target_unit = self.owner[self.target_rows]
+        self.kl_rows = row_of[seq.kl_seq[units]]
+        self.kl_pos = seq.kl_pos[units]
+        self.bare_rows = row_of[seq.bare_seq[units]]
         if self.recorded_all is not None:
             self.recorded = self.recorded_all[rows, :width_s]
 
     def forward(self, module, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """(target log-probs (T,), KL log-probs (F, V), unedited injection outputs (rows, d2) or
-        None once layers 0..l* are replayed) with delta[f] added to `module`'s output at each
-        sequence's first suffix token."""
+        """(target log-probs (T,), KL log-probs (U, V), unedited injection outputs (rows, d2) or
+        None once layers 0..l* are replayed) with delta[u] added to `module`'s output at each
+        sequence's first suffix token (u: the sequence's unit)."""
         if self.recorded is not None:
             return (*self._run(delta), None)
         seen = {}
@@ -248,7 +257,7 @@ class _Batch:
 
         def record(_module, _args, output):
             # the first forward runs every row at r = 0: layer l*'s output is the unedited one
-            if isinstance(output, torch.Tensor) and not bool(delta.any()) and len(self.facts) == len(self.all.kl_seq):
+            if isinstance(output, torch.Tensor) and not bool(delta.any()) and len(self.units) == len(self.all.kl_seq):
                 seen["out"] = output.detach()
 
         handles = [module.register_forward_hook(inject),
@@ -290,44 +299,58 @@ class _Batch:
 
 
 def optimize_residuals(model, tokens: Sequence[EditTokens], hparams: EditHParams, *, pad_id: int,
-                       module_path: Optional[str] = None) -> ResidualResult:
+                       module_path: Optional[str] = None,
+                       units: Optional[Sequence[Sequence[int]]] = None) -> ResidualResult:
     """Residuals of the tokenised facts, optimised together as one batch (see the module doc).
 
+    units: a partition of range(len(tokens)) into facts that share one residual (same subject);
+        None: every fact alone.
     The model must be unedited (no NeuralDB attached); its parameters are not changed and get no
     gradients.
     """
+    count = len(tokens)
+    units = [[f] for f in range(count)] if units is None else [list(members) for members in units]
+    if sorted(f for members in units for f in members) != list(range(count)) or not all(units):
+        raise ValueError(f"units must partition the {count} facts into non-empty groups, got {units}")
     module = locate_down_proj(model, hparams.layer, module_path)
     device = next(model.parameters()).device
-    count = len(tokens)
+    unit_of = torch.empty(count, dtype=torch.long)
+    for u, members in enumerate(units):
+        unit_of[members] = u
+    unit_of_device = unit_of.to(device)
     was_training = model.training
     model.eval()
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        batch = _Batch(model, _build_sequences(tokens, pad_id, device), hparams.layer, module_path)
+        batch = _Batch(model, _build_sequences(tokens, units, pad_id, device), hparams.layer, module_path)
         d2 = batch.lm_head.weight.shape[1]
-        r = torch.zeros(count, d2, device=device)
+        r = torch.zeros(len(units), d2, device=device)
         adam_m, adam_v = torch.zeros_like(r), torch.zeros_like(r)
         kl_reference = v_norm = None
         target_prob = torch.zeros(count)
-        steps = torch.zeros(count, dtype=torch.long)
+        steps = torch.zeros(len(units), dtype=torch.long)
         stop_nll = -math.log(hparams.stop_prob)
         for step in range(hparams.steps):
-            active = batch.facts
+            active = batch.units
             delta = r[active].clone().requires_grad_(True)
             target_logp, kl_logp, v = batch.forward(module, delta)
             if step == 0:
                 kl_reference = kl_logp.detach()
                 v_norm = v[batch.bare_rows].float().norm(dim=1).clamp_min(1e-6)
-            nll = torch.zeros(len(active), device=device).index_add(
-                0, batch.target_fact, -target_logp * batch.target_weight)
+            terms = -target_logp * batch.target_weight
+            nll = torch.zeros(len(active), device=device).index_add(0, batch.target_unit, terms)
+            fact_nll = torch.zeros(count, device=device).index_add(0, batch.target_fact, terms.detach())
             kl = F.kl_div(kl_reference[active], kl_logp, log_target=True, reduction="none").sum(1)
             decay = hparams.weight_decay * delta.pow(2).sum(1) / v_norm[active].pow(2)
             loss = nll + hparams.kl_factor * kl + decay
-            target_prob[active.cpu()] = torch.exp(-nll.detach()).cpu()
+            in_active = torch.isin(unit_of_device, active)
+            target_prob[in_active.cpu()] = torch.exp(-fact_nll[in_active]).cpu()
             steps[active.cpu()] = step + 1
-            done = nll.detach() <= stop_nll
+            worst = torch.zeros(len(units), device=device).scatter_reduce(
+                0, unit_of_device[in_active], fact_nll[in_active], reduce="amax", include_self=False)
+            done = worst[active] <= stop_nll
             if bool(done.all()) or step == hparams.steps - 1:
                 break
             loss.sum().backward()
@@ -348,5 +371,5 @@ def optimize_residuals(model, tokens: Sequence[EditTokens], hparams: EditHParams
         for p, flag in zip(model.parameters(), requires):
             p.requires_grad_(flag)
         model.train(was_training)
-    return ResidualResult(residuals=r.detach().float().cpu(), target_prob=target_prob, steps=steps,
-                          converged=target_prob >= hparams.stop_prob)
+    return ResidualResult(residuals=r.detach().float().cpu()[unit_of], target_prob=target_prob,
+                          steps=steps[unit_of], converged=target_prob >= hparams.stop_prob)

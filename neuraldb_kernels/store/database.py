@@ -31,7 +31,7 @@ import os
 import sqlite3
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -588,6 +588,26 @@ class NeuralDB:
                     break
         metadata = self._metadata_of(ids)
         return [SearchHit(fact_id, score, metadata[fact_id]) for fact_id, score in zip(ids, best)]
+
+    def metadata_where(self, field: str, values: Iterable[str | int | float]) -> dict[str, dict[str, Any]]:
+        """{id: metadata} of the facts whose metadata[field] equals one of `values` (JSON strings or
+        numbers), read from the database file (one scan per 500 values)."""
+        if not isinstance(field, str) or not field or '"' in field:
+            raise ValueError(f"field must be a non-empty str without '\"', got {field!r}")
+        values = list(dict.fromkeys(values))
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise TypeError(f"values must be str, int or float, got {value!r}")
+        found: dict[str, dict[str, Any]] = {}
+        with self._lock:
+            self._check_open()
+            for start in range(0, len(values), _SQL_CHUNK):
+                chunk = values[start : start + _SQL_CHUNK]
+                query = (f"SELECT id, metadata FROM facts WHERE json_extract(metadata, ?) "
+                         f"IN ({','.join('?' * len(chunk))}) ORDER BY seq")
+                found.update((fact_id, json.loads(text))
+                             for fact_id, text in self._conn.execute(query, [f'$."{field}"', *chunk]))
+        return found
 
     def _metadata_of(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}

@@ -1,0 +1,108 @@
+"""optimize_residuals (batched, frozen prefix cache, replayed lower layers, shared-residual units)
+against an independent plain loop: every step a full forward of the whole model over a unit's
+contexts and its KL prompt, the residual added by the test's own hook, torch's Adam."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_integration import ARCHS, tiny_model, tokenizer  # noqa: F401  (tokenizer: fixture)
+
+from neuraldb_kernels.editing import EditHParams, Fact, optimize_residuals, tokenize_fact
+
+PREFIXES = ["A short text about something. ", "Other words before it. "]
+FACTS = [
+    Fact("{} plays the sport of", "Carlos Valderrama", "basketball"),
+    Fact("{} was born in the city of", "Carlos Valderrama", "Oslo"),
+    Fact("The mother tongue of {} is", "Danielle Darrieux", "English"),
+    Fact("{} is a citizen of", "Carlos Valderrama", "Peru"),
+]
+LAYER = 1
+
+
+def plain_unit_residual(model, tokens, hparams, start=None):
+    """(residual, exp(-NLL) at it) of one unit sharing a residual: sum of the members' mean NLL,
+    KL on the first member's KL prompt, decay and clamp from the first member's bare-prompt
+    output; full forwards only. start: the initial residual (default zeros)."""
+    rows, at, picks = [], [], []
+    for fact in tokens:
+        weight = 1.0 / (len(fact.contexts) * len(fact.target))
+        for context, s in zip(fact.contexts, fact.subject_last):
+            picks += [(len(rows), len(context) - 1 + t, token, weight) for t, token in enumerate(fact.target)]
+            rows.append(list(context) + list(fact.target[:-1]))
+            at.append(s)
+    kl_row = len(rows)
+    rows.append(list(tokens[0].kl_ids))
+    at.append(tokens[0].kl_subject_last)
+    width = max(map(len, rows))
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    module = model.get_submodule(ARCHS["llama"][1].format(hparams.layer))
+    r = (torch.zeros(model.config.hidden_size) if start is None else start.clone()).requires_grad_(True)
+    optimizer = torch.optim.Adam([r], lr=hparams.lr, betas=(0.9, 0.999), eps=1e-8)
+    seen = {}
+
+    def add_r(_module, _args, output):
+        seen.setdefault("v", output[0, at[0]].detach().clone())  # (the first forward: no r yet)
+        output = output.clone()
+        output[torch.arange(len(rows)), torch.tensor(at)] += r
+        return output
+
+    handle = module.register_forward_hook(add_r)
+    try:
+        reference = nll = None
+        for step in range(hparams.steps):
+            logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+            nll = -sum(weight * logp[row, pos, token] for row, pos, token, weight in picks)
+            kl_logp = logp[kl_row, len(rows[kl_row]) - 1]
+            reference = kl_logp.detach() if reference is None else reference
+            kl = F.kl_div(reference, kl_logp, log_target=True, reduction="sum")
+            v_norm = seen["v"].norm()
+            loss = nll + hparams.kl_factor * kl + hparams.weight_decay * r.pow(2).sum() / v_norm**2
+            if step == hparams.steps - 1:
+                break
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                limit = hparams.clamp_norm_factor * v_norm
+                if r.norm() > limit:
+                    r.mul_(limit / r.norm())
+    finally:
+        handle.remove()
+    return r.detach(), math.exp(-float(nll.detach()))
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer):  # noqa: F811
+    model = tiny_model("llama", tokenizer, layers=3)
+    hparams = EditHParams(layer=LAYER, steps=4, lr=0.05, stop_prob=1.0)
+    tokens = [tokenize_fact(tokenizer, fact, PREFIXES, index=i) for i, fact in enumerate(FACTS)]
+    return model, hparams, tokens
+
+
+def test_shared_units_match_the_plain_loop(setup):
+    model, hparams, tokens = setup
+    units = [[0, 1, 3], [2]]
+    result = optimize_residuals(model, tokens, hparams, pad_id=0, units=units)
+    for unit in units:
+        expected, _ = plain_unit_residual(model, [tokens[f] for f in unit], hparams)
+        for f in unit:
+            assert torch.allclose(result.residuals[f], expected, rtol=1e-3, atol=1e-4 * float(expected.norm())), f
+            # each member reports its own target probability under the shared residual
+            frozen = EditHParams(layer=LAYER, steps=1, lr=hparams.lr, stop_prob=1.0)
+            _, prob = plain_unit_residual(model, [tokens[f]], frozen, start=expected)
+            assert result.target_prob[f] == pytest.approx(prob, rel=1e-4), f
+    assert torch.equal(result.steps, torch.full((4,), hparams.steps))
+    assert not result.converged.any()  # stop_prob 1 is never reached
+
+
+def test_units_must_partition_the_facts(setup):
+    model, hparams, tokens = setup
+    for units in ([[0, 1], [2]], [[0, 1], [1, 2, 3]], [[0, 1, 2, 3], []], [[0, 1, 2, 3, 4]]):
+        with pytest.raises(ValueError, match="partition"):
+            optimize_residuals(model, tokens, hparams, pad_id=0, units=units)
