@@ -8,6 +8,7 @@ import torch
 from neuraldb_kernels import NeuralDB
 from neuraldb_kernels.editing import (Editor, Fact, FactError, compute_keys, generate_prefixes, read_counterfact,
                                       tokenize_fact)
+from neuraldb_kernels.editing.keys import generic_queries
 from neuraldb_kernels.integration import locate_down_proj
 
 # cheap settings for the semantics tests (quality is tested with the defaults)
@@ -74,6 +75,23 @@ def test_keys_equal_an_independent_hook_computation(smollm2, counterfact):
         expected_bare.append(rows[0])  # the bare prompt, no prefix
     torch.testing.assert_close(keys, torch.stack(expected), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(bare, torch.stack(expected_bare), rtol=1e-5, atol=1e-5)
+
+
+def test_generic_queries_are_every_tokens_query_of_each_text_alone(smollm2):
+    model, tokenizer = smollm2
+    texts = ["Paris is a city.", "The", "A longer text, with punctuation; and words"]
+    queries = generic_queries(model, tokenizer, texts, 4, pad_id=tokenizer.eos_token_id)
+    module = locate_down_proj(model, 4)
+    seen = []
+    handle = module.register_forward_hook(lambda _m, args, _out: seen.append(args[0][0]))
+    try:
+        with torch.no_grad():
+            for text in texts:  # one text at a time, no padding
+                model(torch.tensor([tokenizer(text)["input_ids"]]))
+    finally:
+        handle.remove()
+    expected = torch.nn.functional.normalize(torch.cat(seen), dim=1)
+    torch.testing.assert_close(queries, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_edits_change_answers_on_prompts_and_paraphrases_and_nothing_else(smollm2, counterfact):

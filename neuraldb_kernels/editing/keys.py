@@ -40,9 +40,10 @@ def pad_token_id(tokenizer) -> int:
 
 
 @torch.no_grad()
-def down_proj_inputs(model, rows: Sequence[Sequence[int]], positions: Sequence[int], layer: int, *,
+def down_proj_inputs(model, rows: Sequence[Sequence[int]], positions: Optional[Sequence[int]], layer: int, *,
                      pad_id: int, module_path: Optional[str] = None) -> torch.Tensor:
-    """(n, d1) float32: the down-projection input at layer `layer` of `rows[i]` at `positions[i]`."""
+    """(n, d1) float32: the down-projection input at layer `layer` of `rows[i]` at `positions[i]`;
+    positions None: at every token of every row, (sum of row lengths, d1) in row order."""
     module = locate_down_proj(model, layer, module_path)
     device = next(model.parameters()).device
     ids, mask = pad_right(rows, pad_id, device)
@@ -59,6 +60,8 @@ def down_proj_inputs(model, rows: Sequence[Sequence[int]], positions: Sequence[i
         pass
     finally:
         handle.remove()
+    if positions is None:
+        return captured["x"][mask.bool()].float()
     index = torch.tensor(list(positions), device=device)
     return captured["x"][torch.arange(len(rows), device=device), index].float()
 
@@ -92,7 +95,5 @@ def generic_queries(model, tokenizer, texts: Sequence[str], layer: int, *, pad_i
     opens a sequence in a model without a BOS token, whose first position looks alike for every
     token."""
     rows = [list(tokenizer(text)["input_ids"]) for text in texts]
-    every = [row[: position + 1] for row in rows for position in range(len(row))]
-    inputs = down_proj_inputs(model, every, [len(row) - 1 for row in every], layer, pad_id=pad_id,
-                              module_path=module_path)
+    inputs = down_proj_inputs(model, rows, None, layer, pad_id=pad_id, module_path=module_path)
     return torch.nn.functional.normalize(inputs, dim=1).cpu()
