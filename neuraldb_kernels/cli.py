@@ -198,8 +198,11 @@ def cmd_edit(args) -> None:
         print(f"{len(editor.superseded)} records repeat the subject and prompt of a later record, which "
               f"replaced them (e.g. record {earlier} by record {later}): one target per subject and prompt",
               file=sys.stderr)
-    print(f"edited {len(committed)} facts in {elapsed:.1f} s ({len(ids) - len(committed)} already in the "
-          f"database); {directory} now holds {len(db)} facts (was {before})")
+    asked, done = set(ids), set(committed)
+    recomputed = len(done - asked)
+    print(f"edited {len(done & asked)} facts in {elapsed:.1f} s ({len(asked - done)} already in the database"
+          + (f"; {recomputed} stored facts of the same subjects recomputed with them" if recomputed else "")
+          + f"); {directory} now holds {len(db)} facts (was {before})")
     db.close()
 
 
