@@ -157,6 +157,22 @@ def test_a_failed_migration_changes_nothing(tmp_path, monkeypatch):
     conn.close()
 
 
+def test_an_old_database_another_connection_is_writing_is_not_migrated(tmp_path, monkeypatch):
+    keys, _ = _facts(2, seed=8)
+    path = tmp_path / "busy.ndb"
+    _write_version_1(path, [("a", keys[0], {}), ("a#bare", keys[1], {"bare_key_of": "a"})])
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another process in the middle of a write
+    monkeypatch.setattr(schema, "connect", lambda target: sqlite3.connect(  # waits 0.05 s for the lock, not 30
+        target, isolation_level=None, check_same_thread=False, timeout=0.05))
+    with pytest.raises(ValueError, match=r"busy.ndb cannot be opened for writing \(database is locked\)"):
+        NeuralDB.open(path)
+    writer.execute("ROLLBACK")
+    writer.close()
+    with NeuralDB.open(path) as db:  # untouched until then: migrated now
+        assert list(db) == ["a"] and torch.equal(db.get("a").keys, keys.float())
+
+
 @pytest.mark.parametrize("extra, error, message", [
     ([None], ValueError, "got 1 extra_keys entries for 2 facts"),
     (torch.ones(2, D1), TypeError, "extra_keys must be None, a tensor for one fact, or a sequence"),
