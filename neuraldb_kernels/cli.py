@@ -198,6 +198,11 @@ def cmd_edit(args) -> None:
         print(f"{len(editor.superseded)} records repeat the subject and prompt of a later record, which "
               f"replaced them (e.g. record {earlier} by record {later}): one target per subject and prompt",
               file=sys.stderr)
+    if editor.first_token_subjects:
+        example = db.get(editor.first_token_subjects[0]).metadata["prompt"]
+        print(f"{len(editor.first_token_subjects)} facts key on their prompt's first token (a one-token subject "
+              f"opening the prompt, e.g. {example!r}): without a BOS token the model barely reads that position, "
+              f"so such a prompt may keep its answer; words before the subject avoid it", file=sys.stderr)
     asked, done = set(ids), set(committed)
     recomputed = len(done - asked)
     print(f"edited {len(done & asked)} facts in {elapsed:.1f} s ({len(asked - done)} already in the database"

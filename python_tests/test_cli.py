@@ -281,11 +281,14 @@ def test_db_rm_recomputes_the_facts_that_shared_the_removed_facts_residual(neura
     code, out, err = neuraldb("db", "rm", "--db", directory, louvre.id)  # shares nothing: no model needed
     assert code == 0 and "recomputed" not in out and "removed 1 facts; 1 left" in out, err
     more = tmp_path / "more.jsonl"
-    more.write_text(json.dumps({"prompt": "{} was born in", "subject": "Carlos Valderrama", "target_new": "Oslo"}))
+    more.write_text(json.dumps({"prompt": "{} was born in", "subject": "Carlos Valderrama", "target_new": "Oslo"})
+                    + "\n" + json.dumps({"prompt": "{} is a member of", "subject": "Germany", "target_new": "Hamas"}))
     code, out, err = neuraldb("edit", "--facts", more, "--db", directory, "--hparam", "steps=2", "--quiet")
     assert code == 0, err
-    assert "edited 1 facts" in out and "(0 already in the database; 1 stored facts of the same subjects" in out
-    assert "now holds 2 facts (was 1)" in out
+    assert "edited 2 facts" in out and "(0 already in the database; 1 stored facts of the same subjects" in out
+    assert "now holds 3 facts (was 1)" in out
+    # "Germany" is one token opening the prompt: its key sits at position 0
+    assert "1 facts key on their prompt's first token" in err and "'Germany is a member of'" in err
 
 
 def test_db_commands_count_and_remove_extra_keys_with_their_fact(neuraldb, tmp_path, tiny_model_dir):

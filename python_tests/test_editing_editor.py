@@ -300,6 +300,20 @@ def test_facts_of_one_subject_share_a_residual_and_removal_recomputes_the_rest(s
         editor.handle.detach()
 
 
+def test_a_one_token_subject_opening_the_prompt_is_reported(smollm2):
+    model, tokenizer = smollm2
+    opening = Fact("{} is a member of", "Germany", "Hamas")  # "Germany" is one token, at position 0
+    inside = Fact("The capital of {} is", "Germany", "Bonn")
+    editor = Editor(model, tokenizer, **FAST)
+    try:
+        opening_id, inside_id = editor.edit([opening, inside], progress=False)
+        assert editor.first_token_subjects == [opening_id]
+        assert editor.db.get(opening_id).metadata["edit"]["subject_first_token"]
+        assert not editor.db.get(inside_id).metadata["edit"]["subject_first_token"]
+    finally:
+        editor.handle.detach()
+
+
 def test_bad_facts_raise_or_are_skipped(smollm2):
     model, tokenizer = smollm2
     good = Fact("{} plays the", "Lionel Messi", "violin")

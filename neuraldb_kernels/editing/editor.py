@@ -118,6 +118,7 @@ class Editor:
         self.db = db
         self.skipped: list[tuple[int, str]] = []
         self.superseded: list[tuple[int, int]] = []
+        self.first_token_subjects: list[str] = []
         self.handle = self._attach()
 
     def _attach(self):
@@ -134,6 +135,9 @@ class Editor:
         (skipped facts left out). Facts already stored with the same target_new are not redone.
         Facts with the same id (subject and prompt) in one call: the last one is edited, and
         `self.superseded` lists (earlier input index, the later index that replaced it).
+        `self.first_token_subjects` lists the ids of computed facts whose prompt opens with a
+        one-token subject in a tokenizer without BOS: their key sits at position 0, which the
+        model barely reads (an attention sink), so their own prompt often keeps its answer.
 
         on_error: "raise" (a FactError naming the first bad fact's index and id) or "skip" (bad
             facts are left out and listed in `self.skipped` as (input index, message)).
@@ -209,6 +213,7 @@ class Editor:
                                          seed=hp.prefix_seed)
             indexed, tokens = self._tokenize(valid, prefixes, on_error)
             self.superseded = superseded_facts(indexed)
+            self.first_token_subjects = []
             generic = generic_queries(self.model, self.tokenizer, prefixes, hp.layer, pad_id=pad_id,
                                       module_path=self.module_path)
             work = [(indexed[p][1], tokens[p]) for p in self._pending(indexed, replace)]
@@ -265,10 +270,12 @@ class Editor:
             is_generic = (best > hp.gamma).tolist()
         extra = [far[i] and not is_generic[i] for i in range(len(facts))]
         ids = [fact.fact_id for fact in facts]
+        self.first_token_subjects += [ids[i] for i in range(len(facts)) if tokens[i].subject_last[0] == 0]
         partners = {i: [ids[j] for j in unit if j != i] for unit in units for i in unit}
         metadata = []
         for i, fact in enumerate(facts):
-            record = {"layer": hp.layer, "subject_start": fact.subject_span[0], "target_prob": float(result.target_prob[i]), "steps": int(result.steps[i]),
+            record = {"layer": hp.layer, "subject_start": fact.subject_span[0],
+                      "subject_first_token": tokens[i].subject_last[0] == 0, "target_prob": float(result.target_prob[i]), "steps": int(result.steps[i]),
                       "converged": bool(result.converged[i]), "bare_prompt_key": extra[i],
                       "bare_prompt_key_generic": far[i] and is_generic[i], "hparams": dataclasses.asdict(hp)}
             if partners[i]:
