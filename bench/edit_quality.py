@@ -124,7 +124,8 @@ def percent_metrics(scores: dict[str, torch.Tensor], positions: list[int]) -> di
 def per_fact_residual(model, tokens, hparams, module) -> torch.Tensor:
     """One fact's residual the way existing tools compute it: every step runs the full model over
     all its contexts and the KL prompt (right-padded) and the full logits; same loss, Adam, clamp
-    and early stop as `optimize_residuals`."""
+    and early stop as `optimize_residuals` (which leaves out a context whose subject is its first
+    token: a timing baseline, it keeps every context)."""
     rows = [list(c) + list(tokens.target[:-1]) for c in tokens.contexts] + [list(tokens.kl_ids)]
     width = max(map(len, rows))
     ids = torch.zeros((len(rows), width), dtype=torch.long)

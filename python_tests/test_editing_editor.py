@@ -300,16 +300,21 @@ def test_facts_of_one_subject_share_a_residual_and_removal_recomputes_the_rest(s
         editor.handle.detach()
 
 
-def test_a_one_token_subject_opening_the_prompt_is_reported(smollm2):
+def test_a_one_token_subject_opening_the_prompt_is_reported_and_spares_its_subject_mates(smollm2):
     model, tokenizer = smollm2
-    opening = Fact("{} is a member of", "Germany", "Hamas")  # "Germany" is one token, at position 0
-    inside = Fact("The capital of {} is", "Germany", "Bonn")
-    editor = Editor(model, tokenizer, **FAST)
+    opening = Fact("{} is a member of", "Germany", "Hamas", "NATO")  # "Germany" is one token, at position 0
+    inside = Fact("In {}, they understand", "Germany", "Tamil", "German")
+    editor = Editor(model, tokenizer)
     try:
         opening_id, inside_id = editor.edit([opening, inside], progress=False)
         assert editor.first_token_subjects == [opening_id]
         assert editor.db.get(opening_id).metadata["edit"]["subject_first_token"]
         assert not editor.db.get(inside_id).metadata["edit"]["subject_first_token"]
+        # the shared residual is not trained on position 0 (it wrecked the whole unit): the
+        # subject's other fact takes effect
+        assert editor.db.get(inside_id).metadata["edit"]["converged"]
+        prompt = inside.filled_prompt
+        assert _nll(model, tokenizer, prompt, "Tamil") < _nll(model, tokenizer, prompt, "German")
     finally:
         editor.handle.detach()
 

@@ -17,18 +17,23 @@ FACTS = [
     Fact("{} was born in the city of", "Carlos Valderrama", "Oslo"),
     Fact("The mother tongue of {} is", "Danielle Darrieux", "English"),
     Fact("{} is a citizen of", "Carlos Valderrama", "Peru"),
+    Fact("{} is a member of", "Germany", "Hamas"),  # one token opening the prompt: position 0
+    Fact("In {}, they understand", "Germany", "Tamil"),
 ]
 LAYER = 1
 
 
 def plain_unit_residual(model, tokens, hparams, start=None):
-    """(residual, exp(-NLL) at it) of one unit sharing a residual: sum of the members' mean NLL,
-    KL on the first member's KL prompt, decay and clamp from the first member's bare-prompt
-    output; full forwards only. start: the initial residual (default zeros)."""
+    """(residual, exp(-NLL) at it) of one unit sharing a residual: sum of the members' mean NLL
+    over their contexts (a context whose subject is its first token left out unless all are),
+    KL on the first member's KL prompt, decay and clamp from the first member's first such
+    context; full forwards only. start: the initial residual (default zeros)."""
     rows, at, picks = [], [], []
     for fact in tokens:
-        weight = 1.0 / (len(fact.contexts) * len(fact.target))
-        for context, s in zip(fact.contexts, fact.subject_last):
+        contexts = [(c, s) for c, s in zip(fact.contexts, fact.subject_last) if s != 0]
+        contexts = contexts or list(zip(fact.contexts, fact.subject_last))
+        weight = 1.0 / (len(contexts) * len(fact.target))
+        for context, s in contexts:
             picks += [(len(rows), len(context) - 1 + t, token, weight) for t, token in enumerate(fact.target)]
             rows.append(list(context) + list(fact.target[:-1]))
             at.append(s)
@@ -81,13 +86,15 @@ def plain_unit_residual(model, tokens, hparams, start=None):
 def setup(tokenizer):  # noqa: F811
     model = tiny_model("llama", tokenizer, layers=3)
     hparams = EditHParams(layer=LAYER, steps=4, lr=0.05, stop_prob=1.0)
-    tokens = [tokenize_fact(tokenizer, fact, PREFIXES, index=i) for i, fact in enumerate(FACTS)]
-    return model, hparams, tokens
+    return model, hparams
 
 
-def test_shared_units_match_the_plain_loop(setup):
-    model, hparams, tokens = setup
-    units = [[0, 1, 3], [2]]
+@pytest.mark.parametrize("prefixes", [PREFIXES, ()], ids=["prefixes", "bare prompts only"])
+def test_shared_units_match_the_plain_loop(setup, tokenizer, prefixes):  # noqa: F811
+    model, hparams = setup
+    tokens = [tokenize_fact(tokenizer, fact, prefixes, index=i) for i, fact in enumerate(FACTS)]
+    assert tokens[4].subject_last[0] == 0 and tokens[5].subject_last[0] > 0
+    units = [[0, 1, 3], [2], [4, 5]]
     result = optimize_residuals(model, tokens, hparams, pad_id=0, units=units)
     for unit in units:
         expected, _ = plain_unit_residual(model, [tokens[f] for f in unit], hparams)
@@ -97,12 +104,13 @@ def test_shared_units_match_the_plain_loop(setup):
             frozen = EditHParams(layer=LAYER, steps=1, lr=hparams.lr, stop_prob=1.0)
             _, prob = plain_unit_residual(model, [tokens[f]], frozen, start=expected)
             assert result.target_prob[f] == pytest.approx(prob, rel=1e-4), f
-    assert torch.equal(result.steps, torch.full((4,), hparams.steps))
+    assert torch.equal(result.steps, torch.full((len(FACTS),), hparams.steps))
     assert not result.converged.any()  # stop_prob 1 is never reached
 
 
-def test_units_must_partition_the_facts(setup):
-    model, hparams, tokens = setup
-    for units in ([[0, 1], [2]], [[0, 1], [1, 2, 3]], [[0, 1, 2, 3], []], [[0, 1, 2, 3, 4]]):
+def test_units_must_partition_the_facts(setup, tokenizer):  # noqa: F811
+    model, hparams = setup
+    tokens = [tokenize_fact(tokenizer, fact, PREFIXES, index=i) for i, fact in enumerate(FACTS)]
+    for units in ([[0, 1], [2, 3, 4]], [[0, 1, 5], [1, 2, 3, 4]], [[0, 1, 2, 3, 4, 5], []], [[0, 1, 2, 3, 4, 5, 6]]):
         with pytest.raises(ValueError, match="partition"):
             optimize_residuals(model, tokens, hparams, pad_id=0, units=units)

@@ -26,7 +26,8 @@ class EditHParams:
     steps: maximum optimisation steps per fact.
     kl_factor: weight of KL(P_edited || P_unedited) on the next token after "{subject} is a".
     weight_decay: weight of ||r||^2 / ||v||^2, v the unedited down-projection output at the
-        subject's last token of the bare prompt.
+        subject's last token of the bare prompt (of the first prefixed context when the bare
+        prompt opens with a one-token subject, see editing.residuals).
     clamp_norm_factor: after every step ||r|| is clamped to clamp_norm_factor * ||v||.
     stop_prob: a fact stops early once exp(-mean NLL of target_new), averaged over contexts and
         target tokens, reaches this probability.
