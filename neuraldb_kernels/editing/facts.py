@@ -82,7 +82,6 @@ class Fact:
             "target_true": self.target_true,
         }
 
-
     @classmethod
     def from_metadata(cls, fact_id: str, metadata: Mapping[str, Any]) -> "Fact":
         """The fact a database row was edited from: `metadata()` of it (the Editor's "edit" record
