@@ -270,12 +270,13 @@ class Editor:
             is_generic = (best > hp.gamma).tolist()
         extra = [far[i] and not is_generic[i] for i in range(len(facts))]
         ids = [fact.fact_id for fact in facts]
-        self.first_token_subjects += [ids[i] for i in range(len(facts)) if tokens[i].subject_last[0] == 0]
+        first_token = [t.subject_last[0] == 0 for t in tokens]  # keyed at position 0 (see edit())
+        self.first_token_subjects += [ids[i] for i in range(len(facts)) if first_token[i]]
         partners = {i: [ids[j] for j in unit if j != i] for unit in units for i in unit}
         metadata = []
         for i, fact in enumerate(facts):
-            record = {"layer": hp.layer, "subject_start": fact.subject_span[0],
-                      "subject_first_token": tokens[i].subject_last[0] == 0, "target_prob": float(result.target_prob[i]), "steps": int(result.steps[i]),
+            record = {"layer": hp.layer, "subject_start": fact.subject_span[0], "subject_first_token": first_token[i],
+                      "target_prob": float(result.target_prob[i]), "steps": int(result.steps[i]),
                       "converged": bool(result.converged[i]), "bare_prompt_key": extra[i],
                       "bare_prompt_key_generic": far[i] and is_generic[i], "hparams": dataclasses.asdict(hp)}
             if partners[i]:
