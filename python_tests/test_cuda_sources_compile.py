@@ -39,7 +39,7 @@ def test_there_are_cuda_sources():
     assert CU_SOURCES, f"no .cu files in {CUDA_DIR}"
 
 
-@pytest.mark.parametrize("path", CUDA_DIR.glob("*"), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(CUDA_DIR.glob("*")), ids=lambda p: p.name)
 def test_device_code_includes_no_torch_headers(path):
     if path.name == "bindings.cpp":
         return
