@@ -334,30 +334,29 @@ def cmd_db_rm(args) -> None:
     from .editing.editor import sharing_partners
 
     directory = Path(args.db)
-    if len(set(args.ids)) != len(args.ids):
-        raise CommandError("nothing removed: an id is given twice")
+    spec = _recorded_model(directory)
     with _open_db(directory) as db:
-        missing = [fact_id for fact_id in args.ids if fact_id not in db]
-        if missing:
-            raise CommandError(f"nothing removed: {len(missing)} id(s) not in the database, e.g. {missing[0]!r}")
-        partners = sharing_partners(db, args.ids)
-        if not partners:
-            removed = db.delete(args.ids)
-            print(f"removed {len(removed)} facts; {len(db)} left")
-            return
-    # facts of the same subject share the removed facts' residual: the model recomputes theirs,
-    # with the hyperparameters they were computed with
-    db, model, tokenizer = _open_with_model(directory)
-    with db:
-        recorded = db.get(partners[0]).metadata.get("edit", {}).get("hparams", {})
-        known = {field.name for field in dataclasses.fields(EditHParams)} - {"layer", "gamma"}
-        editor = Editor(model, tokenizer, db=db, **{name: value for name, value in recorded.items() if name in known})
         try:
-            removed = editor.remove(args.ids)
-        finally:
-            editor.handle.detach()
-        print(f"recomputed the residual of {len(partners)} fact(s) that shared one with the removed facts "
-              f"(same subject)")
+            present = db.ids_to_delete(args.ids)
+        except (KeyError, ValueError) as error:
+            raise CommandError(f"nothing removed: {error.args[0]}") from None
+        partners = sharing_partners(db, present)
+        if partners:
+            # facts of the same subject share the removed facts' residual: the model recomputes
+            # theirs, with the hyperparameters they were computed with
+            model, tokenizer = _load_model(spec)
+            _check_fits(db, model)
+            recorded = db.get(partners[0]).metadata.get("edit", {}).get("hparams", {})
+            known = {field.name for field in dataclasses.fields(EditHParams)} - {"layer", "gamma"}
+            editor = Editor(model, tokenizer, db=db, **{name: value for name, value in recorded.items() if name in known})
+            try:
+                removed = editor.remove(present)
+            finally:
+                editor.handle.detach()
+            print(f"recomputed the residual of {len(partners)} fact(s) that shared one with the removed facts "
+                  f"(same subject)")
+        else:
+            removed = db.delete(present)
         print(f"removed {len(removed)} facts; {len(db)} left")
 
 

@@ -259,14 +259,16 @@ def test_db_rm_recomputes_the_facts_that_shared_the_removed_facts_residual(neura
         {"prompt": "{} plays as", "subject": "Carlos Valderrama", "target_new": "quarterback"},
         {"prompt": "{} is located in", "subject": "The Louvre", "target_new": "Berlin"})) + "\n")
     directory = tmp_path / "db"
+    # layer 0: an edit at the last layer of the 2-layer model cannot reach later tokens (r = 0)
     code, out, err = neuraldb("edit", "--facts", records, "--db", directory, "--model", tiny_model_dir,
-                              "--hparam", "layer=1", "--hparam", "steps=2", "--quiet")
+                              "--hparam", "layer=0", "--hparam", "steps=2", "--quiet")
     assert code == 0 and "now holds 3 facts" in out, err
     with NeuralDB.open(directory / "neuraldb.sqlite") as db:
         by_target = {db.get(fact_id).metadata["target_new"]: db.get(fact_id) for fact_id in db}
     sport, position, louvre = (by_target[t] for t in ("basketball", "quarterback", "Berlin"))
     assert sport.metadata["edit"]["shares_residual_with"] == [position.id]
-    assert torch.equal(sport.residual, position.residual)
+    assert sport.residual.any() and louvre.residual.any()
+    assert torch.equal(sport.residual, position.residual) and not torch.equal(sport.residual, louvre.residual)
     code, _, err = neuraldb("db", "rm", "--db", directory, position.id, position.id)
     assert_one_line_error(code, err, 1, "nothing removed", "twice")
     code, out, err = neuraldb("db", "rm", "--db", directory, position.id)
@@ -275,8 +277,9 @@ def test_db_rm_recomputes_the_facts_that_shared_the_removed_facts_residual(neura
         assert sorted(db) == sorted([sport.id, louvre.id])
         alone = db.get(sport.id)
         assert "shares_residual_with" not in alone.metadata["edit"]
+        assert not torch.equal(alone.residual, sport.residual)  # recomputed without the removed fact ...
         assert alone.metadata["created_at"] == sport.metadata["created_at"]  # the fact's, kept
-        assert alone.metadata["edit"]["hparams"]["steps"] == 2 and alone.metadata["edit"]["steps"] <= 2  # as edited
+        assert alone.metadata["edit"]["hparams"]["steps"] == 2 and alone.metadata["edit"]["steps"] <= 2  # ... as edited
         assert torch.equal(db.get(louvre.id).residual, louvre.residual)  # not touched
     code, out, err = neuraldb("db", "rm", "--db", directory, louvre.id)  # shares nothing: no model needed
     assert code == 0 and "recomputed" not in out and "removed 1 facts; 1 left" in out, err

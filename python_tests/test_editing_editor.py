@@ -290,6 +290,9 @@ def test_facts_of_one_subject_share_a_residual_and_removal_recomputes_the_rest(s
         # resuming skips both; removing one recomputes the other alone
         assert editor.edit([sport, position], progress=False, callback=calls.append) == [sport_id, position_id]
         assert len(calls) == 2
+        with pytest.raises(ValueError, match="duplicate ids"):  # refused before anything is recomputed
+            editor.remove([position_id, position_id])
+        assert torch.equal(editor.db.get(sport_id).residual, shared.residual)
         assert editor.remove([position_id]) == [position_id] and list(editor.db) == [sport_id]
         assert "shares_residual_with" not in editor.db.get(sport_id).metadata["edit"]
         assert _greedy_next(model, tokenizer, prompts) == [first_tokens[0], unedited[1]]

@@ -153,35 +153,35 @@ class Editor:
 
     def remove(self, ids: str | Sequence[str], *, missing_ok: bool = False) -> list[str]:
         """Delete facts by id (one transaction); effective at the model's next forward. Returns
-        the ids deleted; a missing id is a KeyError (nothing changed) unless missing_ok. Facts
+        the ids deleted; a bad or missing id is an error (nothing changed, see
+        `NeuralDB.ids_to_delete`) unless missing_ok allows it. Facts
         that shared a removed fact's residual are recomputed without it first (a progress-free
         `update`), so that their residual no longer carries its target."""
-        ids = [ids] if isinstance(ids, str) else list(ids)
-        missing = [fact_id for fact_id in ids if fact_id not in self.db]
-        if missing and not missing_ok:
-            raise KeyError(f"{len(missing)} id(s) not in the database, e.g. {missing[0]!r} "
-                           f"(pass missing_ok=True to ignore missing ids)")
-        partners = sharing_partners(self.db, [fact_id for fact_id in ids if fact_id in self.db])
+        present = self.db.ids_to_delete(ids, missing_ok=missing_ok)  # the store's checks, before any work
+        partners = sharing_partners(self.db, present)
         if partners:
             facts = [Fact.from_metadata(fact_id, self.db.get(fact_id).metadata) for fact_id in partners]
-            self._run(facts, on_error="raise", progress=False, callback=None, replace=True, exclude=set(ids))
-        return self.db.delete(ids, missing_ok=missing_ok)
+            self._run(facts, on_error="raise", progress=False, callback=None, replace=True, exclude=set(present))
+        return self.db.delete(present)
 
     # ---------------------------------------------------------------------------------- internals
 
     def _tokenize(self, indexed: list[tuple[int, Fact]], prefixes, on_error: str):
-        max_length = model_context_length(self.model)
         kept, tokens = [], []
         for index, fact in indexed:
             try:
-                tokens.append(tokenize_fact(self.tokenizer, fact, prefixes, index=index, max_length=max_length,
-                                            kl_template=self.hparams.kl_template))
+                tokens.append(self._fact_tokens(fact, prefixes, index))
                 kept.append((index, fact))
             except FactError as error:
                 if on_error == "raise":
                     raise
                 self.skipped.append((index, str(error)))
         return kept, tokens
+
+    def _fact_tokens(self, fact: Fact, prefixes, index: int) -> EditTokens:
+        """`fact` tokenised for this model and these hparams (a FactError naming input `index`)."""
+        return tokenize_fact(self.tokenizer, fact, prefixes, index=index, max_length=model_context_length(self.model),
+                             kl_template=self.hparams.kl_template)
 
     def _pending(self, indexed: list[tuple[int, Fact]], replace: bool) -> list[int]:
         """Positions in `indexed` still to compute (the last fact wins when an id repeats)."""
@@ -245,8 +245,7 @@ class Editor:
                 continue
             fact = Fact.from_metadata(fact_id, metadata)
             try:
-                tokens = tokenize_fact(self.tokenizer, fact, prefixes, max_length=model_context_length(self.model),
-                                       kl_template=self.hparams.kl_template)
+                tokens = self._fact_tokens(fact, prefixes, 0)
             except FactError as error:
                 raise FactError(f"stored fact {fact_id!r} shares its subject with a fact being edited but cannot "
                                 f"be recomputed with it: {error}") from None

@@ -376,12 +376,10 @@ class NeuralDB:
                                [fact_keys[i] for i in new], batch.residuals[new])
         return batch.ids
 
-    def delete(self, ids: str | Sequence[str], *, missing_ok: bool = False) -> list[str]:
-        """Delete one fact or a batch in one transaction; returns the ids actually deleted.
-
-        A missing id is a KeyError (and nothing is deleted) unless `missing_ok`.
-        Views shrink by swap-remove: the last rows move into the holes of the facts' key rows.
-        """
+    def ids_to_delete(self, ids: str | Sequence[str], *, missing_ok: bool = False) -> list[str]:
+        """The ids of `ids` that `delete` would delete now, after the checks it makes (TypeError
+        for a non-str id, ValueError for a repeated one, KeyError for a missing one unless
+        `missing_ok`); changes nothing."""
         if isinstance(ids, str):
             ids = [ids]
         elif not isinstance(ids, Sequence):
@@ -391,14 +389,23 @@ class NeuralDB:
             if not isinstance(fact_id, str):
                 raise TypeError(f"id at position {i} must be a str, got {fact_id!r}")
         if len(set(ids)) != len(ids):
-            raise ValueError("duplicate ids in the batch to delete")
+            raise ValueError("duplicate ids in the batch to delete (an id is given twice)")
         with self._lock:
             self._check_open()
             missing = [fact_id for fact_id in ids if fact_id not in self._rows_of]
             if missing and not missing_ok:
                 raise KeyError(f"{len(missing)} id(s) not in the database, e.g. {missing[0]!r} "
                                f"(pass missing_ok=True to ignore missing ids)")
-            present = [fact_id for fact_id in ids if fact_id in self._rows_of]
+            return [fact_id for fact_id in ids if fact_id in self._rows_of]
+
+    def delete(self, ids: str | Sequence[str], *, missing_ok: bool = False) -> list[str]:
+        """Delete one fact or a batch in one transaction; returns the ids actually deleted.
+
+        A missing id is a KeyError (and nothing is deleted) unless `missing_ok`; see `ids_to_delete`.
+        Views shrink by swap-remove: the last rows move into the holes of the facts' key rows.
+        """
+        with self._lock:
+            present = self.ids_to_delete(ids, missing_ok=missing_ok)
             if not present:
                 return []
 
