@@ -24,3 +24,107 @@ def data_dir() -> pathlib.Path:
     if not DATA_DIR.is_dir():
         pytest.skip(f"the shared data folder {DATA_DIR} is not present")
     return DATA_DIR
+
+
+# ------------------------------------------------------------------ gated_retrieve reference
+
+
+def _float64_cosines(q: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """(n, m) float64 cosines of the n = q[..., 0].numel() query rows against the m keys, on the
+    exact input values (every float dtype is exact in float64), by the contract's rules: a
+    zero-norm vector has cosine 0 with everything, a key with NaN/Inf has cosine -inf (it never
+    wins), a query row with NaN/Inf has NaN everywhere (it never matches)."""
+    q64 = q.detach().reshape(-1, q.shape[-1]).to("cpu", torch.float64)
+    k64 = K.detach().to("cpu", torch.float64)
+    q_norm, k_norm = q64.norm(dim=1), k64.norm(dim=1)
+    q_inv = torch.where(q_norm > 0, 1 / q_norm, torch.zeros_like(q_norm))
+    k_inv = torch.where(k_norm > 0, 1 / k_norm, torch.zeros_like(k_norm))
+    finite_q, finite_k = torch.isfinite(q64).all(dim=1), torch.isfinite(k64).all(dim=1)
+    cos = (torch.where(finite_q[:, None], q64, 0.0) @ torch.where(finite_k[:, None], k64, 0.0).T)
+    cos = cos * q_inv[:, None] * k_inv[None, :]
+    cos[:, ~finite_k] = float("-inf")
+    cos[~finite_q, :] = float("nan")
+    return cos
+
+
+def _cosine_tolerance(d1: int, q_dtype: torch.dtype, k_dtype: torch.dtype) -> float:
+    """The most a backend's float32 score may differ from the float64 cosine, for every backend.
+
+    Derivation (Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed., eq. 3.5 and
+    the standard model fl(a op b) = (a op b)(1 + delta), |delta| <= u). u is the unit roundoff
+    of the accumulation dtype: 2^-53 when q or K is float64, else 2^-24 (bf16 and fp16 inputs
+    are exact in float32, so the bound holds on their exact values). A backend computes
+    cos = dot(q, k) * inv(|q|) * inv(|k|) with each factor rounded, the sums in any order, with
+    or without FMA:
+    - dot: |error| <= gamma_d |q|.|k| <= gamma_d |q| |k| (Cauchy-Schwarz), gamma_d = d u / (1 - d u):
+      an absolute error of d u in the cosine;
+    - each sum of squares has relative error <= gamma_d; the square root halves it and adds u,
+      the reciprocal adds u: (d/2 + 2) u per inverse norm, (d + 4) u for both;
+    - the two products round once each: 2 u.
+    So |cos_computed - cos| <= d u + (d + 4) u + 2 u = (2 d + 6) u to first order. The
+    second-order terms (at most about 4 d^2 u^2) stay below the 2 u added on top while
+    d^2 u < 1/2, i.e. d < 2896 in float32 (every test shape); a backend that takes the square
+    root and reciprocal in double (the C++ kernel) only does better. Hence (2 d + 8) u.
+    The score is reported in float32: one more rounding of a value <= 1 in magnitude, 2^-24.
+    Two correct backends may pick different indices only when the two best reference cosines lie
+    within twice this bound.
+    """
+    u = 2.0**-53 if torch.float64 in (q_dtype, k_dtype) else 2.0**-24
+    return (2 * d1 + 8) * u + 2.0**-24
+
+
+def _assert_matches_reference(q, K, R, gamma, out, index, score) -> None:
+    """Assert gated_retrieve's contract on (out, index, score) for q (..., d1), K (m, d1),
+    R (m, d2) and gamma, against the float64 reference within `_cosine_tolerance`."""
+    lead = q.shape[:-1]
+    assert out.shape == (*lead, R.shape[1]) and out.dtype == R.dtype
+    assert index.shape == lead and index.dtype == torch.int64
+    assert score.shape == lead and score.dtype == torch.float32
+    n = q[..., 0].numel()
+    out, index, score = out.detach().cpu().reshape(n, -1), index.cpu().reshape(n), score.cpu().reshape(n)
+    R = R.detach().cpu()
+    tol = _cosine_tolerance(q.shape[-1], q.dtype, K.dtype)
+    cos = _float64_cosines(q, K)
+    for row in range(n):
+        closed = index[row].item() == -1
+        if torch.isnan(cos[row]).all():  # a query row with NaN/Inf never matches
+            assert closed and torch.isnan(score[row]) and not out[row].any(), row
+            continue
+        best = cos[row].max().item()
+        if best == float("-inf"):  # every key has NaN/Inf
+            assert closed and score[row].item() == float("-inf") and not out[row].any(), row
+            continue
+        assert abs(score[row].item() - best) <= tol, (row, score[row].item(), best, tol)
+        if best > gamma + tol:
+            assert not closed, (row, best, gamma)
+        if best < gamma - tol:
+            assert closed, (row, best, gamma)
+        if closed:
+            assert not out[row].any() and not torch.signbit(out[row]).any(), row
+            continue
+        picked = index[row].item()
+        assert cos[row, picked].item() >= best - 2 * tol, (row, picked, best)
+        # the lowest index among the (near-)best keys, unless rounding separates them
+        first = int(torch.nonzero(cos[row] >= best - 2 * tol)[0])
+        assert picked >= first, (row, picked, first)
+        assert score[row].item() > gamma or abs(score[row].item() - gamma) <= tol, (row, score[row].item(), gamma)
+        assert torch.equal(out[row].contiguous().view(torch.uint8), R[picked].contiguous().view(torch.uint8)), row
+
+
+@pytest.fixture(scope="session")
+def float64_cosines():
+    """The float64 reference cosines: `float64_cosines(q, K)` -> (n, m) (see `_float64_cosines`)."""
+    return _float64_cosines
+
+
+@pytest.fixture(scope="session")
+def cosine_tolerance():
+    """The one derived score tolerance of every op test: `cosine_tolerance(d1, q_dtype, k_dtype)`."""
+    return _cosine_tolerance
+
+
+@pytest.fixture(scope="session")
+def assert_matches_reference():
+    """`assert_matches_reference(q, K, R, gamma, out, index, score)`: the op's contract checked
+    against the float64 reference within the derived tolerance."""
+    return _assert_matches_reference

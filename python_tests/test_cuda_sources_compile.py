@@ -39,13 +39,23 @@ def test_there_are_cuda_sources():
     assert CU_SOURCES, f"no .cu files in {CUDA_DIR}"
 
 
-@pytest.mark.parametrize("path", sorted(CUDA_DIR.glob("*")), ids=lambda p: p.name)
-def test_device_code_includes_no_torch_headers(path):
-    if path.name == "bindings.cpp":
-        return
+def torch_includes(path: pathlib.Path) -> list:
+    """The headers of torch (torch/, ATen/, c10/, caffe2/) that `path` #includes."""
     includes = re.findall(r'#include\s*[<"]([^>"]+)[>"]', path.read_text())
-    torch_like = [inc for inc in includes if inc.split("/")[0] in ("torch", "ATen", "c10", "caffe2")]
-    assert not torch_like, f"{path.name} includes torch headers {torch_like}; only bindings.cpp may"
+    return [inc for inc in includes if inc.split("/")[0] in ("torch", "ATen", "c10", "caffe2")]
+
+
+DEVICE_CODE = sorted(p for p in CUDA_DIR.glob("*") if p.name != "bindings.cpp")
+
+
+@pytest.mark.parametrize("path", DEVICE_CODE, ids=lambda p: p.name)
+def test_device_code_includes_no_torch_headers(path):
+    assert not torch_includes(path), f"{path.name} includes torch headers {torch_includes(path)}; only bindings.cpp may"
+
+
+def test_bindings_is_where_torch_comes_in():
+    # the check above must be able to see a torch include: bindings.cpp has them
+    assert torch_includes(CUDA_DIR / "bindings.cpp")
 
 
 @pytest.mark.slow

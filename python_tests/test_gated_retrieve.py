@@ -1,27 +1,24 @@
 """The gated_retrieve contract, checked identically on every (backend, device) pair usable here:
 inputs are built on the CPU, moved to the pair's device for the call, and the results moved back.
+Also: the backend registry (availability, "auto", the fallback warning), the custom op
+(torch.library.opcheck, autograd, torch.compile) and the torch backend's key chunking.
 
-The reference is independent of the package: float64 NumPy math on the exact input values.
-
-Tolerance (derived, not tuned). With unit roundoff u of the accumulation dtype (2^-24 for
-float32, 2^-53 for float64), a length-d dot product computed in floating point has error at most
-gamma_d * |q| |k| with gamma_d = d u / (1 - d u) (Higham, "Accuracy and Stability", eq. 3.5). Each
-norm sqrt(sum x^2) carries at most (d/2 + 1) u relative error, its reciprocal u more and the two
-products 2u more, so |cos_computed - cos| <= (2 d + 8) u for d u << 1. bf16/fp16 inputs are exact
-in float32, so the bound holds against the reference on their exact values. A reported float32
-score adds one more float32 rounding. Two backends (or a backend and the reference) may pick
-different indices only when the two best reference cosines lie within twice that bound.
+The reference and its derived tolerance are the conftest fixtures `float64_cosines`,
+`cosine_tolerance` and `assert_matches_reference` (float64 math on the exact input values,
+independent of the package).
 """
 
-import math
+import dataclasses
+import os
+import subprocess
+import sys
 from typing import NamedTuple
 
-import numpy as np
 import pytest
 import torch
 
 import neuraldb_kernels as nk
-from neuraldb_kernels.ops.dispatch import SUPPORTED_DTYPES
+from neuraldb_kernels.ops import dispatch, get_backend, torch_backend
 
 CPU = torch.device("cpu")
 
@@ -54,53 +51,6 @@ def backend(request) -> Target:
     return request.param
 
 
-def score_tolerance(d1: int, q_dtype, k_dtype) -> float:
-    acc64 = torch.float64 in (q_dtype, k_dtype)
-    u = 2.0**-53 if acc64 else 2.0**-24
-    return (2 * d1 + 8) * u + 2.0**-24  # + the float32 rounding of the reported score
-
-
-def reference(q, K, gamma):
-    """float64 NumPy: cosines (n, m) on the exact input values, best index/score and fired mask."""
-    qn = q.detach().reshape(-1, q.shape[-1]).to(torch.float64).numpy()
-    Kn = K.detach().to(torch.float64).numpy()
-    q_norm = np.linalg.norm(qn, axis=1, keepdims=True)
-    k_norm = np.linalg.norm(Kn, axis=1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cos = (qn @ Kn.T) / (q_norm * k_norm.T)
-    cos[:, (k_norm[:, 0] == 0)] = 0.0
-    cos[(q_norm[:, 0] == 0), :] = 0.0
-    return cos
-
-
-def check_against_reference(q, K, R, gamma, out, index, score):
-    """Assert the contract on (out, index, score) against the float64 reference."""
-    n = q[..., 0].numel()
-    lead = q.shape[:-1]
-    assert out.shape == (*lead, R.shape[1]) and out.dtype == R.dtype
-    assert index.shape == lead and index.dtype == torch.int64
-    assert score.shape == lead and score.dtype == torch.float32
-    out, index, score = out.reshape(n, -1), index.reshape(n), score.reshape(n)
-    tol = score_tolerance(q.shape[-1], q.dtype, K.dtype)
-    q2 = q.detach().reshape(n, -1).to(torch.float64)
-    finite = torch.isfinite(q2).all(dim=1)
-    cos = reference(q, K, gamma)
-    for row in range(n):
-        if not finite[row]:
-            assert index[row] == -1 and torch.isnan(score[row]) and not out[row].any()
-            continue
-        best = cos[row].max()
-        assert abs(score[row].item() - best) <= tol, (row, score[row].item(), best, tol)
-        if index[row] >= 0:
-            picked = cos[row, index[row]]
-            assert picked >= best - 2 * tol, (row, index[row].item(), picked, best)
-            assert score[row].item() > gamma or math.isclose(score[row].item(), gamma, abs_tol=tol)
-            assert torch.equal(out[row], R[index[row]]), "the fired row must be R[index] bit for bit"
-        else:
-            assert best <= gamma + tol, (row, best, gamma)
-            assert not out[row].any() and not torch.signbit(out[row]).any()
-
-
 def random_case(lead, m, d1, d2, q_dtype=torch.float32, k_dtype=torch.float32, r_dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(*lead, d1, generator=gen).to(q_dtype)
@@ -122,13 +72,13 @@ def run(q, K, R, gamma, target: Target):
     "lead,m,d1,d2",
     [((1,), 1, 7, 3), ((4,), 7, 67, 5), ((3, 5), 7, 33, 9), ((2,), 1003, 45, 11), ((), 300, 130, 4)],
 )
-def test_random_inputs_match_float64_reference(backend, lead, m, d1, d2):
+def test_random_inputs_match_float64_reference(backend, assert_matches_reference, lead, m, d1, d2):
     q, K, R = random_case(lead, m, d1, d2, seed=m + d1)
     # plant a few strong matches so that both open and closed gates occur
     flat = q.reshape(-1, d1)
     for row in range(0, flat.shape[0], 2):
         K[(row * 13) % m] = flat[row] * 0.5 + 0.1 * torch.randn(d1)
-    check_against_reference(q, K, R, 0.6, *run(q, K, R, 0.6, backend))
+    assert_matches_reference(q, K, R, 0.6, *run(q, K, R, 0.6, backend))
 
 
 @pytest.mark.parametrize(
@@ -143,18 +93,18 @@ def test_random_inputs_match_float64_reference(backend, lead, m, d1, d2):
         (torch.float32, torch.float64, torch.bfloat16),
     ],
 )
-def test_dtypes_and_mixed_dtypes(backend, q_dtype, k_dtype, r_dtype):
-    if any(d not in SUPPORTED_DTYPES[backend.name] for d in (q_dtype, k_dtype, r_dtype)):
+def test_dtypes_and_mixed_dtypes(backend, assert_matches_reference, q_dtype, k_dtype, r_dtype):
+    if any(d not in get_backend(backend.name).dtypes for d in (q_dtype, k_dtype, r_dtype)):
         with pytest.raises(TypeError, match="does not support dtype"):
             run(*random_case((3,), 5, 19, 4, q_dtype, k_dtype, r_dtype), 0.1, backend)
         return
     q, K, R = random_case((6,), 57, 37, 8, q_dtype, k_dtype, r_dtype, seed=3)
     K[11] = (q[0] * 2).to(k_dtype)
     K[40] = (q[3] - 0.05).to(k_dtype)
-    check_against_reference(q, K, R, 0.3, *run(q, K, R, 0.3, backend))
+    assert_matches_reference(q, K, R, 0.3, *run(q, K, R, 0.3, backend))
 
 
-def test_non_contiguous_query(backend):
+def test_non_contiguous_query(backend, assert_matches_reference):
     base = torch.randn(9, 4, 41, device=backend.device)  # strided on the device itself: .to() would compact it
     q = base.transpose(0, 1)[:, ::2]  # (4, 5, 41), strided
     assert not q.is_contiguous()
@@ -164,7 +114,7 @@ def test_non_contiguous_query(backend):
     out, index, score = run(q, K, R, 0.5, backend)
     q = q.cpu()
     assert index[2, 3] == 5
-    check_against_reference(q, K, R, 0.5, out, index, score)
+    assert_matches_reference(q, K, R, 0.5, out, index, score)
 
 
 def test_empty_database(backend):
@@ -229,10 +179,10 @@ def test_gate_is_strict_on_exactly_representable_cosines(backend):
         assert index.tolist() == [-1, 1]
 
 
-def test_gamma_just_below_and_above_a_random_score(backend):
+def test_gamma_just_below_and_above_a_random_score(backend, float64_cosines, cosine_tolerance):
     q, K, R = random_case((5,), 64, 50, 3, seed=7)
-    best = reference(q, K, 0.0).max(axis=1)
-    tol = score_tolerance(50, q.dtype, K.dtype)
+    best = float64_cosines(q, K).max(dim=1).values.tolist()
+    tol = cosine_tolerance(50, q.dtype, K.dtype)
     for row, s in enumerate(best):
         _, index, _ = run(q[row], K, R, float(s) - 2 * tol, backend)
         assert index.item() >= 0
@@ -314,11 +264,96 @@ def test_available_backends_reports_every_backend_with_reasons():
                 assert len(st.reasons[device]) > 10
 
 
-def test_auto_picks_the_cpu_kernel_when_built():
-    from neuraldb_kernels.ops.dispatch import resolve_backend
+def _cpu_extension_imports() -> bool:
+    """Whether neuraldb_kernels._cpu loads, asked of the import system, not of the registry."""
+    try:
+        import neuraldb_kernels._cpu  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-    expected = "cpu" if "cpu" in nk.available_backends()["cpu"].usable_on else "torch"
-    assert resolve_backend("auto", CPU, (torch.float32,) * 3) == expected
+
+@pytest.fixture
+def fresh_resolution():
+    """Resolution and fallback warnings start afresh, and are forgotten again afterwards (a test
+    changes what a backend finds)."""
+    dispatch._resolve.cache_clear()
+    dispatch._warned_fallbacks.clear()
+    yield
+    dispatch._resolve.cache_clear()
+    dispatch._warned_fallbacks.clear()
+
+
+def test_auto_picks_the_cpu_kernel_when_built():
+    expected = "cpu" if _cpu_extension_imports() else "torch"
+    assert dispatch.resolve_backend("auto", CPU, (torch.float32,) * 3) == expected
+
+
+def test_auto_picks_torch_for_float64_on_cuda_tensors_and_triton_for_bf16(fresh_resolution, monkeypatch):
+    # resolution reads only the records: with triton's and cuda's requirements met, the order
+    # and the dtypes decide
+    records = {name: get_backend(name) for name in nk.BACKENDS}
+    met = {name: dataclasses.replace(records[name], requirement=lambda device: None) for name in ("triton", "cuda")}
+    monkeypatch.setattr(dispatch, "get_backend", lambda name: met.get(name, records[name]))
+    cuda0 = torch.device("cuda", 0)
+    assert dispatch.resolve_backend("auto", cuda0, (torch.bfloat16,) * 3) == "triton"
+    assert dispatch.resolve_backend("auto", cuda0, (torch.float32, torch.float64, torch.float32)) == "torch"
+
+
+def test_cpu_backend_says_what_is_missing(monkeypatch):
+    from neuraldb_kernels.ops import cpu_backend
+
+    record = get_backend("cpu")
+    assert "CPU tensors" in record.unavailable_reason(torch.device("cuda"))
+    monkeypatch.setattr(cpu_backend, "_cpu", object())  # a loaded extension
+    assert record.unavailable_reason(CPU) is None
+    monkeypatch.setattr(cpu_backend, "_cpu", None)
+    monkeypatch.setattr(cpu_backend, "_IMPORT_ERROR", ImportError("undefined symbol: _ZN3c10"))
+    why = record.unavailable_reason(CPU)
+    assert "neuraldb_kernels._cpu was not built or does not load" in why and "_ZN3c10" in why
+    assert "pip install --no-build-isolation -e ." in why
+
+
+def test_direct_calls_are_checked_by_the_record():
+    q, K, R = torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, 2)
+    with pytest.raises(TypeError, match=r"gated_retrieve\[cuda\]: K has dtype torch.float64"):
+        get_backend("cuda").retrieve(q, K.double(), R, 0.5)
+    with pytest.raises(RuntimeError, match=r"gated_retrieve\[cuda\]: not available for tensors on cpu: .+"):
+        get_backend("cuda").retrieve(q, K, R, 0.5)
+    out, index, score = get_backend("torch").retrieve(q, K, R, -1.0)
+    assert out.shape == (2, 2) and (index >= 0).all()
+
+
+_WITHOUT_CPU_EXTENSION = """
+import sys, warnings
+sys.modules["neuraldb_kernels._cpu"] = None  # the extension cannot be imported
+warnings.simplefilter("always")
+import torch
+with warnings.catch_warnings(record=True) as at_import:
+    import neuraldb_kernels as nk
+print("import", len([w for w in at_import if "neuraldb_kernels" in str(w.message)]))
+q, K, R = torch.randn(2, 8), torch.randn(5, 8), torch.randn(5, 3)
+for call in range(3):
+    with warnings.catch_warnings(record=True) as caught:
+        _, index, _ = nk.gated_retrieve(q.double() if call == 2 else q, K, R, -1.0, return_index=True)
+    for w in caught:
+        print("call", call, w.category.__name__, w.message)
+    print("index", call, index.tolist())
+"""
+
+
+def test_missing_cpu_extension_warns_once_at_first_use_not_at_import():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_CPU_EXTENSION], env=env, capture_output=True,
+                            text=True, check=True)  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert "import 0" in lines, result.stdout
+    warned = [line for line in lines if line.startswith("call")]
+    assert len(warned) == 1, result.stdout
+    assert warned[0].startswith("call 0 RuntimeWarning")
+    assert "the cpu backend is unavailable" in warned[0] and "neuraldb_kernels._cpu" in warned[0]
+    assert "falls back to the slower torch backend" in warned[0]
+    assert all(f"index {call} [" in result.stdout for call in range(3))  # every call still answers
 
 
 # ----------------------------------------------------------------------------- autograd and compile
@@ -342,7 +377,7 @@ def test_gradient_flows_to_selected_residual_rows_only(backend):
 
 
 def test_gradcheck_on_residuals_in_float64(backend):
-    if torch.float64 not in SUPPORTED_DTYPES[backend.name]:
+    if torch.float64 not in get_backend(backend.name).dtypes:
         pytest.skip(f"{backend.name} has no float64 path")
     torch.manual_seed(6)
     K = torch.randn(8, 5, dtype=torch.float64)
@@ -354,7 +389,7 @@ def test_gradcheck_on_residuals_in_float64(backend):
 @pytest.mark.parametrize(
     "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 )
-def test_torch_compile_fullgraph_has_no_graph_breaks(device):
+def test_torch_compile_fullgraph_has_no_graph_breaks(device, float64_cosines, cosine_tolerance):
     def ffn_with_edits(x, W, K, R):
         hidden = torch.relu(x @ W)
         return hidden @ W.T + nk.gated_retrieve(hidden, K, R, 0.7)
@@ -363,20 +398,63 @@ def test_torch_compile_fullgraph_has_no_graph_breaks(device):
     x, W = torch.randn(2, 3, 16), torch.randn(16, 24)
     K, R = torch.randn(50, 24), torch.randn(50, 16)
     K[3] = torch.relu(x[1, 2] @ W)
+    # expected: the FFN in float32 plus the residual rows the float64 reference selects
+    hidden = torch.relu(x @ W)
+    cos = float64_cosines(hidden, K)
+    top2 = cos.topk(2, dim=1).values
+    tol = cosine_tolerance(24, torch.float32, torch.float32)
+    assert ((top2[:, 0] - 0.7).abs() > tol).all() and (top2[:, 0] - top2[:, 1] > 2 * tol).all(), "ambiguous case"
+    fired = top2[:, 0] > 0.7
+    assert fired.any() and not fired.all()
+    retrieved = torch.where(fired[:, None], R[cos.argmax(dim=1)], torch.zeros(16)).reshape(2, 3, 16)
+    expected = hidden @ W.T + retrieved
     x, W, K, R = (t.to(device) for t in (x, W, K, R))
-    compiled = torch.compile(ffn_with_edits, fullgraph=True, backend="eager")
-    torch.testing.assert_close(compiled(x, W, K, R), ffn_with_edits(x, W, K, R))
-    compiled_inductor = torch.compile(ffn_with_edits, fullgraph=True)
-    torch.testing.assert_close(compiled_inductor(x, W, K, R), ffn_with_edits(x, W, K, R))
+    for compiler in ("eager", "inductor"):
+        compiled = torch.compile(ffn_with_edits, fullgraph=True, backend=compiler)
+        torch.testing.assert_close(compiled(x, W, K, R).cpu(), expected)
 
 
-def test_custom_op_path_meets_the_contract_and_serves_autograd(backend):
+def test_opcheck_on_the_custom_op(backend):
+    """torch.library.opcheck: schema, fake (meta) kernel, autograd registration, AOT dispatch."""
+    q, K, R = random_case((3, 4), 20, 12, 5, seed=12)
+    K[2] = q[0, 1] * 2
+    q, K = q.to(backend.device), K.to(backend.device)
+    R = R.to(backend.device).requires_grad_(True)
+    torch.library.opcheck(torch.ops.neuraldb.gated_retrieve.default, (q, K, R, 0.3, backend.name))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_backend_over_many_key_chunks(monkeypatch, assert_matches_reference, dtype):
+    """The torch backend's chunk loop: ties across chunk borders, NaN/Inf keys, a chunk of only
+    NaN keys, and winners in the first and last chunks, against the float64 reference."""
+    monkeypatch.setattr(torch_backend, "_CHUNK_ELEMENTS", 64)
+    n, m, d1 = 6, 30, 16
+    chunk = 64 // max(n, d1)  # 4 keys per chunk: 8 chunks, the last one of 2 keys
+    gen = torch.Generator().manual_seed(13)
+    K = torch.randn(m, d1, generator=gen, dtype=torch.float64).to(dtype)
+    q = torch.randn(n, d1, generator=gen, dtype=torch.float64).to(dtype)
+    K[2 * chunk - 1] = K[2 * chunk] = q[0] * 3  # exact copies on both sides of a chunk border
+    K[5 * chunk] = q[1]  # the first key of a chunk, copied again in the last chunk
+    K[m - 1] = q[1]
+    K[4 * chunk : 5 * chunk] = float("nan")  # a chunk with no finite key
+    K[1, 3] = float("inf")  # q[2] would match key 1 but for its Inf
+    q[2] = K[1].nan_to_num(posinf=0.0) * 2
+    K[0] = q[3] * 0.5  # the winner in the first chunk
+    K[m - 2] = q[4] * 7  # and in the last
+    R = torch.randn(m, 3, generator=gen).to(dtype)
+    out, index, score = nk.gated_retrieve(q, K, R, 0.5, backend="torch", return_index=True)
+    assert_matches_reference(q, K, R, 0.5, out, index, score)
+    assert index[[0, 1, 3, 4]].tolist() == [2 * chunk - 1, 5 * chunk, 0, m - 2]
+    assert index[2].item() != 1 and torch.equal(out[0], R[2 * chunk - 1])
+
+
+def test_custom_op_path_meets_the_contract_and_serves_autograd(backend, assert_matches_reference):
     # eager inference skips the custom op; the op itself (autograd, torch.compile) must meet the
     # same float64 reference, and autograd must go through it
     q, K, R = random_case((3, 4), 50, 24, 6, seed=11)
     K[7] = q[1, 2] * 3
     via_op = torch.ops.neuraldb.gated_retrieve(*(t.to(backend.device) for t in (q, K, R)), 0.3, backend.name)
-    check_against_reference(q, K, R, 0.3, *(t.cpu() for t in via_op))
+    assert_matches_reference(q, K, R, 0.3, *(t.cpu() for t in via_op))
     assert via_op[1][1, 2].item() == 7
     assert run(q, K, R.requires_grad_(), 0.3, backend)[0].grad_fn is not None  # autograd takes the op
 

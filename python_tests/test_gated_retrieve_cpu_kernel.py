@@ -5,26 +5,19 @@ instruction-set paths (avx2 and the portable generic one), 1 and 2 OpenMP thread
 many key tiles / work items, d1 that is not a multiple of the 8 (float) or 4 (double) vector
 lanes, every key dtype read natively, exact ties in different work items, planted matches.
 
-Reference: plain torch float64 on the exact input values (bf16/fp16/fp32 are exact in float64).
-
-Score tolerance (derived, not tuned). u = unit roundoff of the accumulation dtype (2^-24 float32,
-2^-53 float64). A length-d1 dot product accumulated in any order, with or without FMA, errs by
-at most gamma_d1 * sum|q_i k_i| <= d1 u |q| |k| (Higham, Accuracy and Stability, 3.5, plus
-Cauchy-Schwarz). Each squared norm has relative error <= d1 u, so 1/sqrt of it <= (d1/2 + 1) u
-(the sqrt and division run in double and round once to the accumulation dtype). The two products
-add 2u. Hence |cos_kernel - cos| <= (2 d1 + 4) u; the float32 score adds one float32 rounding of a
-value <= 1 in magnitude: 2^-24. Indices may differ from the reference only where the reference
-cosine of the kernel's pick is within twice that bound of the best one.
+Reference and tolerance: the conftest fixtures `float64_cosines`, `cosine_tolerance` and
+`assert_matches_reference` (float64 math on the exact input values, one derived bound).
 """
 
 import pytest
 import torch
 
-from neuraldb_kernels.ops import cpu_backend
+from neuraldb_kernels.ops import cpu_backend, get_backend
 
+CPU_BACKEND = get_backend("cpu")
 pytestmark = pytest.mark.skipif(
-    cpu_backend.unavailable_reason(torch.device("cpu")) is not None,
-    reason=f"cpu backend: {cpu_backend.unavailable_reason(torch.device('cpu'))}",
+    CPU_BACKEND.unavailable_reason(torch.device("cpu")) is not None,
+    reason=f"cpu backend: {CPU_BACKEND.unavailable_reason(torch.device('cpu'))}",
 )
 
 if cpu_backend._cpu is not None:
@@ -37,44 +30,6 @@ KEY_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 def kernel(q, K, R, gamma, threads=2, isa="auto"):
     return cpu_backend._cpu.gated_retrieve(q, K, R, gamma, threads, isa)
-
-
-def tolerance(d1, q_dtype, k_dtype):
-    u = 2.0**-53 if torch.float64 in (q_dtype, k_dtype) else 2.0**-24
-    return (2 * d1 + 4) * u + 2.0**-24
-
-
-def reference_cosines(q, K):
-    """(n, m) float64 cosines; a zero-norm row has cosine 0 with everything."""
-    q64, k64 = q.double(), K.double()
-    qn, kn = q64.norm(dim=1), k64.norm(dim=1)
-    qi = torch.where(qn > 0, 1 / qn, torch.zeros_like(qn))
-    ki = torch.where(kn > 0, 1 / kn, torch.zeros_like(kn))
-    return (q64 @ k64.T) * qi[:, None] * ki[None, :]
-
-
-def check(q, K, R, gamma, out, index, score):
-    n = q.shape[0]
-    assert out.shape == (n, R.shape[1]) and out.dtype == R.dtype
-    assert index.dtype == torch.int64 and score.dtype == torch.float32
-    tol = tolerance(q.shape[1], q.dtype, K.dtype)
-    finite = torch.isfinite(q.double()).all(dim=1)
-    cos = reference_cosines(torch.where(finite[:, None], q.double(), 0.0), K)
-    best, best_index = cos.max(dim=1)
-    for r in range(n):
-        if not finite[r]:
-            assert index[r] == -1 and torch.isnan(score[r]) and not out[r].any(), r
-            continue
-        assert abs(score[r].item() - best[r].item()) <= tol, (r, score[r].item(), best[r].item(), tol)
-        if best[r] > gamma + tol:
-            assert index[r] >= 0, (r, best[r].item(), gamma)
-        if best[r] < gamma - tol:
-            assert index[r] == -1, (r, best[r].item(), gamma)
-        if index[r] >= 0:
-            assert cos[r, index[r]] >= best[r] - 2 * tol, (r, index[r].item(), best_index[r].item())
-            assert torch.equal(out[r].view(torch.uint8), R[index[r]].view(torch.uint8))
-        else:
-            assert not out[r].any()
 
 
 def random_inputs(n, m, d1, d2, q_dtype, k_dtype, seed):
@@ -93,7 +48,7 @@ SHAPES = [(1, 5003, 37), (5, 4099, 67), (19, 1000, 130), (6, 7, 3), (2, 12001, 1
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("k_dtype", KEY_DTYPES)
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.float64])
-def test_matches_float64_reference(isa, k_dtype, q_dtype):
+def test_matches_float64_reference(assert_matches_reference, isa, k_dtype, q_dtype):
     for i, (n, m, d1) in enumerate(SHAPES):
         q, K, R = random_inputs(n, m, d1, 11, q_dtype, k_dtype, seed=i)
         plant = torch.arange(0, n, 2)  # even queries: a scaled copy of a key far into K
@@ -101,7 +56,7 @@ def test_matches_float64_reference(isa, k_dtype, q_dtype):
         q[n // 2, d1 // 2] = float("nan") if n > 2 else q[n // 2, d1 // 2]
         for threads in (1, 2):
             out, index, score = kernel(q, K, R, 0.3, threads, isa)
-            check(q, K, R, 0.3, out, index, score)
+            assert_matches_reference(q, K, R, 0.3, out, index, score)
             planted = index[plant]
             finite = torch.isfinite(q[plant].double()).all(dim=1)
             expected = torch.where(finite, (plant * 7919 + m // 2) % m, -1)
@@ -139,7 +94,7 @@ def test_duplicated_best_key_in_different_work_items_ties_to_lowest_index(isa, k
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("k_dtype", [torch.float16, torch.bfloat16])
-def test_tiny_subnormal_keys_are_converted_exactly(isa, k_dtype):
+def test_tiny_subnormal_keys_are_converted_exactly(assert_matches_reference, cosine_tolerance, isa, k_dtype):
     # A key made of subnormal fp16 (or tiny bf16) values, a scaled copy of the query: its cosine
     # is ~1 only if every element is converted exactly in registers (vector body and tail).
     d1 = 29
@@ -153,52 +108,47 @@ def test_tiny_subnormal_keys_are_converted_exactly(isa, k_dtype):
     q = K[33].double()[None] * 1e6
     R = torch.randn(50, 2)
     out, index, score = kernel(q.float(), K, R, 0.99, 2, isa)
-    assert index.item() == 33 and abs(score.item() - 1.0) <= tolerance(d1, torch.float32, k_dtype)
-    check(q.float(), K, R, 0.99, out, index, score)
+    assert index.item() == 33 and abs(score.item() - 1.0) <= cosine_tolerance(d1, torch.float32, k_dtype)
+    assert_matches_reference(q.float(), K, R, 0.99, out, index, score)
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_special_query_rows_and_zero_keys(isa):
+def test_special_query_rows_and_zero_keys(assert_matches_reference, isa):
     q, K, R = random_inputs(5, 300, 21, 4, torch.float32, torch.float16, seed=6)
     q[1, 20] = float("inf")  # in the scalar tail
     q[2, 3] = float("-inf")  # in the vector body
     q[3] = 0.0  # zero query: cosine 0 with everything -> index 0 when gamma < 0
     K[0] = 0.0  # zero key: cosine 0
     out, index, score = kernel(q, K, R, -0.5, 2, isa)
-    check(q, K, R, -0.5, out, index, score)
+    assert_matches_reference(q, K, R, -0.5, out, index, score)
     assert index[3].item() == 0 and score[3].item() == 0.0
     assert index[1].item() == index[2].item() == -1
 
 
-def test_large_database_spans_many_work_items():
+def test_large_database_spans_many_work_items(assert_matches_reference):
     # m * d1 large enough that every thread runs many tiles; planted matches at both ends.
     n, m, d1 = 3, 60001, 96
     q, K, R = random_inputs(n, m, d1, 8, torch.float32, torch.bfloat16, seed=7)
     K[1] = (q[0] * 3).to(torch.bfloat16)
     K[m - 2] = (q[1] * 0.5).to(torch.bfloat16)
     out, index, score = kernel(q, K, R, 0.2, 2)
-    check(q, K, R, 0.2, out, index, score)
+    assert_matches_reference(q, K, R, 0.2, out, index, score)
     assert index[:2].tolist() == [1, m - 2]
 
 
-def test_loader_uses_torch_thread_count_and_matches_kernel():
+def test_backend_uses_torch_thread_count_and_matches_kernel(assert_matches_reference):
     q, K, R = random_inputs(4, 3001, 50, 6, torch.bfloat16, torch.float16, seed=8)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cpu_backend.retrieve(q, K, R, 0.1)
+        one = CPU_BACKEND.retrieve(q, K, R, 0.1)
         torch.set_num_threads(2)
-        two = cpu_backend.retrieve(q, K, R, 0.1)
+        two = CPU_BACKEND.retrieve(q, K, R, 0.1)
     finally:
         torch.set_num_threads(previous)
-    check(q, K, R, 0.1, *one)
+    assert_matches_reference(q, K, R, 0.1, *one)
     for a, b in zip(one, two):
         assert torch.equal(a, b)
-
-
-def test_unavailable_reason():
-    assert cpu_backend.unavailable_reason(torch.device("cpu")) is None
-    assert "CPU tensors" in cpu_backend.unavailable_reason(torch.device("cuda"))
 
 
 @pytest.mark.parametrize(

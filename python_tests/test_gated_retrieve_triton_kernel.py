@@ -5,14 +5,8 @@ test_gated_retrieve.py; these drive the launcher with explicit tiles so that tin
 many program boundaries. Without a GPU they run in Triton's interpreter (conftest.py sets
 TRITON_INTERPRET=1), so every shape is tiny.
 
-Reference: plain torch float64 on the exact input values (bf16/fp16/fp32 are exact in float64).
-
-Tolerance (derived): the kernel accumulates in fp32 (unit roundoff u = 2^-24). In any summation
-order a length-d dot product has error <= gamma_d |q| |k|, gamma_d = d u / (1 - d u) (Higham,
-Accuracy and Stability, eq. 3.5), and so has each sum of squares relative to its value; a square
-root halves that relative error and adds u, the reciprocal adds u, the two products 2u. So
-|cos_fp32 - cos| <= (2 d + 8) u for d u << 1, plus u for rounding the reported score. Indices must
-agree unless the two best reference cosines are within twice that bound.
+Reference and tolerance: the conftest fixtures `float64_cosines`, `cosine_tolerance` and
+`assert_matches_reference` (float64 math on the exact input values, one derived bound).
 """
 
 import os
@@ -22,61 +16,20 @@ import sys
 import pytest
 import torch
 
-from neuraldb_kernels.ops import triton_backend
+from neuraldb_kernels.ops import get_backend, triton_backend
 from neuraldb_kernels.ops.triton_backend import LaunchConfig, launch, plan_launch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-_WHY = triton_backend.unavailable_reason(DEVICE)
+TRITON = get_backend("triton")
+_WHY = TRITON.unavailable_reason(DEVICE)
 pytestmark = [
     pytest.mark.skipif(_WHY is not None, reason=f"triton backend unavailable on {DEVICE}: {_WHY}"),
     # Inf * 0 inside the interpreter's numpy code warns; the kernel masks those lanes on purpose.
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
 ]
 
-U32 = 2.0**-24
 DECODE_TILES = LaunchConfig(block_n=2, block_m=16, block_d=16, use_dot=False, num_splits=5)
 PREFILL_TILES = LaunchConfig(block_n=16, block_m=16, block_d=32, use_dot=True, num_splits=3)
-
-
-def tolerance(d1: int) -> float:
-    return (2 * d1 + 8) * U32 + U32
-
-
-def reference_cosines(q: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    """(n, m) float64 cosines; a zero-norm vector has cosine 0 with everything."""
-    q64, k64 = q.double().cpu(), K.double().cpu()
-    qn = q64.norm(dim=1, keepdim=True)
-    kn = k64.norm(dim=1, keepdim=True)
-    cos = (q64 @ k64.T) / (qn * kn.T)
-    cos[:, kn[:, 0] == 0] = 0.0
-    cos[qn[:, 0] == 0, :] = 0.0
-    return cos
-
-
-def assert_matches_reference(q, K, R, gamma, out, index, score):
-    n, d1 = q.shape
-    assert out.shape == (n, R.shape[1]) and out.dtype == R.dtype
-    assert index.shape == (n,) and index.dtype == torch.int64
-    assert score.shape == (n,) and score.dtype == torch.float32
-    out, index, score, R = out.cpu(), index.cpu(), score.cpu(), R.cpu()
-    tol = tolerance(d1)
-    cos = reference_cosines(q, K)
-    finite = torch.isfinite(q.double().cpu()).all(dim=1)
-    for row in range(n):
-        if not finite[row]:
-            assert index[row] == -1 and torch.isnan(score[row]) and not out[row].any(), row
-            continue
-        best = cos[row].max().item()
-        assert abs(score[row].item() - best) <= tol, (row, score[row].item(), best, tol)
-        if index[row] >= 0:
-            assert cos[row, index[row]].item() >= best - 2 * tol, (row, index[row].item(), best)
-            # the lowest index among the (near-)best keys, unless rounding separates them
-            first = int(torch.nonzero(cos[row] >= best - 2 * tol)[0])
-            assert index[row] >= first, (row, index[row].item(), first)
-            assert torch.equal(out[row].view(torch.uint8), R[index[row]].view(torch.uint8)), row
-        else:
-            assert best <= gamma + tol, (row, best, gamma)
-            assert torch.equal(out[row], torch.zeros_like(out[row])) and not torch.signbit(out[row]).any()
 
 
 def random_case(n, m, d1, d2, q_dtype, k_dtype, r_dtype, seed):
@@ -102,18 +55,20 @@ def random_case(n, m, d1, d2, q_dtype, k_dtype, r_dtype, seed):
         (3, 300, 5, torch.bfloat16, torch.float32, torch.float32, PREFILL_TILES),
     ],
 )
-def test_split_reduction_matches_float64_reference(n, m, d1, q_dtype, k_dtype, r_dtype, config):
+def test_split_reduction_matches_float64_reference(
+    assert_matches_reference, n, m, d1, q_dtype, k_dtype, r_dtype, config
+):
     q, K, R = random_case(n, m, d1, 6, q_dtype, k_dtype, r_dtype, seed=n * m + d1)
     out, index, score = launch(q, K, R, 0.5, config)
     assert_matches_reference(q, K, R, 0.5, out, index, score)
     assert (index >= 0).any(), "the planted near-copies should open some gates"
 
 
-def test_planned_launch_matches_reference():
+def test_planned_launch_matches_reference(assert_matches_reference):
     """The heuristic tiles of `retrieve` (as the dispatcher runs it), decode and prefill."""
     for n in (1, 17):
         q, K, R = random_case(n, 300, 130, 5, torch.bfloat16, torch.bfloat16, torch.bfloat16, seed=n)
-        assert_matches_reference(q, K, R, 0.4, *triton_backend.retrieve(q, K, R, 0.4))
+        assert_matches_reference(q, K, R, 0.4, *TRITON.retrieve(q, K, R, 0.4))
 
 
 @pytest.mark.parametrize("config", [DECODE_TILES, PREFILL_TILES], ids=["decode", "prefill"])
@@ -147,7 +102,7 @@ def test_zero_query_ties_every_key_and_takes_key_zero():
     assert torch.equal(out.cpu(), R[[0, 0]].cpu())
 
 
-def test_nan_inf_and_zero_rows_across_splits():
+def test_nan_inf_and_zero_rows_across_splits(assert_matches_reference):
     gen = torch.Generator().manual_seed(9)
     K = torch.randn(70, 33, generator=gen)
     K[50] = 0.0  # a zero key: cosine 0, never the winner here
@@ -216,6 +171,52 @@ def test_plan_picks_dot_tiles_only_for_prefill_and_fills_splits():
     assert plan_launch(1, 5, 3, DEVICE).num_splits == 1  # one key block: nothing to split
 
 
+@pytest.fixture
+def fake_h200(monkeypatch):
+    """torch.cuda.get_device_properties answers 132 SMs and records each device it is asked
+    about; the plan caches start and end empty."""
+    asked = []
+
+    class Properties:
+        multi_processor_count = 132
+
+    def get_device_properties(index):
+        asked.append(index)
+        return Properties()
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", get_device_properties)
+    triton_backend.target_programs.cache_clear()
+    triton_backend._plan_for_buckets.cache_clear()
+    yield asked
+    triton_backend.target_programs.cache_clear()
+    triton_backend._plan_for_buckets.cache_clear()
+
+
+def test_launch_plan_is_cached_per_bucket_and_the_device_asked_once(fake_h200):
+    gpu0, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    decode = plan_launch(1, 100_000, 1536, gpu0)
+    assert decode.num_splits == 4 * 132 and not decode.use_dot
+    for m in (65_537, 100_001, 131_072):  # the same m bucket: the very same plan object
+        assert plan_launch(1, m, 1536, gpu0) is decode
+    assert plan_launch(3, 5_000, 1536, gpu0).block_n == 4
+    assert plan_launch(64, 100_000, 1536, gpu0).use_dot
+    assert fake_h200 == [0]
+    plan_launch(1, 100_000, 1536, gpu1)
+    assert fake_h200 == [0, 1]
+    assert triton_backend._plan_for_buckets.cache_info().misses == 4
+
+
+def test_a_gpu_sized_plan_launches_correctly_on_fewer_keys(fake_h200, assert_matches_reference):
+    """A plan made for a bucket (more splits than key blocks of the exact m) still covers every key."""
+    config = plan_launch(2, 300, 40, torch.device("cuda", 0))
+    assert config.num_splits > -(-300 // config.block_m)
+    q, K, R = random_case(2, 300, 40, 3, torch.float32, torch.bfloat16, torch.float32, seed=21)
+    K[299] = (q[1] * 4).to(K.dtype)
+    out, index, score = launch(q, K, R, 0.5, config)
+    assert_matches_reference(q, K, R, 0.5, out, index, score)
+    assert index[1].item() == 299
+
+
 def test_bad_launch_configs_and_float64_are_refused():
     q, K, R = torch.randn(1, 4, device=DEVICE), torch.randn(3, 4, device=DEVICE), torch.randn(3, 2, device=DEVICE)
     with pytest.raises(ValueError, match="tl.dot tiles need every side >= 16"):
@@ -223,15 +224,15 @@ def test_bad_launch_configs_and_float64_are_refused():
     with pytest.raises(ValueError, match="num_splits must be in"):
         launch(q, K, R, 0.5, LaunchConfig(block_n=1, block_m=16, block_d=16, use_dot=False, num_splits=0))
     with pytest.raises(TypeError, match="K has dtype torch.float64"):
-        triton_backend.retrieve(q, K.double(), R, 0.5)
+        TRITON.retrieve(q, K.double(), R, 0.5)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the triton backend needs no interpreter")
 def test_cpu_tensors_need_the_interpreter():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (
-        "import torch; from neuraldb_kernels.ops import triton_backend as t; "
-        "print(t.unavailable_reason(torch.device('cpu')))"
+        "import torch; from neuraldb_kernels.ops import get_backend; "
+        "print(get_backend('triton').unavailable_reason(torch.device('cpu')))"
     )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "TRITON_INTERPRET=1 was not set before triton was imported" in result.stdout

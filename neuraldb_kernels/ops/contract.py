@@ -63,19 +63,3 @@ def check_inputs(q, K, R, gamma) -> float:
             f"K on {K.device}, R on {R.device}"
         )
     return check_gamma(gamma)
-
-
-def require_kernel_inputs(backend: str, supported, why_unavailable, q2d, K, R) -> None:
-    """For a backend's `retrieve` called directly (the dispatcher checks the same first): a
-    TypeError naming the first of q, K, R whose dtype is not in `supported`, then a RuntimeError
-    when `why_unavailable(q2d.device)` gives a reason."""
-    for name, t in (("q", q2d), ("K", K), ("R", R)):
-        if t.dtype not in supported:
-            raise TypeError(
-                f"gated_retrieve[{backend}]: {name} has dtype {t.dtype}; the {backend} backend supports "
-                f"{', '.join(str(d).replace('torch.', '') for d in supported)} (use backend='cpu' or "
-                "'torch' for float64)"
-            )
-    why = why_unavailable(q2d.device)
-    if why is not None:
-        raise RuntimeError(f"gated_retrieve[{backend}]: not available for tensors on {q2d.device}: {why}")

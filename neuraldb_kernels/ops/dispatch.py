@@ -1,30 +1,27 @@
-"""Which backend runs `gated_retrieve`: the registry, availability reports and "auto" selection.
+"""The backend registry: which backends exist, where each can run, and which one runs a call.
 
 Backends: "triton" (fused kernel, CUDA tensors; CPU tensors under TRITON_INTERPRET=1), "cuda"
-(CUDA C++ extension), "cpu" (C++ extension, OpenMP) and "torch" (plain-PyTorch reference).
+(CUDA C++ extension), "cpu" (C++ extension, OpenMP) and "torch" (plain-PyTorch reference). Each
+is one `Backend` record (backend.py) in its own module, imported on first use; availability
+reports, "auto" resolution and explicit choices all read those records.
 """
 
 import functools
 import importlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Set, Tuple
 
 import torch
 
-from .contract import FLOAT_DTYPES
+from .backend import Backend
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
-_MODULES = {
-    "triton": "triton_backend",
-    "cuda": "cuda_backend",
-    "cpu": "cpu_backend",
-    "torch": "torch_backend",
-}
-_NO_FLOAT64 = (torch.float32, torch.float16, torch.bfloat16)
-SUPPORTED_DTYPES = {"triton": _NO_FLOAT64, "cuda": _NO_FLOAT64, "cpu": FLOAT_DTYPES, "torch": FLOAT_DTYPES}
+_MODULES = {"triton": "triton_backend", "cuda": "cuda_backend", "cpu": "cpu_backend", "torch": "torch_backend"}
 # "auto": the fastest usable backend for the tensors' device type, in this order.
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+_FALLBACK = "torch"
+_warned_fallbacks: Set[Tuple[str, str]] = set()
 
 
 class BackendUnavailableError(ValueError):
@@ -45,35 +42,44 @@ class BackendStatus:
         return "\n".join(parts)
 
 
+def check_backend_name(backend) -> None:
+    """Raise unless `backend` is "auto" or one of BACKENDS."""
+    if not isinstance(backend, str):
+        raise TypeError(f"gated_retrieve: backend must be a string, got {type(backend).__name__}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"gated_retrieve: unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
+
+
 @functools.lru_cache(maxsize=None)
-def backend_module(name: str):
-    """The module implementing backend `name`: run (the dispatcher's unchecked entry point),
-    retrieve (for direct calls) and unavailable_reason."""
-    if name not in _MODULES:
-        raise ValueError(f"gated_retrieve: unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
-    return importlib.import_module(f"{__package__}.{_MODULES[name]}")
+def get_backend(name: str) -> Backend:
+    """The `Backend` record of backend `name` (its module is imported on first use)."""
+    check_backend_name(name)
+    if name == "auto":
+        raise ValueError("gated_retrieve: 'auto' is resolved per call (resolve_backend), it has no record")
+    return importlib.import_module(f"{__package__}.{_MODULES[name]}").BACKEND
 
 
-def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
-    """None when backend `name` runs on tensors of `device`, else a sentence saying why not."""
+def _record_or_reason(name: str) -> Tuple[Optional[Backend], Optional[str]]:
     try:
-        module = backend_module(name)
+        return get_backend(name), None
     except ImportError as exc:  # a backend module that fails to import is reported, never fatal
-        return f"its Python module failed to import: {exc}"
-    return module.unavailable_reason(torch.device(device))
+        return None, f"its Python module failed to import: {exc}"
 
 
-def _devices() -> Tuple[str, ...]:
-    return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+def unavailable_reason(name: str, device) -> Optional[str]:
+    """None when backend `name` runs on tensors of `device`, else a sentence saying why not."""
+    record, why = _record_or_reason(name)
+    return why if record is None else record.unavailable_reason(torch.device(device))
 
 
 def available_backends() -> Dict[str, BackendStatus]:
     """For every backend: the device types it runs on here, and for the others why not."""
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
     report = {}
     for name in BACKENDS:
         usable, reasons = [], {}
-        for dev in _devices():
-            why = unavailable_reason(name, torch.device(dev))
+        for dev in devices:
+            why = unavailable_reason(name, dev)
             if why is None:
                 usable.append(dev)
             else:
@@ -84,46 +90,53 @@ def available_backends() -> Dict[str, BackendStatus]:
     return report
 
 
-def check_backend_name(backend) -> None:
-    """Raise unless `backend` is "auto" or one of BACKENDS."""
-    if not isinstance(backend, str):
-        raise TypeError(f"gated_retrieve: backend must be a string, got {type(backend).__name__}")
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"gated_retrieve: unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
-
-
 def resolve_backend(backend: str, device: torch.device, dtypes: Tuple[torch.dtype, ...]) -> str:
-    """The concrete backend for tensors on `device` with `dtypes`; raises if `backend` cannot run."""
+    """The concrete backend for tensors on `device` with `dtypes`; raises if `backend` cannot run.
+
+    "auto" takes the first backend of AUTO_ORDER that accepts the dtypes and runs on the device;
+    passing over one that cannot run here (an extension not built, say) warns once per process."""
     check_backend_name(backend)
-    return _resolve(backend, device, tuple(dtypes))
+    return _resolve(backend, torch.device(device), tuple(dtypes))
 
 
 @functools.lru_cache(maxsize=256)  # availability is fixed for a process: decode calls skip the checks
 def _resolve(backend: str, device: torch.device, dtypes: Tuple[torch.dtype, ...]) -> str:
     if backend == "auto":
-        for name in AUTO_ORDER.get(device.type, ("torch",)):
-            if all(d in SUPPORTED_DTYPES[name] for d in dtypes) and unavailable_reason(name, device) is None:
+        passed_over = []
+        for name in AUTO_ORDER.get(device.type, (_FALLBACK,)):
+            record, why = _record_or_reason(name)
+            if record is not None:
+                if not record.supports(dtypes):
+                    continue
+                why = record.unavailable_reason(device)
+            if why is None:
+                _warn_fallback(passed_over, name, device)
                 return name
-        return "torch"
+            passed_over.append((name, why))
+        _warn_fallback(passed_over, _FALLBACK, device)
+        return _FALLBACK
     why = unavailable_reason(backend, device)
     if why is not None:
         raise BackendUnavailableError(f"gated_retrieve: backend {backend!r} is not available here: {why}")
-    unsupported = [d for d in dtypes if d not in SUPPORTED_DTYPES[backend]]
+    record = get_backend(backend)
+    unsupported = [d for d in dtypes if d not in record.dtypes]
     if unsupported:
         raise TypeError(
             f"gated_retrieve: backend {backend!r} does not support dtype {unsupported[0]}; "
-            f"it supports {', '.join(str(d) for d in SUPPORTED_DTYPES[backend])}"
+            f"it supports {', '.join(str(d) for d in record.dtypes)}"
         )
     return backend
 
 
-def warn_if_cpu_kernel_missing() -> None:
-    """Warn once, at import, when the C++ CPU kernel is not built (the torch reference takes over)."""
-    why = unavailable_reason("cpu", torch.device("cpu"))
-    if why is not None:
+def _warn_fallback(passed_over, chosen: str, device: torch.device) -> None:
+    """Warn, once per (backend, device type), that "auto" passed over a faster backend."""
+    for name, why in passed_over:
+        if (name, device.type) in _warned_fallbacks:
+            continue
+        _warned_fallbacks.add((name, device.type))
         warnings.warn(
-            f"neuraldb_kernels: the C++ CPU kernel is unavailable ({why}); "
-            "gated_retrieve falls back to the slower torch reference on CPU tensors.",
+            f"neuraldb_kernels: the {name} backend is unavailable for {device.type} tensors ({why}); "
+            f"gated_retrieve falls back to the slower {chosen} backend.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=2,
         )

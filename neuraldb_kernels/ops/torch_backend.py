@@ -1,22 +1,17 @@
-"""The plain-PyTorch reference backend: what every kernel must compute.
+"""The "torch" backend of gated_retrieve: the plain-PyTorch reference every kernel must match.
 
 Chunked over the keys so that memory stays bounded at any m: at most about 2^22 scores or
 converted key elements are alive at once, whatever m is.
 """
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
+from .backend import Backend
 from .contract import FLOAT_DTYPES, accumulation_dtype
 
-SUPPORTED_DTYPES = FLOAT_DTYPES
 _CHUNK_ELEMENTS = 1 << 22
-
-
-def unavailable_reason(device: torch.device) -> Optional[str]:
-    """The torch reference runs on every device torch supports."""
-    return None
 
 
 def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
@@ -25,10 +20,8 @@ def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.where(norms > 0, norms.reciprocal(), torch.zeros_like(norms))
 
 
-def retrieve(
-    q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q2d (n, d1), K (m >= 1, d1), R (m, d2) -> out (n, d2) R.dtype, index (n,) int64, score (n,) float32."""
+def _run(q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float) -> Tuple[torch.Tensor, ...]:
+    """Scores in float64 when q or K is float64, else float32; key chunks of `_CHUNK_ELEMENTS`."""
     acc = accumulation_dtype(q2d.dtype, K.dtype)
     q = q2d.to(acc)
     n, m = q.shape[0], K.shape[0]
@@ -53,4 +46,4 @@ def retrieve(
     return out, index, score
 
 
-run = retrieve  # the dispatcher's entry point (plain torch: nothing to check beyond the contract)
+BACKEND = Backend("torch", FLOAT_DTYPES, None, _run)  # every device torch runs on

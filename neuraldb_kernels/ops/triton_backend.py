@@ -27,12 +27,13 @@ CPU tensors run only in Triton's interpreter (TRITON_INTERPRET=1 set before trit
 there every tl.dot tile is converted to fp32 first (the interpreter mishandles bf16 dots).
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 
-from .contract import require_kernel_inputs
+from .backend import Backend
 
 try:
     import triton
@@ -43,7 +44,6 @@ except ImportError as exc:  # triton is optional: the backend reports itself una
 else:
     _IMPORT_ERROR = None
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Residual rows are copied as integers of the same width, so the copy is bit for bit.
 _BIT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 _MAX_SPLITS = 1024  # the finalize kernel reduces all splits of a query in one tile
@@ -168,6 +168,7 @@ if triton is not None:
             tl.store(dst + cols, tl.where(fired, bits, 0), mask=col_ok)
 
 
+@functools.lru_cache(maxsize=None)  # fixed when triton is imported
 def _interpreting() -> bool:
     """True when the kernels were created by Triton's interpreter (TRITON_INTERPRET=1 at import)."""
     if triton is None:
@@ -177,22 +178,17 @@ def _interpreting() -> bool:
     return isinstance(_partial_best_kernel, InterpretedFunction)
 
 
-def unavailable_reason(device: torch.device) -> Optional[str]:
-    """None when the kernel runs on tensors of `device`, else a sentence saying why not."""
+def _requirement(device: torch.device) -> Optional[str]:
     if triton is None:
         return f"triton is not installed or does not import ({_IMPORT_ERROR}); `pip install triton`"
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return "tensors are on CUDA but torch.cuda.is_available() is False"
-        return None
-    if device.type == "cpu":
-        if _interpreting():
-            return None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "tensors are on CUDA but torch.cuda.is_available() is False"
+    if device.type == "cpu" and not _interpreting():
         return (
             "Triton runs on CPU tensors only in its interpreter, and TRITON_INTERPRET=1 was not set "
             "before triton was imported"
         )
-    return f"tensors are on {device.type}; Triton runs on CUDA tensors (or CPU ones when interpreting)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -217,30 +213,42 @@ def _pow2_at_least(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=None)
+def target_programs(device: torch.device) -> int:
+    """Programs that fill `device` (4 per SM on a GPU), looked up once per device."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return 4 * torch.cuda.get_device_properties(index).multi_processor_count
+    return 4  # the interpreter runs programs one after another: a few splits, still exercised
+
+
 def plan_launch(n: int, m: int, d1: int, device: torch.device) -> LaunchConfig:
-    """Heuristic tiles by n (decode vs prefill) and enough key splits to fill the device."""
+    """Heuristic tiles by n (decode vs prefill) and enough key splits to fill the device.
+
+    Planned once per (n bucket, m bucket, d1, device), buckets being the powers of two at least
+    n and m, so that decoding re-plans nothing; `launch` fits the splits to the exact m."""
+    return _plan_for_buckets(_pow2_at_least(n), _pow2_at_least(m), d1, device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan_for_buckets(n: int, m: int, d1: int, device: torch.device) -> LaunchConfig:
     if n <= _BROADCAST_MAX_QUERIES:
-        # 16 keys x 512 features at n = 1: the fastest of 96 configurations on an H200 for d1 = 1536
-        # and 14336, bf16 and fp32 (bench/triton_decode_sweep.py, bench/RESULTS.md)
-        block_n, block_m, use_dot = _pow2_at_least(n), 16, False
+        # 16 keys x 512 features: the fastest decode tiles of the sweep in bench/RESULTS.md
+        block_n, block_m, use_dot = n, 16, False
         block_d = min(512, _BROADCAST_TILE_ELEMENTS // (block_n * block_m), max(16, _pow2_at_least(d1)))
     else:
         block_n, block_m, use_dot = (16 if n <= 16 else 32 if n <= 32 else 64), 64, True
         block_d = min(64, max(16, _pow2_at_least(d1)))
-    if device.type == "cuda":
-        target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:  # the interpreter runs programs one after another: a few splits, still exercised
-        target_programs = 4
     query_blocks = -(-n // block_n)
     key_blocks = -(-m // block_m)
-    num_splits = max(1, min(key_blocks, -(-target_programs // query_blocks), _MAX_SPLITS))
+    num_splits = max(1, min(key_blocks, -(-target_programs(device) // query_blocks), _MAX_SPLITS))
     return LaunchConfig(block_n, block_m, block_d, use_dot, num_splits)
 
 
 def launch(
     q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float, config: LaunchConfig
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run both stages with explicit tiles (see `retrieve` for the shapes)."""
+    """Run both stages with explicit tiles; inputs and outputs as for `Backend.run` (backend.py)."""
     n, d1 = q2d.shape
     m, d2 = R.shape
     if config.use_dot and min(config.block_n, config.block_m, config.block_d) < 16:
@@ -274,18 +282,9 @@ def launch(
     return out, index, score
 
 
-def run(
-    q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q2d (n >= 1, d1), K (m >= 1, d1), R (m, d2), contiguous, float32/float16/bfloat16 ->
-    out (n, d2) R.dtype, index (n,) int64, score (n,) float32 (cosines accumulated in fp32).
-    Inputs unchecked: the dispatcher's entry point (it checks dtypes and availability first)."""
+def _run(q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float) -> Tuple[torch.Tensor, ...]:
+    """Cosines accumulated in fp32, with the planned tiles."""
     return launch(q2d, K, R, gamma, plan_launch(q2d.shape[0], K.shape[0], q2d.shape[1], q2d.device))
 
 
-def retrieve(
-    q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`run` for direct calls: a TypeError / RuntimeError first for an unsupported dtype or device."""
-    require_kernel_inputs("triton", SUPPORTED_DTYPES, unavailable_reason, q2d, K, R)
-    return run(q2d, K, R, gamma)
+BACKEND = Backend("triton", (torch.float32, torch.float16, torch.bfloat16), ("cuda", "cpu"), _run, _requirement)
