@@ -9,7 +9,8 @@ Bandwidth gate and speedups only (prints the numbers to record in bench/RESULTS.
 
 Implementations timed per shape (every timed call ends with torch.cuda.synchronize()):
 - "triton", "cuda", "torch": neuraldb_kernels.gated_retrieve(..., backend=name), the full op.
-- "naive": F.normalize(q) @ F.normalize(K).T in K's dtype, max, gather, gate (a user's code).
+- "naive": a user's code with keys normalised once when stored (not timed): F.normalize(q) @
+           K_unit.T in K's dtype, max, gather, gate.
 - "faiss": faiss GpuIndexFlatIP.search(q, 1) over PRE-NORMALISED float32 keys (building the index is
            not timed; FAISS needs float32, so it reads twice the bytes of bf16 keys).
 - "copy":  dst.copy_(src) of a tensor of K's byte size: it reads and writes, so the HBM copy
@@ -21,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from retrieval_cases import (BF16, F32, GPT2XL, LLAMA3_8B, SMOL, Case, CaseInputs, cuda_event_seconds,
-                             interleaved_min_times, naive)
+                             interleaved_min_times, naive, unit_keys)
 
 import neuraldb_kernels as nk
 
@@ -31,7 +32,7 @@ except ImportError:  # optional dependency
     faiss = None
 
 GAMMA = 0.5
-BANDWIDTH_TARGET = 0.80  # issue 2: n=1, m=1e5, d1=14336, bf16 keys
+BANDWIDTH_TARGET = 0.80  # at n=1, m=1e5, d1=14336, bf16 keys
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU benchmark skipped")
 
 
@@ -66,7 +67,8 @@ def make_impl(name: str, case: Case):
             pytest.skip(f"{name}: {status.reasons.get('cuda', 'not usable on CUDA tensors')}")
         return lambda: nk.gated_retrieve(q, K, R, GAMMA, backend=name, return_index=True)
     if name == "naive":
-        return lambda: naive(q, K, R, GAMMA)
+        K_unit = INPUTS.extra(case, "unit_keys", unit_keys)
+        return lambda: naive(q, K_unit, R, GAMMA)
     if name == "faiss":
         if faiss is None or not hasattr(faiss, "StandardGpuResources"):
             pytest.skip("FAISS with GPU support is not installed (optional)")
@@ -126,7 +128,9 @@ def test_gate_fraction_of_hbm_copy_bandwidth_at_n1(backend):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_gate_speedups_over_naive_and_faiss(case):
+def test_gate_faster_than_naive(case):
+    """Asserts each kernel beats the naive torch code where it is designed to win; FAISS-GPU's
+    ratio (when installed) is printed for the record, not asserted."""
     has_faiss_gpu = faiss is not None and hasattr(faiss, "StandardGpuResources")
     names = ["triton", "cuda", "naive"] + (["faiss"] if has_faiss_gpu else [])
     fns = {}
