@@ -94,7 +94,8 @@ def resolve_backend(backend: str, device: torch.device, dtypes: Tuple[torch.dtyp
     """The concrete backend for tensors on `device` with `dtypes`; raises if `backend` cannot run.
 
     "auto" takes the first backend of AUTO_ORDER that accepts the dtypes and runs on the device;
-    passing over one that cannot run here (an extension not built, say) warns once per process."""
+    passing over one that cannot run here (an extension not built, say) warns, once per backend
+    and device type."""
     check_backend_name(backend)
     return _resolve(backend, torch.device(device), tuple(dtypes))
 
