@@ -15,10 +15,8 @@ import torch
 from neuraldb_kernels.ops import cpu_backend, get_backend
 
 CPU_BACKEND = get_backend("cpu")
-pytestmark = pytest.mark.skipif(
-    CPU_BACKEND.unavailable_reason(torch.device("cpu")) is not None,
-    reason=f"cpu backend: {CPU_BACKEND.unavailable_reason(torch.device('cpu'))}",
-)
+_WHY = CPU_BACKEND.unavailable_reason(torch.device("cpu"))
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"cpu backend: {_WHY}")
 
 if cpu_backend._cpu is not None:
     ISAS = cpu_backend._cpu.available_isas()
