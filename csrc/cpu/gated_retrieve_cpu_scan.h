@@ -211,7 +211,7 @@ NEURALDB_INLINE Acc inv_norm(Acc squared_norm) {
 // Each key vector is loaded and converted once and used by all QB queries. If `next` is not null,
 // the KB rows starting there (the keys of the next call) are prefetched into cache meanwhile: the
 // hardware prefetcher alone does not run far enough ahead to overlap the memory reads with the
-// dot products (measured: bf16 keys at n = 1 went from about 65% to over 80% of a plain sum).
+// dot products (measurement: bench/RESULTS.md, "Software prefetch in the key-streaming pass").
 template <int QB, int KB, bool kWithNorm, typename Acc, typename Key>
 NEURALDB_INLINE void dot_block(const Acc* q, const Key* k, int64_t dim, Acc (&dots)[QB][KB],
                                Acc (&squared)[KB], const Key* next = nullptr) {
