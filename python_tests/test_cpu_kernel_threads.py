@@ -2,7 +2,8 @@
 
 Threads claim work items (key chunk x query group) dynamically, so which thread scans which keys
 changes from call to call; the per-chunk partial maxima are merged in chunk order. Here: 1, 2, 3
-and 7 threads (7 oversubscribes the machine, as a busy neighbour does) on shapes with exact ties
+and 7 threads (7 oversubscribes the machine, as a busy neighbour does), for each compiled
+instruction set, on shapes with exact ties
 across work items, keys holding NaN or Inf, non-finite and zero queries, many key chunks and few
 (query groups split). Every result must be bit-identical to the 1-thread result AND agree with an
 independent float64 reference.
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 THREAD_COUNTS = (1, 2, 3, 7)
+ISAS = cpu_backend._cpu.available_isas() if cpu_backend._cpu is not None else []
 GAMMA = 0.2
 
 
@@ -96,13 +98,14 @@ def check_against_float64(q, K, R, out, index, score):
 SHAPES = [(1, 40_009, 96), (9, 20_011, 45), (13, 700, 64), (6, 3_001, 5)]
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("k_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"n{n}-m{m}-d{d}" for n, m, d in SHAPES])
-def test_every_thread_count_gives_the_same_bits_and_the_float64_answer(shape, q_dtype, k_dtype):
+def test_every_thread_count_gives_the_same_bits_and_the_float64_answer(shape, q_dtype, k_dtype, isa):
     n, m, d1 = shape
     q, K, R, first_duplicate = case(n, m, d1, q_dtype, k_dtype, seed=n + m)
-    results = {t: cpu_backend._cpu.gated_retrieve(q, K, R, GAMMA, t) for t in THREAD_COUNTS}
+    results = {t: cpu_backend._cpu.gated_retrieve(q, K, R, GAMMA, t, isa) for t in THREAD_COUNTS}
     out, index, score = results[1]
     check_against_float64(q, K, R, out, index, score)
     # The planted direction: NaN/Inf copies at 0 and 1 never win, the lowest exact copy does.
@@ -112,12 +115,13 @@ def test_every_thread_count_gives_the_same_bits_and_the_float64_answer(shape, q_
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), threads
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", THREAD_COUNTS)
-def test_only_nan_keys_give_no_match_with_any_thread_count(threads):
+def test_only_nan_keys_give_no_match_with_any_thread_count(threads, isa):
     K = torch.full((5_000, 64), float("nan"))
     q = torch.randn(3, 64)
     R = torch.randn(5_000, 4)
-    out, index, score = cpu_backend._cpu.gated_retrieve(q, K, R, -1.0, threads)
+    out, index, score = cpu_backend._cpu.gated_retrieve(q, K, R, -1.0, threads, isa)
     assert index.tolist() == [-1, -1, -1]
     assert torch.equal(score, torch.full((3,), float("-inf")))
     assert not out.any()

@@ -55,6 +55,7 @@ int thread_index() {
 template <typename Acc>
 void run_scan(Isa isa, const ScanJob<Acc>& job) {
 #if defined(__x86_64__) || defined(__i386__)
+  if (isa == Isa::avx512) return avx512::scan(job);
   if (isa == Isa::avx2) return avx2::scan(job);
 #endif
   generic::scan(job);
@@ -64,6 +65,7 @@ template <typename Acc>
 void run_row_inv_norms(Isa isa, const Acc* rows, int64_t n, int64_t dim, Acc* inv,
                        uint8_t* finite) {
 #if defined(__x86_64__) || defined(__i386__)
+  if (isa == Isa::avx512) return avx512::row_inv_norms(rows, n, dim, inv, finite);
   if (isa == Isa::avx2) return avx2::row_inv_norms(rows, n, dim, inv, finite);
 #endif
   generic::row_inv_norms(rows, n, dim, inv, finite);
@@ -76,6 +78,14 @@ bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f");
 #else
   return false;
 #endif
