@@ -123,10 +123,13 @@ def percent_metrics(scores: dict[str, torch.Tensor], positions: list[int]) -> di
 
 def per_fact_residual(model, tokens, hparams, module) -> torch.Tensor:
     """One fact's residual the way existing tools compute it: every step runs the full model over
-    all its contexts and the KL prompt (right-padded) and the full logits; same loss, Adam, clamp
-    and early stop as `optimize_residuals` (which leaves out a context whose subject is its first
-    token: a timing baseline, it keeps every context)."""
-    rows = [list(c) + list(tokens.target[:-1]) for c in tokens.contexts] + [list(tokens.kl_ids)]
+    its contexts and the KL prompt (right-padded) and the full logits; same contexts (those
+    `optimize_residuals` trains on), loss, Adam, clamp and early stop as `optimize_residuals`."""
+    from neuraldb_kernels.editing.residuals import _trained_contexts
+
+    trained = _trained_contexts(tokens)
+    contexts = [context for context, _ in trained]
+    rows = [list(c) + list(tokens.target[:-1]) for c in contexts] + [list(tokens.kl_ids)]
     width = max(map(len, rows))
     ids = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -135,10 +138,10 @@ def per_fact_residual(model, tokens, hparams, module) -> torch.Tensor:
         mask[i, :len(row)] = 1
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
-    at = torch.tensor(list(tokens.subject_last) + [tokens.kl_subject_last], device=device)
-    n = len(tokens.contexts)
+    at = torch.tensor([last for _, last in trained] + [tokens.kl_subject_last], device=device)
+    n = len(contexts)
     # (context, position, token) of every target token: what the NLL reads from the logits
-    picks = [(c, len(context) - 1 + t, token) for c, context in enumerate(tokens.contexts)
+    picks = [(c, len(context) - 1 + t, token) for c, context in enumerate(contexts)
              for t, token in enumerate(tokens.target)]
     pick_row, pick_pos, pick_token = torch.tensor(picks, device=device).T
     d2 = model.get_output_embeddings().weight.shape[1]

@@ -93,11 +93,27 @@ def interleaved_min_times(model, inputs, db, key_dtypes=(None,), rounds=ROUNDS):
     return {name: min(values) for name, values in times.items()}
 
 
+def greedy_without_cache(model, inputs) -> torch.Tensor:
+    """The reference decode: NEW_TOKENS times a full forward over everything so far, then argmax
+    with the end-of-sequence tokens excluded (as `min_new_tokens=NEW_TOKENS` does in `generate`)."""
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+            logits[:, eos] = -torch.inf
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
 def test_decode_bare(benchmark, model_and_inputs):
+    """The baseline the attached runs are compared with; what it times is the model's own greedy decode."""
     model, inputs = model_and_inputs
     benchmark.group = "decode SmolLM2"
-    benchmark.pedantic(lambda: generate(model, inputs), rounds=ROUNDS, warmup_rounds=1)
+    output = benchmark.pedantic(lambda: generate(model, inputs), rounds=ROUNDS, warmup_rounds=1)
     benchmark.extra_info["tokens_per_s"] = NEW_TOKENS / benchmark.stats.stats.min
+    assert torch.equal(output, greedy_without_cache(model, inputs))
 
 
 @pytest.mark.parametrize(

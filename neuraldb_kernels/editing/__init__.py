@@ -9,6 +9,10 @@
     editor.py     Editor: edit / update / remove, batched commits, resume
 """
 
+from .._hf_extra import require_hf_extra
+
+require_hf_extra("neuraldb_kernels.editing")
+
 from .editor import Editor
 from .facts import (Fact, FactError, check_facts, counterfact_fact, fact_id, read_counterfact, read_facts,
                     read_jsonl, read_zsre, zsre_fact)
