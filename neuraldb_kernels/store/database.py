@@ -113,15 +113,16 @@ class NeuralDB:
             layer = self._fingerprint_layer(fingerprint, d1, d2, layer)
         if path is not None and os.path.lexists(path):
             raise FileExistsError(f"{os.fspath(path)} already exists; open an existing database with NeuralDB.open")
-        conn = schema.connect(path)
-        try:
-            if path is not None:
-                schema.configure_file(conn)
-            schema.create(conn, {"d1": d1, "d2": d2, "layer": layer, "gamma": float(gamma), "dtype": name,
-                                 "fingerprint": None if fingerprint is None else dataclasses.asdict(fingerprint)})
-        except BaseException:
-            conn.close()
-            raise
+        with schema.sqlite_errors("database" if path is None else os.fspath(path)):
+            conn = schema.connect(path)
+            try:
+                if path is not None:
+                    schema.configure_file(conn)
+                schema.create(conn, {"d1": d1, "d2": d2, "layer": layer, "gamma": float(gamma), "dtype": name,
+                                     "fingerprint": None if fingerprint is None else dataclasses.asdict(fingerprint)})
+            except BaseException:
+                conn.close()
+                raise
         self._attach(conn, path, readonly=False)
 
     @classmethod
@@ -138,29 +139,30 @@ class NeuralDB:
         where = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no NeuralDB database at {where}")
-        conn = schema.connect(path, readonly=readonly)
-        try:
+        with schema.sqlite_errors(where):
+            conn = schema.connect(path, readonly=readonly)
             try:
-                meta = schema.read_meta(conn, where)  # checks it is a NeuralDB before changing anything
-            except sqlite3.OperationalError:
-                if not readonly:
-                    raise
-                # no -wal/-shm files and no right to create them (a read-only directory or medium):
-                # read the file as immutable, which needs neither
+                try:
+                    meta = schema.read_meta(conn, where)  # checks it is a NeuralDB before changing anything
+                except sqlite3.OperationalError:
+                    if not readonly:
+                        raise
+                    # no -wal/-shm files and no right to create them (a read-only directory or medium):
+                    # read the file as immutable, which needs neither
+                    conn.close()
+                    conn = schema.connect(path, readonly=True, immutable=True)
+                    meta = schema.read_meta(conn, where)
+                if readonly:
+                    if meta["format_version"] < schema.FORMAT_VERSION:
+                        raise ValueError(f"{where} uses NeuralDB format version {meta['format_version']}; open it "
+                                         f"once without readonly=True to migrate it to version {schema.FORMAT_VERSION}")
+                else:
+                    schema.configure_file(conn)
+                    if meta["format_version"] < schema.FORMAT_VERSION:
+                        migrate(conn, where)
+            except BaseException:
                 conn.close()
-                conn = schema.connect(path, readonly=True, immutable=True)
-                meta = schema.read_meta(conn, where)
-            if readonly:
-                if meta["format_version"] < schema.FORMAT_VERSION:
-                    raise ValueError(f"{where} uses NeuralDB format version {meta['format_version']}; open it once "
-                                     f"without readonly=True to migrate it to version {schema.FORMAT_VERSION}")
-            else:
-                schema.configure_file(conn)
-                if meta["format_version"] < schema.FORMAT_VERSION:
-                    migrate(conn, where)
-        except BaseException:
-            conn.close()
-            raise
+                raise
         db = cls.__new__(cls)
         db._attach(conn, path, readonly=readonly)
         if fingerprint is not None:
@@ -203,13 +205,14 @@ class NeuralDB:
         self._closed = False
         self._version = 0
         try:
-            conn.execute("BEGIN")
-            try:
-                self._load_meta(schema.read_meta(conn, self._where))
-                loaded = sync.load_all(conn, self._d1, self._d2, self._dtype, self._where)
-                self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
-            finally:
-                conn.execute("COMMIT")
+            with schema.sqlite_errors(self._where):
+                conn.execute("BEGIN")
+                try:
+                    self._load_meta(schema.read_meta(conn, self._where))
+                    loaded = sync.load_all(conn, self._d1, self._d2, self._dtype, self._where)
+                    self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+                finally:
+                    conn.execute("COMMIT")
         except BaseException:
             conn.close()
             raise
@@ -333,17 +336,18 @@ class NeuralDB:
     def _transaction(self, body: Callable[[], _T]) -> _T:
         """Run `body()` in one IMMEDIATE transaction: committed entirely or rolled back. The error
         raised is the one that stopped it (a failed COMMIT, e.g. a full disk, included)."""
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = body()
-            self._conn.execute("COMMIT")
-        except BaseException:
-            if self._conn.in_transaction:  # SQLite already rolled back after some failed COMMITs
-                try:
-                    self._conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass  # the original error says what went wrong; this one would hide it
-            raise
+        with schema.sqlite_errors(self._where):
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = body()
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:  # SQLite already rolled back after some failed COMMITs
+                    try:
+                        self._conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # the original error says what went wrong; this one would hide it
+                raise
         return result
 
     def _insert_rows(self, batch: FactBatch, fact_keys: list[torch.Tensor], *, upsert: bool) -> int:
@@ -514,7 +518,8 @@ class NeuralDB:
             self._check_open()
             if fact_id not in self._rows.rows_of:
                 raise KeyError(f"no fact with id {fact_id!r}")
-            row = next(schema.fact_rows(self._conn, [fact_id]), None)
+            with schema.sqlite_errors(self._where):
+                row = next(schema.fact_rows(self._conn, [fact_id]), None)
         if row is None:
             raise KeyError(f"fact {fact_id!r} was deleted by another connection; call refresh()")
         keys, residual = verified_vectors(row, self._d1, self._d2, self._dtype, self._where)
@@ -589,7 +594,7 @@ class NeuralDB:
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 raise TypeError(f"values must be str, int or float, got {value!r}")
         found: dict[str, dict[str, Any]] = {}
-        with self._lock:
+        with self._lock, schema.sqlite_errors(self._where):
             self._check_open()
             for start in range(0, len(values), _SQL_CHUNK):
                 chunk = values[start : start + _SQL_CHUNK]
@@ -601,7 +606,7 @@ class NeuralDB:
 
     def _metadata_of(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
-        with self._lock:
+        with self._lock, schema.sqlite_errors(self._where):
             self._check_open()
             for start in range(0, len(ids), _SQL_CHUNK):
                 chunk = ids[start : start + _SQL_CHUNK]
@@ -617,7 +622,7 @@ class NeuralDB:
         norms) in one read transaction; the ids of those that fail, in insertion order."""
         itemsize = self._dtype.itemsize
         checked, corrupt = 0, []
-        with self._lock:
+        with self._lock, schema.sqlite_errors(self._where):
             self._check_open()
             self._conn.execute("BEGIN")
             try:
@@ -638,7 +643,7 @@ class NeuralDB:
 
     def refresh(self) -> bool:
         """Apply what other connections committed since this one last looked; True if anything changed."""
-        with self._lock:
+        with self._lock, schema.sqlite_errors(self._where):
             self._check_open()
             self._conn.execute("BEGIN")
             try:
@@ -669,7 +674,7 @@ class NeuralDB:
             raise FileExistsError(f"{path} already exists; NeuralDB.save never overwrites")
         temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            with self._lock:
+            with self._lock, schema.sqlite_errors(os.fspath(path)):
                 self._check_open()
                 target = sqlite3.connect(temporary, isolation_level=None)
                 try:

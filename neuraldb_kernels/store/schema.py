@@ -6,13 +6,14 @@ Everything that knows SQL or byte layouts lives here (and in migrations.py for o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -54,8 +55,34 @@ META_NAMES = frozenset({"format", "format_version", "d1", "d2", "layer", "gamma"
                         "created_at", "updated_at"})
 
 
+BUSY_TIMEOUT_S = 30.0  # how long a connection waits for another one's write lock
+
+
 class CorruptDatabaseError(ValueError):
     """The file is not a NeuralDB this code can trust, or one of its rows fails its checks."""
+
+
+class DatabaseUnavailableError(OSError):
+    """SQLite could not read or write the file: another connection held the write lock past
+    BUSY_TIMEOUT_S, the disk is full, an I/O error, a read-only file or medium."""
+
+
+@contextlib.contextmanager
+def sqlite_errors(where: str) -> Iterator[None]:
+    """Translate SQLite's exceptions into one-line store errors naming the file `where`:
+    DatabaseUnavailableError (an OSError) for what the environment caused, CorruptDatabaseError (a
+    ValueError) for a damaged file. IntegrityError (a constraint, e.g. a duplicate id) passes through."""
+    try:
+        yield
+    except sqlite3.IntegrityError:
+        raise
+    except sqlite3.OperationalError as error:
+        if "locked" in str(error) or "busy" in str(error):
+            raise DatabaseUnavailableError(f"{where}: another connection holds the write lock (waited "
+                                           f"{BUSY_TIMEOUT_S:g} s; SQLite says: {error})") from error
+        raise DatabaseUnavailableError(f"{where}: {error}") from error
+    except sqlite3.DatabaseError as error:
+        raise CorruptDatabaseError(f"{where} is damaged or not a NeuralDB database (SQLite says: {error})") from error
 
 
 def utc_now() -> str:
@@ -105,7 +132,8 @@ def connect(path: str | os.PathLike | None, *, readonly: bool = False, immutable
         target, uri = f"{Path(path).absolute().as_uri()}?{query}", True
     else:
         target, uri = os.fspath(path), False
-    conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=30.0, uri=uri)
+    conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S,
+                           uri=uri)
     conn.execute("PRAGMA trusted_schema=OFF")
     return conn
 
@@ -142,21 +170,28 @@ def create(conn: sqlite3.Connection, settings: dict[str, Any]) -> None:
         raise
 
 
-def _check_schema(conn: sqlite3.Connection, where: str, version: int) -> None:
-    """CorruptDatabaseError unless the tables, columns and indexes are exactly those of `version`
-    and there is nothing else (no triggers, views or other tables)."""
+def _columns(conn: sqlite3.Connection, table: str) -> list[tuple]:
+    return [(name, kind.upper(), notnull, default, pk, hidden)
+            for _, name, kind, notnull, default, pk, hidden in conn.execute(f"PRAGMA table_xinfo({table})")]
+
+
+def _check_objects(conn: sqlite3.Connection, where: str) -> None:
+    """CorruptDatabaseError unless the tables and indexes are exactly ours (no triggers, views or
+    other tables) and `meta` has exactly its columns."""
     objects = {tuple(row) for row in conn.execute("SELECT type, name, tbl_name FROM sqlite_master")}
     if objects != _OBJECTS:
         unexpected = sorted(f"{kind} {name!r}" for kind, name, _ in objects - _OBJECTS)
         missing = sorted(f"{kind} {name!r}" for kind, name, _ in _OBJECTS - objects)
         raise CorruptDatabaseError(f"{where} does not have the NeuralDB schema: unexpected "
                                    f"{', '.join(unexpected) or 'nothing'}; missing {', '.join(missing) or 'nothing'}")
-    for table, expected in (("meta", _META_COLUMNS), ("facts", _FACT_COLUMNS[version])):
-        columns = [(name, kind.upper(), notnull, default, pk, hidden)
-                   for _, name, kind, notnull, default, pk, hidden in conn.execute(f"PRAGMA table_xinfo({table})")]
-        if columns != expected:
-            raise CorruptDatabaseError(f"{where}: table {table!r} has the columns {columns}, a NeuralDB of format "
-                                       f"version {version} has {expected}")
+    _check_columns(conn, where, "meta", _META_COLUMNS, "any")
+
+
+def _check_columns(conn: sqlite3.Connection, where: str, table: str, expected: list[tuple], version: Any) -> None:
+    columns = _columns(conn, table)
+    if columns != expected:
+        raise CorruptDatabaseError(f"{where}: table {table!r} has the columns {columns}, a NeuralDB of format "
+                                   f"version {version} has {expected}")
 
 
 def _meta_problem(meta: dict[str, Any]) -> str | None:
@@ -196,11 +231,14 @@ def read_meta(conn: sqlite3.Connection, where: str) -> dict[str, Any]:
     try:
         application_id = conn.execute("PRAGMA application_id").fetchone()[0]
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.OperationalError:
+        raise  # could not read the file (locked, unreadable): not a verdict on its content
     except sqlite3.DatabaseError as error:
         raise CorruptDatabaseError(f"{where} is not a NeuralDB database (SQLite says: {error})") from None
     if application_id != APPLICATION_ID or not {"meta", "facts"} <= tables:
         raise CorruptDatabaseError(f"{where} is not a NeuralDB database (SQLite application_id "
                                    f"{application_id:#x}, tables {sorted(tables)})")
+    _check_objects(conn, where)
     try:
         rows = conn.execute("SELECT name, value FROM meta").fetchall()
         meta = {name: json.loads(value) for name, value in rows}
@@ -217,7 +255,7 @@ def read_meta(conn: sqlite3.Connection, where: str) -> dict[str, Any]:
     if user_version != version:
         raise CorruptDatabaseError(f"{where}: the SQLite user_version {user_version} disagrees with "
                                    f"meta.format_version {version}")
-    _check_schema(conn, where, version)
+    _check_columns(conn, where, "facts", _FACT_COLUMNS[version], version)
     problem = _meta_problem(meta)
     if problem:
         raise CorruptDatabaseError(f"{where} has an invalid meta table: {problem}")
