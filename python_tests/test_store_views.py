@@ -132,7 +132,7 @@ def test_deletes_copy_the_buffers_only_while_a_snapshot_is_in_use():
     db.add(*_encoded(range(40)), [f"f{i}" for i in range(40)])
 
     def master_keys():
-        return db._views.buffers[db._views.master_key]._keys
+        return db._live.views.buffers[db._live.views.master_key]._keys
 
     db.view()  # dropped at once
     buffer = master_keys()
@@ -237,4 +237,4 @@ def test_views_on_other_devices_and_dtypes_follow_the_store():
         for row, fact_id in enumerate(snap.ids_at(range(28))):
             assert torch.equal(snap.keys[row].cpu(), model[fact_id][0].to(torch.float32))
     db.clear_views()
-    assert list(db._views.buffers) == [db._views.master_key]
+    assert list(db._live.views.buffers) == [db._live.views.master_key]

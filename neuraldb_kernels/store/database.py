@@ -5,10 +5,12 @@ A fact has one residual and k >= 1 keys: its own key, plus any extra keys (other
 must retrieve the same residual, e.g. the Editor's bare-prompt key). Retrieval sees key rows:
 a fact with k keys is k rows of every view, each with the fact's residual.
 
-SQLite (schema.py, format in FORMAT.md) is the source of truth: every add / upsert / delete call
-is one transaction, committed before memory changes. In memory the database keeps the row order
-(rows.py: row i of every view is a key row of fact `ids[i]`, swap-remove on delete) and one view
-per (device, dtype) (view.py), the (CPU, storage dtype) one loaded in one pass at open (sync.py).
+SQLite (schema.py, format in FORMAT.md, older versions migrated by migrations.py) is the source of
+truth: every add / upsert / delete call is one transaction, committed before memory changes
+(memory.py): the row order (rows.py: row i of every view is a key row of fact `ids[i]`,
+swap-remove on delete) and one view per (device, dtype) (view.py), the (CPU, storage dtype) one
+loaded in one pass at open (sync.py, which also reads what `refresh` applies). Every row read from
+the file is checked (integrity.py); `search` is search.py, export / import exchange.py.
 
 Snapshot semantics: `view()` / `snapshot()` return tensors that never change afterwards, however
 the database is mutated later (see view.py). A snapshot is taken under the database lock, so it
@@ -36,16 +38,15 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from . import schema, sync
-from .exchange import read_export, write_export
+from .exchange import read_import, write_export
 from .facts import FactBatch, StoredFact, prepare_batch
 from .fingerprint import ModelFingerprint, check_compatible
-from .integrity import IntegrityReport, row_checksum, stored_problem, vector_rows_problem, verified_vectors
+from .integrity import IntegrityReport, row_checksum, verified_vectors, verify_rows
 from .migrations import migrate
-from .rows import RowMap, ids_at
+from .memory import LiveFacts
+from .rows import ids_at
 from .search import top_facts
-from .view import ViewBuffers, ViewSet
 
-_SQL_CHUNK = 500  # ids per "WHERE id IN (...)" query, below SQLite's bound-parameter limit
 _T = TypeVar("_T")
 
 
@@ -88,11 +89,6 @@ def _normalise_device(device: torch.device | str | None) -> torch.device:
     if device.type != "cpu" and device.index is None:
         device = torch.empty(0, device=device).device  # the current device of that type
     return device
-
-
-def _remove_database_files(path: str | os.PathLike) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{os.fspath(path)}{suffix}").unlink(missing_ok=True)
 
 
 class NeuralDB:
@@ -203,7 +199,6 @@ class NeuralDB:
         self._readonly = readonly
         self._lock = threading.RLock()
         self._closed = False
-        self._version = 0
         try:
             with schema.sqlite_errors(self._where):
                 conn.execute("BEGIN")
@@ -216,8 +211,7 @@ class NeuralDB:
         except BaseException:
             conn.close()
             raise
-        self._rows = RowMap(loaded.row_ids, loaded.revs)
-        self._views = ViewSet(ViewBuffers(loaded.keys, loaded.residuals, loaded.count), self._dtype)
+        self._live = LiveFacts(loaded, self._dtype)
 
     def _load_meta(self, meta: dict[str, Any]) -> None:
         self._d1, self._d2, self._layer, self._gamma = meta["d1"], meta["d2"], meta["layer"], meta["gamma"]
@@ -271,7 +265,7 @@ class NeuralDB:
     @property
     def version(self) -> int:
         """Counter of applied mutations since this object was opened; a snapshot carries the one it shows."""
-        return self._version
+        return self._live.version
 
     @property
     def gamma(self) -> float:
@@ -292,7 +286,7 @@ class NeuralDB:
 
     def __repr__(self) -> str:
         where = "memory" if self._path is None else str(self._path)
-        return (f"NeuralDB({where}, facts={len(self._rows)}, d1={self._d1}, d2={self._d2}, layer={self._layer}, "
+        return (f"NeuralDB({where}, facts={len(self)}, d1={self._d1}, d2={self._d2}, layer={self._layer}, "
                 f"gamma={self._gamma}, dtype={schema.dtype_name(self._dtype)}{', closed' if self._closed else ''})")
 
     # -- fingerprint ---------------------------------------------------------------------------
@@ -352,14 +346,11 @@ class NeuralDB:
 
     def _insert_rows(self, batch: FactBatch, fact_keys: list[torch.Tensor], *, upsert: bool) -> int:
         revision = schema.next_revision(self._conn)
-        conflict = (" ON CONFLICT(id) DO UPDATE SET rev = excluded.rev, key = excluded.key, residual = "
-                    "excluded.residual, metadata = excluded.metadata, checksum = excluded.checksum") if upsert else ""
         key_blobs = [schema.encode_keys(keys) for keys in fact_keys]
         residual_blobs = schema.encode_rows(batch.residuals)
         checksums = [row_checksum(*row) for row in zip(batch.ids, key_blobs, residual_blobs, batch.metadata_json)]
-        self._conn.executemany(
-            "INSERT INTO facts(id, rev, key, residual, metadata, checksum) VALUES (?, ?, ?, ?, ?, ?)" + conflict,
-            zip(batch.ids, [revision] * len(batch), key_blobs, residual_blobs, batch.metadata_json, checksums))
+        schema.write_facts(self._conn, zip(batch.ids, [revision] * len(batch), key_blobs, residual_blobs,
+                                           batch.metadata_json, checksums), replace=upsert)
         return revision
 
     def add(self, keys: torch.Tensor, residuals: torch.Tensor, ids: str | Sequence[str] | None = None,
@@ -377,7 +368,7 @@ class NeuralDB:
                               extra_keys=extra_keys)
         with self._lock:
             self._check_writable()
-            existing = [fact_id for fact_id in batch.ids if fact_id in self._rows.rows_of]
+            existing = [fact_id for fact_id in batch.ids if fact_id in self._live]
             if existing:
                 raise ValueError(f"{len(existing)} id(s) already in the database, e.g. {existing[0]!r}; "
                                  f"use upsert to replace facts")
@@ -386,13 +377,13 @@ class NeuralDB:
 
     def _add_batch(self, batch: FactBatch) -> None:
         fact_keys = [batch.fact_keys(i) for i in range(len(batch))]
-        self._views.reserve(sum(len(k) for k in fact_keys))
+        self._live.reserve(batch.ids, fact_keys)
         try:
             revision = self._transaction(lambda: self._insert_rows(batch, fact_keys, upsert=False))
         except sqlite3.IntegrityError as error:
             raise ValueError(f"an id of the batch is already in the database file, written by another "
                              f"connection (call refresh()): {error}") from None
-        self._apply_append(batch.ids, [revision] * len(batch), fact_keys, batch.residuals)
+        self._live.append(batch.ids, [revision] * len(batch), fact_keys, batch.residuals)
 
     def upsert(self, keys: torch.Tensor, residuals: torch.Tensor, ids: str | Sequence[str],
                metadata: dict[str, Any] | Sequence[dict[str, Any] | None] | None = None, *,
@@ -407,9 +398,9 @@ class NeuralDB:
         fact_keys = [batch.fact_keys(i) for i in range(len(batch))]
         with self._lock:
             self._check_writable()
-            self._views.reserve(self._rows.rows_to_append(batch.ids, [len(k) for k in fact_keys]))
+            self._live.reserve(batch.ids, fact_keys)
             revision = self._transaction(lambda: self._insert_rows(batch, fact_keys, upsert=True))
-            self._apply_written(batch.ids, [revision] * len(batch), fact_keys, batch.residuals)
+            self._live.write(batch.ids, [revision] * len(batch), fact_keys, batch.residuals)
         return batch.ids
 
     def ids_to_delete(self, ids: str | Sequence[str], *, missing_ok: bool = False) -> list[str]:
@@ -428,11 +419,11 @@ class NeuralDB:
             raise ValueError("duplicate ids in the batch to delete (an id is given twice)")
         with self._lock:
             self._check_open()
-            missing = [fact_id for fact_id in ids if fact_id not in self._rows.rows_of]
+            missing = [fact_id for fact_id in ids if fact_id not in self._live]
             if missing and not missing_ok:
                 raise KeyError(f"{len(missing)} id(s) not in the database, e.g. {missing[0]!r} "
                                f"(pass missing_ok=True to ignore missing ids)")
-            return [fact_id for fact_id in ids if fact_id in self._rows.rows_of]
+            return [fact_id for fact_id in ids if fact_id in self._live]
 
     def delete(self, ids: str | Sequence[str], *, missing_ok: bool = False) -> list[str]:
         """Delete one fact or a batch in one transaction; returns the ids actually deleted.
@@ -446,77 +437,34 @@ class NeuralDB:
                 return []
             self._check_writable()
 
-            def delete_rows() -> None:
-                schema.next_revision(self._conn)
-                self._conn.executemany("DELETE FROM facts WHERE id = ?", [(fact_id,) for fact_id in present])
-
-            self._transaction(delete_rows)
-            self._apply_remove(present)
+            self._transaction(lambda: schema.delete_facts(self._conn, present))
+            self._live.remove(present)
         return present
-
-    # -- applying committed changes to memory ---------------------------------------------------
-
-    def _apply_append(self, ids: list[str], revs: list[int], fact_keys: list[torch.Tensor],
-                      residuals: torch.Tensor) -> None:
-        """Append facts: fact i's (k_i, d1) keys as k_i rows, each with residuals[i]
-        (`ViewSet.reserve` must have made room)."""
-        if not ids:
-            return
-        counts = [len(keys) for keys in fact_keys]
-        self._rows.append(ids, revs, counts)
-        self._views.append(torch.cat(fact_keys), residuals.repeat_interleave(torch.tensor(counts), dim=0))
-        self._version += 1
-
-    def _apply_written(self, ids: list[str], revs: list[int], fact_keys: list[torch.Tensor],
-                       residuals: torch.Tensor) -> None:
-        """Apply committed writes of facts: new ones are appended, stored ones replaced in place
-        where their number of keys is unchanged, else removed and appended anew."""
-        new = [i for i, fact_id in enumerate(ids) if fact_id not in self._rows.rows_of]
-        stored = [i for i, fact_id in enumerate(ids) if fact_id in self._rows.rows_of]
-        same, moved = self._rows.split_overwrite([ids[i] for i in stored], [len(fact_keys[i]) for i in stored])
-        same, moved = [stored[i] for i in same], [stored[i] for i in moved]
-        if same:
-            counts = torch.tensor([len(fact_keys[i]) for i in same])
-            self._views.overwrite(self._rows.rows([ids[i] for i in same]), torch.cat([fact_keys[i] for i in same]),
-                                  residuals[same].repeat_interleave(counts, dim=0))
-            self._rows.rev_of.update((ids[i], revs[i]) for i in same)
-            self._version += 1
-        self._apply_remove([ids[i] for i in moved])
-        appended = moved + new
-        self._apply_append([ids[i] for i in appended], [revs[i] for i in appended],
-                           [fact_keys[i] for i in appended], residuals[appended])
-
-    def _apply_remove(self, ids: list[str]) -> None:
-        """Swap-remove the facts' rows from the row map and every view."""
-        if not ids:
-            return
-        self._views.move_and_truncate(*self._rows.remove(ids))
-        self._version += 1
 
     # -- reading -------------------------------------------------------------------------------
 
     def __len__(self) -> int:
         """The number of facts (see `key_rows` for the rows retrieval scans)."""
-        return len(self._rows)
+        return len(self._live.rows)
 
     @property
     def key_rows(self) -> int:
         """The number of key rows of every view: the facts' keys, extra keys included."""
-        return self._rows.row_count
+        return self._live.rows.row_count
 
     def __contains__(self, fact_id: object) -> bool:
-        return fact_id in self._rows.rows_of
+        return fact_id in self._live
 
     def __iter__(self) -> Iterator[str]:
         """The fact ids as of the start of the iteration (each once)."""
         with self._lock:
-            return iter(list(self._rows.rows_of))
+            return iter(list(self._live.rows.rows_of))
 
     def get(self, fact_id: str) -> StoredFact:
         """The fact with this id, read from the database file and checked; KeyError if absent."""
         with self._lock:
             self._check_open()
-            if fact_id not in self._rows.rows_of:
+            if fact_id not in self._live:
                 raise KeyError(f"no fact with id {fact_id!r}")
             with schema.sqlite_errors(self._where):
                 row = next(schema.fact_rows(self._conn, [fact_id]), None)
@@ -528,14 +476,14 @@ class NeuralDB:
     def facts(self) -> Iterator[StoredFact]:
         """Every fact (see `get`), as of the start of the iteration."""
         for fact_id in iter(self):
-            if fact_id in self._rows.rows_of:
+            if fact_id in self._live:
                 yield self.get(fact_id)
 
     def ids_at(self, indices: torch.Tensor | Sequence[int]) -> list[str | None]:
         """Fact ids of view rows `indices` in the CURRENT state (None for -1). To map the output of a
         retrieval over an earlier view exactly, use that view's `snapshot().ids_at`."""
         with self._lock:
-            return ids_at(self._rows.ids, self._rows.row_count, indices)
+            return ids_at(self._live.rows.ids, self._live.rows.row_count, indices)
 
     def snapshot(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Snapshot:
         """An immutable view (K, R, row → id, version) on `device` (default CPU) in `dtype`
@@ -547,9 +495,9 @@ class NeuralDB:
             raise TypeError(f"view dtype must be a floating torch.dtype, got {dtype!r}")
         with self._lock:
             self._check_open()
-            keys, residuals = self._views.snapshot(device, dtype)
-            snap = Snapshot(keys, residuals, self._version, self._rows.ids)
-            self._rows.share_ids(snap)
+            keys, residuals = self._live.views.snapshot(device, dtype)
+            snap = Snapshot(keys, residuals, self._live.version, self._live.rows.ids)
+            self._live.rows.share_ids(snap)
             return snap
 
     def view(self, device: torch.device | str | None = None,
@@ -561,7 +509,7 @@ class NeuralDB:
     def clear_views(self) -> None:
         """Free every cached view except the CPU one in the storage dtype (snapshots stay valid)."""
         with self._lock:
-            self._views.clear()
+            self._live.views.clear()
 
     def search(self, q: torch.Tensor, k: int = 5) -> list[SearchHit]:
         """The `k` facts whose keys have the highest cosine with the query `q` (d1,), best first
@@ -586,32 +534,21 @@ class NeuralDB:
 
     def metadata_where(self, field: str, values: Iterable[str | int | float]) -> dict[str, dict[str, Any]]:
         """{id: metadata} of the facts whose metadata[field] equals one of `values` (JSON strings or
-        numbers), read from the database file (one scan per 500 values)."""
+        numbers), read from the database file (one scan per 500 values, see `schema.metadata_where`)."""
         if not isinstance(field, str) or not field or '"' in field:
             raise ValueError(f"field must be a non-empty str without '\"', got {field!r}")
         values = list(dict.fromkeys(values))
         for value in values:
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 raise TypeError(f"values must be str, int or float, got {value!r}")
-        found: dict[str, dict[str, Any]] = {}
         with self._lock, schema.sqlite_errors(self._where):
             self._check_open()
-            for start in range(0, len(values), _SQL_CHUNK):
-                chunk = values[start : start + _SQL_CHUNK]
-                query = (f"SELECT id, metadata FROM facts WHERE json_extract(metadata, ?) "
-                         f"IN ({','.join('?' * len(chunk))}) ORDER BY seq")
-                found.update((fact_id, json.loads(text))
-                             for fact_id, text in self._conn.execute(query, [f'$."{field}"', *chunk]))
-        return found
+            return {fact_id: json.loads(text) for fact_id, text in schema.metadata_where(self._conn, field, values)}
 
     def _metadata_of(self, ids: list[str]) -> dict[str, dict[str, Any]]:
-        found: dict[str, dict[str, Any]] = {}
         with self._lock, schema.sqlite_errors(self._where):
             self._check_open()
-            for start in range(0, len(ids), _SQL_CHUNK):
-                chunk = ids[start : start + _SQL_CHUNK]
-                query = f"SELECT id, metadata FROM facts WHERE id IN ({','.join('?' * len(chunk))})"
-                found.update((fact_id, json.loads(text)) for fact_id, text in self._conn.execute(query, chunk))
+            found = {fact_id: json.loads(text) for fact_id, text in schema.metadata_of(self._conn, ids)}
         missing = [fact_id for fact_id in ids if fact_id not in found]
         if missing:
             raise KeyError(f"fact {missing[0]!r} was deleted by another connection; call refresh()")
@@ -620,24 +557,13 @@ class NeuralDB:
     def verify(self) -> IntegrityReport:
         """Check every fact row of the file (checksum, BLOB lengths, metadata, finite values, key
         norms) in one read transaction; the ids of those that fail, in insertion order."""
-        itemsize = self._dtype.itemsize
-        checked, corrupt = 0, []
         with self._lock, schema.sqlite_errors(self._where):
             self._check_open()
             self._conn.execute("BEGIN")
             try:
-                for row in schema.fact_rows(self._conn):
-                    checked += 1
-                    problem = stored_problem(row, self._d1, self._d2, itemsize)
-                    if problem is None:
-                        keys = torch.frombuffer(bytearray(row[2]), dtype=self._dtype).reshape(-1, self._d1)
-                        residual = torch.frombuffer(bytearray(row[3]), dtype=self._dtype).reshape(1, self._d2)
-                        problem = vector_rows_problem(keys, residual, [row[0]] * keys.shape[0])
-                    if problem is not None:
-                        corrupt.append(row[0])
+                return verify_rows(schema.fact_rows(self._conn), self._d1, self._d2, self._dtype)
             finally:
                 self._conn.execute("COMMIT")
-        return IntegrityReport(checked, tuple(corrupt))
 
     # -- other processes -----------------------------------------------------------------------
 
@@ -650,41 +576,28 @@ class NeuralDB:
                 data_version = self._conn.execute("PRAGMA data_version").fetchone()[0]
                 if data_version == self._data_version:
                     return False
-                changes = sync.read_changes(self._conn, self._rows.rev_of, self._d1, self._d2, self._dtype,
+                changes = sync.read_changes(self._conn, self._live.rows.rev_of, self._d1, self._d2, self._dtype,
                                             self._where)
             finally:
                 self._conn.execute("COMMIT")
             self._data_version = data_version
             self._load_meta(changes.meta)
-            self._apply_remove(changes.removed)
+            self._live.remove(changes.removed)
             ids = [fact_id for fact_id, _, _, _ in changes.written]
             fact_keys = [keys for _, _, keys, _ in changes.written]
-            self._views.reserve(self._rows.rows_to_append(ids, [len(keys) for keys in fact_keys]))
+            self._live.reserve(ids, fact_keys)
             residuals = (torch.cat([residual for _, _, _, residual in changes.written]) if ids
                          else torch.empty((0, self._d2), dtype=self._dtype))
-            self._apply_written(ids, [rev for _, rev, _, _ in changes.written], fact_keys, residuals)
+            self._live.write(ids, [rev for _, rev, _, _ in changes.written], fact_keys, residuals)
             return bool(changes.removed or ids)
 
     # -- copies --------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a complete, consistent copy of the database to `path` (FileExistsError if it exists)."""
-        path = Path(path)
-        if os.path.lexists(path):
-            raise FileExistsError(f"{path} already exists; NeuralDB.save never overwrites")
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            with self._lock, schema.sqlite_errors(os.fspath(path)):
-                self._check_open()
-                target = sqlite3.connect(temporary, isolation_level=None)
-                try:
-                    self._conn.backup(target)
-                    target.execute("PRAGMA journal_mode=WAL")
-                finally:
-                    target.close()
-            os.link(temporary, path)  # fails instead of overwriting a file created meanwhile
-        finally:
-            _remove_database_files(temporary)
+        with self._lock:
+            self._check_open()
+            schema.copy_database(self._conn, Path(path))
 
     def export(self, file: str | os.PathLike) -> Path:
         """Write `file` (.safetensors: "keys" (r, d1), every fact's keys in turn, and "residuals"
@@ -694,8 +607,7 @@ class NeuralDB:
         with self._lock:
             self._check_open()
             snap = self.snapshot()
-            ids = list(self._rows.rows_of)
-            rows = [list(self._rows.rows_of[fact_id]) for fact_id in ids]
+            ids, rows = self._live.export_rows()
             metadata = self._metadata_of(ids)
         key_rows = torch.tensor([row for fact_rows in rows for row in fact_rows], dtype=torch.int64)
         first_rows = torch.tensor([fact_rows[0] for fact_rows in rows], dtype=torch.int64)
@@ -709,13 +621,7 @@ class NeuralDB:
     def import_(cls, file: str | os.PathLike, path: str | os.PathLike | None = None) -> "NeuralDB":
         """Create a database (in memory, or at `path`) from an export written by `export`, after
         validating both files completely."""
-        settings, keys, residuals, key_counts, ids, metadata = read_export(Path(file))
-        starts = [0]
-        for count in key_counts[:-1]:
-            starts.append(starts[-1] + count)
-        batch = prepare_batch(keys[starts] if ids else keys, residuals, ids, metadata, d1=settings["d1"],
-                              d2=settings["d2"], dtype=schema.STORAGE_DTYPES[settings["dtype"]],
-                              extra_keys=[keys[start + 1 : start + count] for start, count in zip(starts, key_counts)])
+        settings, batch = read_import(Path(file))
         fingerprint = None if settings["fingerprint"] is None else ModelFingerprint(**settings["fingerprint"])
         db = cls(path, d1=settings["d1"], d2=settings["d2"], layer=settings["layer"], gamma=settings["gamma"],
                  dtype=settings["dtype"], fingerprint=fingerprint)
@@ -725,7 +631,7 @@ class NeuralDB:
         except BaseException:
             db.close()
             if path is not None:
-                _remove_database_files(path)
+                schema.remove_database_files(path)
             raise
         return db
 
@@ -736,7 +642,7 @@ class NeuralDB:
         with self._lock:
             if not self._closed:
                 self._conn.close()
-                self._views.close()
+                self._live.views.close()
                 self._closed = True
 
     def __enter__(self) -> "NeuralDB":

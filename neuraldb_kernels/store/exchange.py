@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .facts import FactBatch, prepare_batch
 from .migrations import versioned_edit_record
 from .schema import FORMAT_VERSION, STORAGE_DTYPES, settings_problem
 
@@ -117,3 +118,15 @@ def read_export(file: Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor,
     if version < 3:  # the Editor's "edit" metadata became a versioned EditRecord in format 3
         metadata = [versioned_edit_record(entry) or entry if isinstance(entry, dict) else entry for entry in metadata]
     return {name: document[name] for name in _SETTINGS}, keys, residuals, key_counts, ids, metadata
+
+
+def read_import(file: Path) -> tuple[dict[str, Any], FactBatch]:
+    """Read and check an export completely: (settings, the facts as a validated batch)."""
+    settings, keys, residuals, key_counts, ids, metadata = read_export(file)
+    starts = [0]
+    for count in key_counts[:-1]:
+        starts.append(starts[-1] + count)
+    batch = prepare_batch(keys[starts] if ids else keys, residuals, ids, metadata, d1=settings["d1"],
+                          d2=settings["d2"], dtype=STORAGE_DTYPES[settings["dtype"]],
+                          extra_keys=[keys[start + 1 : start + count] for start, count in zip(starts, key_counts)])
+    return settings, batch

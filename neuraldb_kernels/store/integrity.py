@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import struct
+from collections.abc import Iterable
 
 import torch
 
@@ -90,3 +91,19 @@ def verified_vectors(row: tuple, d1: int, d2: int, dtype: torch.dtype,
             return keys, residual
         problem = found[1]
     raise CorruptDatabaseError(f"{where}: {problem}")
+
+
+def verify_rows(rows: Iterable[tuple], d1: int, d2: int, dtype: torch.dtype) -> IntegrityReport:
+    """Check (id, rev, key, residual, metadata, checksum) rows as `open` does, collecting every
+    failing fact's id instead of stopping at the first."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    checked, corrupt = 0, []
+    for row in rows:
+        checked += 1
+        problem = stored_problem(row, d1, d2, itemsize)
+        if problem is None:
+            keys = decode_vectors(row[2], d1, dtype)
+            problem = vector_rows_problem(keys, decode_vectors(row[3], d2, dtype), [row[0]] * keys.shape[0])
+        if problem is not None:
+            corrupt.append(row[0])
+    return IntegrityReport(checked, tuple(corrupt))

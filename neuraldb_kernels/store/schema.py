@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sqlite3
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -292,16 +293,75 @@ def count_key_bytes(conn: sqlite3.Connection) -> int:
 
 
 
-FACT_COLUMNS = "id, rev, key, residual, metadata, checksum"  # the row tuple `integrity.verified_row` takes
+FACT_COLUMNS = "id, rev, key, residual, metadata, checksum"  # the row tuple `integrity` checks
+SQL_CHUNK = 500  # values per "IN (...)" query, below SQLite's bound-parameter limit
 
 
-def fact_rows(conn: sqlite3.Connection, ids: Iterable[str] | None = None, chunk: int = 500) -> Iterable[tuple]:
-    """(id, rev, key, residual, metadata, checksum) of every fact in insertion order, or of the
-    facts `ids` (`chunk` per query, below SQLite's bound-parameter limit)."""
+def _chunks(values: list[Any]) -> Iterator[tuple[list[Any], str]]:
+    """`values` in chunks of SQL_CHUNK, each with its "?,?,..." placeholder list."""
+    for start in range(0, len(values), SQL_CHUNK):
+        part = values[start : start + SQL_CHUNK]
+        yield part, ",".join("?" * len(part))
+
+
+def fact_rows(conn: sqlite3.Connection, ids: Iterable[str] | None = None) -> Iterator[tuple]:
+    """(id, rev, key, residual, metadata, checksum) of every fact in insertion order, or of the facts `ids`."""
     if ids is None:
         yield from conn.execute(f"SELECT {FACT_COLUMNS} FROM facts ORDER BY seq")
         return
-    ids = list(ids)
-    for start in range(0, len(ids), chunk):
-        part = ids[start : start + chunk]
-        yield from conn.execute(f"SELECT {FACT_COLUMNS} FROM facts WHERE id IN ({','.join('?' * len(part))})", part)
+    for part, marks in _chunks(list(ids)):
+        yield from conn.execute(f"SELECT {FACT_COLUMNS} FROM facts WHERE id IN ({marks})", part)
+
+
+def write_facts(conn: sqlite3.Connection, rows: Iterable[tuple], *, replace: bool) -> None:
+    """Insert (id, rev, key, residual, metadata, checksum) rows (inside the caller's transaction);
+    replace: a row whose id exists is rewritten, keeping its seq (else that is an IntegrityError)."""
+    conflict = (" ON CONFLICT(id) DO UPDATE SET rev = excluded.rev, key = excluded.key, residual = excluded.residual, "
+                "metadata = excluded.metadata, checksum = excluded.checksum") if replace else ""
+    conn.executemany(f"INSERT INTO facts({FACT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?){conflict}", rows)
+
+
+def delete_facts(conn: sqlite3.Connection, ids: list[str]) -> None:
+    """Delete the facts `ids` as one revision (inside the caller's transaction)."""
+    next_revision(conn)
+    conn.executemany("DELETE FROM facts WHERE id = ?", [(fact_id,) for fact_id in ids])
+
+
+def metadata_of(conn: sqlite3.Connection, ids: list[str]) -> Iterator[tuple[str, str]]:
+    """(id, metadata JSON text) of the facts `ids` that exist."""
+    for part, marks in _chunks(ids):
+        yield from conn.execute(f"SELECT id, metadata FROM facts WHERE id IN ({marks})", part)
+
+
+def metadata_where(conn: sqlite3.Connection, field: str, values: list[Any]) -> Iterator[tuple[str, str]]:
+    """(id, metadata JSON text) of the facts whose metadata[field] is one of `values` (str or
+    numbers; `field` holds no '"'), in insertion order within each chunk of values."""
+    for part, marks in _chunks(values):
+        yield from conn.execute(f"SELECT id, metadata FROM facts WHERE json_extract(metadata, ?) IN ({marks}) "
+                                f"ORDER BY seq", [f'$."{field}"', *part])
+
+
+def remove_database_files(path: str | os.PathLike) -> None:
+    """Delete a database file and its -wal / -shm companions, where present."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{os.fspath(path)}{suffix}").unlink(missing_ok=True)
+
+
+def copy_database(conn: sqlite3.Connection, path: Path) -> None:
+    """Write a consistent copy of the database of `conn` to `path` (FileExistsError if it exists):
+    SQLite's online backup into a temporary file beside it, hard-linked into place so that a file
+    created meanwhile is never overwritten."""
+    if os.path.lexists(path):
+        raise FileExistsError(f"{path} already exists; NeuralDB.save never overwrites")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with sqlite_errors(os.fspath(path)):
+            target = sqlite3.connect(temporary, isolation_level=None)
+            try:
+                conn.backup(target)
+                target.execute("PRAGMA journal_mode=WAL")
+            finally:
+                target.close()
+        os.link(temporary, path)
+    finally:
+        remove_database_files(temporary)
