@@ -5,7 +5,7 @@ from .database import NeuralDB, SearchHit, Snapshot
 from .facts import StoredFact
 from .fingerprint import FingerprintMismatchWarning, ModelFingerprint
 from .integrity import IntegrityReport
-from .schema import FORMAT_VERSION, CorruptDatabaseError
+from .schema import FORMAT_VERSION, CorruptDatabaseError, DatabaseUnavailableError
 
 __all__ = ["NeuralDB", "StoredFact", "SearchHit", "Snapshot", "ModelFingerprint", "FingerprintMismatchWarning",
-           "IntegrityReport", "CorruptDatabaseError", "FORMAT_VERSION"]
+           "IntegrityReport", "CorruptDatabaseError", "DatabaseUnavailableError", "FORMAT_VERSION"]
