@@ -2,9 +2,9 @@
 counts a fact once with its best key, export/import and other connections keep every key, and a
 version-1 database whose Editor wrote second keys as "<id>#bare" rows is migrated on open."""
 
-import hashlib
 import json
 import sqlite3
+import zlib
 
 import pytest
 import torch
@@ -185,12 +185,10 @@ def test_bad_extra_keys_are_refused_and_nothing_is_stored(extra, error, message)
 
 
 def _checksum(fact_id, key, residual, metadata):
-    """FORMAT.md's row checksum, written out independently: BLAKE2b-128 over id, key, residual and
-    metadata, each preceded by its byte length as 8-byte little-endian."""
-    digest = hashlib.blake2b(digest_size=16)
-    for part in (fact_id.encode(), key, residual, metadata.encode()):
-        digest.update(len(part).to_bytes(8, "little") + part)
-    return digest.digest()
+    """FORMAT.md's row checksum, written out independently of the store's code: CRC-32 over id, key,
+    residual and metadata, each preceded by its byte length as 8-byte little-endian."""
+    data = b"".join(len(part).to_bytes(8, "little") + part for part in (fact_id.encode(), key, residual, metadata.encode()))
+    return zlib.crc32(data).to_bytes(4, "little")
 
 
 def test_corrupt_vector_blobs_are_refused_on_open(tmp_path):

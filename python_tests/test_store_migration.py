@@ -3,9 +3,9 @@ Editor's "edit" metadata becomes a versioned EditRecord (FORMAT.md), every row g
 insertion order and the AUTOINCREMENT sequence are kept; a migration that fails leaves the file
 byte for byte as it was. The old files are written by hand (conftest `legacy_database`)."""
 
-import hashlib
 import json
 import sqlite3
+import zlib
 
 import pytest
 import torch
@@ -23,11 +23,10 @@ def _vectors(n, seed=0):
 
 
 def _checksum(fact_id, key, residual, metadata):
-    """FORMAT.md's row checksum, written out independently of the store's code."""
-    digest = hashlib.blake2b(digest_size=16)
-    for part in (fact_id.encode(), key, residual, metadata.encode()):
-        digest.update(len(part).to_bytes(8, "little") + part)
-    return digest.digest()
+    """FORMAT.md's row checksum, written out independently of the store's code: CRC-32 over id, key,
+    residual and metadata, each preceded by its byte length as 8-byte little-endian."""
+    data = b"".join(len(part).to_bytes(8, "little") + part for part in (fact_id.encode(), key, residual, metadata.encode()))
+    return zlib.crc32(data).to_bytes(4, "little")
 
 
 LEGACY_EDIT = {"layer": 4, "target_prob": 0.93, "hparams": {"layer": 4, "gamma": 0.65}, "shares_residual_with": ["b"],

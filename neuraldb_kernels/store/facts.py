@@ -85,22 +85,23 @@ def vector_problem(rows: torch.Tensor, *, keys: bool) -> tuple[int, str, int] | 
     rows share that problem; None when all are fine. Every row must be finite; a key row must also
     have a squared norm that is a normal float32 number (the op's cosines are taken in float32:
     a zero norm, or one that under- or overflows there, makes the cosine undefined)."""
+    squared = rows.float().square().sum(dim=1)  # one pass; NaN or Inf in a row makes its sum non-finite
+    tiny = torch.finfo(torch.float32).tiny
+    if torch.isfinite(squared).all() and (not keys or bool((squared >= tiny).all())):
+        return None
     nonfinite = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist()
     if nonfinite:
         dtype = str(rows.dtype).removeprefix("torch.")
         return nonfinite[0], f"contains NaN or Inf (in storage dtype {dtype})", len(nonfinite)
     if not keys:
-        return None
+        return None  # finite values whose squared sum overflows: a residual needs no norm
     zero = (rows == 0).all(dim=1).nonzero().flatten().tolist()
     if zero:
         return zero[0], "has zero norm (cosine undefined)", len(zero)
-    squared = rows.float().square().sum(dim=1)
-    out_of_range = (~(torch.isfinite(squared) & (squared >= torch.finfo(torch.float32).tiny))).nonzero().flatten().tolist()
-    if out_of_range:
-        i = out_of_range[0]
-        return i, (f"has a norm that under- or overflows float32 (squared norm {float(rows[i].double().square().sum()):.3g}; "
-                   f"cosine undefined)"), len(out_of_range)
-    return None
+    out_of_range = (~(torch.isfinite(squared) & (squared >= tiny))).nonzero().flatten().tolist()
+    i = out_of_range[0]
+    return i, (f"has a norm that under- or overflows float32 (squared norm {float(rows[i].double().square().sum()):.3g}; "
+               f"cosine undefined)"), len(out_of_range)
 
 
 def _check_rows(rows: torch.Tensor, label: Any, *, keys: bool) -> None:

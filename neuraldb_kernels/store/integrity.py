@@ -7,9 +7,9 @@ fails is refused by the fact's id.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import struct
+import zlib
 from collections.abc import Iterable
 
 import torch
@@ -33,13 +33,13 @@ class IntegrityReport:
 
 
 def row_checksum(fact_id: str, key: bytes, residual: bytes, metadata: str) -> bytes:
-    """16-byte BLAKE2b digest of a fact row: id, key BLOB, residual BLOB and metadata text, each
-    preceded by its length in bytes (8-byte little-endian), so no two rows share an input."""
-    digest = hashlib.blake2b(digest_size=16)
+    """CRC-32 (zlib's) of a fact row, as 4 little-endian bytes, over the id, key BLOB, residual
+    BLOB and metadata text, each preceded by its length in bytes (8-byte little-endian). It detects
+    damage (bit flips, truncation, torn pages), not forgery: no unkeyed checksum can."""
+    crc = 0
     for part in (fact_id.encode("utf-8"), key, residual, metadata.encode("utf-8")):
-        digest.update(struct.pack("<Q", len(part)))
-        digest.update(part)
-    return digest.digest()
+        crc = zlib.crc32(part, zlib.crc32(struct.pack("<Q", len(part)), crc))
+    return struct.pack("<I", crc)
 
 
 def stored_problem(row: tuple, d1: int, d2: int, itemsize: int) -> str | None:
