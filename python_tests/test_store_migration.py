@@ -106,3 +106,17 @@ def test_a_read_only_open_does_not_migrate(tmp_path, legacy_database):
     with pytest.raises(ValueError, match=r"format version 2; open it once without readonly=True to migrate it"):
         NeuralDB.open(path, readonly=True)
     assert path.read_bytes() == before
+
+
+def test_a_version_1_row_with_unreadable_metadata_stops_the_migration(tmp_path, legacy_database):
+    keys, residuals = _vectors(2)
+    path = tmp_path / "old.ndb"
+    legacy_database(path, 1, [("a", keys[0], residuals[0], {}), ("a#bare", keys[1], residuals[0], {})], d1=D1, d2=D2)
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE facts SET metadata = '[' WHERE id = 'a#bare'")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"old.ndb: fact 'a#bare' has metadata that cannot be read"):
+        NeuralDB.open(path)
+    assert path.read_bytes() == before

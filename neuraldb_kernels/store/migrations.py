@@ -43,7 +43,10 @@ def _migrate_1_to_2(conn: sqlite3.Connection, settings: dict[str, Any]) -> None:
     revision = None
     for row_id, key, metadata in conn.execute("SELECT id, key, metadata FROM facts WHERE id LIKE '%#bare' "
                                               "ORDER BY seq").fetchall():
-        owner = json.loads(metadata).get("bare_key_of")
+        try:
+            owner = json.loads(metadata).get("bare_key_of")
+        except (AttributeError, TypeError, ValueError, RecursionError):
+            continue  # not metadata the Editor wrote: the row is kept as it is (and checked by 2 -> 3)
         if not isinstance(owner, str) or row_id != owner + "#bare":
             continue
         found = conn.execute("SELECT key FROM facts WHERE id = ?", (owner,)).fetchone()
