@@ -61,10 +61,12 @@ def write_export(file: Path, keys: torch.Tensor, residuals: torch.Tensor, key_co
 def read_export(file: Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, list[int], list[Any], list[Any]]:
     """Read and check an export: (settings, keys, residuals, key_counts, ids, metadata).
 
-    Checks format and version, the checksum, tensor names, shapes and dtype, that ids and
+    Checks format and version (1 to FORMAT_VERSION), the settings, the checksum, tensor names, and
+    the shapes and dtype the safetensors header declares before reading any tensor, that ids and
     metadata are lists of the fact count and the key counts positive ints summing to the key
-    rows (a version 1 export has one key per fact). Per-fact checks (finite values, key norms, unique ids,
-    metadata types) are left to the batch validation of `NeuralDB.add`.
+    rows (a version 1 export has one key per fact). The "edit" metadata of a version 1 or 2
+    export is brought to the versioned EditRecord. Per-fact checks (finite values, key norms,
+    unique ids, metadata types) are left to the batch validation (`read_import`).
     """
     sidecar = sidecar_of(file)
     for source in (file, sidecar):
@@ -79,7 +81,8 @@ def read_export(file: Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor,
         raise ValueError(f"{sidecar} is not a NeuralDB export sidecar (no \"format\": \"{EXPORT_FORMAT}\")")
     version = document.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise ValueError(f"{sidecar} has format_version {version!r}; this neuraldb_kernels reads up to {FORMAT_VERSION} (from 1)")
+        raise ValueError(f"{sidecar} has format_version {version!r}; this neuraldb_kernels reads up to "
+                         f"{FORMAT_VERSION} (from 1)")
     missing = [name for name in (*_SETTINGS, "safetensors_sha256", "ids", "metadata") if name not in document]
     if missing:
         raise ValueError(f"{sidecar} lacks the fields {missing}")
