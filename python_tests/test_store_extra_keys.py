@@ -4,10 +4,12 @@ version-1 database whose Editor wrote second keys as "<id>#bare" rows is migrate
 
 import json
 import sqlite3
+import zlib
 
 import pytest
 import torch
 
+import neuraldb_kernels.store.migrations as migrations
 import neuraldb_kernels.store.schema as schema
 from neuraldb_kernels import gated_retrieve
 from neuraldb_kernels.store import FORMAT_VERSION, NeuralDB
@@ -102,54 +104,42 @@ def test_refresh_follows_key_count_changes_of_another_connection(tmp_path):
         assert torch.equal(reader.get(fact_id).keys, writer.get(fact_id).keys)
 
 
-def _write_version_1(path, rows):
-    """A database file as format version 1 wrote it: one key per row, given as (id, key, metadata)."""
-    db = NeuralDB(path, d1=D1, d2=D2)
-    residual = torch.ones(D2)
-    for fact_id, key, metadata in rows:
-        db.add(key, residual * (1 + len(fact_id)), fact_id, metadata)
-    db.close()
-    conn = sqlite3.connect(path)
-    conn.execute("UPDATE meta SET value = '1' WHERE name = 'format_version'")
-    conn.execute("PRAGMA user_version=1")
-    conn.commit()
-    conn.close()
-
-
-def test_version_1_bare_key_rows_become_extra_keys_on_open(tmp_path):
+def test_version_1_bare_key_rows_become_extra_keys_on_open(tmp_path, legacy_database):
     keys, _ = _facts(5, seed=5)
     path = tmp_path / "v1.ndb"
-    _write_version_1(path, [
-        ("a", keys[0], {"subject": "A"}),
-        ("a#bare", keys[1], {"subject": "A", "bare_key_of": "a"}),
-        ("b", keys[2], {}),
-        ("lost#bare", keys[3], {"bare_key_of": "lost"}),  # its fact is gone: kept as it is
-        ("c#bare", keys[4], {}),  # not written by the Editor: kept as it is
-    ])
+    residual = torch.ones(D2)
+    legacy_database(path, 1, [
+        ("a", keys[0], residual, {"subject": "A"}),
+        ("a#bare", keys[1], residual, {"subject": "A", "bare_key_of": "a"}),
+        ("b", keys[2], residual, {}),
+        ("lost#bare", keys[3], residual, {"bare_key_of": "lost"}),  # its fact is gone: kept as it is
+        ("c#bare", keys[4], residual, {}),  # not written by the Editor: kept as it is
+    ], d1=D1, d2=D2)
     with NeuralDB.open(path) as db:
         assert sorted(db) == ["a", "b", "c#bare", "lost#bare"] and db.key_rows == 5
         assert torch.equal(db.get("a").keys, keys[:2].float())
-        assert db.get("a").metadata == {"subject": "A", "created_at": db.get("a").metadata["created_at"]}
+        assert db.get("a").metadata == {"subject": "A"}
         snap = db.snapshot()
         out, index, _ = gated_retrieve(keys[1:2].float(), snap.keys, snap.residuals, 0.999, return_index=True)
         assert snap.ids_at(index) == ["a"]
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION == 2
-    assert json.loads(conn.execute("SELECT value FROM meta WHERE name = 'format_version'").fetchone()[0]) == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION == 3
+    assert json.loads(conn.execute("SELECT value FROM meta WHERE name = 'format_version'").fetchone()[0]) == 3
     conn.close()
 
 
-def test_a_failed_migration_changes_nothing(tmp_path, monkeypatch):
+def test_a_failed_migration_changes_nothing(tmp_path, monkeypatch, legacy_database):
     keys, _ = _facts(2, seed=6)
     path = tmp_path / "v1.ndb"
-    _write_version_1(path, [("a", keys[0], {}), ("a#bare", keys[1], {"bare_key_of": "a"})])
+    legacy_database(path, 1, [("a", keys[0], torch.ones(D2), {}), ("a#bare", keys[1], torch.ones(D2), {"bare_key_of": "a"})],
+                    d1=D1, d2=D2)
 
-    def failing(conn):
+    def failing(conn, settings):
         conn.execute("DELETE FROM facts WHERE id = 'a#bare'")  # a first change, then the failure
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setitem(schema._MIGRATIONS, 1, failing)
-    with pytest.raises(ValueError, match=r"format version 1 and must be migrated to version 2 on open"):
+    monkeypatch.setitem(migrations._MIGRATIONS, 1, failing)
+    with pytest.raises(ValueError, match=r"format version 1 and must be migrated to version 3 on open"):
         NeuralDB.open(path)
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT count(*) FROM facts").fetchone()[0] == 2  # rolled back
@@ -157,13 +147,14 @@ def test_a_failed_migration_changes_nothing(tmp_path, monkeypatch):
     conn.close()
 
 
-def test_an_old_database_another_connection_is_writing_is_not_migrated(tmp_path, monkeypatch):
+def test_an_old_database_another_connection_is_writing_is_not_migrated(tmp_path, monkeypatch, legacy_database):
     keys, _ = _facts(2, seed=8)
     path = tmp_path / "busy.ndb"
-    _write_version_1(path, [("a", keys[0], {}), ("a#bare", keys[1], {"bare_key_of": "a"})])
+    legacy_database(path, 1, [("a", keys[0], torch.ones(D2), {}), ("a#bare", keys[1], torch.ones(D2), {"bare_key_of": "a"})],
+                    d1=D1, d2=D2)
     writer = sqlite3.connect(path, isolation_level=None)
     writer.execute("BEGIN IMMEDIATE")  # another process in the middle of a write
-    monkeypatch.setattr(schema, "connect", lambda target: sqlite3.connect(  # waits 0.05 s for the lock, not 30
+    monkeypatch.setattr(schema, "connect", lambda target, **options: sqlite3.connect(  # waits 0.05 s for the lock, not 30
         target, isolation_level=None, check_same_thread=False, timeout=0.05))
     with pytest.raises(ValueError, match=r"busy.ndb cannot be opened for writing \(database is locked\)"):
         NeuralDB.open(path)
@@ -179,8 +170,8 @@ def test_an_old_database_another_connection_is_writing_is_not_migrated(tmp_path,
     ([None, torch.ones(2, D1 + 1)], ValueError, r"extra keys of fact 'b' \(batch position 1\) must have shape"),
     ([None, torch.ones(1, 2, D1)], ValueError, r"must have shape \(8,\) or \(j, 8\), got \(1, 2, 8\)"),
     ([[1.0] * D1, None], TypeError, "extra keys of fact 'a' .* must be a torch.Tensor"),
-    ([None, torch.full((1, D1), float("nan"))], ValueError, "extra keys of fact 'b' .* contain NaN or Inf"),
-    ([torch.zeros(D1), None], ValueError, "extra keys of fact 'a' .* one has zero norm"),
+    ([None, torch.full((1, D1), float("nan"))], ValueError, "extra key 0 of fact 'b' .* contains NaN or Inf"),
+    ([torch.zeros(D1), None], ValueError, "extra key 0 of fact 'a' .* has zero norm"),
     ([torch.ones(D1, dtype=torch.int64), None], TypeError, "must be a float16/bfloat16/float32/float64 tensor"),
 ])
 def test_bad_extra_keys_are_refused_and_nothing_is_stored(extra, error, message):
@@ -193,30 +184,45 @@ def test_bad_extra_keys_are_refused_and_nothing_is_stored(extra, error, message)
     assert len(db) == 0 and db.key_rows == 0
 
 
+def _checksum(fact_id, key, residual, metadata):
+    """FORMAT.md's row checksum, written out independently of the store's code: CRC-32 over id, key,
+    residual and metadata, each preceded by its byte length as 8-byte little-endian."""
+    data = b"".join(len(part).to_bytes(8, "little") + part for part in (fact_id.encode(), key, residual, metadata.encode()))
+    return zlib.crc32(data).to_bytes(4, "little")
+
+
 def test_corrupt_vector_blobs_are_refused_on_open(tmp_path):
     keys, residuals = _facts(2, seed=8)
     path = tmp_path / "db.ndb"
     NeuralDB(path, d1=D1, d2=D2).add(keys, residuals, ["a", "b"])
     width = D1 * 4
 
-    def opened_with(column, blob):
+    def opened_with(column, blob, *, reseal=True):
+        """Open after rewriting fact b's `column`; reseal: with the checksum of the rewritten row."""
         conn = sqlite3.connect(path)
-        original = conn.execute(f"SELECT {column} FROM facts WHERE id = 'b'").fetchone()[0]
-        conn.execute(f"UPDATE facts SET {column} = ? WHERE id = 'b'", (blob(original),))
+        original = conn.execute("SELECT key, residual, metadata, checksum FROM facts WHERE id = 'b'").fetchone()
+        changed = dict(zip(("key", "residual", "metadata"), original[:3]))
+        changed[column] = blob(changed[column])
+        checksum = _checksum("b", *changed.values()) if reseal else original[3]
+        conn.execute(f"UPDATE facts SET {column} = ?, checksum = ? WHERE id = 'b'", (changed[column], checksum))
         conn.commit()
         conn.close()
         try:
             return NeuralDB.open(path)
         finally:
             conn = sqlite3.connect(path)
-            conn.execute(f"UPDATE facts SET {column} = ? WHERE id = 'b'", (original,))
+            conn.execute("UPDATE facts SET key = ?, residual = ?, metadata = ?, checksum = ? WHERE id = 'b'", original)
             conn.commit()
             conn.close()
 
     for column, blob in (("key", lambda b: b[:-1]), ("key", lambda b: b""), ("residual", lambda b: b + b"\0")):
         with pytest.raises(ValueError, match=f"corrupt vector BLOBs of fact 'b'.* expected a positive multiple of {width}"):
             opened_with(column, blob)
-    with opened_with("key", lambda b: b + b) as db:  # two whole keys: a fact with an extra key
+    with pytest.raises(ValueError, match=r"db.ndb: fact 'b' fails its checksum"):
+        opened_with("key", lambda b: b + b, reseal=False)
+    with opened_with("key", lambda b: b + b) as db:  # two whole keys, checksum matching: a fact with an extra key
         snap = db.snapshot()
         assert db.key_rows == 3 and snap.ids_at(range(3)) == ["a", "b", "b"]
         assert torch.equal(snap.keys[1:], keys[1].float().repeat(2, 1))
+    with NeuralDB.open(path) as db:  # restored: the original row opens again
+        assert db.key_rows == 2

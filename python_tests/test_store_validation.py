@@ -244,7 +244,7 @@ def test_export_import_errors(tmp_path, db):
         rewrite(key_counts=bad)
         refused(ValueError, "'key_counts' must be a list of 3 positive ints")
     sidecar.write_text(json.dumps({key: value for key, value in document.items() if key != "key_counts"}))
-    refused(ValueError, r"lacks the field 'key_counts' \(format version 2\)")
+    refused(ValueError, r"lacks the field 'key_counts' \(format version 3\)")
     sidecar.write_text(json.dumps({key: value for key, value in document.items() if key != "gamma"}))
     refused(ValueError, r"lacks the fields \['gamma'\]")
     sidecar.write_text("{not json")

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-import neuraldb_kernels.store.database as database_module
+import neuraldb_kernels.store.search as search_module
 from neuraldb_kernels.store import NeuralDB
 
 D1, D2 = 5, 3
@@ -132,7 +132,7 @@ def test_deletes_copy_the_buffers_only_while_a_snapshot_is_in_use():
     db.add(*_encoded(range(40)), [f"f{i}" for i in range(40)])
 
     def master_keys():
-        return db._views[db._master_key]._keys
+        return db._live.views.buffers[db._live.views.master_key]._keys
 
     db.view()  # dropped at once
     buffer = master_keys()
@@ -205,7 +205,7 @@ def test_concurrent_reader_never_sees_a_half_written_fact():
 
 
 def test_search_matches_float64_brute_force(monkeypatch):
-    monkeypatch.setattr(database_module, "_SEARCH_CHUNK", 7)  # several chunks to merge
+    monkeypatch.setattr(search_module, "CHUNK_ROWS", 7)  # several chunks to merge
     generator = torch.Generator().manual_seed(3)
     keys = torch.randn(50, 16, generator=generator, dtype=torch.float64)
     db = NeuralDB(d1=16, d2=2)
@@ -237,4 +237,4 @@ def test_views_on_other_devices_and_dtypes_follow_the_store():
         for row, fact_id in enumerate(snap.ids_at(range(28))):
             assert torch.equal(snap.keys[row].cpu(), model[fact_id][0].to(torch.float32))
     db.clear_views()
-    assert list(db._views) == [db._master_key]
+    assert list(db._live.views.buffers) == [db._live.views.master_key]

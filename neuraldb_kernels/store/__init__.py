@@ -4,7 +4,8 @@
 from .database import NeuralDB, SearchHit, Snapshot
 from .facts import StoredFact
 from .fingerprint import FingerprintMismatchWarning, ModelFingerprint
-from .schema import FORMAT_VERSION
+from .integrity import IntegrityReport
+from .schema import FORMAT_VERSION, CorruptDatabaseError, DatabaseUnavailableError
 
 __all__ = ["NeuralDB", "StoredFact", "SearchHit", "Snapshot", "ModelFingerprint", "FingerprintMismatchWarning",
-           "FORMAT_VERSION"]
+           "IntegrityReport", "CorruptDatabaseError", "DatabaseUnavailableError", "FORMAT_VERSION"]

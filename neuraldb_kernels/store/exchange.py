@@ -18,10 +18,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .schema import FORMAT_VERSION, STORAGE_DTYPES
+from .facts import FactBatch, prepare_batch
+from .migrations import versioned_edit_record
+from .schema import FORMAT_VERSION, STORAGE_DTYPES, settings_problem
 
 EXPORT_FORMAT = "neuraldb-export"
 _SETTINGS = ("d1", "d2", "layer", "gamma", "dtype", "fingerprint")
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def sidecar_of(file: Path) -> Path:
@@ -58,10 +61,12 @@ def write_export(file: Path, keys: torch.Tensor, residuals: torch.Tensor, key_co
 def read_export(file: Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, list[int], list[Any], list[Any]]:
     """Read and check an export: (settings, keys, residuals, key_counts, ids, metadata).
 
-    Checks format and version, the checksum, tensor names, shapes and dtype, that ids and
+    Checks format and version (1 to FORMAT_VERSION), the settings, the checksum, tensor names, and
+    the shapes and dtype the safetensors header declares before reading any tensor, that ids and
     metadata are lists of the fact count and the key counts positive ints summing to the key
-    rows (a version 1 export has one key per fact). Per-fact checks (finite values, key norms, unique ids,
-    metadata types) are left to the batch validation of `NeuralDB.add`.
+    rows (a version 1 export has one key per fact). The "edit" metadata of a version 1 or 2
+    export is brought to the versioned EditRecord. Per-fact checks (finite values, key norms,
+    unique ids, metadata types) are left to the batch validation (`read_import`).
     """
     sidecar = sidecar_of(file)
     for source in (file, sidecar):
@@ -70,26 +75,25 @@ def read_export(file: Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor,
     try:
         with open(sidecar, encoding="utf-8") as stream:
             document = json.load(stream)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{sidecar} is not valid JSON: {error}") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{sidecar} is not valid JSON: {type(error).__name__}: {error}") from None
     if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{sidecar} is not a NeuralDB export sidecar (no \"format\": \"{EXPORT_FORMAT}\")")
     version = document.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{sidecar} has format_version {version!r}; this neuraldb_kernels reads up to {FORMAT_VERSION}")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(f"{sidecar} has format_version {version!r}; this neuraldb_kernels reads up to "
+                         f"{FORMAT_VERSION} (from 1)")
     missing = [name for name in (*_SETTINGS, "safetensors_sha256", "ids", "metadata") if name not in document]
     if missing:
         raise ValueError(f"{sidecar} lacks the fields {missing}")
     if document["dtype"] not in STORAGE_DTYPES:
         raise ValueError(f"{sidecar} names an unsupported storage dtype {document['dtype']!r}")
+    problem = settings_problem(document["d1"], document["d2"], document["layer"], document["gamma"])
+    if problem:
+        raise ValueError(f"{sidecar} has invalid settings: {problem}")
     if _sha256(file) != document["safetensors_sha256"]:
         raise ValueError(f"{file} does not match its sidecar {sidecar} (SHA-256 differs): the pair was "
                          f"mixed up or a file was modified")
-    with safe_open(str(file), framework="pt") as tensors:
-        names = set(tensors.keys())
-        if names != {"keys", "residuals"}:
-            raise ValueError(f"{file} must hold exactly the tensors 'keys' and 'residuals', holds {sorted(names)}")
-        keys, residuals = tensors.get_tensor("keys"), tensors.get_tensor("residuals")
     ids, metadata = document["ids"], document["metadata"]
     if not isinstance(ids, list) or not isinstance(metadata, list):
         raise ValueError(f"{sidecar}: 'ids' and 'metadata' must be lists")
@@ -101,10 +105,31 @@ def read_export(file: Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor,
         raise ValueError(f"{sidecar}: 'key_counts' must be a list of {len(ids)} positive ints (one per id)")
     dtype = STORAGE_DTYPES[document["dtype"]]
     expected = {"keys": (sum(key_counts), document["d1"]), "residuals": (len(ids), document["d2"])}
-    for name, tensor in (("keys", keys), ("residuals", residuals)):
-        if tensor.dtype != dtype or tuple(tensor.shape) != expected[name]:
-            raise ValueError(f"{file}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, the sidecar "
-                             f"describes {dtype} {expected[name]}")
+    with safe_open(str(file), framework="pt") as tensors:
+        names = set(tensors.keys())
+        if names != {"keys", "residuals"}:
+            raise ValueError(f"{file} must hold exactly the tensors 'keys' and 'residuals', holds {sorted(names)}")
+        for name in ("keys", "residuals"):  # the header's shapes, checked before anything is allocated
+            stored = tensors.get_slice(name)
+            stored_dtype, shape = _SAFETENSORS_DTYPES.get(stored.get_dtype()), tuple(stored.get_shape())
+            if stored_dtype != dtype or shape != expected[name]:
+                raise ValueError(f"{file}: tensor {name!r} is {stored_dtype or stored.get_dtype()} {shape}, the sidecar "
+                                 f"describes {dtype} {expected[name]}")
+        keys, residuals = tensors.get_tensor("keys"), tensors.get_tensor("residuals")
     if len(metadata) != len(ids):
         raise ValueError(f"{sidecar} has {len(ids)} ids but {len(metadata)} metadata entries")
+    if version < 3:  # the Editor's "edit" metadata became a versioned EditRecord in format 3
+        metadata = [versioned_edit_record(entry) or entry if isinstance(entry, dict) else entry for entry in metadata]
     return {name: document[name] for name in _SETTINGS}, keys, residuals, key_counts, ids, metadata
+
+
+def read_import(file: Path) -> tuple[dict[str, Any], FactBatch]:
+    """Read and check an export completely: (settings, the facts as a validated batch)."""
+    settings, keys, residuals, key_counts, ids, metadata = read_export(file)
+    starts = [0]
+    for count in key_counts[:-1]:
+        starts.append(starts[-1] + count)
+    batch = prepare_batch(keys[starts] if ids else keys, residuals, ids, metadata, d1=settings["d1"],
+                          d2=settings["d2"], dtype=STORAGE_DTYPES[settings["dtype"]],
+                          extra_keys=[keys[start + 1 : start + count] for start, count in zip(starts, key_counts)])
+    return settings, batch

@@ -80,12 +80,36 @@ def _position(i: int, fact_id: str) -> str:
     return f"fact {fact_id!r} (batch position {i})"
 
 
-def _check_finite(name: str, rows: torch.Tensor, ids: list[str]) -> None:
-    bad = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist()
-    if bad:
-        i = bad[0]
-        raise ValueError(f"{name} of {_position(i, ids[i])} contains NaN or Inf (in storage dtype "
-                         f"{str(rows.dtype).removeprefix('torch.')}); {len(bad)} bad row(s) in the batch")
+def vector_problem(rows: torch.Tensor, *, keys: bool) -> tuple[int, str, int] | None:
+    """The first bad row of a (n, width) tensor in the storage dtype, why it is bad, and how many
+    rows share that problem; None when all are fine. Every row must be finite; a key row must also
+    have a squared norm that is a normal float32 number (the op's cosines are taken in float32:
+    a zero norm, or one that under- or overflows there, makes the cosine undefined)."""
+    squared = rows.float().square().sum(dim=1)  # one pass; NaN or Inf in a row makes its sum non-finite
+    tiny = torch.finfo(torch.float32).tiny
+    if torch.isfinite(squared).all() and (not keys or bool((squared >= tiny).all())):
+        return None
+    nonfinite = (~torch.isfinite(rows).all(dim=1)).nonzero().flatten().tolist()
+    if nonfinite:
+        dtype = str(rows.dtype).removeprefix("torch.")
+        return nonfinite[0], f"contains NaN or Inf (in storage dtype {dtype})", len(nonfinite)
+    if not keys:
+        return None  # finite values whose squared sum overflows: a residual needs no norm
+    zero = (rows == 0).all(dim=1).nonzero().flatten().tolist()
+    if zero:
+        return zero[0], "has zero norm (cosine undefined)", len(zero)
+    out_of_range = (~(torch.isfinite(squared) & (squared >= tiny))).nonzero().flatten().tolist()
+    i = out_of_range[0]
+    return i, (f"has a norm that under- or overflows float32 (squared norm {float(rows[i].double().square().sum()):.3g}; "
+               f"cosine undefined)"), len(out_of_range)
+
+
+def _check_rows(rows: torch.Tensor, label: Any, *, keys: bool) -> None:
+    """ValueError naming `label(i)` for the first bad row of `rows` (see `vector_problem`)."""
+    problem = vector_problem(rows, keys=keys)
+    if problem:
+        i, why, count = problem
+        raise ValueError(f"{label(i)} {why}; {count} such row(s) in the batch")
 
 
 def _ids(ids: Any, n: int, single: bool) -> list[str]:
@@ -164,11 +188,7 @@ def _extra_keys(extra_keys: Any, ids: list[str], single: bool, d1: int, dtype: t
         if isinstance(entry, torch.Tensor) and (entry.dim() not in (1, 2) or entry.shape[-1] != d1):
             raise ValueError(f"{where} must have shape ({d1},) or (j, {d1}), got {tuple(entry.shape)}")
         rows, _ = _rows(where, entry, d1, dtype)
-        if not torch.isfinite(rows).all():
-            raise ValueError(f"{where} contain NaN or Inf (in storage dtype "
-                             f"{str(dtype).removeprefix('torch.')})")
-        if (rows == 0).all(dim=1).any():
-            raise ValueError(f"{where}: one has zero norm (cosine undefined)")
+        _check_rows(rows, lambda j: f"extra key {j} of {_position(i, ids[i])}", keys=True)
         out.append(rows)
     return out
 
@@ -189,13 +209,8 @@ def prepare_batch(keys: Any, residuals: Any, ids: Any, metadata: Any, *,
         raise ValueError(f"keys {tuple(keys.shape)} and residuals {tuple(residuals.shape)} describe "
                          f"different numbers of facts")
     fact_ids = _ids(ids, key_rows.shape[0], key_single)
-    _check_finite("key", key_rows, fact_ids)
-    _check_finite("residual", residual_rows, fact_ids)
-    zero = (key_rows == 0).all(dim=1).nonzero().flatten().tolist()
-    if zero:
-        i = zero[0]
-        raise ValueError(f"key of {_position(i, fact_ids[i])} has zero norm (cosine undefined); "
-                         f"{len(zero)} zero key(s) in the batch")
+    _check_rows(key_rows, lambda i: f"key of {_position(i, fact_ids[i])}", keys=True)
+    _check_rows(residual_rows, lambda i: f"residual of {_position(i, fact_ids[i])}", keys=False)
     extra = _extra_keys(extra_keys, fact_ids, key_single, d1, dtype)
     dicts, texts = _metadata(metadata, fact_ids, key_single)
     return FactBatch(fact_ids, key_rows, extra, residual_rows, dicts, texts)

@@ -1,25 +1,32 @@
-"""The on-disk format of a NeuralDB (documented in FORMAT.md): SQLite tables, pragmas, vector BLOBs.
+"""The on-disk format of a NeuralDB (documented in FORMAT.md): SQLite tables, pragmas, meta rows,
+vector BLOBs, and the checks that a file is exactly ours before anything is read from it.
 
-Everything that knows SQL or byte layouts lives here; `database.py` only calls these functions.
+Everything that knows SQL or byte layouts lives here (and in migrations.py for older versions).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import sqlite3
+import threading
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Iterable, Iterator
 
-import numpy as np
 import torch
 
-FORMAT_VERSION = 2
+from .fingerprint import ModelFingerprint
+
+FORMAT_VERSION = 3
 APPLICATION_ID = 0x4E44424B  # "NDBK" in the SQLite header: marks the file as a NeuralDB.
+MAX_DIM = 1 << 20  # largest d1 / d2 accepted: bounds what a crafted file can make us allocate
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-_TABLES = """
+TABLES = """
 CREATE TABLE meta (
     name  TEXT PRIMARY KEY,
     value TEXT NOT NULL               -- JSON
@@ -30,9 +37,53 @@ CREATE TABLE facts (
     rev      INTEGER NOT NULL,        -- meta.revision of the transaction that last wrote this row
     key      BLOB NOT NULL,           -- k >= 1 keys of d1 values (the fact's own key first), storage dtype, LE
     residual BLOB NOT NULL,           -- d2 values, storage dtype, little-endian
-    metadata TEXT NOT NULL            -- JSON object
+    metadata TEXT NOT NULL,           -- JSON object
+    checksum BLOB NOT NULL            -- integrity.row_checksum of (id, key, residual, metadata)
 );
 """
+
+# The exact schema, per format version: (type, name, table) of every sqlite_master entry, and the
+# (name, declared type, not null, default, primary key position, hidden) of every column.
+_OBJECTS = {("table", "meta", "meta"), ("index", "sqlite_autoindex_meta_1", "meta"),
+            ("table", "facts", "facts"), ("index", "sqlite_autoindex_facts_1", "facts"),
+            ("table", "sqlite_sequence", "sqlite_sequence")}
+_META_COLUMNS = [("name", "TEXT", 0, None, 1, 0), ("value", "TEXT", 1, None, 0, 0)]
+_FACT_COLUMNS_V2 = [("seq", "INTEGER", 0, None, 1, 0), ("id", "TEXT", 1, None, 0, 0), ("rev", "INTEGER", 1, None, 0, 0),
+                    ("key", "BLOB", 1, None, 0, 0), ("residual", "BLOB", 1, None, 0, 0),
+                    ("metadata", "TEXT", 1, None, 0, 0)]
+_FACT_COLUMNS = {1: _FACT_COLUMNS_V2, 2: _FACT_COLUMNS_V2, 3: [*_FACT_COLUMNS_V2, ("checksum", "BLOB", 1, None, 0, 0)]}
+META_NAMES = frozenset({"format", "format_version", "d1", "d2", "layer", "gamma", "dtype", "fingerprint", "revision",
+                        "created_at", "updated_at"})
+
+
+BUSY_TIMEOUT_S = 30.0  # how long a connection waits for another one's write lock
+
+
+class CorruptDatabaseError(ValueError):
+    """The file is not a NeuralDB this code can trust, or one of its rows fails its checks."""
+
+
+class DatabaseUnavailableError(OSError):
+    """SQLite could not read or write the file: another connection held the write lock past
+    BUSY_TIMEOUT_S, the disk is full, an I/O error, a read-only file or medium."""
+
+
+@contextlib.contextmanager
+def sqlite_errors(where: str) -> Iterator[None]:
+    """Translate SQLite's exceptions into one-line store errors naming the file `where`:
+    DatabaseUnavailableError (an OSError) for what the environment caused, CorruptDatabaseError (a
+    ValueError) for a damaged file. IntegrityError (a constraint, e.g. a duplicate id) passes through."""
+    try:
+        yield
+    except sqlite3.IntegrityError:
+        raise
+    except sqlite3.OperationalError as error:
+        if "locked" in str(error) or "busy" in str(error):
+            raise DatabaseUnavailableError(f"{where}: another connection holds the write lock (waited "
+                                           f"{BUSY_TIMEOUT_S:g} s; SQLite says: {error})") from error
+        raise DatabaseUnavailableError(f"{where}: {error}") from error
+    except sqlite3.DatabaseError as error:
+        raise CorruptDatabaseError(f"{where} is damaged or not a NeuralDB database (SQLite says: {error})") from error
 
 
 def utc_now() -> str:
@@ -53,13 +104,39 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     return name
 
 
-def connect(path: str | os.PathLike | None) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are explicit).
+def settings_problem(d1: Any, d2: Any, layer: Any, gamma: Any) -> str | None:
+    """Why these database settings are invalid, or None: d1, d2 ints in [1, MAX_DIM], layer None or
+    an int >= 0, gamma a finite number in [-1, 1] (a cosine threshold)."""
+    for name, value in (("d1", d1), ("d2", d2)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DIM:
+            return f"{name} must be a positive int, got {value!r} (at most {MAX_DIM})"
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
+        return f"layer must be None or a non-negative int, got {layer!r}"
+    if (isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma)
+            or not -1.0 <= gamma <= 1.0):
+        return f"gamma must be a finite float in [-1, 1] (a cosine threshold), got {gamma!r}"
+    return None
 
-    Changes nothing in the file: call `configure_file` once it is known to be a NeuralDB.
+
+def connect(path: str | os.PathLike | None, *, readonly: bool = False, immutable: bool = False) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit) that trusts nothing in the file's
+    schema (`trusted_schema=OFF`: no SQL functions run from triggers, views or defaults).
+
+    readonly: the file is opened with SQLite's mode=ro (nothing is ever written); immutable: also
+    without locks or WAL files, for a file on a read-only medium. Changes nothing in the file: call
+    `configure_file` once it is known to be a NeuralDB.
     """
-    target = ":memory:" if path is None else os.fspath(path)
-    return sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=30.0)
+    if path is None:
+        target, uri = ":memory:", False
+    elif readonly:
+        query = "mode=ro&immutable=1" if immutable else "mode=ro"
+        target, uri = f"{Path(path).absolute().as_uri()}?{query}", True
+    else:
+        target, uri = os.fspath(path), False
+    conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S,
+                           uri=uri)
+    conn.execute("PRAGMA trusted_schema=OFF")
+    return conn
 
 
 def configure_file(conn: sqlite3.Connection) -> None:
@@ -67,6 +144,13 @@ def configure_file(conn: sqlite3.Connection) -> None:
     committed transaction survives a process crash or power loss."""
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
+
+
+def create_tables(conn: sqlite3.Connection) -> None:
+    """Create the format-3 tables (inside the caller's transaction)."""
+    for statement in TABLES.split(";"):
+        if statement.strip():
+            conn.execute(statement)
 
 
 def create(conn: sqlite3.Connection, settings: dict[str, Any]) -> None:
@@ -78,9 +162,7 @@ def create(conn: sqlite3.Connection, settings: dict[str, Any]) -> None:
     try:
         conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
-        for statement in _TABLES.split(";"):
-            if statement.strip():
-                conn.execute(statement)
+        create_tables(conn)
         conn.executemany("INSERT INTO meta(name, value) VALUES (?, ?)",
                          [(name, json.dumps(value)) for name, value in rows.items()])
         conn.execute("COMMIT")
@@ -89,26 +171,95 @@ def create(conn: sqlite3.Connection, settings: dict[str, Any]) -> None:
         raise
 
 
-def read_meta(conn: sqlite3.Connection, where: str) -> dict[str, Any]:
-    """The `meta` table of an existing database, after checking it is a NeuralDB this code can read.
+def _columns(conn: sqlite3.Connection, table: str) -> list[tuple]:
+    return [(name, kind.upper(), notnull, default, pk, hidden)
+            for _, name, kind, notnull, default, pk, hidden in conn.execute(f"PRAGMA table_xinfo({table})")]
 
-    `where` names the database in error messages.
+
+def _check_objects(conn: sqlite3.Connection, where: str) -> None:
+    """CorruptDatabaseError unless the tables and indexes are exactly ours (no triggers, views or
+    other tables) and `meta` has exactly its columns."""
+    objects = {tuple(row) for row in conn.execute("SELECT type, name, tbl_name FROM sqlite_master")}
+    if objects != _OBJECTS:
+        unexpected = sorted(f"{kind} {name!r}" for kind, name, _ in objects - _OBJECTS)
+        missing = sorted(f"{kind} {name!r}" for kind, name, _ in _OBJECTS - objects)
+        raise CorruptDatabaseError(f"{where} does not have the NeuralDB schema: unexpected "
+                                   f"{', '.join(unexpected) or 'nothing'}; missing {', '.join(missing) or 'nothing'}")
+    _check_columns(conn, where, "meta", _META_COLUMNS, "any")
+
+
+def _check_columns(conn: sqlite3.Connection, where: str, table: str, expected: list[tuple], version: Any) -> None:
+    columns = _columns(conn, table)
+    if columns != expected:
+        raise CorruptDatabaseError(f"{where}: table {table!r} has the columns {columns}, a NeuralDB of format "
+                                   f"version {version} has {expected}")
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """Why the settings in `meta` are invalid, or None."""
+    if set(meta) != META_NAMES:
+        return (f"meta rows {sorted(set(meta) - META_NAMES)} are unknown / {sorted(META_NAMES - set(meta))} "
+                f"are missing")
+    problem = settings_problem(meta["d1"], meta["d2"], meta["layer"], meta["gamma"])
+    if problem:
+        return problem
+    if meta["dtype"] not in STORAGE_DTYPES:
+        return f"dtype {meta['dtype']!r} is not a storage dtype ({', '.join(STORAGE_DTYPES)})"
+    revision = meta["revision"]
+    if isinstance(revision, bool) or not isinstance(revision, int) or revision < 0:
+        return f"revision must be a non-negative int, got {revision!r}"
+    for name in ("created_at", "updated_at"):
+        if not isinstance(meta[name], str):
+            return f"{name} must be an ISO-8601 string, got {meta[name]!r}"
+    fingerprint = meta["fingerprint"]
+    if fingerprint is not None:
+        try:
+            parsed = ModelFingerprint.from_json(json.dumps(fingerprint))
+        except (TypeError, ValueError) as error:
+            return f"fingerprint is invalid: {error}"
+        if (parsed.d1, parsed.d2, parsed.layer) != (meta["d1"], meta["d2"], meta["layer"]):
+            return (f"fingerprint (d1={parsed.d1}, d2={parsed.d2}, layer={parsed.layer}) disagrees with the database "
+                    f"(d1={meta['d1']}, d2={meta['d2']}, layer={meta['layer']})")
+    return None
+
+
+def read_meta(conn: sqlite3.Connection, where: str) -> dict[str, Any]:
+    """The `meta` table of an existing database, after checking that it is a NeuralDB this code can
+    read: application id, the exact schema of its format version, and every meta value.
+
+    `where` names the database in error messages (CorruptDatabaseError, a ValueError).
     """
     try:
         application_id = conn.execute("PRAGMA application_id").fetchone()[0]
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.OperationalError:
+        raise  # could not read the file (locked, unreadable): not a verdict on its content
     except sqlite3.DatabaseError as error:
-        raise ValueError(f"{where} is not a NeuralDB database (SQLite says: {error})") from None
+        raise CorruptDatabaseError(f"{where} is not a NeuralDB database (SQLite says: {error})") from None
     if application_id != APPLICATION_ID or not {"meta", "facts"} <= tables:
-        raise ValueError(f"{where} is not a NeuralDB database (SQLite application_id {application_id:#x}, "
-                         f"tables {sorted(tables)})")
-    meta = {name: json.loads(value) for name, value in conn.execute("SELECT name, value FROM meta")}
+        raise CorruptDatabaseError(f"{where} is not a NeuralDB database (SQLite application_id "
+                                   f"{application_id:#x}, tables {sorted(tables)})")
+    _check_objects(conn, where)
+    try:
+        rows = conn.execute("SELECT name, value FROM meta").fetchall()
+        meta = {name: json.loads(value) for name, value in rows}
+    except (sqlite3.DatabaseError, TypeError, ValueError, RecursionError) as error:
+        raise CorruptDatabaseError(f"{where} has a corrupt meta table ({type(error).__name__}: {error})") from None
     version = meta.get("format_version")
-    if not isinstance(version, int) or meta.get("format") != "neuraldb":
-        raise ValueError(f"{where} has a corrupt meta table (format={meta.get('format')!r}, format_version={version!r})")
+    if meta.get("format") != "neuraldb" or isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CorruptDatabaseError(f"{where} has a corrupt meta table (format={meta.get('format')!r}, "
+                                   f"format_version={version!r})")
     if version > FORMAT_VERSION:
         raise ValueError(f"{where} uses NeuralDB format version {version}, newer than the newest this "
                          f"neuraldb_kernels reads ({FORMAT_VERSION}); upgrade neuraldb_kernels")
+    user_version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if user_version != version:
+        raise CorruptDatabaseError(f"{where}: the SQLite user_version {user_version} disagrees with "
+                                   f"meta.format_version {version}")
+    _check_columns(conn, where, "facts", _FACT_COLUMNS[version], version)
+    problem = _meta_problem(meta)
+    if problem:
+        raise CorruptDatabaseError(f"{where} has an invalid meta table: {problem}")
     return meta
 
 
@@ -131,18 +282,9 @@ def encode_rows(rows: torch.Tensor) -> list[bytes]:
     return [row.tobytes() for row in raw]
 
 
-def decode_rows(blobs: Iterable[bytes], out: torch.Tensor) -> torch.Tensor:
-    """Fill the first rows of the 2-D CPU tensor `out` (width and dtype as stored) from BLOBs, one
-    per row; returns `out`. ValueError on a BLOB of the wrong length or too many BLOBs."""
-    width = out.shape[1] * out.element_size()
-    raw = out.view(torch.uint8).numpy()
-    row = 0
-    for row, blob in enumerate(blobs, start=1):
-        if len(blob) != width or row > len(raw):
-            raise ValueError(f"corrupt vector BLOB of {len(blob)} bytes at row {row - 1}, expected {width} "
-                             f"bytes and at most {len(raw)} rows")
-        raw[row - 1] = np.frombuffer(blob, dtype=np.uint8)
-    return out
+def encode_keys(keys: torch.Tensor) -> bytes:
+    """One key BLOB: the rows of a (k, d1) CPU tensor in the storage dtype, one after the other."""
+    return keys.contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def count_key_bytes(conn: sqlite3.Connection) -> int:
@@ -150,91 +292,76 @@ def count_key_bytes(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT coalesce(sum(length(key)), 0) FROM facts").fetchone()[0]
 
 
-def encode_keys(keys: torch.Tensor) -> bytes:
-    """One key BLOB: the rows of a (k, d1) CPU tensor in the storage dtype, one after the other."""
-    return keys.contiguous().view(torch.uint8).numpy().tobytes()
+
+FACT_COLUMNS = "id, rev, key, residual, metadata, checksum"  # the row tuple `integrity` checks
+SQL_CHUNK = 500  # values per "IN (...)" query, below SQLite's bound-parameter limit
 
 
-def decode_keys(blob: bytes, d1: int, dtype: torch.dtype, fact_id: str) -> torch.Tensor:
-    """(k, d1) keys of one key BLOB; ValueError naming the fact when its length is not k whole keys."""
-    width = d1 * torch.empty(0, dtype=dtype).element_size()
-    if not blob or len(blob) % width:
-        raise ValueError(f"corrupt key BLOB of fact {fact_id!r}: {len(blob)} bytes, expected a positive "
-                         f"multiple of {width} (d1={d1} values)")
-    raw = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-    return raw.view(dtype).reshape(len(blob) // width, d1)
+def _chunks(values: list[Any]) -> Iterator[tuple[list[Any], str]]:
+    """`values` in chunks of SQL_CHUNK, each with its "?,?,..." placeholder list."""
+    for start in range(0, len(values), SQL_CHUNK):
+        part = values[start : start + SQL_CHUNK]
+        yield part, ",".join("?" * len(part))
 
 
-def read_facts_into(conn: sqlite3.Connection, keys: torch.Tensor,
-                    residuals: torch.Tensor) -> tuple[list[str], dict[str, int]]:
-    """One pass over all facts in insertion order, filling the first key rows of the 2-D CPU `keys`
-    and `residuals` buffers (a fact with k keys fills k rows, each with its residual). Returns
-    (the fact id of each row, {fact id: rev}). Call inside a read transaction, after
-    `count_key_bytes` sized the buffers."""
-    key_raw, residual_raw = keys.view(torch.uint8).numpy(), residuals.view(torch.uint8).numpy()
-    width = key_raw.shape[1]
-    row_ids, revs = [], {}
-    query = "SELECT id, rev, key, residual FROM facts ORDER BY seq"
-    for fact_id, rev, key, residual in conn.execute(query):
-        count = len(key) // width
-        if not key or len(key) % width or len(residual) != residual_raw.shape[1]:
-            raise ValueError(f"corrupt vector BLOBs of fact {fact_id!r}: {len(key)} and {len(residual)} bytes, "
-                             f"expected a positive multiple of {width} and {residual_raw.shape[1]}")
-        row = len(row_ids)
-        if row + count > len(key_raw):
-            raise ValueError(f"the database changed while it was read (fact {fact_id!r} does not fit)")
-        key_raw[row : row + count] = np.frombuffer(key, dtype=np.uint8).reshape(count, width)
-        residual_raw[row : row + count] = np.frombuffer(residual, dtype=np.uint8)
-        row_ids += [fact_id] * count
-        revs[fact_id] = rev
-    return row_ids, revs
+def fact_rows(conn: sqlite3.Connection, ids: Iterable[str] | None = None) -> Iterator[tuple]:
+    """(id, rev, key, residual, metadata, checksum) of every fact in insertion order, or of the facts `ids`."""
+    if ids is None:
+        yield from conn.execute(f"SELECT {FACT_COLUMNS} FROM facts ORDER BY seq")
+        return
+    for part, marks in _chunks(list(ids)):
+        yield from conn.execute(f"SELECT {FACT_COLUMNS} FROM facts WHERE id IN ({marks})", part)
 
 
-# ------------------------------------------------------------------------------------ migration
+def write_facts(conn: sqlite3.Connection, rows: Iterable[tuple], *, replace: bool) -> None:
+    """Insert (id, rev, key, residual, metadata, checksum) rows (inside the caller's transaction);
+    replace: a row whose id exists is rewritten, keeping its seq (else that is an IntegrityError)."""
+    conflict = (" ON CONFLICT(id) DO UPDATE SET rev = excluded.rev, key = excluded.key, residual = excluded.residual, "
+                "metadata = excluded.metadata, checksum = excluded.checksum") if replace else ""
+    conn.executemany(f"INSERT INTO facts({FACT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?){conflict}", rows)
 
 
-def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
-    """Version 1 held one key per fact; the Editor stored a fact's second key as a row of its own,
-    id "<id>#bare" with metadata bare_key_of = "<id>" and the same residual. Version 2 keys such a
-    row onto its fact (appended to the fact's key BLOB) and deletes the row; other rows are kept."""
-    revision = None
-    for row_id, key, metadata in conn.execute("SELECT id, key, metadata FROM facts WHERE id LIKE '%#bare' "
-                                              "ORDER BY seq").fetchall():
-        owner = json.loads(metadata).get("bare_key_of")
-        if not isinstance(owner, str) or row_id != owner + "#bare":
-            continue
-        found = conn.execute("SELECT key FROM facts WHERE id = ?", (owner,)).fetchone()
-        if found is None or len(found[0]) != len(key):
-            continue
-        if revision is None:
-            revision = next_revision(conn)
-        conn.execute("UPDATE facts SET key = ?, rev = ? WHERE id = ?", (found[0] + key, revision, owner))
-        conn.execute("DELETE FROM facts WHERE id = ?", (row_id,))
+def delete_facts(conn: sqlite3.Connection, ids: list[str]) -> None:
+    """Delete the facts `ids` as one revision (inside the caller's transaction)."""
+    next_revision(conn)
+    conn.executemany("DELETE FROM facts WHERE id = ?", [(fact_id,) for fact_id in ids])
 
 
-_MIGRATIONS = {1: _migrate_1_to_2}  # from version v to v + 1
+def metadata_of(conn: sqlite3.Connection, ids: list[str]) -> Iterator[tuple[str, str]]:
+    """(id, metadata JSON text) of the facts `ids` that exist."""
+    for part, marks in _chunks(ids):
+        yield from conn.execute(f"SELECT id, metadata FROM facts WHERE id IN ({marks})", part)
 
 
-def migrate(conn: sqlite3.Connection, where: str) -> None:
-    """Bring an existing database to FORMAT_VERSION, in one transaction (a no-op when it is there).
-    ValueError naming `where` when the file cannot be written."""
-    version = None
+def metadata_where(conn: sqlite3.Connection, field: str, values: list[Any]) -> Iterator[tuple[str, str]]:
+    """(id, metadata JSON text) of the facts whose metadata[field] is one of `values` (str or
+    numbers; `field` holds no '"'), in insertion order within each chunk of values."""
+    for part, marks in _chunks(values):
+        yield from conn.execute(f"SELECT id, metadata FROM facts WHERE json_extract(metadata, ?) IN ({marks}) "
+                                f"ORDER BY seq", [f'$."{field}"', *part])
+
+
+def remove_database_files(path: str | os.PathLike) -> None:
+    """Delete a database file and its -wal / -shm companions, where present."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{os.fspath(path)}{suffix}").unlink(missing_ok=True)
+
+
+def copy_database(conn: sqlite3.Connection, path: Path) -> None:
+    """Write a consistent copy of the database of `conn` to `path` (FileExistsError if it exists):
+    SQLite's online backup into a temporary file beside it, hard-linked into place so that a file
+    created meanwhile is never overwritten."""
+    if os.path.lexists(path):
+        raise FileExistsError(f"{path} already exists; NeuralDB.save never overwrites")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as error:
-        raise ValueError(f"{where} cannot be opened for writing ({error})") from None
-    try:
-        version = json.loads(conn.execute("SELECT value FROM meta WHERE name = 'format_version'").fetchone()[0])
-        if version < FORMAT_VERSION:
-            for step in range(version, FORMAT_VERSION):
-                _MIGRATIONS[step](conn)
-            write_meta(conn, {"format_version": FORMAT_VERSION})
-            conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
-        conn.execute("COMMIT")
-    except sqlite3.OperationalError as error:
-        conn.execute("ROLLBACK")
-        raise ValueError(f"{where} uses NeuralDB format version {version} and must be migrated to version "
-                         f"{FORMAT_VERSION} on open, but that failed: {error}") from None
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+        with sqlite_errors(os.fspath(path)):
+            target = sqlite3.connect(temporary, isolation_level=None)
+            try:
+                conn.backup(target)
+                target.execute("PRAGMA journal_mode=WAL")
+            finally:
+                target.close()
+        os.link(temporary, path)
+    finally:
+        remove_database_files(temporary)

@@ -1,4 +1,5 @@
-"""Row buffers of one (device, dtype) view of a NeuralDB: contiguous K (m, d1) and R (m, d2).
+"""Row buffers of the views of a NeuralDB: `ViewBuffers` holds one (device, dtype) view, contiguous
+K (m, d1) and R (m, d2); `ViewSet` holds the views of one database.
 
 Capacity doubles on growth, so appends are amortised O(d) per row; deletes move the last rows
 into the holes (swap-remove), O(d) per deleted row. Snapshots handed out are `K[:m]`, `R[:m]`
@@ -109,3 +110,45 @@ class ViewBuffers:
             self._keys.index_copy_(0, targets, self._keys.index_select(0, sources))
             self._residuals.index_copy_(0, targets, self._residuals.index_select(0, sources))
         self.count = count
+
+
+class ViewSet:
+    """One `ViewBuffers` per (device, dtype): the (CPU, storage dtype) one, from which the others
+    are built on first request, always present; every change is applied to all of them."""
+
+    def __init__(self, master: ViewBuffers, dtype: torch.dtype):
+        self.master_key = (torch.device("cpu"), dtype)
+        self.buffers: dict[tuple[torch.device, torch.dtype], ViewBuffers] = {self.master_key: master}
+
+    def snapshot(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K[:m], R[:m]) on `device` in `dtype`, building those buffers from the CPU ones if needed."""
+        buffers = self.buffers.get((device, dtype))
+        if buffers is None:
+            keys, residuals = self.buffers[self.master_key].snapshot()
+            buffers = ViewBuffers.copy_of(keys.to(device, dtype), residuals.to(device, dtype))
+            self.buffers[(device, dtype)] = buffers
+        return buffers.snapshot()
+
+    def reserve(self, extra: int) -> None:
+        """Make room for `extra` rows in every view, so applying a committed change cannot fail on memory."""
+        for buffers in self.buffers.values():
+            buffers.reserve(extra)
+
+    def append(self, keys: torch.Tensor, residuals: torch.Tensor) -> None:
+        for buffers in self.buffers.values():
+            buffers.append(keys, residuals)
+
+    def overwrite(self, rows: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor) -> None:
+        for buffers in self.buffers.values():
+            buffers.overwrite(rows, keys, residuals)
+
+    def move_and_truncate(self, sources: torch.Tensor, targets: torch.Tensor, count: int) -> None:
+        for buffers in self.buffers.values():
+            buffers.move_and_truncate(sources, targets, count)
+
+    def clear(self) -> None:
+        """Free every view but the CPU one in the storage dtype."""
+        self.buffers = {self.master_key: self.buffers[self.master_key]}
+
+    def close(self) -> None:
+        self.buffers.clear()

@@ -1,0 +1,122 @@
+"""Opening a format-1 or format-2 database migrates it to format 3 in one transaction: the
+Editor's "edit" metadata becomes a versioned EditRecord (FORMAT.md), every row gets its checksum,
+insertion order and the AUTOINCREMENT sequence are kept; a migration that fails leaves the file
+byte for byte as it was. The old files are written by hand (conftest `legacy_database`)."""
+
+import json
+import sqlite3
+import zlib
+
+import pytest
+import torch
+
+from neuraldb_kernels.store import FORMAT_VERSION, NeuralDB
+
+D1, D2 = 6, 3
+EDIT_KEYS = {"version", "layer", "subject_start", "subject_first_token", "target_prob", "steps", "converged",
+             "bare_prompt_key", "bare_prompt_key_generic", "shares_residual_with", "hparams"}
+
+
+def _vectors(n, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, D1, generator=generator), torch.randn(n, D2, generator=generator)
+
+
+def _checksum(fact_id, key, residual, metadata):
+    """FORMAT.md's row checksum, written out independently of the store's code: CRC-32 over id, key,
+    residual and metadata, each preceded by its byte length as 8-byte little-endian."""
+    data = b"".join(len(part).to_bytes(8, "little") + part for part in (fact_id.encode(), key, residual, metadata.encode()))
+    return zlib.crc32(data).to_bytes(4, "little")
+
+
+LEGACY_EDIT = {"layer": 4, "target_prob": 0.93, "hparams": {"layer": 4, "gamma": 0.65}, "shares_residual_with": ["b"],
+               "from_an_old_editor": True}
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_old_databases_are_migrated_to_format_3(tmp_path, legacy_database, version):
+    keys, residuals = _vectors(6)
+    path = tmp_path / "old.ndb"
+    rows = [("a", keys[0], residuals[0], {"subject": "A", "edit": LEGACY_EDIT}),
+            ("b", keys[1], residuals[1], {"subject": "B", "edit": {"steps": 7}}),
+            ("c", keys[2], residuals[2], {"edit": "free text, not a record"}),
+            ("d", keys[3], residuals[3], {"edit": {"version": 1, "layer": 2}}),
+            ("e", keys[4], residuals[4], {}),
+            ("gone", keys[5], residuals[5], {})]
+    if version == 1:  # the Editor's second key as a row of its own
+        rows.insert(1, ("a#bare", keys[5] * 2, residuals[0], {"bare_key_of": "a"}))
+    legacy_database(path, version, rows, d1=D1, d2=D2)
+    conn = sqlite3.connect(path)
+    conn.execute("DELETE FROM facts WHERE id = 'gone'")  # the highest seq, deleted: never to be reused
+    last_seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'facts'").fetchone()[0]
+    conn.commit()
+    conn.close()
+
+    with NeuralDB.open(path) as db:
+        assert list(db) == ["a", "b", "c", "d", "e"]
+        a = db.get("a").metadata["edit"]
+        assert set(a) == EDIT_KEYS | {"from_an_old_editor"}
+        assert a == {**{name: None for name in EDIT_KEYS}, **LEGACY_EDIT, "version": 1}
+        b = db.get("b").metadata["edit"]
+        assert b == {**{name: None for name in EDIT_KEYS}, "shares_residual_with": [], "steps": 7, "version": 1}
+        assert db.get("c").metadata == {"edit": "free text, not a record"}
+        assert db.get("d").metadata == {"edit": {"version": 1, "layer": 2}}
+        assert db.get("e").metadata == {}
+        expected_keys = torch.stack([keys[0], keys[5] * 2]) if version == 1 else keys[:1]
+        assert torch.equal(db.get("a").keys, expected_keys) and torch.equal(db.get("e").residual, residuals[4])
+        assert db.verify().corrupt == ()
+        db.add(keys[5], residuals[5], "new")
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION == 3
+    assert json.loads(conn.execute("SELECT value FROM meta WHERE name = 'format_version'").fetchone()[0]) == 3
+    for fact_id, key, residual, metadata, checksum in conn.execute(
+            "SELECT id, key, residual, metadata, checksum FROM facts"):
+        assert checksum == _checksum(fact_id, key, residual, metadata)
+    assert conn.execute("SELECT seq FROM facts WHERE id = 'new'").fetchone()[0] == last_seq + 1
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name LIKE 'facts_%'").fetchone()[0] == 0
+    conn.close()
+
+
+@pytest.mark.parametrize("bad_row, message", [
+    (("b", torch.ones(D1), torch.full((D2,), float("nan")), {}), r"fact 'b' has a residual that contains NaN or Inf"),
+    (("b", torch.full((D1,), 1e-30), torch.ones(D2), {}), r"fact 'b' has a key that has a norm that under- or overflows"),
+    (("b", torch.ones(D1), torch.ones(D2), {"edit": {"steps": 1}}), None),  # made unreadable below
+])
+def test_a_failed_migration_leaves_the_file_untouched(tmp_path, legacy_database, bad_row, message):
+    keys, residuals = _vectors(1)
+    path = tmp_path / "old.ndb"
+    legacy_database(path, 2, [("a", keys[0], residuals[0], {"edit": {"steps": 3}}), bad_row], d1=D1, d2=D2)
+    if message is None:
+        conn = sqlite3.connect(path)
+        conn.execute("UPDATE facts SET metadata = '{\"edit\": {' WHERE id = 'b'")
+        conn.commit()
+        conn.close()
+        message = r"fact 'b' has metadata that cannot be read"
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=message):
+        NeuralDB.open(path)
+    assert path.read_bytes() == before
+
+
+def test_a_read_only_open_does_not_migrate(tmp_path, legacy_database):
+    keys, residuals = _vectors(1)
+    path = tmp_path / "old.ndb"
+    legacy_database(path, 2, [("a", keys[0], residuals[0], {})], d1=D1, d2=D2)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"format version 2; open it once without readonly=True to migrate it"):
+        NeuralDB.open(path, readonly=True)
+    assert path.read_bytes() == before
+
+
+def test_a_version_1_row_with_unreadable_metadata_stops_the_migration(tmp_path, legacy_database):
+    keys, residuals = _vectors(2)
+    path = tmp_path / "old.ndb"
+    legacy_database(path, 1, [("a", keys[0], residuals[0], {}), ("a#bare", keys[1], residuals[0], {})], d1=D1, d2=D2)
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE facts SET metadata = '[' WHERE id = 'a#bare'")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"old.ndb: fact 'a#bare' has metadata that cannot be read"):
+        NeuralDB.open(path)
+    assert path.read_bytes() == before
