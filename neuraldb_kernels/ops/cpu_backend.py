@@ -35,4 +35,5 @@ def _run(q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float) -> T
     return _cpu.gated_retrieve(q2d, K, R, float(gamma), torch.get_num_threads())
 
 
-BACKEND = Backend("cpu", FLOAT_DTYPES, ("cpu",), _run, _requirement)
+# One gamma for every key: "auto" sends calls with per-key thresholds to the torch backend.
+BACKEND = Backend("cpu", FLOAT_DTYPES, ("cpu",), _run, _requirement, per_key_gamma=False)
