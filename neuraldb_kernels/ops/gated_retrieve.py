@@ -51,7 +51,12 @@ def _retrieve(
 
 @torch.library.custom_op(_OP, mutates_args=())
 def _gated_retrieve_op(
-    q: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float, key_gamma: Optional[torch.Tensor], backend: str
+    q: torch.Tensor,
+    K: torch.Tensor,
+    R: torch.Tensor,
+    gamma: float,
+    backend: str,
+    key_gamma: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`_retrieve` as the custom op: the threshold is key_gamma (m,) float32 when given (gamma is
     then ignored), else gamma. The backend is resolved and the per-key values checked inside, so
@@ -60,7 +65,7 @@ def _gated_retrieve_op(
 
 
 @_gated_retrieve_op.register_fake
-def _(q, K, R, gamma, key_gamma, backend):
+def _(q, K, R, gamma, backend, key_gamma=None):
     lead = q.shape[:-1]
     return (
         q.new_empty((*lead, R.shape[1]), dtype=R.dtype),
@@ -119,7 +124,7 @@ def gated_retrieve(q, K, R, gamma, *, backend: str = "auto", return_index: bool 
     if needs_graph or torch.compiler.is_compiling():
         per_key = isinstance(gamma, torch.Tensor)
         out, index, score = _gated_retrieve_op(
-            q, K, R, 0.0 if per_key else gamma, gamma if per_key else None, backend
+            q, K, R, 0.0 if per_key else gamma, backend, gamma if per_key else None
         )
     else:  # eager inference (decode): the same computation, without the custom-op dispatch cost
         out, index, score = _retrieve(q, K, R, gamma, backend)
