@@ -6,6 +6,8 @@ Run (2 threads, as on the CI machine):
     python -m pytest bench/test_bench_gated_retrieve_cpu.py -q --benchmark-columns=median,min,rounds
 Gates only:
     python -m pytest bench/test_bench_gated_retrieve_cpu.py -q -k gate_ -s
+Per-key thresholds vs one gamma (same run):
+    python -m pytest bench/test_bench_gated_retrieve_cpu.py -q -k per_key -s
 
 Implementations timed per shape:
 - "cpu":   neuraldb_kernels.gated_retrieve(..., backend="cpu"), the full op (validation, gate, gather).
@@ -23,13 +25,27 @@ Shapes (a subset of the issue's product so the suite runs in a few minutes on 2 
 m = 1e5 (essential for the gates), n = 16 and n = 256 prefill at m = 1e4 (n = 16 also at 1e5).
 """
 
+import statistics
+
 import pytest
 import torch
 import torch.nn.functional as F
-from retrieval_cases import BF16, F32, GPT2XL, SMOL, Case, CaseInputs, interleaved_min_times, naive, unit_keys
+from retrieval_cases import (
+    BF16,
+    F32,
+    GPT2XL,
+    SMOL,
+    Case,
+    CaseInputs,
+    interleaved_min_times,
+    naive,
+    unit_keys,
+    wall_seconds,
+)
 
 import neuraldb_kernels as nk
 from neuraldb_kernels.ops import get_backend
+from neuraldb_kernels.ops.contract import check_key_gamma_values
 
 try:
     import faiss
@@ -129,3 +145,42 @@ def test_gate_cpu_beats_naive_torch_at_n1(case):
     speedup = t["naive"] / t["cpu"]
     print(f"\n{case.id}: cpu {t['cpu'] * 1e3:.1f} ms, naive {t['naive'] * 1e3:.1f} ms -> {speedup:.1f}x")
     assert speedup >= required
+
+
+# ------------------------------------------------------------------ per-key thresholds vs one gamma
+
+PER_KEY_CASE = Case(1, 100_000, *SMOL, F32)
+
+
+def test_per_key_gamma_costs_no_measurable_time_at_n1():
+    """One interleaved run at n = 1, m = 1e5, d1 = 1536: each backend with one gamma and with
+    per-key thresholds (a backend without per-key support is timed through "auto", which answers
+    on the torch backend), and the per-call value check of the m thresholds alone. The gate is
+    the median over rounds of each round's per-key / scalar time ratio: the two calls of a round
+    run back to back, so load from other processes mostly cancels out of the ratio."""
+    data = INPUTS.get(PER_KEY_CASE)
+    q, K, R = data["q"], data["K"], data["R"]
+    thresholds = torch.full((PER_KEY_CASE.m,), GAMMA)
+    fns = {"check": lambda: check_key_gamma_values(thresholds)}
+    for name in ("cpu", "torch"):
+        per_key_backend = name if get_backend(name).per_key_gamma else "auto"
+        fns[f"{name} scalar"] = lambda name=name: nk.gated_retrieve(q, K, R, GAMMA, backend=name)
+        fns[f"{name} per-key"] = lambda b=per_key_backend: nk.gated_retrieve(q, K, R, thresholds, backend=b)
+    rounds = 11
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {label: [] for label in fns}
+    for round_ in range(rounds):  # every other round in reverse order: neither call always goes first
+        for label, fn in (fns.items() if round_ % 2 == 0 else reversed(fns.items())):
+            times[label].append(wall_seconds(fn))
+    print(f"\n{PER_KEY_CASE.id}, {torch.get_num_threads()} threads, {rounds} interleaved rounds:")
+    print(f"  check of the m thresholds: min {min(times['check']) * 1e3:.3f} ms")
+    for name in ("cpu", "torch"):
+        scalar, per_key = times[f"{name} scalar"], times[f"{name} per-key"]
+        ratio = statistics.median(p / s for p, s in zip(per_key, scalar))
+        via = name if get_backend(name).per_key_gamma else "auto -> torch"
+        print(f"  {name}: scalar min {min(scalar) * 1e3:.2f} ms, per-key ({via}) min {min(per_key) * 1e3:.2f} ms, "
+              f"median per-round ratio {ratio:.3f}")
+        if get_backend(name).per_key_gamma:  # same kernel plus one load per query: noise only
+            assert ratio <= 1.10, name
+    assert min(times["check"]) <= 0.02 * min(times["torch scalar"])
