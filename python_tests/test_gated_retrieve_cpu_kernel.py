@@ -169,4 +169,4 @@ def test_binding_rejects_bad_tensors(make, match):
 def test_binding_rejects_unknown_isa():
     q, K, R = random_inputs(2, 10, 8, 3, torch.float32, torch.float32, seed=9)
     with pytest.raises(ValueError, match="unknown isa"):
-        kernel(q, K, R, 0.5, 1, "avx512")
+        kernel(q, K, R, 0.5, 1, "avx1024")

@@ -27,16 +27,24 @@ KeyDtype key_dtype_of(const at::Tensor& keys) {
 }
 
 Isa isa_from_name(const std::string& name) {
-  if (name == "auto") return neuraldb::cpu::cpu_has_avx2() ? Isa::avx2 : Isa::generic;
+  if (name == "auto") {
+    if (neuraldb::cpu::cpu_has_avx512()) return Isa::avx512;
+    return neuraldb::cpu::cpu_has_avx2() ? Isa::avx2 : Isa::generic;
+  }
   if (name == "generic") return Isa::generic;
   if (name == "avx2") {
     TORCH_CHECK_VALUE(neuraldb::cpu::cpu_has_avx2(), "gated_retrieve (cpu): isa='avx2' requested but this CPU lacks AVX2, FMA or F16C");
     return Isa::avx2;
   }
-  TORCH_CHECK_VALUE(false, "gated_retrieve (cpu): unknown isa '", name, "', expected 'auto', 'avx2' or 'generic'");
+  if (name == "avx512") {
+    TORCH_CHECK_VALUE(neuraldb::cpu::cpu_has_avx512(), "gated_retrieve (cpu): isa='avx512' requested but this CPU lacks AVX-512F, AVX2, FMA or F16C");
+    return Isa::avx512;
+  }
+  TORCH_CHECK_VALUE(false, "gated_retrieve (cpu): unknown isa '", name, "', expected 'auto', 'avx512', 'avx2' or 'generic'");
 }
 
 std::vector<std::string> available_isas() {
+  if (neuraldb::cpu::cpu_has_avx512()) return {"avx512", "avx2", "generic"};
   if (neuraldb::cpu::cpu_has_avx2()) return {"avx2", "generic"};
   return {"generic"};
 }
@@ -111,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieve(const at::Tensor& 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "C++ CPU kernels of neuraldb_kernels (OpenMP, AVX2/FMA/F16C with a portable fallback).";
+  m.doc() = "C++ CPU kernels of neuraldb_kernels (OpenMP, AVX-512 or AVX2/FMA/F16C with a portable fallback).";
   m.def("gated_retrieve", &gated_retrieve,
         "Best cosine match of each query row among the keys, gated at gamma.\n"
         "q (n, d1), K (m, d1) contiguous, R (m, d2) contiguous; float32/float64/bfloat16/float16.\n"

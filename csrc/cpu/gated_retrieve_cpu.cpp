@@ -1,16 +1,19 @@
 // Work split, reduction and instruction-set choice of the "cpu" gated_retrieve backend.
 //
 // Parallel plan: K is cut into key tiles (about kTileBytes each, so a tile stays in L2 while every
-// group of 4 queries walks over it), consecutive tiles form key chunks, queries form query groups.
-// A work item is (key chunk, query group); items are handed out dynamically to the OpenMP threads
-// and each writes the running (max, argmax) of its queries into its own slot of a partials array.
-// One decode query (n = 1) therefore still spreads over all threads through the key chunks. The
-// partials are reduced per query in increasing chunk order with a strict '>', so the lowest index
-// wins ties, and neither the result nor its rounding depends on the number of threads. Per-thread
+// group of 4 queries walks over it), consecutive tiles form key chunks of about kChunkBytes,
+// queries form query groups. A work item is (key chunk, query group). Threads claim items one at
+// a time from an atomic counter, so a thread that the OS preempts (a busy neighbour process)
+// holds back at most the one small item it claimed, never a fixed share of the call; there is no
+// barrier between claiming and the end of the scan. Each item writes the running (max, argmax) of
+// its queries into its chunk's slot of a partials array; the partials are reduced per query in
+// increasing chunk order with a strict '>', so the lowest index wins ties, and neither the result
+// nor its rounding depends on the number of threads or on which thread ran which item. Per-thread
 // scratch and per-chunk partials are a cache line apart, so threads never write to a shared line.
 #include "gated_retrieve_cpu.h"
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <vector>
 
@@ -24,7 +27,8 @@ namespace {
 
 constexpr int64_t kTileBytes = 128 * 1024;     // half the L2 of small cores: keys + queries fit
 constexpr int64_t kMaxTileKeys = 1024;         // bounds the per-thread norm scratch for tiny dim
-constexpr int64_t kItemsPerThread = 8;         // work items per thread, for load balance
+constexpr int64_t kChunkBytes = 1 << 20;       // keys per work item: tens of microseconds of work
+constexpr int64_t kItemsPerThread = 8;         // at least this many items per thread (small K)
 constexpr int64_t kMinParallelWork = 1 << 16;  // multiply-adds below which one thread is faster
 constexpr int64_t kCacheLineBytes = 64;
 
@@ -51,6 +55,7 @@ int thread_index() {
 template <typename Acc>
 void run_scan(Isa isa, const ScanJob<Acc>& job) {
 #if defined(__x86_64__) || defined(__i386__)
+  if (isa == Isa::avx512) return avx512::scan(job);
   if (isa == Isa::avx2) return avx2::scan(job);
 #endif
   generic::scan(job);
@@ -60,6 +65,7 @@ template <typename Acc>
 void run_row_inv_norms(Isa isa, const Acc* rows, int64_t n, int64_t dim, Acc* inv,
                        uint8_t* finite) {
 #if defined(__x86_64__) || defined(__i386__)
+  if (isa == Isa::avx512) return avx512::row_inv_norms(rows, n, dim, inv, finite);
   if (isa == Isa::avx2) return avx2::row_inv_norms(rows, n, dim, inv, finite);
 #endif
   generic::row_inv_norms(rows, n, dim, inv, finite);
@@ -77,10 +83,19 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
 template <typename Acc>
 void best_match(const Acc* queries, int64_t n, int64_t dim, const void* keys, KeyDtype key_dtype,
                 int64_t m, int num_threads, Isa isa, Acc* best_score, int64_t* best_index) {
-  int64_t tile = std::max<int64_t>(1, kTileBytes / std::max<int64_t>(1, dim * key_element_bytes(key_dtype)));
+  const int64_t key_row_bytes = std::max<int64_t>(1, dim * key_element_bytes(key_dtype));
+  int64_t tile = std::max<int64_t>(1, kTileBytes / key_row_bytes);
   tile = std::min(tile, kMaxTileKeys);
   if (tile >= 4) tile -= tile % 4;
   const int64_t num_tiles = ceil_div(m, tile);
@@ -88,7 +103,8 @@ void best_match(const Acc* queries, int64_t n, int64_t dim, const void* keys, Ke
   const bool parallel = num_threads > 1 && n * m * dim >= kMinParallelWork;
   const int threads = parallel ? num_threads : 1;
   const int64_t target_items = parallel ? kItemsPerThread * threads : 1;
-  const int64_t key_chunks = std::min(num_tiles, target_items);
+  const int64_t key_chunks =
+      std::min(num_tiles, std::max(target_items, ceil_div(m * key_row_bytes, kChunkBytes)));
   // Few key chunks (small m): also split the queries, in multiples of the 4-query micro-kernel.
   int64_t group_size = n;
   if (key_chunks < target_items) {
@@ -96,27 +112,27 @@ void best_match(const Acc* queries, int64_t n, int64_t dim, const void* keys, Ke
     group_size = ceil_div(ceil_div(n, groups), 4) * 4;
   }
   const int64_t query_groups = ceil_div(n, group_size);
+  const int64_t num_items = key_chunks * query_groups;
 
   // Strides with a cache line of padding: one thread's (or chunk's) slots never share a line with
   // another's, whatever the alignment of the allocation.
   const int64_t line = kCacheLineBytes / static_cast<int64_t>(sizeof(Acc));
   const int64_t part_stride = n + line;
   const int64_t scratch_stride = ceil_div(tile, line) * line + line;
+  // Query norms before the scan (n * dim work, negligible): no barrier inside the parallel region.
   std::vector<Acc> query_inv_norm(n);
   std::vector<uint8_t> query_finite(n);
+  run_row_inv_norms(isa, queries, n, dim, query_inv_norm.data(), query_finite.data());
   std::vector<Acc> part_score(key_chunks * part_stride, -std::numeric_limits<Acc>::infinity());
   std::vector<int64_t> part_index(key_chunks * part_stride, -1);
   std::vector<Acc> scratch(threads * scratch_stride);
+  std::atomic<int64_t> next_item{0};
 
 #pragma omp parallel num_threads(threads) if (parallel)
   {
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < n; ++r) {
-      run_row_inv_norms(isa, queries + r * dim, 1, dim, &query_inv_norm[r], &query_finite[r]);
-    }
-
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < key_chunks * query_groups; ++item) {
+    Acc* key_inv_norm_scratch = scratch.data() + thread_index() * scratch_stride;
+    for (int64_t item = next_item.fetch_add(1, std::memory_order_relaxed); item < num_items;
+         item = next_item.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t chunk = item % key_chunks;
       const int64_t q0 = (item / key_chunks) * group_size;
       ScanJob<Acc> job;
@@ -129,29 +145,28 @@ void best_match(const Acc* queries, int64_t n, int64_t dim, const void* keys, Ke
       job.key_begin = chunk * num_tiles / key_chunks * tile;
       job.key_end = std::min(m, (chunk + 1) * num_tiles / key_chunks * tile);
       job.key_tile = tile;
-      job.key_inv_norm_scratch = scratch.data() + thread_index() * scratch_stride;
+      job.key_inv_norm_scratch = key_inv_norm_scratch;
       job.best_score = part_score.data() + chunk * part_stride + q0;
       job.best_index = part_index.data() + chunk * part_stride + q0;
       run_scan(isa, job);
     }
+  }
 
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < n; ++r) {
-      Acc score = -std::numeric_limits<Acc>::infinity();
-      int64_t index = -1;
-      for (int64_t chunk = 0; chunk < key_chunks; ++chunk) {
-        if (part_score[chunk * part_stride + r] > score) {
-          score = part_score[chunk * part_stride + r];
-          index = part_index[chunk * part_stride + r];
-        }
+  for (int64_t r = 0; r < n; ++r) {
+    Acc score = -std::numeric_limits<Acc>::infinity();
+    int64_t index = -1;
+    for (int64_t chunk = 0; chunk < key_chunks; ++chunk) {
+      if (part_score[chunk * part_stride + r] > score) {
+        score = part_score[chunk * part_stride + r];
+        index = part_index[chunk * part_stride + r];
       }
-      if (!query_finite[r]) {
-        score = std::numeric_limits<Acc>::quiet_NaN();
-        index = -1;
-      }
-      best_score[r] = score;
-      best_index[r] = index;
     }
+    if (!query_finite[r]) {
+      score = std::numeric_limits<Acc>::quiet_NaN();
+      index = -1;
+    }
+    best_score[r] = score;
+    best_index[r] = index;
   }
 }
 

@@ -3,6 +3,7 @@
 // Layering:
 //   gated_retrieve_cpu_scan.h      compute kernels (dot products, key-row norms), written once as
 //                                  templates and compiled per instruction set into a namespace:
+//   gated_retrieve_cpu_avx512.cpp  ... with AVX-512F (+ AVX2, FMA, F16C), 16-float vectors,
 //   gated_retrieve_cpu_avx2.cpp    ... with AVX2 + FMA + F16C enabled (namespace avx2),
 //   gated_retrieve_cpu_generic.cpp ... with the compiler's baseline flags (namespace generic);
 //   gated_retrieve_cpu.cpp         planning, OpenMP work split, deterministic reduction and the
@@ -19,7 +20,7 @@ namespace cpu {
 enum class KeyDtype { float32, float64, bfloat16, float16 };
 
 // Instruction set used by the compute kernels.
-enum class Isa { generic, avx2 };
+enum class Isa { generic, avx2, avx512 };
 
 // Work unit of the scan: queries [0, num_queries) of `queries` against keys [key_begin, key_end).
 // Acc is the accumulation type (float or double); queries are already in Acc.
@@ -53,10 +54,13 @@ struct ScanJob {
 
 NEURALDB_DECLARE_SCAN_KERNELS(generic)
 NEURALDB_DECLARE_SCAN_KERNELS(avx2)
+NEURALDB_DECLARE_SCAN_KERNELS(avx512)
 #undef NEURALDB_DECLARE_SCAN_KERNELS
 
 // True when this CPU can run the avx2 kernels (AVX2, FMA and F16C).
 bool cpu_has_avx2();
+// True when this CPU can run the avx512 kernels (AVX-512F besides the avx2 requirements).
+bool cpu_has_avx512();
 
 // For each query row i of `queries` (n, dim) in Acc: the key with the highest cosine similarity in
 // `keys` (m, dim) and that cosine, accumulated in Acc. Ties go to the lowest key index. Rows of

@@ -1,14 +1,17 @@
 // Compute kernels of the "cpu" gated_retrieve backend, written once and compiled per instruction
-// set: the including translation unit defines NEURALDB_CPU_ISA (the namespace: avx2 or generic)
-// and, for the AVX2 build, NEURALDB_CPU_ISA_AVX2 inside `#pragma GCC target("avx2,fma,f16c")`.
+// set: the including translation unit defines NEURALDB_CPU_ISA (the namespace: avx512, avx2 or
+// generic) and, inside the matching `#pragma GCC target`, NEURALDB_CPU_ISA_AVX2 for the AVX2 build
+// and both NEURALDB_CPU_ISA_AVX2 and NEURALDB_CPU_ISA_AVX512 for the AVX-512 build (which uses
+// every AVX2/FMA/F16C path and widens the vectors).
 //
 // This file must not instantiate anything from the standard library: template instantiations are
 // shared between translation units by the linker, and one compiled with AVX2 enabled could end up
 // being called by the generic path on a CPU without AVX2. Everything here lives in the per-ISA
 // namespace and uses compiler builtins only.
 //
-// Vectors are GCC/Clang vector extensions: 8 float lanes or 4 double lanes (32 bytes). In the AVX2
-// build each is one ymm register; in the generic build the compiler splits it into SSE halves.
+// Vectors are GCC/Clang vector extensions of NEURALDB_VEC_BYTES: 16 float / 8 double lanes (one
+// zmm register) in the AVX-512 build, 8 float / 4 double lanes (one ymm register) otherwise; the
+// generic build's compiler splits those into SSE halves.
 //
 // Arithmetic order (what makes duplicated keys tie exactly and results thread-independent): every
 // (query, key) dot product and every |key|^2 is accumulated in ONE vector accumulator walking the
@@ -35,18 +38,31 @@ namespace {
 struct BFloat16 { uint16_t bits; };
 struct Float16 { uint16_t bits; };
 
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef double f64x4 __attribute__((vector_size(32)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
-typedef uint32_t u32x4 __attribute__((vector_size(16)));
-typedef uint16_t u16x8 __attribute__((vector_size(16)));
-typedef uint16_t u16x4 __attribute__((vector_size(8)));
+#ifdef NEURALDB_CPU_ISA_AVX512
+#define NEURALDB_VEC_BYTES 64
+#else
+#define NEURALDB_VEC_BYTES 32
+#endif
+// Accumulators (FloatVec, DoubleVec) and the key-loading vectors with the same lane counts.
+typedef float FloatVec __attribute__((vector_size(NEURALDB_VEC_BYTES)));
+typedef double DoubleVec __attribute__((vector_size(NEURALDB_VEC_BYTES)));
+typedef float FloatHalfVec __attribute__((vector_size(NEURALDB_VEC_BYTES / 2)));  // DoubleVec's lanes
+typedef uint32_t U32Vec __attribute__((vector_size(NEURALDB_VEC_BYTES)));
+typedef uint32_t U32HalfVec __attribute__((vector_size(NEURALDB_VEC_BYTES / 2)));
+typedef uint16_t U16Vec __attribute__((vector_size(NEURALDB_VEC_BYTES / 2)));
+typedef uint16_t U16HalfVec __attribute__((vector_size(NEURALDB_VEC_BYTES / 4)));
+#undef NEURALDB_VEC_BYTES
 
 // Accumulator vector of an accumulation type.
 template <typename Acc> struct Lanes;
-template <> struct Lanes<float> { typedef f32x8 Vec; static constexpr int64_t count = 8; };
-template <> struct Lanes<double> { typedef f64x4 Vec; static constexpr int64_t count = 4; };
+template <> struct Lanes<float> {
+  typedef FloatVec Vec;
+  static constexpr int64_t count = sizeof(FloatVec) / sizeof(float);
+};
+template <> struct Lanes<double> {
+  typedef DoubleVec Vec;
+  static constexpr int64_t count = sizeof(DoubleVec) / sizeof(double);
+};
 
 // Unaligned load of a whole vector starting at p.
 template <typename V, typename T>
@@ -57,16 +73,20 @@ NEURALDB_INLINE V load(const T* p) {
 }
 
 // a * b + c, fused (one rounding) where the instruction set has FMA.
-NEURALDB_INLINE f32x8 fmadd(f32x8 a, f32x8 b, f32x8 c) {
-#ifdef NEURALDB_CPU_ISA_AVX2
-  return (f32x8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+NEURALDB_INLINE FloatVec fmadd(FloatVec a, FloatVec b, FloatVec c) {
+#if defined(NEURALDB_CPU_ISA_AVX512)
+  return (FloatVec)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(NEURALDB_CPU_ISA_AVX2)
+  return (FloatVec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
 #else
   return a * b + c;
 #endif
 }
-NEURALDB_INLINE f64x4 fmadd(f64x4 a, f64x4 b, f64x4 c) {
-#ifdef NEURALDB_CPU_ISA_AVX2
-  return (f64x4)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
+NEURALDB_INLINE DoubleVec fmadd(DoubleVec a, DoubleVec b, DoubleVec c) {
+#if defined(NEURALDB_CPU_ISA_AVX512)
+  return (DoubleVec)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+#elif defined(NEURALDB_CPU_ISA_AVX2)
+  return (DoubleVec)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
 #else
   return a * b + c;
 #endif
@@ -86,12 +106,17 @@ NEURALDB_INLINE double fmadd(double a, double b, double c) {
 #endif
 }
 
-// Sum of the lanes in a fixed order.
-NEURALDB_INLINE float lane_sum(f32x8 v) {
-  const float s0 = v[0] + v[4], s1 = v[1] + v[5], s2 = v[2] + v[6], s3 = v[3] + v[7];
-  return (s0 + s2) + (s1 + s3);
+// Sum of the lanes in a fixed order: the upper half is added onto the lower half until one is left.
+template <typename Acc, typename V>
+NEURALDB_INLINE Acc lane_sum(V v) {
+  constexpr int kCount = sizeof(V) / sizeof(Acc);
+  Acc lanes[kCount];
+  __builtin_memcpy(lanes, &v, sizeof(V));
+  for (int width = kCount / 2; width >= 1; width /= 2) {
+    for (int i = 0; i < width; ++i) lanes[i] = lanes[i] + lanes[i + width];
+  }
+  return lanes[0];
 }
-NEURALDB_INLINE double lane_sum(f64x4 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
 
 // IEEE half bits (in 32-bit lanes) -> float bits, exact for zeros, subnormals, Inf and NaN.
 template <typename U, typename F>
@@ -136,26 +161,29 @@ NEURALDB_INLINE float scalar_half_to_float(uint16_t h) {
 template <typename Acc, typename Key> struct KeyLoad;
 
 template <> struct KeyLoad<float, float> {
-  static NEURALDB_INLINE f32x8 vec(const float* p) { return load<f32x8>(p); }
+  static NEURALDB_INLINE FloatVec vec(const float* p) { return load<FloatVec>(p); }
   static NEURALDB_INLINE float one(float x) { return x; }
 };
 template <> struct KeyLoad<double, double> {
-  static NEURALDB_INLINE f64x4 vec(const double* p) { return load<f64x4>(p); }
+  static NEURALDB_INLINE DoubleVec vec(const double* p) { return load<DoubleVec>(p); }
   static NEURALDB_INLINE double one(double x) { return x; }
 };
 template <> struct KeyLoad<double, float> {
-  static NEURALDB_INLINE f64x4 vec(const float* p) {
-    return __builtin_convertvector(load<f32x4>(p), f64x4);
+  static NEURALDB_INLINE DoubleVec vec(const float* p) {
+    return __builtin_convertvector(load<FloatHalfVec>(p), DoubleVec);
   }
   static NEURALDB_INLINE double one(float x) { return x; }
 };
 template <> struct KeyLoad<float, BFloat16> {
-  static NEURALDB_INLINE f32x8 vec(const BFloat16* p) {
-#ifdef NEURALDB_CPU_ISA_AVX2  // one vpmovzxwd ymm + one shift (GCC splits the generic form)
+  static NEURALDB_INLINE FloatVec vec(const BFloat16* p) {
+#if defined(NEURALDB_CPU_ISA_AVX512)
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return (FloatVec)_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16);
+#elif defined(NEURALDB_CPU_ISA_AVX2)  // one vpmovzxwd ymm + one shift (GCC splits the generic form)
     const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return (f32x8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16);
+    return (FloatVec)_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16);
 #else
-    return (f32x8)(__builtin_convertvector(load<u16x8>(p), u32x8) << 16);
+    return (FloatVec)(__builtin_convertvector(load<U16Vec>(p), U32Vec) << 16);
 #endif
   }
   static NEURALDB_INLINE float one(BFloat16 x) {
@@ -166,36 +194,43 @@ template <> struct KeyLoad<float, BFloat16> {
   }
 };
 template <> struct KeyLoad<double, BFloat16> {
-  static NEURALDB_INLINE f64x4 vec(const BFloat16* p) {
-#ifdef NEURALDB_CPU_ISA_AVX2
+  static NEURALDB_INLINE DoubleVec vec(const BFloat16* p) {
+#if defined(NEURALDB_CPU_ISA_AVX512)
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const FloatHalfVec f = (FloatHalfVec)_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16);
+#elif defined(NEURALDB_CPU_ISA_AVX2)
     const __m128i bits = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-    const f32x4 f = (f32x4)_mm_slli_epi32(_mm_cvtepu16_epi32(bits), 16);
+    const FloatHalfVec f = (FloatHalfVec)_mm_slli_epi32(_mm_cvtepu16_epi32(bits), 16);
 #else
-    const f32x4 f = (f32x4)(__builtin_convertvector(load<u16x4>(p), u32x4) << 16);
+    const FloatHalfVec f = (FloatHalfVec)(__builtin_convertvector(load<U16HalfVec>(p), U32HalfVec) << 16);
 #endif
-    return __builtin_convertvector(f, f64x4);
+    return __builtin_convertvector(f, DoubleVec);
   }
   static NEURALDB_INLINE double one(BFloat16 x) { return KeyLoad<float, BFloat16>::one(x); }
 };
 template <> struct KeyLoad<float, Float16> {
-  static NEURALDB_INLINE f32x8 vec(const Float16* p) {
-#ifdef NEURALDB_CPU_ISA_AVX2
-    return (f32x8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  static NEURALDB_INLINE FloatVec vec(const Float16* p) {
+#if defined(NEURALDB_CPU_ISA_AVX512)
+    return (FloatVec)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(NEURALDB_CPU_ISA_AVX2)
+    return (FloatVec)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
-    return (f32x8)half_to_float_bits<u32x8, f32x8>(__builtin_convertvector(load<u16x8>(p), u32x8));
+    return (FloatVec)half_to_float_bits<U32Vec, FloatVec>(__builtin_convertvector(load<U16Vec>(p), U32Vec));
 #endif
   }
   static NEURALDB_INLINE float one(Float16 x) { return scalar_half_to_float(x.bits); }
 };
 template <> struct KeyLoad<double, Float16> {
-  static NEURALDB_INLINE f64x4 vec(const Float16* p) {
-#ifdef NEURALDB_CPU_ISA_AVX2
-    const f32x4 f = (f32x4)_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  static NEURALDB_INLINE DoubleVec vec(const Float16* p) {
+#if defined(NEURALDB_CPU_ISA_AVX512)
+    const FloatHalfVec f = (FloatHalfVec)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif defined(NEURALDB_CPU_ISA_AVX2)
+    const FloatHalfVec f = (FloatHalfVec)_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 #else
-    const f32x4 f =
-        (f32x4)half_to_float_bits<u32x4, f32x4>(__builtin_convertvector(load<u16x4>(p), u32x4));
+    const FloatHalfVec f = (FloatHalfVec)half_to_float_bits<U32HalfVec, FloatHalfVec>(
+        __builtin_convertvector(load<U16HalfVec>(p), U32HalfVec));
 #endif
-    return __builtin_convertvector(f, f64x4);
+    return __builtin_convertvector(f, DoubleVec);
   }
   static NEURALDB_INLINE double one(Float16 x) { return scalar_half_to_float(x.bits); }
 };
@@ -211,7 +246,7 @@ NEURALDB_INLINE Acc inv_norm(Acc squared_norm) {
 // Each key vector is loaded and converted once and used by all QB queries. If `next` is not null,
 // the KB rows starting there (the keys of the next call) are prefetched into cache meanwhile: the
 // hardware prefetcher alone does not run far enough ahead to overlap the memory reads with the
-// dot products (measured: bf16 keys at n = 1 went from about 65% to over 80% of a plain sum).
+// dot products (measurement: bench/RESULTS.md, "Software prefetch in the key-streaming pass").
 template <int QB, int KB, bool kWithNorm, typename Acc, typename Key>
 NEURALDB_INLINE void dot_block(const Acc* q, const Key* k, int64_t dim, Acc (&dots)[QB][KB],
                                Acc (&squared)[KB], const Key* next = nullptr) {
@@ -239,8 +274,8 @@ NEURALDB_INLINE void dot_block(const Acc* q, const Key* k, int64_t dim, Acc (&do
     }
   }
   for (int b = 0; b < KB; ++b) {
-    if (kWithNorm) squared[b] = lane_sum(sq[b]);
-    for (int a = 0; a < QB; ++a) dots[a][b] = lane_sum(acc[a][b]);
+    if (kWithNorm) squared[b] = lane_sum<Acc>(sq[b]);
+    for (int a = 0; a < QB; ++a) dots[a][b] = lane_sum<Acc>(acc[a][b]);
   }
   for (; j < dim; ++j) {
     for (int b = 0; b < KB; ++b) {
