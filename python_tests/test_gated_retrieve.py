@@ -12,7 +12,6 @@ import dataclasses
 import os
 import subprocess
 import sys
-import warnings
 from typing import NamedTuple
 
 import pytest
@@ -67,14 +66,6 @@ def run(q, K, R, gamma, target: Target):
     gamma = gamma.to(target.device) if isinstance(gamma, torch.Tensor) else gamma
     return tuple(t.cpu() for t in nk.gated_retrieve(*moved, gamma, backend=target.name, return_index=True))
 
-
-@pytest.fixture(params=usable_targets())
-def per_key_backend(request) -> Target:
-    """A usable target whose backend takes per-key thresholds (the others are tested to refuse)."""
-    record = get_backend(request.param.name)
-    if not record.per_key_gamma:
-        pytest.skip(f"{record.per_key_gamma_reason()}: see test_backends_without_per_key_gamma_*")
-    return request.param
 
 
 # ----------------------------------------------------------------------------- correctness
@@ -518,23 +509,23 @@ def thresholds_around_best(q, K, float64_cosines, margin):
     ],
 )
 def test_per_key_thresholds_match_float64_reference(
-    per_key_backend, assert_matches_reference, float64_cosines, lead, m, d1, d2, dtype
+    backend, assert_matches_reference, float64_cosines, lead, m, d1, d2, dtype
 ):
-    if dtype not in get_backend(per_key_backend.name).dtypes:
-        pytest.skip(f"{per_key_backend.name} has no {dtype} path")
+    if dtype not in get_backend(backend.name).dtypes:
+        pytest.skip(f"{backend.name} has no {dtype} path")
     q, K, R = random_case(lead, m, d1, d2, dtype, dtype, dtype, seed=m + d1)
     flat = q.reshape(-1, d1)
     for row in range(flat.shape[0]):  # a distinct planted best key per row
         K[(row * 13 + 1) % m] = (flat[row].float() * 0.5 + 0.2 * torch.randn(d1)).to(dtype)
     gamma, best, best_index = thresholds_around_best(q, K, float64_cosines, margin=0.01)
-    out, index, score = run(q, K, R, gamma, per_key_backend)
+    out, index, score = run(q, K, R, gamma, backend)
     assert_matches_reference(q, K, R, gamma, out, index, score)
     expected = torch.where(best > gamma.double()[best_index], best_index, -1)  # the winner's own threshold
     assert torch.equal(index.reshape(-1), expected)
     assert (expected >= 0).any() and (expected == -1).any()
 
 
-def test_per_key_gate_is_strict_at_the_winners_threshold(per_key_backend):
+def test_per_key_gate_is_strict_at_the_winners_threshold(backend):
     # cos((4,0,0,0), (1,1,1,1)) = 1/2 and cos(2e1, 2e1) = 1: exact in every float format
     q = torch.tensor([[4.0, 0, 0, 0], [0, 2.0, 0, 0]])
     K = torch.tensor([[1.0, 1, 1, 1], [0, 2.0, 0, 0], [0, 0, 1.0, 0]])
@@ -542,16 +533,16 @@ def test_per_key_gate_is_strict_at_the_winners_threshold(per_key_backend):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         qq, KK = q.to(dtype), K.to(dtype)
         # row 0 sits exactly at key 0's threshold: closed; key 1's threshold is 1.0: closed
-        _, index, score = run(qq, KK, R, torch.tensor([0.5, 1.0, -1.0]), per_key_backend)
+        _, index, score = run(qq, KK, R, torch.tensor([0.5, 1.0, -1.0]), backend)
         assert score.tolist() == [0.5, 1.0] and index.tolist() == [-1, -1]
-        out, index, _ = run(qq, KK, R, torch.tensor([0.5 - 2**-20, 1.0 - 2**-20, 1.0]), per_key_backend)
+        out, index, _ = run(qq, KK, R, torch.tensor([0.5 - 2**-20, 1.0 - 2**-20, 1.0]), backend)
         assert index.tolist() == [0, 1] and torch.equal(out, R[[0, 1]])
         # a low threshold on a key that does not win opens nothing
-        _, index, _ = run(qq, KK, R, torch.tensor([0.9, 1.0, -1.0]), per_key_backend)
+        _, index, _ = run(qq, KK, R, torch.tensor([0.9, 1.0, -1.0]), backend)
         assert index.tolist() == [-1, -1]
 
 
-def test_exact_ties_pick_lowest_index_then_its_threshold_decides(per_key_backend, float64_cosines):
+def test_exact_ties_pick_lowest_index_then_its_threshold_decides(backend, float64_cosines):
     torch.manual_seed(2)
     K, R = torch.randn(1200, 16), torch.randn(1200, 5)
     target = torch.randn(16)
@@ -562,14 +553,14 @@ def test_exact_ties_pick_lowest_index_then_its_threshold_decides(per_key_backend
     assert best_index.tolist() == [9, 9] and (best > 0.6).all() and (best < 0.95).all(), "case changed"
     gamma = torch.full((1200,), -1.0)
     gamma[9] = 0.95  # the winner stays closed, its tied copies would fire
-    out, index, score = run(q, K, R, gamma, per_key_backend)
+    out, index, score = run(q, K, R, gamma, backend)
     assert index.tolist() == [-1, -1] and not out.any() and (score > 0.6).all()
     gamma[9], gamma[600], gamma[1199] = -1.0, 0.95, 0.95
-    out, index, _ = run(q, K, R, gamma, per_key_backend)
+    out, index, _ = run(q, K, R, gamma, backend)
     assert index.tolist() == [9, 9] and torch.equal(out, R[[9, 9]])
 
 
-def test_per_key_thresholds_with_special_rows(per_key_backend):
+def test_per_key_thresholds_with_special_rows(backend):
     torch.manual_seed(4)
     K, R = torch.randn(40, 12), torch.randn(40, 3)
     q = K[[5, 6, 7]].clone()
@@ -577,28 +568,28 @@ def test_per_key_thresholds_with_special_rows(per_key_backend):
     q[1] = 0.0  # cosine 0 with every key: key 0 wins
     gamma = torch.full((40,), 0.5)
     gamma[0] = -0.25
-    out, index, score = run(q, K, R, gamma, per_key_backend)
+    out, index, score = run(q, K, R, gamma, backend)
     assert index.tolist() == [-1, 0, 7] and torch.isnan(score[0]) and not out[0].any()
     assert torch.equal(out[1:], R[[0, 7]])
     K[7, 2] = float("inf")  # q[2]'s key no longer wins; every finite cosine is far below 0.5
     gamma[7] = -1.0
-    _, index, _ = run(q[2:], K, R, gamma, per_key_backend)
+    _, index, _ = run(q[2:], K, R, gamma, backend)
     assert index.item() != 7
-    _, index, score = run(q[2:], torch.full((3, 12), float("nan")), R[:3], torch.full((3,), -1.0), per_key_backend)
+    _, index, score = run(q[2:], torch.full((3, 12), float("nan")), R[:3], torch.full((3,), -1.0), backend)
     assert index.tolist() == [-1] and score.tolist() == [float("-inf")]
 
 
-def test_per_key_thresholds_with_an_empty_database(per_key_backend):
+def test_per_key_thresholds_with_an_empty_database(backend):
     q = torch.randn(2, 10)
-    out, index, score = run(q, torch.empty(0, 10), torch.empty(0, 4), torch.empty(0), per_key_backend)
+    out, index, score = run(q, torch.empty(0, 10), torch.empty(0, 4), torch.empty(0), backend)
     assert out.shape == (2, 4) and not out.any() and (index == -1).all() and (score == float("-inf")).all()
 
 
-def test_uniform_per_key_thresholds_equal_the_scalar_gamma(per_key_backend):
+def test_uniform_per_key_thresholds_equal_the_scalar_gamma(backend):
     q, K, R = random_case((9,), 300, 40, 6, seed=21)
     K[[3, 150, 299]] = q[[0, 4, 8]] * 2
-    scalar = run(q, K, R, 0.25, per_key_backend)
-    per_key = run(q, K, R, torch.full((300,), 0.25), per_key_backend)
+    scalar = run(q, K, R, 0.25, backend)
+    per_key = run(q, K, R, torch.full((300,), 0.25), backend)
     for a, b in zip(scalar, per_key):
         assert torch.equal(a, b)
 
@@ -629,34 +620,18 @@ def test_bad_per_key_gamma_raises_clear_errors(case):
         nk.gated_retrieve(q, K, R.requires_grad_(), gamma, backend="torch")
 
 
-def test_backends_without_per_key_gamma_are_skipped_by_auto_and_refused_by_name(fresh_resolution):
-    without = [name for name in nk.BACKENDS if not get_backend(name).per_key_gamma]
-    for name in without:
-        for dtypes in ((torch.float32,) * 3, (torch.bfloat16, torch.float32, torch.float16)):
-            chosen = dispatch.resolve_backend("auto", CPU, dtypes, per_key_gamma=True)
-            assert chosen != name and get_backend(chosen).per_key_gamma
-        if dispatch.unavailable_reason(name, CPU) is not None:
-            continue  # it cannot run here at all, which is reported first
-        with pytest.raises(nk.BackendUnavailableError, match=f"backend '{name}'.*not per-key thresholds"):
-            nk.gated_retrieve(torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, 2), torch.zeros(3), backend=name)
-        with pytest.raises(RuntimeError, match=rf"gated_retrieve\[{name}\]:.*not per-key thresholds"):
-            get_backend(name).retrieve(torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, 2), torch.zeros(3))
-
-
-def test_auto_answers_per_key_calls_on_cpu_tensors_without_warning(assert_matches_reference, fresh_resolution):
+def test_auto_answers_per_key_calls_on_cpu_tensors(assert_matches_reference):
     q, K, R = random_case((4,), 30, 16, 3, seed=5)
     K[2] = q[0]
     gamma = torch.linspace(-0.5, 0.9, 30)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # skipping a backend without per-key support is no fallback
-        out, index, score = nk.gated_retrieve(q, K, R, gamma, return_index=True)
+    out, index, score = nk.gated_retrieve(q, K, R, gamma, return_index=True)
     assert_matches_reference(q, K, R, gamma, out, index, score)
     assert index[0].item() == 2
 
 
-def test_per_key_gradcheck_on_residuals_in_float64(per_key_backend, float64_cosines):
-    if torch.float64 not in get_backend(per_key_backend.name).dtypes:
-        pytest.skip(f"{per_key_backend.name} has no float64 path")
+def test_per_key_gradcheck_on_residuals_in_float64(backend, float64_cosines):
+    if torch.float64 not in get_backend(backend.name).dtypes:
+        pytest.skip(f"{backend.name} has no float64 path")
     torch.manual_seed(6)
     K = torch.randn(8, 5, dtype=torch.float64)
     q = torch.cat([K[[1, 4, 6]] + 0.3 * torch.randn(3, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)])
@@ -666,11 +641,11 @@ def test_per_key_gradcheck_on_residuals_in_float64(per_key_backend, float64_cosi
     expected = torch.where(best > gamma.double()[best_index], best_index, -1)
     assert expected[0] >= 0 and expected[1] == -1 and expected[2] >= 0
     R = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.equal(run(q, K, R, gamma, per_key_backend)[1], expected)
-    assert torch.autograd.gradcheck(lambda r: run(q, K, r, gamma, per_key_backend)[0], (R,))
+    assert torch.equal(run(q, K, R, gamma, backend)[1], expected)
+    assert torch.autograd.gradcheck(lambda r: run(q, K, r, gamma, backend)[0], (R,))
 
 
-def test_per_key_gradient_flows_to_selected_residual_rows_only(per_key_backend, float64_cosines):
+def test_per_key_gradient_flows_to_selected_residual_rows_only(backend, float64_cosines):
     torch.manual_seed(5)
     K = torch.randn(10, 6)
     R = torch.randn(10, 3, requires_grad=True)
@@ -679,7 +654,7 @@ def test_per_key_gradient_flows_to_selected_residual_rows_only(per_key_backend, 
     assert best_index == 4 and 0.6 < best < 0.95, "case changed"
     gamma = torch.full((10,), 0.5)
     gamma[4] = 0.99  # row 3 would fire under the other keys' threshold; its winner's closes it
-    out, index, _ = run(q, K, R, gamma, per_key_backend)
+    out, index, _ = run(q, K, R, gamma, backend)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     expected = torch.zeros(10, 3)
@@ -722,13 +697,13 @@ def test_torch_compile_fullgraph_with_per_key_thresholds(device, float64_cosines
         torch.testing.assert_close(compiled(x, W, K, R, gamma).cpu(), expected)
 
 
-def test_opcheck_on_the_custom_op_with_per_key_thresholds(per_key_backend):
+def test_opcheck_on_the_custom_op_with_per_key_thresholds(backend):
     q, K, R = random_case((3, 4), 20, 12, 5, seed=12)
     K[2] = q[0, 1] * 2
     gamma = torch.linspace(-0.2, 0.8, 20)
-    q, K, gamma = q.to(per_key_backend.device), K.to(per_key_backend.device), gamma.to(per_key_backend.device)
-    R = R.to(per_key_backend.device).requires_grad_(True)
-    torch.library.opcheck(torch.ops.neuraldb.gated_retrieve.default, (q, K, R, 0.0, per_key_backend.name, gamma))
+    q, K, gamma = q.to(backend.device), K.to(backend.device), gamma.to(backend.device)
+    R = R.to(backend.device).requires_grad_(True)
+    torch.library.opcheck(torch.ops.neuraldb.gated_retrieve.default, (q, K, R, 0.0, backend.name, gamma))
 
 
 def test_torch_backend_per_key_thresholds_over_many_key_chunks(monkeypatch, assert_matches_reference):

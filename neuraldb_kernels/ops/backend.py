@@ -28,9 +28,8 @@ class Backend:
     present (a compiled extension, an importable package, a visible GPU), else a sentence saying
     what is missing and how to get it. run(q2d, K, R, gamma): the kernel, on validated inputs:
     q2d (n >= 1, d1), K (m >= 1, d1), R (m, d2), contiguous, one device, dtypes in `dtypes`;
-    gamma a float, or (when per_key_gamma) a contiguous (m,) float32 tensor of per-key
-    thresholds in [-1, 1] on the same device -> out (n, d2) R.dtype, index (n,) int64, score (n,)
-    float32. per_key_gamma: whether run accepts a per-key threshold tensor.
+    gamma a float, or a contiguous (m,) float32 tensor of per-key thresholds in [-1, 1] on the
+    same device -> out (n, d2) R.dtype, index (n,) int64, score (n,) float32.
     """
 
     name: str
@@ -38,7 +37,6 @@ class Backend:
     device_types: Optional[Tuple[str, ...]]
     run: Kernel
     requirement: Callable[[torch.device], Optional[str]] = _always_ready
-    per_key_gamma: bool = True
 
     def unavailable_reason(self, device) -> Optional[str]:
         """None when this backend runs on tensors of `device`, else a sentence saying why not."""
@@ -56,8 +54,8 @@ class Backend:
         self, q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: Gamma
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`run` for direct calls (tests, benchmarks): a TypeError naming the first of q, K, R with
-        an unsupported dtype, a RuntimeError when the backend cannot run on q2d's device or
-        takes no per-key thresholds, then the kernel. Shapes as for `run`."""
+        an unsupported dtype, a RuntimeError when the backend cannot run on q2d's device, then the
+        kernel. Shapes as for `run`."""
         for name, t in (("q", q2d), ("K", K), ("R", R)):
             if t.dtype not in self.dtypes:
                 raise TypeError(
@@ -67,10 +65,4 @@ class Backend:
         why = self.unavailable_reason(q2d.device)
         if why is not None:
             raise RuntimeError(f"gated_retrieve[{self.name}]: not available for tensors on {q2d.device}: {why}")
-        if isinstance(gamma, torch.Tensor) and not self.per_key_gamma:
-            raise RuntimeError(f"gated_retrieve[{self.name}]: {self.per_key_gamma_reason()}")
         return self.run(q2d, K, R, gamma)
-
-    def per_key_gamma_reason(self) -> str:
-        """The sentence saying that this backend takes one threshold only."""
-        return f"the {self.name} backend takes one gamma for every key, not per-key thresholds (a tensor)"

@@ -90,27 +90,24 @@ def available_backends() -> Dict[str, BackendStatus]:
     return report
 
 
-def resolve_backend(
-    backend: str, device: torch.device, dtypes: Tuple[torch.dtype, ...], per_key_gamma: bool = False
-) -> str:
-    """The concrete backend for tensors on `device` with `dtypes` (and per-key thresholds when
-    per_key_gamma); raises if `backend` cannot run.
+def resolve_backend(backend: str, device: torch.device, dtypes: Tuple[torch.dtype, ...]) -> str:
+    """The concrete backend for tensors on `device` with `dtypes`; raises if `backend` cannot run.
 
-    "auto" takes the first backend of AUTO_ORDER that accepts the dtypes (and the per-key
-    thresholds) and runs on the device; passing over one that cannot run here (an extension not
-    built, say) warns, once per backend and device type."""
+    "auto" takes the first backend of AUTO_ORDER that accepts the dtypes and runs on the device;
+    passing over one that cannot run here (an extension not built, say) warns, once per backend
+    and device type."""
     check_backend_name(backend)
-    return _resolve(backend, torch.device(device), tuple(dtypes), per_key_gamma)
+    return _resolve(backend, torch.device(device), tuple(dtypes))
 
 
 @functools.lru_cache(maxsize=256)  # availability is fixed for a process: decode calls skip the checks
-def _resolve(backend: str, device: torch.device, dtypes: Tuple[torch.dtype, ...], per_key_gamma: bool) -> str:
+def _resolve(backend: str, device: torch.device, dtypes: Tuple[torch.dtype, ...]) -> str:
     if backend == "auto":
         passed_over = []
         for name in AUTO_ORDER.get(device.type, (_FALLBACK,)):
             record, why = _record_or_reason(name)
             if record is not None:
-                if not record.supports(dtypes) or (per_key_gamma and not record.per_key_gamma):
+                if not record.supports(dtypes):
                     continue
                 why = record.unavailable_reason(device)
             if why is None:
@@ -129,8 +126,6 @@ def _resolve(backend: str, device: torch.device, dtypes: Tuple[torch.dtype, ...]
             f"gated_retrieve: backend {backend!r} does not support dtype {unsupported[0]}; "
             f"it supports {', '.join(str(d) for d in record.dtypes)}"
         )
-    if per_key_gamma and not record.per_key_gamma:
-        raise BackendUnavailableError(f"gated_retrieve: backend {backend!r}: {record.per_key_gamma_reason()}")
     return backend
 
 

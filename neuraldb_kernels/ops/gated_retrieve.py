@@ -32,7 +32,7 @@ def _retrieve(
     per_key = isinstance(gamma, torch.Tensor)
     if per_key:
         check_key_gamma_values(gamma)
-    name = resolve_backend(backend, q.device, (q.dtype, K.dtype, R.dtype), per_key_gamma=per_key)
+    name = resolve_backend(backend, q.device, (q.dtype, K.dtype, R.dtype))
     lead = q.shape[:-1]
     n, m, d2 = q[..., 0].numel(), K.shape[0], R.shape[1]
     if n == 0 or m == 0:
