@@ -590,8 +590,9 @@ def test_uniform_per_key_thresholds_equal_the_scalar_gamma(backend):
     K[[3, 150, 299]] = q[[0, 4, 8]] * 2
     scalar = run(q, K, R, 0.25, backend)
     per_key = run(q, K, R, torch.full((300,), 0.25), backend)
-    for a, b in zip(scalar, per_key):
-        assert torch.equal(a, b)
+    strided = run(q, K, R, torch.full((600,), 0.25)[::2], backend)  # a non-contiguous view
+    for a, b, c in zip(scalar, per_key, strided):
+        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 def _bad_gamma(K):
