@@ -6,6 +6,8 @@ Run (2 threads, as on the CI machine):
     python -m pytest bench/test_bench_gated_retrieve_cpu.py -q --benchmark-columns=median,min,rounds
 Gates only:
     python -m pytest bench/test_bench_gated_retrieve_cpu.py -q -k gate_ -s
+Per-key thresholds vs one gamma (same run):
+    python -m pytest bench/test_bench_gated_retrieve_cpu.py -q -k per_key -s
 
 Implementations timed per shape:
 - "cpu":   neuraldb_kernels.gated_retrieve(..., backend="cpu"), the full op (validation, gate, gather).
@@ -23,13 +25,27 @@ Shapes (a subset of the issue's product so the suite runs in a few minutes on 2 
 m = 1e5 (essential for the gates), n = 16 and n = 256 prefill at m = 1e4 (n = 16 also at 1e5).
 """
 
+import statistics
+
 import pytest
 import torch
 import torch.nn.functional as F
-from retrieval_cases import BF16, F32, GPT2XL, SMOL, Case, CaseInputs, interleaved_min_times, naive, unit_keys
+from retrieval_cases import (
+    BF16,
+    F32,
+    GPT2XL,
+    SMOL,
+    Case,
+    CaseInputs,
+    interleaved_min_times,
+    naive,
+    unit_keys,
+    wall_seconds,
+)
 
 import neuraldb_kernels as nk
 from neuraldb_kernels.ops import get_backend
+from neuraldb_kernels.ops.contract import check_key_gamma_values
 
 try:
     import faiss
@@ -129,3 +145,49 @@ def test_gate_cpu_beats_naive_torch_at_n1(case):
     speedup = t["naive"] / t["cpu"]
     print(f"\n{case.id}: cpu {t['cpu'] * 1e3:.1f} ms, naive {t['naive'] * 1e3:.1f} ms -> {speedup:.1f}x")
     assert speedup >= required
+
+
+# ------------------------------------------------------------------ per-key thresholds vs one gamma
+
+PER_KEY_CASE = Case(1, 100_000, *SMOL, F32)
+
+
+def paired_ratio(fn, reference, rounds: int):
+    """Median over `rounds` of time(fn) / time(reference), the two timed back to back (order
+    swapped every other round) so that load from other processes mostly cancels out of each ratio;
+    also the min time of each (s)."""
+    fn(), reference()  # warm-up
+    ratios, fn_times, reference_times = [], [], []
+    for round_ in range(rounds):
+        if round_ % 2 == 0:
+            t_ref, t_fn = wall_seconds(reference), wall_seconds(fn)
+        else:
+            t_fn, t_ref = wall_seconds(fn), wall_seconds(reference)
+        ratios.append(t_fn / t_ref)
+        fn_times.append(t_fn)
+        reference_times.append(t_ref)
+    return statistics.median(ratios), min(fn_times), min(reference_times)
+
+
+def test_per_key_gamma_costs_no_measurable_time_at_n1():
+    """n = 1, m = 1e5, d1 = 1536, in one run: each backend with per-key thresholds against the
+    same backend with one gamma (median per-round ratio, `paired_ratio`), and the per-call value
+    check of the m thresholds alone."""
+    data = INPUTS.get(PER_KEY_CASE)
+    q, K, R = data["q"], data["K"], data["R"]
+    thresholds = torch.full((PER_KEY_CASE.m,), GAMMA)
+    print(f"\n{PER_KEY_CASE.id}, {torch.get_num_threads()} threads:")
+    torch_scalar = None
+    for name, rounds in (("cpu", 31), ("torch", 21)):
+        ratio, per_key, scalar = paired_ratio(
+            lambda: nk.gated_retrieve(q, K, R, thresholds, backend=name),
+            lambda: nk.gated_retrieve(q, K, R, GAMMA, backend=name),
+            rounds,
+        )
+        print(f"  {name}: one gamma min {scalar * 1e3:.2f} ms, per-key min {per_key * 1e3:.2f} ms, "
+              f"median per-round ratio {ratio:.3f} ({rounds} rounds)")
+        assert ratio <= 1.10, name  # the same scan plus one load per query: noise only
+        torch_scalar = scalar
+    check = min(wall_seconds(lambda: check_key_gamma_values(thresholds)) for _ in range(21))
+    print(f"  value check of the {PER_KEY_CASE.m} thresholds: min {check * 1e3:.3f} ms")
+    assert check <= 0.02 * torch_scalar

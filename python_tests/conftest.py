@@ -75,7 +75,11 @@ def _cosine_tolerance(d1: int, q_dtype: torch.dtype, k_dtype: torch.dtype) -> fl
 
 def _assert_matches_reference(q, K, R, gamma, out, index, score) -> None:
     """Assert gated_retrieve's contract on (out, index, score) for q (..., d1), K (m, d1),
-    R (m, d2) and gamma, against the float64 reference within `_cosine_tolerance`."""
+    R (m, d2) and gamma (a number, or (m,) per-key thresholds), against the float64 reference
+    within `_cosine_tolerance`. With per-key thresholds the gate must open when the best cosine
+    clears the threshold of every key that could win (within twice the tolerance of the best),
+    stay closed when it clears none, and when open the backend's score must clear its own
+    winner's threshold."""
     lead = q.shape[:-1]
     assert out.shape == (*lead, R.shape[1]) and out.dtype == R.dtype
     assert index.shape == lead and index.dtype == torch.int64
@@ -85,6 +89,10 @@ def _assert_matches_reference(q, K, R, gamma, out, index, score) -> None:
     R = R.detach().cpu()
     tol = _cosine_tolerance(q.shape[-1], q.dtype, K.dtype)
     cos = _float64_cosines(q, K)
+    if isinstance(gamma, torch.Tensor):
+        thresholds = gamma.detach().to("cpu", torch.float64)
+    else:
+        thresholds = torch.full((K.shape[0],), float(gamma), dtype=torch.float64)
     for row in range(n):
         closed = index[row].item() == -1
         if torch.isnan(cos[row]).all():  # a query row with NaN/Inf never matches
@@ -95,10 +103,11 @@ def _assert_matches_reference(q, K, R, gamma, out, index, score) -> None:
             assert closed and score[row].item() == float("-inf") and not out[row].any(), row
             continue
         assert abs(score[row].item() - best) <= tol, (row, score[row].item(), best, tol)
-        if best > gamma + tol:
-            assert not closed, (row, best, gamma)
-        if best < gamma - tol:
-            assert closed, (row, best, gamma)
+        contenders = thresholds[cos[row] >= best - 2 * tol]  # thresholds of the keys that may win
+        if best > contenders.max().item() + tol:
+            assert not closed, (row, best, contenders)
+        if best < contenders.min().item() - tol:
+            assert closed, (row, best, contenders)
         if closed:
             assert not out[row].any() and not torch.signbit(out[row]).any(), row
             continue
@@ -107,7 +116,8 @@ def _assert_matches_reference(q, K, R, gamma, out, index, score) -> None:
         # the lowest index among the (near-)best keys, unless rounding separates them
         first = int(torch.nonzero(cos[row] >= best - 2 * tol)[0])
         assert picked >= first, (row, picked, first)
-        assert score[row].item() > gamma or abs(score[row].item() - gamma) <= tol, (row, score[row].item(), gamma)
+        own = thresholds[picked].item()  # the winner's own threshold decides
+        assert score[row].item() > own or abs(score[row].item() - own) <= tol, (row, score[row].item(), own)
         assert torch.equal(out[row].contiguous().view(torch.uint8), R[picked].contiguous().view(torch.uint8)), row
 
 

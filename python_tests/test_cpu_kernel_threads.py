@@ -18,12 +18,10 @@ float32 rounding of the returned score (2^-24).
 import pytest
 import torch
 
-from neuraldb_kernels.ops import cpu_backend
+from neuraldb_kernels.ops import cpu_backend, get_backend
 
-pytestmark = pytest.mark.skipif(
-    cpu_backend.unavailable_reason(torch.device("cpu")) is not None,
-    reason=f"cpu backend: {cpu_backend.unavailable_reason(torch.device('cpu'))}",
-)
+_WHY = get_backend("cpu").unavailable_reason(torch.device("cpu"))
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"cpu backend: {_WHY}")
 
 THREAD_COUNTS = (1, 2, 3, 7)
 ISAS = cpu_backend._cpu.available_isas() if cpu_backend._cpu is not None else []

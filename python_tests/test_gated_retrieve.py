@@ -60,9 +60,12 @@ def random_case(lead, m, d1, d2, q_dtype=torch.float32, k_dtype=torch.float32, r
 
 
 def run(q, K, R, gamma, target: Target):
-    """gated_retrieve on `target`'s device; (out, index, score) come back on the CPU (differentiably)."""
+    """gated_retrieve on `target`'s device (gamma too, when it is a per-key tensor); (out, index,
+    score) come back on the CPU (differentiably)."""
     moved = (t.to(target.device) for t in (q, K, R))
+    gamma = gamma.to(target.device) if isinstance(gamma, torch.Tensor) else gamma
     return tuple(t.cpu() for t in nk.gated_retrieve(*moved, gamma, backend=target.name, return_index=True))
+
 
 
 # ----------------------------------------------------------------------------- correctness
@@ -472,3 +475,249 @@ def test_keys_with_nan_or_inf_never_win(backend):
     bad_only = torch.full((3, 10), float("nan"))
     _, index, score = run(q, bad_only, torch.randn(3, 2), -1.0, backend)
     assert index.tolist() == [-1, -1] and (score == float("-inf")).all()
+
+
+# ----------------------------------------------------------------------------- per-key thresholds
+
+
+def thresholds_around_best(q, K, float64_cosines, margin):
+    """Per-key thresholds (m,) float32 in [-1, 1] such that every even query row's reference best
+    key has a threshold `margin` below that row's best cosine (it fires) and every odd row's best
+    key one `margin` above (it stays closed); the other keys get seeded random thresholds. Rows
+    sharing a best key keep the first row's choice. Returns (thresholds, reference best cosine
+    and best index per row)."""
+    cos = float64_cosines(q, K)
+    best, best_index = cos.max(dim=1)
+    gen = torch.Generator().manual_seed(K.shape[0])
+    gamma = torch.rand(K.shape[0], generator=gen, dtype=torch.float64) * 2 - 1
+    assigned = set()
+    for row, (s, i) in enumerate(zip(best.tolist(), best_index.tolist())):
+        if i not in assigned:
+            gamma[i] = s - margin if row % 2 == 0 else s + margin
+            assigned.add(i)
+    return gamma.clamp(-1, 1).to(torch.float32), best, best_index
+
+
+@pytest.mark.parametrize(
+    "lead,m,d1,d2,dtype",
+    [
+        ((6,), 7, 67, 5, torch.float32),
+        ((3, 5), 300, 33, 9, torch.float32),
+        ((8,), 1003, 45, 11, torch.bfloat16),
+        ((5,), 57, 37, 8, torch.float16),
+        ((4,), 40, 19, 3, torch.float64),
+    ],
+)
+def test_per_key_thresholds_match_float64_reference(
+    backend, assert_matches_reference, float64_cosines, lead, m, d1, d2, dtype
+):
+    if dtype not in get_backend(backend.name).dtypes:
+        pytest.skip(f"{backend.name} has no {dtype} path")
+    q, K, R = random_case(lead, m, d1, d2, dtype, dtype, dtype, seed=m + d1)
+    flat = q.reshape(-1, d1)
+    for row in range(flat.shape[0]):  # a distinct planted best key per row
+        K[(row * 13 + 1) % m] = (flat[row].float() * 0.5 + 0.2 * torch.randn(d1)).to(dtype)
+    gamma, best, best_index = thresholds_around_best(q, K, float64_cosines, margin=0.01)
+    out, index, score = run(q, K, R, gamma, backend)
+    assert_matches_reference(q, K, R, gamma, out, index, score)
+    expected = torch.where(best > gamma.double()[best_index], best_index, -1)  # the winner's own threshold
+    assert torch.equal(index.reshape(-1), expected)
+    assert (expected >= 0).any() and (expected == -1).any()
+
+
+def test_per_key_gate_is_strict_at_the_winners_threshold(backend):
+    # cos((4,0,0,0), (1,1,1,1)) = 1/2 and cos(2e1, 2e1) = 1: exact in every float format
+    q = torch.tensor([[4.0, 0, 0, 0], [0, 2.0, 0, 0]])
+    K = torch.tensor([[1.0, 1, 1, 1], [0, 2.0, 0, 0], [0, 0, 1.0, 0]])
+    R = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        qq, KK = q.to(dtype), K.to(dtype)
+        # row 0 sits exactly at key 0's threshold: closed; key 1's threshold is 1.0: closed
+        _, index, score = run(qq, KK, R, torch.tensor([0.5, 1.0, -1.0]), backend)
+        assert score.tolist() == [0.5, 1.0] and index.tolist() == [-1, -1]
+        out, index, _ = run(qq, KK, R, torch.tensor([0.5 - 2**-20, 1.0 - 2**-20, 1.0]), backend)
+        assert index.tolist() == [0, 1] and torch.equal(out, R[[0, 1]])
+        # a low threshold on a key that does not win opens nothing
+        _, index, _ = run(qq, KK, R, torch.tensor([0.9, 1.0, -1.0]), backend)
+        assert index.tolist() == [-1, -1]
+
+
+def test_exact_ties_pick_lowest_index_then_its_threshold_decides(backend, float64_cosines):
+    torch.manual_seed(2)
+    K, R = torch.randn(1200, 16), torch.randn(1200, 5)
+    target = torch.randn(16)
+    for row in (9, 600, 1199):  # the same key in three places, far apart (other splits and blocks)
+        K[row] = target
+    q = torch.stack([target + 0.6 * torch.randn(16), target * 2.5 + 1.5 * torch.randn(16)])
+    best, best_index = float64_cosines(q, K).max(dim=1)
+    assert best_index.tolist() == [9, 9] and (best > 0.6).all() and (best < 0.95).all(), "case changed"
+    gamma = torch.full((1200,), -1.0)
+    gamma[9] = 0.95  # the winner stays closed, its tied copies would fire
+    out, index, score = run(q, K, R, gamma, backend)
+    assert index.tolist() == [-1, -1] and not out.any() and (score > 0.6).all()
+    gamma[9], gamma[600], gamma[1199] = -1.0, 0.95, 0.95
+    out, index, _ = run(q, K, R, gamma, backend)
+    assert index.tolist() == [9, 9] and torch.equal(out, R[[9, 9]])
+
+
+def test_per_key_thresholds_with_special_rows(backend):
+    torch.manual_seed(4)
+    K, R = torch.randn(40, 12), torch.randn(40, 3)
+    q = K[[5, 6, 7]].clone()
+    q[0, 3] = float("nan")
+    q[1] = 0.0  # cosine 0 with every key: key 0 wins
+    gamma = torch.full((40,), 0.5)
+    gamma[0] = -0.25
+    out, index, score = run(q, K, R, gamma, backend)
+    assert index.tolist() == [-1, 0, 7] and torch.isnan(score[0]) and not out[0].any()
+    assert torch.equal(out[1:], R[[0, 7]])
+    K[7, 2] = float("inf")  # q[2]'s key no longer wins; every finite cosine is far below 0.5
+    gamma[7] = -1.0
+    _, index, _ = run(q[2:], K, R, gamma, backend)
+    assert index.item() != 7
+    _, index, score = run(q[2:], torch.full((3, 12), float("nan")), R[:3], torch.full((3,), -1.0), backend)
+    assert index.tolist() == [-1] and score.tolist() == [float("-inf")]
+
+
+def test_per_key_thresholds_with_an_empty_database(backend):
+    q = torch.randn(2, 10)
+    out, index, score = run(q, torch.empty(0, 10), torch.empty(0, 4), torch.empty(0), backend)
+    assert out.shape == (2, 4) and not out.any() and (index == -1).all() and (score == float("-inf")).all()
+
+
+def test_uniform_per_key_thresholds_equal_the_scalar_gamma(backend):
+    q, K, R = random_case((9,), 300, 40, 6, seed=21)
+    K[[3, 150, 299]] = q[[0, 4, 8]] * 2
+    scalar = run(q, K, R, 0.25, backend)
+    per_key = run(q, K, R, torch.full((300,), 0.25), backend)
+    strided = run(q, K, R, torch.full((600,), 0.25)[::2], backend)  # a non-contiguous view
+    for a, b, c in zip(scalar, per_key, strided):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def _bad_gamma(K):
+    m = K.shape[0]
+    return [
+        (torch.full((m + 1,), 0.5), r"shape \(m,\) = \(5,\).*K \(shape \(5, 8\)\).*got shape \(6,\)"),
+        (torch.full((m, 1), 0.5), r"shape \(m,\) = \(5,\).*got shape \(5, 1\)"),
+        (torch.full((), 0.5), r"shape \(m,\) = \(5,\).*got shape \(\)"),
+        (torch.full((m,), 0.5, device="meta"), "per-key gamma is on meta, K is on cpu"),
+        (torch.zeros(m, dtype=torch.int64), "float32 tensor, got dtype torch.int64"),
+        (torch.zeros(m, dtype=torch.float64), "float32 tensor, got dtype torch.float64"),
+        (torch.tensor([0.5, 0.1, float("nan"), 0.0, 0.2]), r"in \[-1, 1\]; gamma\[2\] = nan"),
+        (torch.tensor([0.5, 0.1, 0.0, 1.5, 0.2]), r"in \[-1, 1\]; gamma\[3\] = 1.5"),
+        (torch.tensor([-1.25, 0.1, 0.0, 0.5, 0.2]), r"in \[-1, 1\]; gamma\[0\] = -1.25"),
+        (torch.tensor([0.5, float("-inf"), 0.0, 0.5, 0.2]), r"in \[-1, 1\]; gamma\[1\] = -inf"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_bad_per_key_gamma_raises_clear_errors(case):
+    q, K, R = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5, 2)
+    gamma, match = _bad_gamma(K)[case]
+    with pytest.raises(ValueError, match=match):
+        nk.gated_retrieve(q, K, R, gamma, backend="torch")
+    with pytest.raises(ValueError, match=match):  # the custom op (autograd) path checks the same
+        nk.gated_retrieve(q, K, R.requires_grad_(), gamma, backend="torch")
+
+
+def test_auto_answers_per_key_calls_on_cpu_tensors(assert_matches_reference):
+    q, K, R = random_case((4,), 30, 16, 3, seed=5)
+    K[2] = q[0]
+    gamma = torch.linspace(-0.5, 0.9, 30)
+    out, index, score = nk.gated_retrieve(q, K, R, gamma, return_index=True)
+    assert_matches_reference(q, K, R, gamma, out, index, score)
+    assert index[0].item() == 2
+
+
+def test_per_key_gradcheck_on_residuals_in_float64(backend, float64_cosines):
+    if torch.float64 not in get_backend(backend.name).dtypes:
+        pytest.skip(f"{backend.name} has no float64 path")
+    torch.manual_seed(6)
+    K = torch.randn(8, 5, dtype=torch.float64)
+    q = torch.cat([K[[1, 4, 6]] + 0.3 * torch.randn(3, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)])
+    best, best_index = float64_cosines(q, K).max(dim=1)
+    gamma = torch.full((8,), 0.5)
+    gamma[best_index[1]] = 1.0  # row 1's winner never fires; rows 0 and 2 fire
+    expected = torch.where(best > gamma.double()[best_index], best_index, -1)
+    assert expected[0] >= 0 and expected[1] == -1 and expected[2] >= 0
+    R = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(run(q, K, R, gamma, backend)[1], expected)
+    assert torch.autograd.gradcheck(lambda r: run(q, K, r, gamma, backend)[0], (R,))
+
+
+def test_per_key_gradient_flows_to_selected_residual_rows_only(backend, float64_cosines):
+    torch.manual_seed(5)
+    K = torch.randn(10, 6)
+    R = torch.randn(10, 3, requires_grad=True)
+    q = torch.stack([K[2], K[2] * 2, K[7], K[4] * 3 + 2.0 * torch.randn(6)]).requires_grad_(True)
+    best, best_index = float64_cosines(q, K)[3].max(dim=0)
+    assert best_index == 4 and 0.6 < best < 0.95, "case changed"
+    gamma = torch.full((10,), 0.5)
+    gamma[4] = 0.99  # row 3 would fire under the other keys' threshold; its winner's closes it
+    out, index, _ = run(q, K, R, gamma, backend)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    expected = torch.zeros(10, 3)
+    expected[2] = grad_out[0] + grad_out[1]
+    expected[7] = grad_out[2]
+    assert index.tolist() == [2, 2, 7, -1]
+    assert torch.allclose(R.grad, expected)
+    assert q.grad is None
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+)
+def test_torch_compile_fullgraph_with_per_key_thresholds(device, float64_cosines, cosine_tolerance):
+    def ffn_with_edits(x, W, K, R, gamma):
+        hidden = torch.relu(x @ W)
+        return hidden @ W.T + nk.gated_retrieve(hidden, K, R, gamma)
+
+    torch.manual_seed(7)
+    x, W = torch.randn(2, 3, 16), torch.randn(16, 24)
+    K, R = torch.randn(50, 24), torch.randn(50, 16)
+    K[3] = torch.relu(x[1, 2] @ W)
+    hidden = torch.relu(x @ W)
+    cos = float64_cosines(hidden, K)
+    top2, top_index = cos.topk(2, dim=1)
+    gamma = torch.full((50,), 0.7)
+    closed_under_scalar = torch.nonzero(top2[:, 0] < 0.7).flatten()
+    opened = top_index[closed_under_scalar[0], 0]
+    gamma[opened] = top2[closed_under_scalar[0], 0] - 0.05  # per-key: this row's winner now fires
+    thresholds = gamma.double()[top_index[:, 0]]
+    tol = cosine_tolerance(24, torch.float32, torch.float32)
+    assert ((top2[:, 0] - thresholds).abs() > tol).all() and (top2[:, 0] - top2[:, 1] > 2 * tol).all(), "ambiguous"
+    fired = top2[:, 0] > thresholds
+    assert fired.any() and not fired.all() and not torch.equal(fired, top2[:, 0] > 0.7)
+    retrieved = torch.where(fired[:, None], R[top_index[:, 0]], torch.zeros(16)).reshape(2, 3, 16)
+    expected = hidden @ W.T + retrieved
+    x, W, K, R, gamma = (t.to(device) for t in (x, W, K, R, gamma))
+    for compiler in ("eager", "inductor"):
+        compiled = torch.compile(ffn_with_edits, fullgraph=True, backend=compiler)
+        torch.testing.assert_close(compiled(x, W, K, R, gamma).cpu(), expected)
+
+
+def test_opcheck_on_the_custom_op_with_per_key_thresholds(backend):
+    q, K, R = random_case((3, 4), 20, 12, 5, seed=12)
+    K[2] = q[0, 1] * 2
+    gamma = torch.linspace(-0.2, 0.8, 20)
+    q, K, gamma = q.to(backend.device), K.to(backend.device), gamma.to(backend.device)
+    R = R.to(backend.device).requires_grad_(True)
+    torch.library.opcheck(torch.ops.neuraldb.gated_retrieve.default, (q, K, R, 0.0, backend.name, gamma))
+
+
+def test_torch_backend_per_key_thresholds_over_many_key_chunks(monkeypatch, assert_matches_reference):
+    """The winner's threshold is read after the chunk loop: ties across a chunk border keep the
+    first chunk's key and its threshold."""
+    monkeypatch.setattr(torch_backend, "_CHUNK_ELEMENTS", 64)
+    gen = torch.Generator().manual_seed(14)
+    K, R = torch.randn(30, 16, generator=gen), torch.randn(30, 3, generator=gen)
+    q = torch.randn(2, 16, generator=gen)
+    K[3] = K[4] = q[0]  # 4 keys per chunk: the border between chunks 0 and 1
+    K[29] = q[1] * 2
+    gamma = torch.full((30,), -1.0)
+    gamma[3] = 1.0
+    out, index, score = nk.gated_retrieve(q, K, R, gamma, backend="torch", return_index=True)
+    assert_matches_reference(q, K, R, gamma, out, index, score)
+    assert index.tolist() == [-1, 29]

@@ -3,7 +3,8 @@
 The generic contract is checked for every backend in test_gated_retrieve.py. Here: both compiled
 instruction-set paths (avx2 and the portable generic one), 1 and 2 OpenMP threads, m spanning
 many key tiles / work items, d1 that is not a multiple of the 8 (float) or 4 (double) vector
-lanes, every key dtype read natively, exact ties in different work items, planted matches.
+lanes, every key dtype read natively, exact ties in different work items, planted matches,
+per-key thresholds read at the winning index.
 
 Reference and tolerance: the conftest fixtures `float64_cosines`, `cosine_tolerance` and
 `assert_matches_reference` (float64 math on the exact input values, one derived bound).
@@ -91,6 +92,29 @@ def test_duplicated_best_key_in_different_work_items_ties_to_lowest_index(isa, k
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k_dtype", [torch.float32, torch.float64])
+def test_per_key_thresholds_of_tied_keys_in_different_work_items(isa, k_dtype):
+    # the duplicates of the previous test: only the lowest copy's threshold decides
+    m, d1, n = 20003, 41, 3
+    q, K, R = random_inputs(n, m, d1, 3, torch.float32, k_dtype, seed=4)
+    target = torch.randn(d1, dtype=torch.float64).to(k_dtype)
+    positions = [m - 1, 15002, 9001, 5, 4006]
+    for p in positions:
+        K[p] = target
+    q[:] = (target.double() * 1.5 + 0.5 * torch.randn(n, d1, dtype=torch.float64)).to(q.dtype)
+    gamma = torch.full((m,), -1.0)
+    gamma[5] = 0.999  # above every query's cosine (about 0.95): the winner stays closed
+    for threads in (1, 2):
+        out, index, score = cpu_backend._cpu.gated_retrieve(q, K, R, 0.0, threads, isa, key_gamma=gamma)
+        assert index.tolist() == [-1] * n and not out.any() and (score > 0.5).all() and (score < 0.999).all()
+    gamma[positions] = 0.999  # every later copy would stay closed; the lowest one fires
+    gamma[5] = -1.0
+    for threads in (1, 2):
+        out, index, score = cpu_backend._cpu.gated_retrieve(q, K, R, 0.0, threads, isa, key_gamma=gamma)
+        assert index.tolist() == [5] * n and torch.equal(out, R[5].expand(n, -1))
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("k_dtype", [torch.float16, torch.bfloat16])
 def test_tiny_subnormal_keys_are_converted_exactly(assert_matches_reference, cosine_tolerance, isa, k_dtype):
     # A key made of subnormal fp16 (or tiny bf16) values, a scaled copy of the query: its cosine
@@ -164,6 +188,21 @@ def test_binding_rejects_bad_tensors(make, match):
     q, K, R = random_inputs(2, 10, 8, 3, torch.float32, torch.float32, seed=9)
     with pytest.raises((ValueError, TypeError), match=match):
         kernel(*make(q, K, R), 0.5)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda m: torch.zeros(m + 1), r"shape \(10,\), got Float of shape \[11\]"),
+        (lambda m: torch.zeros(m, 1), r"shape \(10,\), got Float of shape \[10, 1\]"),
+        (lambda m: torch.zeros(m, dtype=torch.float64), "got Double"),
+        (lambda m: torch.zeros(2 * m)[::2], "contiguous float32"),
+    ],
+)
+def test_binding_rejects_bad_key_gamma(make, match):
+    q, K, R = random_inputs(2, 10, 8, 3, torch.float32, torch.float32, seed=9)
+    with pytest.raises(ValueError, match=match):
+        cpu_backend._cpu.gated_retrieve(q, K, R, 0.0, 1, key_gamma=make(10))
 
 
 def test_binding_rejects_unknown_isa():

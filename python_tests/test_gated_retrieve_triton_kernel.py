@@ -90,6 +90,50 @@ def test_exact_ties_across_splits_pick_lowest_index(config):
     assert index[2] == -1
 
 
+@pytest.mark.parametrize("config", [DECODE_TILES, PREFILL_TILES], ids=["decode", "prefill"])
+def test_per_key_thresholds_of_exact_ties_across_splits(config, float64_cosines):
+    """Copies of one key in three splits tie bit for bit (integer-valued vectors); the finalize
+    stage reads the threshold of the lowest copy only, whatever the other copies' thresholds."""
+    gen = torch.Generator().manual_seed(6)
+    m, d1 = 96, 20
+    K = torch.randint(-3, 4, (m, d1), generator=gen).float()
+    target = torch.randint(-3, 4, (d1,), generator=gen).float()
+    target[0] = 5.0
+    for row in (33, 70, 95):  # splits 1 and 2 of 3
+        K[row] = target
+    q = torch.stack([target + torch.randint(-1, 2, (d1,), generator=gen).float(), 3 * target - 2])
+    best, best_index = float64_cosines(q, K).max(dim=1)
+    assert best_index.tolist() == [33, 33] and (best < 0.98).all(), "case changed"
+    R = torch.randn(m, 3, generator=gen)
+    gamma = torch.full((m,), -1.0)
+    gamma[33] = 0.99  # the lowest copy closes the gate; the later copies would open it
+    out, index, score = launch(q.to(DEVICE), K.to(DEVICE), R.to(DEVICE), gamma.to(DEVICE), config)
+    assert index.tolist() == [-1, -1] and not out.cpu().any()
+    gamma[33], gamma[70], gamma[95] = -1.0, 0.99, 0.99
+    out, index, score = launch(q.to(DEVICE), K.to(DEVICE), R.to(DEVICE), gamma.to(DEVICE), config)
+    assert index.tolist() == [33, 33] and torch.equal(out.cpu(), R[[33, 33]])
+
+
+@pytest.mark.parametrize(
+    "n,m,d1,config",
+    [
+        (3, 300, 67, DECODE_TILES),
+        (17, 300, 130, PREFILL_TILES),
+        (4, 40, 5, LaunchConfig(block_n=2, block_m=16, block_d=16, use_dot=False, num_splits=1)),
+    ],
+    ids=["decode", "prefill", "one-split"],
+)
+def test_per_key_thresholds_match_float64_reference(assert_matches_reference, float64_cosines, n, m, d1, config):
+    q, K, R = random_case(n, m, d1, 4, torch.float32, torch.bfloat16, torch.float16, seed=n + m)
+    best, best_index = float64_cosines(q, K).max(dim=1)
+    gamma = torch.full((m,), 0.3)
+    gamma[best_index] = (best + torch.where(torch.arange(n) % 3 == 0, 0.02, -0.02)).clamp(-1, 1).float()
+    out, index, score = launch(q, K, R, gamma.to(DEVICE), config)
+    assert_matches_reference(q, K, R, gamma, out, index, score)
+    expected = torch.where(best > gamma.double()[best_index], best_index, -1)
+    assert torch.equal(index.cpu(), expected) and (expected >= 0).any() and (expected == -1).any()
+
+
 def test_zero_query_ties_every_key_and_takes_key_zero():
     """A zero query has cosine 0 with all keys (every split ties): with gamma < 0 key 0 wins."""
     q = torch.zeros(2, 9, device=DEVICE)
@@ -263,11 +307,16 @@ for arch in (80, 90):
         src = ASTSource(fn=tb._partial_best_kernel, signature=signature, constexprs=dict(zip(tiles, config)))
         ptx = triton.compile(src, target=target, options={"num_warps": 4}).asm["ptx"]
         assert ("mma" in ptx) == wants_mma, (arch, q, k, config)
-    signature = dict(part_score_ptr="*fp32", part_index_ptr="*i64", r_bits_ptr="*i16", out_bits_ptr="*i16",
-                     index_ptr="*i64", score_ptr="*fp32", num_splits="i32", d2="i32", gamma="fp32",
-                     BLOCK_S="constexpr", BLOCK_D2="constexpr")
-    src = ASTSource(fn=tb._finalize_kernel, signature=signature, constexprs=dict(BLOCK_S=1024, BLOCK_D2=1024))
-    triton.compile(src, target=target, options={"num_warps": 4})
+    for per_key in (False, True):  # one gamma; per-key thresholds (a pointer, else None)
+        signature = dict(part_score_ptr="*fp32", part_index_ptr="*i64", r_bits_ptr="*i16", out_bits_ptr="*i16",
+                         index_ptr="*i64", score_ptr="*fp32", num_splits="i32", d2="i32", gamma="fp32",
+                         key_gamma_ptr="*fp32" if per_key else "constexpr", BLOCK_S="constexpr",
+                         BLOCK_D2="constexpr", PER_KEY="constexpr")
+        constexprs = dict(BLOCK_S=1024, BLOCK_D2=1024, PER_KEY=per_key)
+        if not per_key:
+            constexprs["key_gamma_ptr"] = None
+        src = ASTSource(fn=tb._finalize_kernel, signature=signature, constexprs=constexprs)
+        triton.compile(src, target=target, options={"num_warps": 4})
 print("compiled")
 """
 

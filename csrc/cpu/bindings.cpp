@@ -1,10 +1,12 @@
 // torch/pybind entry point of the "cpu" gated_retrieve backend: module neuraldb_kernels._cpu.
 // Checks the tensors it is handed (the Python layer validates user input first), picks the
 // accumulation type, runs the best-match search without the GIL, then applies the gate and copies
-// the selected rows of R bit for bit.
+// the selected rows of R bit for bit. The gate reads one threshold for every key, or per-key
+// thresholds at the winning index only.
 #include <torch/extension.h>
 
 #include <cstring>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -51,8 +53,8 @@ std::vector<std::string> available_isas() {
 
 template <typename Acc>
 void search_gate_gather(const at::Tensor& q_acc, const at::Tensor& keys, const at::Tensor& rows,
-                        double gamma, int num_threads, Isa isa, at::Tensor& out,
-                        at::Tensor& index, at::Tensor& score) {
+                        double gamma, const float* key_gamma, int num_threads, Isa isa,
+                        at::Tensor& out, at::Tensor& index, at::Tensor& score) {
   const int64_t n = q_acc.size(0), dim = q_acc.size(1), m = keys.size(0);
   std::vector<Acc> best_score(n);
   int64_t* idx = index.data_ptr<int64_t>();
@@ -68,7 +70,9 @@ void search_gate_gather(const at::Tensor& q_acc, const at::Tensor& keys, const a
   float* score_out = score.data_ptr<float>();
   for (int64_t r = 0; r < n; ++r) {
     score_out[r] = static_cast<float>(best_score[r]);
-    if (best_score[r] > threshold) {  // false for NaN
+    // index -1: a NaN/Inf query row or only NaN/Inf keys (score NaN or -inf), never fired
+    const int64_t best = idx[r];
+    if (best >= 0 && best_score[r] > (key_gamma != nullptr ? static_cast<Acc>(key_gamma[best]) : threshold)) {
       std::memcpy(dst + r * row_bytes, src + idx[r] * row_bytes, row_bytes);
     } else {
       idx[r] = -1;
@@ -80,7 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieve(const at::Tensor& 
                                                               const at::Tensor& keys,
                                                               const at::Tensor& rows, double gamma,
                                                               int64_t num_threads,
-                                                              const std::string& isa_name) {
+                                                              const std::string& isa_name,
+                                                              const std::optional<at::Tensor>& key_gamma) {
   TORCH_CHECK_VALUE(q.device().is_cpu() && keys.device().is_cpu() && rows.device().is_cpu(),
                     "gated_retrieve (cpu): q, K, R must be CPU tensors, got ", q.device(), ", ",
                     keys.device(), ", ", rows.device());
@@ -98,6 +103,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieve(const at::Tensor& 
   TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()) && at::isFloatingType(rows.scalar_type()),
                    "gated_retrieve (cpu): q and R must be floating point, got ", q.scalar_type(),
                    " and ", rows.scalar_type());
+  if (key_gamma.has_value()) {
+    const at::Tensor& thresholds = *key_gamma;
+    TORCH_CHECK_VALUE(thresholds.device().is_cpu() && thresholds.scalar_type() == at::kFloat &&
+                          thresholds.dim() == 1 && thresholds.size(0) == keys.size(0) &&
+                          thresholds.is_contiguous(),
+                      "gated_retrieve (cpu): key_gamma must be a contiguous float32 CPU tensor of shape (",
+                      keys.size(0), ",), got ", thresholds.scalar_type(), " of shape ", thresholds.sizes(),
+                      " on ", thresholds.device());
+  }
+  const float* thresholds = key_gamma.has_value() ? key_gamma->data_ptr<float>() : nullptr;
   const KeyDtype key_dtype = key_dtype_of(keys);
   const Isa isa = isa_from_name(isa_name);
   const bool use_double = q.scalar_type() == at::kDouble || key_dtype == KeyDtype::float64;
@@ -109,9 +124,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieve(const at::Tensor& 
   at::Tensor score = at::empty({n}, q.options().dtype(at::kFloat));
   const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
   if (use_double) {
-    search_gate_gather<double>(q_acc, keys, rows, gamma, threads, isa, out, index, score);
+    search_gate_gather<double>(q_acc, keys, rows, gamma, thresholds, threads, isa, out, index, score);
   } else {
-    search_gate_gather<float>(q_acc, keys, rows, gamma, threads, isa, out, index, score);
+    search_gate_gather<float>(q_acc, keys, rows, gamma, thresholds, threads, isa, out, index, score);
   }
   return {out, index, score};
 }
@@ -121,12 +136,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieve(const at::Tensor& 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "C++ CPU kernels of neuraldb_kernels (OpenMP, AVX-512 or AVX2/FMA/F16C with a portable fallback).";
   m.def("gated_retrieve", &gated_retrieve,
-        "Best cosine match of each query row among the keys, gated at gamma.\n"
+        "Best cosine match of each query row among the keys, gated at gamma, or at\n"
+        "key_gamma[index] when key_gamma ((m,) float32 per-key thresholds) is given.\n"
         "q (n, d1), K (m, d1) contiguous, R (m, d2) contiguous; float32/float64/bfloat16/float16.\n"
         "Accumulates in float64 if q or K is float64, else float32. Returns out (n, d2) R.dtype,\n"
         "index (n,) int64 (-1 where the gate is closed), score (n,) float32 (NaN for NaN/Inf rows).",
         pybind11::arg("q"), pybind11::arg("K"), pybind11::arg("R"), pybind11::arg("gamma"),
-        pybind11::arg("num_threads"), pybind11::arg("isa") = "auto");
+        pybind11::arg("num_threads"), pybind11::arg("isa") = "auto",
+        pybind11::arg("key_gamma") = pybind11::none());
   m.def("available_isas", &available_isas,
         "Instruction sets the kernel can use on this CPU, best first.");
 }

@@ -5,6 +5,7 @@
 // plain C++ interface of gated_retrieve_kernel.h.
 #include <torch/extension.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -45,9 +46,11 @@ void check_status(int status, const char* what) {
   }
 }
 
-// q (n >= 1, d1), K (m >= 1, d1), R (m, d2) -> [out (n, d2) R.dtype, index (n,) int64, score (n,) fp32].
+// q (n >= 1, d1), K (m >= 1, d1), R (m, d2), gamma, key_gamma (m,) fp32 or None (then gamma for every key)
+// -> [out (n, d2) R.dtype, index (n,) int64, score (n,) fp32].
 std::vector<torch::Tensor> gated_retrieve(const torch::Tensor& q, const torch::Tensor& K, const torch::Tensor& R,
-                                          double gamma, std::int64_t stream) {
+                                          double gamma, const std::optional<torch::Tensor>& key_gamma,
+                                          std::int64_t stream) {
   if (!q.is_cuda()) {
     throw pybind11::value_error("gated_retrieve[cuda]: q is on " + q.device().str() + ", expected a CUDA device");
   }
@@ -70,6 +73,17 @@ std::vector<torch::Tensor> gated_retrieve(const torch::Tensor& q, const torch::T
   args.device = device.index();
   args.stream = static_cast<std::uintptr_t>(stream);
   args.gamma = static_cast<float>(gamma);
+  if (key_gamma.has_value()) {
+    const torch::Tensor& thresholds = *key_gamma;
+    if (!thresholds.is_cuda() || thresholds.device() != device || thresholds.scalar_type() != torch::kFloat32 ||
+        thresholds.dim() != 1 || thresholds.size(0) != args.m || !thresholds.is_contiguous()) {
+      throw pybind11::value_error("gated_retrieve[cuda]: key_gamma must be a contiguous float32 tensor of shape (" +
+                                  std::to_string(args.m) + ",) on " + device.str() + "; got " +
+                                  std::string(c10::toString(thresholds.scalar_type())) + " of shape " +
+                                  c10::str(thresholds.sizes()) + " on " + thresholds.device().str());
+    }
+    args.key_gamma = thresholds.data_ptr<float>();
+  }
   check_status(neuraldb::gated_retrieve_plan(&args), "planning the key split");
 
   const auto on_device = torch::TensorOptions().device(device);
@@ -96,6 +110,6 @@ std::vector<torch::Tensor> gated_retrieve(const torch::Tensor& q, const torch::T
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "CUDA kernels of neuraldb_kernels.gated_retrieve (csrc/cuda).";
   module.def("gated_retrieve", &gated_retrieve, pybind11::arg("q"), pybind11::arg("K"), pybind11::arg("R"),
-             pybind11::arg("gamma"), pybind11::arg("stream"),
+             pybind11::arg("gamma"), pybind11::arg("key_gamma"), pybind11::arg("stream"),
              "Gated nearest-key retrieval on CUDA tensors; stream is torch.cuda.current_stream().cuda_stream.");
 }

@@ -7,8 +7,8 @@
 // (the key norm costs no extra pass over K). A block-level (max, lowest index) reduction over the
 // warps writes one partial (score, index) per (query, split).
 // Stage 2, finalize_kernel, one block per query: reduces the partials (max score, lowest index on
-// ties), applies the gate score > gamma in fp32 and copies the selected residual row as integers,
-// so the copy is bit for bit.
+// ties), applies the gate score > gamma in fp32 (with per-key thresholds, gamma of the winning key:
+// one load per query) and copies the selected residual row as integers, so the copy is bit for bit.
 //
 // No torch headers: the interface is gated_retrieve_kernel.h. All offsets are 64-bit.
 #include "gated_retrieve_kernel.h"
@@ -234,7 +234,8 @@ template <typename Word>
 __global__ void __launch_bounds__(kThreads) finalize_kernel(
     const float* __restrict__ partial_score, const long long* __restrict__ partial_index,
     const Word* __restrict__ residuals, Word* __restrict__ out, long long* __restrict__ index_out,
-    float* __restrict__ score_out, int num_splits, long long d2, float gamma) {
+    float* __restrict__ score_out, int num_splits, long long d2, float gamma,
+    const float* __restrict__ key_gamma) {
   __shared__ float warp_score[kWarps];
   __shared__ long long warp_index[kWarps];
   __shared__ long long chosen;
@@ -267,7 +268,8 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(
       }
     }
     const bool finite = indices[0] != -1;  // stage 1 marks NaN/Inf query rows with index -1
-    const bool fired = finite && score > gamma;
+    // a finite query row's best index is a valid key (NaN/Inf keys only score -inf)
+    const bool fired = finite && score > (key_gamma != nullptr ? key_gamma[index] : gamma);
     score_out[row] = finite ? score : CUDART_NAN_F;
     index_out[row] = fired ? index : -1;
     chosen = fired ? index : -1;
@@ -335,7 +337,8 @@ template <typename Word>
 cudaError_t launch_finalize(const GatedRetrieveArgs& a, cudaStream_t stream) {
   finalize_kernel<Word><<<static_cast<unsigned>(a.n), kThreads, 0, stream>>>(
       a.partial_score, reinterpret_cast<const long long*>(a.partial_index), static_cast<const Word*>(a.residuals),
-      static_cast<Word*>(a.out), reinterpret_cast<long long*>(a.index), a.score, a.num_splits, a.d2, a.gamma);
+      static_cast<Word*>(a.out), reinterpret_cast<long long*>(a.index), a.score, a.num_splits, a.d2, a.gamma,
+      a.key_gamma);
   return cudaGetLastError();
 }
 

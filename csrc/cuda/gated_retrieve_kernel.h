@@ -25,6 +25,7 @@ struct GatedRetrieveArgs {
   std::int64_t* partial_index = nullptr;  // (n, num_splits) workspace
   std::int64_t n = 0, m = 0, d1 = 0, d2 = 0;
   float gamma = 0.0f;              // the gate fires when score > gamma (fp32, strict)
+  const float* key_gamma = nullptr;  // (m,) per-key thresholds replacing gamma, or nullptr
   int num_splits = 0;              // set by gated_retrieve_plan
   std::int64_t keys_per_split = 0; // set by gated_retrieve_plan
   int device = 0;                  // CUDA device ordinal of every pointer

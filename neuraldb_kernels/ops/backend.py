@@ -9,7 +9,9 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+from .contract import Gamma
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Gamma], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def _always_ready(device: torch.device) -> Optional[str]:
@@ -25,8 +27,9 @@ class Backend:
     supports. requirement(device): None when what the backend needs beyond the device type is
     present (a compiled extension, an importable package, a visible GPU), else a sentence saying
     what is missing and how to get it. run(q2d, K, R, gamma): the kernel, on validated inputs:
-    q2d (n >= 1, d1), K (m >= 1, d1), R (m, d2), contiguous, one device, dtypes in `dtypes` ->
-    out (n, d2) R.dtype, index (n,) int64, score (n,) float32.
+    q2d (n >= 1, d1), K (m >= 1, d1), R (m, d2), contiguous, one device, dtypes in `dtypes`;
+    gamma a float, or a contiguous (m,) float32 tensor of per-key thresholds in [-1, 1] on the
+    same device -> out (n, d2) R.dtype, index (n,) int64, score (n,) float32.
     """
 
     name: str
@@ -48,7 +51,7 @@ class Backend:
         return all(d in self.dtypes for d in dtypes)
 
     def retrieve(
-        self, q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float
+        self, q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: Gamma
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`run` for direct calls (tests, benchmarks): a TypeError naming the first of q, K, R with
         an unsupported dtype, a RuntimeError when the backend cannot run on q2d's device, then the

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 
 from .backend import Backend
-from .contract import FLOAT_DTYPES
+from .contract import FLOAT_DTYPES, Gamma
 
 try:
     from .. import _cpu
@@ -30,8 +30,11 @@ def _requirement(device: torch.device) -> Optional[str]:
     return None
 
 
-def _run(q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float) -> Tuple[torch.Tensor, ...]:
-    """Uses torch.get_num_threads() threads; the C++ binding checks its own inputs too."""
+def _run(q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: Gamma) -> Tuple[torch.Tensor, ...]:
+    """Uses torch.get_num_threads() threads; the C++ binding checks its own inputs too. A per-key
+    gamma is read at the winning index only, in the final gate."""
+    if isinstance(gamma, torch.Tensor):
+        return _cpu.gated_retrieve(q2d, K, R, 0.0, torch.get_num_threads(), key_gamma=gamma)
     return _cpu.gated_retrieve(q2d, K, R, float(gamma), torch.get_num_threads())
 
 

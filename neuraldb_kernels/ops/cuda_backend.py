@@ -3,7 +3,8 @@
 The same two-stage split-m algorithm as the Triton backend: warp-per-key fp32 dot products with
 16-byte vector loads and the key norms from the same read, a block-level (max, lowest index)
 reduction to per-(query, split) partials, then one small kernel that reduces the partials, applies
-the gate and copies the selected residual row bit for bit. Runs on the caller's current stream.
+the gate (reading the winner's own threshold when gamma is per key) and copies the selected
+residual row bit for bit. Runs on the caller's current stream.
 The split count is planned in C++ from the SM count (cudaDeviceGetAttribute: a cheap lookup).
 Importing this module never fails: without the compiled extension the backend reports itself
 unavailable.
@@ -14,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from .backend import Backend
+from .contract import Gamma
 
 try:
     from .. import _cuda
@@ -36,10 +38,13 @@ def _requirement(device: torch.device) -> Optional[str]:
     return None
 
 
-def _run(q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float) -> Tuple[torch.Tensor, ...]:
-    """Cosines accumulated in fp32, on the current stream of q2d's device."""
+def _run(q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: Gamma) -> Tuple[torch.Tensor, ...]:
+    """Cosines accumulated in fp32, on the current stream of q2d's device; a per-key gamma is read
+    for the winning key only, in the finalize kernel."""
     stream = torch.cuda.current_stream(q2d.device).cuda_stream
-    return tuple(_cuda.gated_retrieve(q2d, K, R, float(gamma), stream))
+    if isinstance(gamma, torch.Tensor):
+        return tuple(_cuda.gated_retrieve(q2d, K, R, 0.0, gamma, stream))
+    return tuple(_cuda.gated_retrieve(q2d, K, R, float(gamma), None, stream))
 
 
 BACKEND = Backend("cuda", (torch.float32, torch.float16, torch.bfloat16), ("cuda",), _run, _requirement)

@@ -3,7 +3,9 @@ registration as the torch.library custom op `neuraldb::gated_retrieve`.
 
 For every query row q (..., d1) against keys K (m, d1) and residuals R (m, d2):
     score = max_i cos(q, K_i),  index = argmax_i cos(q, K_i) (lowest i on exact ties),
-    out   = R[index] if score > gamma else 0.
+    out   = R[index] if score > gamma[index] else 0,
+where gamma is one number for every key or a (m,) float32 tensor of per-key thresholds: the
+argmax is taken first (ties to the lowest index), then the winner's own threshold decides.
 A query row with NaN/Inf never matches (score NaN, index -1); a key with NaN/Inf never wins
 (its cosine counts as -inf).
 Gradients: out is a gathered row of R, so d out / d R is an index_add of the upstream gradient
@@ -11,21 +13,25 @@ onto the selected rows. The gate and the argmax are piecewise constant in q and 
 gradient is zero almost everywhere: no gradient flows to q or K (they receive None).
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from .contract import check_inputs
+from .contract import Gamma, check_inputs, check_key_gamma_values
 from .dispatch import check_backend_name, get_backend, resolve_backend
 
 _OP = "neuraldb::gated_retrieve"
 
 
 def _retrieve(
-    q: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float, backend: str
+    q: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: Gamma, backend: str
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validated inputs -> (out (..., d2), index (...), score (...)): resolve the backend, handle
-    empty inputs, flatten the query rows and run the backend's kernel."""
+    """Validated inputs -> (out (..., d2), index (...), score (...)): check per-key threshold
+    values, resolve the backend, handle empty inputs, flatten the query rows and run the
+    backend's kernel."""
+    per_key = isinstance(gamma, torch.Tensor)
+    if per_key:
+        check_key_gamma_values(gamma)
     name = resolve_backend(backend, q.device, (q.dtype, K.dtype, R.dtype))
     lead = q.shape[:-1]
     n, m, d2 = q[..., 0].numel(), K.shape[0], R.shape[1]
@@ -38,21 +44,28 @@ def _retrieve(
             score = score.masked_fill(nonfinite, float("nan"))
         return out, index, score
     q2d = q.reshape(n, q.shape[-1]).contiguous()
+    gamma = gamma.contiguous() if per_key else gamma
     out, index, score = get_backend(name).run(q2d, K.contiguous(), R.contiguous(), gamma)
     return out.reshape(*lead, d2), index.reshape(lead), score.reshape(lead)
 
 
 @torch.library.custom_op(_OP, mutates_args=())
 def _gated_retrieve_op(
-    q: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float, backend: str
+    q: torch.Tensor,
+    K: torch.Tensor,
+    R: torch.Tensor,
+    gamma: float,
+    backend: str,
+    key_gamma: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_retrieve` as the custom op. The backend is resolved inside, so that torch.compile treats
-    the whole dispatch as one opaque call (no graph break on the availability checks)."""
-    return _retrieve(q, K, R, gamma, backend)
+    """`_retrieve` as the custom op: the threshold is key_gamma (m,) float32 when given (gamma is
+    then ignored), else gamma. The backend is resolved and the per-key values checked inside, so
+    that torch.compile treats the whole dispatch as one opaque call (no graph break on them)."""
+    return _retrieve(q, K, R, gamma if key_gamma is None else key_gamma, backend)
 
 
 @_gated_retrieve_op.register_fake
-def _(q, K, R, gamma, backend):
+def _(q, K, R, gamma, backend, key_gamma=None):
     lead = q.shape[:-1]
     return (
         q.new_empty((*lead, R.shape[1]), dtype=R.dtype),
@@ -62,7 +75,7 @@ def _(q, K, R, gamma, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, R, _, _ = inputs
+    _, _, R, _, _, _ = inputs
     ctx.save_for_backward(output[1])
     ctx.residual_shape = R.shape
     ctx.residual_dtype = R.dtype
@@ -78,7 +91,7 @@ def _backward(ctx, grad_out, grad_index, grad_score):
         rows = torch.where(fired, grad_out.reshape(-1, d2), torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
         grad_R = torch.zeros(ctx.residual_shape, dtype=ctx.residual_dtype, device=grad_out.device)
         grad_R.index_add_(0, flat_index.clamp_min(0), rows.to(ctx.residual_dtype))
-    return None, None, grad_R, None, None
+    return None, None, grad_R, None, None, None
 
 
 _gated_retrieve_op.register_autograd(_backward, setup_context=_setup_context)
@@ -90,7 +103,11 @@ def gated_retrieve(q, K, R, gamma, *, backend: str = "auto", return_index: bool 
     q: (..., d1) float tensor of queries (any leading dims, any strides).
     K: (m, d1) keys; R: (m, d2) residuals; m may be 0. float32/float16/bfloat16 (float64 on the
     "cpu" and "torch" backends); q, K and R may differ in dtype but share one device.
-    gamma: gate threshold, a finite number in [-1, 1]; a row fires when its best cosine > gamma.
+    gamma: gate threshold: a finite number in [-1, 1], or a float32 tensor (m,) on K's device
+    holding one threshold in [-1, 1] per key row. A row fires when its best cosine > the threshold
+    of its best key (index = argmax, lowest index on exact ties, then that key's threshold). The
+    per-key values are checked on every call: one reduction over the m thresholds (and, on a GPU,
+    a synchronisation).
     backend: "auto", "triton", "cuda", "cpu" or "torch".
 
     Returns out (..., d2) in R.dtype: the best key's residual row (bit for bit) where the gate
@@ -105,7 +122,10 @@ def gated_retrieve(q, K, R, gamma, *, backend: str = "auto", return_index: bool 
     check_backend_name(backend)
     needs_graph = torch.is_grad_enabled() and (q.requires_grad or K.requires_grad or R.requires_grad)
     if needs_graph or torch.compiler.is_compiling():
-        out, index, score = _gated_retrieve_op(q, K, R, gamma, backend)
+        per_key = isinstance(gamma, torch.Tensor)
+        out, index, score = _gated_retrieve_op(
+            q, K, R, 0.0 if per_key else gamma, backend, gamma if per_key else None
+        )
     else:  # eager inference (decode): the same computation, without the custom-op dispatch cost
         out, index, score = _retrieve(q, K, R, gamma, backend)
     return (out, index, score) if return_index else out

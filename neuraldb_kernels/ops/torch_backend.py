@@ -9,7 +9,7 @@ from typing import Tuple
 import torch
 
 from .backend import Backend
-from .contract import FLOAT_DTYPES, accumulation_dtype
+from .contract import FLOAT_DTYPES, Gamma, accumulation_dtype
 
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -20,8 +20,9 @@ def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.where(norms > 0, norms.reciprocal(), torch.zeros_like(norms))
 
 
-def _run(q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float) -> Tuple[torch.Tensor, ...]:
-    """Scores in float64 when q or K is float64, else float32; key chunks of `_CHUNK_ELEMENTS`."""
+def _run(q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: Gamma) -> Tuple[torch.Tensor, ...]:
+    """Scores in float64 when q or K is float64, else float32; key chunks of `_CHUNK_ELEMENTS`.
+    A per-key gamma is read at the winning index only."""
     acc = accumulation_dtype(q2d.dtype, K.dtype)
     q = q2d.to(acc)
     n, m = q.shape[0], K.shape[0]
@@ -38,7 +39,8 @@ def _run(q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float) -> T
         best = torch.where(better, chunk_best, best)
         best_index = torch.where(better, chunk_index + start, best_index)
     finite = torch.isfinite(q).all(dim=1)
-    fired = finite & (best > gamma)
+    threshold = gamma[best_index] if isinstance(gamma, torch.Tensor) else gamma
+    fired = finite & (best > threshold)
     index = torch.where(fired, best_index, torch.full_like(best_index, -1))
     score = torch.where(finite, best, torch.full_like(best, float("nan"))).to(torch.float32)
     rows = R.index_select(0, index.clamp_min(0))

@@ -10,7 +10,8 @@ ever reaches global memory.
 
 Stage 2 (`_finalize_kernel`), grid (queries,): reduces the partials of a query (max score, lowest
 index among equal scores, so ties across splits go to the lowest key index), applies the gate
-`score > gamma` in fp32 and copies the selected residual row bit for bit (as integers).
+`score > gamma` in fp32 (with per-key thresholds, gamma of the winning key: one load per query, no
+pass over the m thresholds) and copies the selected residual row bit for bit (as integers).
 
 Splitting m across programs is what lets a single decode token occupy every SM; a two-stage
 reduction was chosen over a packed 64-bit atomic max because it is deterministic, needs no
@@ -34,6 +35,7 @@ from typing import Optional, Tuple
 import torch
 
 from .backend import Backend
+from .contract import Gamma
 
 try:
     import triton
@@ -143,9 +145,11 @@ if triton is not None:
         score_ptr,  # (n,) fp32
         num_splits,
         d2,
-        gamma,  # fp32
+        gamma,  # fp32, the threshold of every key unless PER_KEY
+        key_gamma_ptr,  # (m,) fp32 per-key thresholds when PER_KEY, else None
         BLOCK_S: tl.constexpr,
         BLOCK_D2: tl.constexpr,
+        PER_KEY: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         splits = tl.arange(0, BLOCK_S)
@@ -156,7 +160,10 @@ if triton is not None:
         # Splits cover increasing key ranges; among equal scores the lowest key index wins.
         best_index = tl.min(tl.where(scores == best, indices, 9223372036854775807), axis=0)
         finite = tl.load(part_index_ptr + row * num_splits) != -1
-        fired = finite & (best > gamma)
+        if PER_KEY:  # a finite query's best index is a valid key; a NaN/Inf row reads key 0, unused
+            fired = finite & (best > tl.load(key_gamma_ptr + tl.where(finite, best_index, 0)))
+        else:
+            fired = finite & (best > gamma)
         tl.store(score_ptr + row, tl.where(finite, best, float("nan")))
         tl.store(index_ptr + row, tl.where(fired, best_index, -1))
         src = r_bits_ptr + tl.where(fired, best_index, 0) * d2
@@ -246,7 +253,7 @@ def _plan_for_buckets(n: int, m: int, d1: int, device: torch.device) -> LaunchCo
 
 
 def launch(
-    q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float, config: LaunchConfig
+    q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: Gamma, config: LaunchConfig
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run both stages with explicit tiles; inputs and outputs as for `Backend.run` (backend.py)."""
     n, d1 = q2d.shape
@@ -275,14 +282,17 @@ def launch(
     index = torch.empty(n, dtype=torch.int64, device=q2d.device)
     score = torch.empty(n, dtype=torch.float32, device=q2d.device)
     bits = _BIT_VIEW[R.dtype]
+    per_key = isinstance(gamma, torch.Tensor)
     _finalize_kernel[(n,)](
-        part_score, part_index, R.view(bits), out.view(bits), index, score, num_splits, d2, float(gamma),
+        part_score, part_index, R.view(bits), out.view(bits), index, score, num_splits, d2,
+        0.0 if per_key else float(gamma), gamma if per_key else None,
         BLOCK_S=max(2, _pow2_at_least(num_splits)), BLOCK_D2=min(1024, max(16, _pow2_at_least(d2))),
+        PER_KEY=per_key,
     )  # fmt: skip
     return out, index, score
 
 
-def _run(q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: float) -> Tuple[torch.Tensor, ...]:
+def _run(q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: Gamma) -> Tuple[torch.Tensor, ...]:
     """Cosines accumulated in fp32, with the planned tiles."""
     return launch(q2d, K, R, gamma, plan_launch(q2d.shape[0], K.shape[0], q2d.shape[1], q2d.device))
 
