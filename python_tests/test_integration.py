@@ -260,6 +260,53 @@ def test_live_database_adds_and_deletes_apply_at_the_next_forward(tokenizer):
             assert torch.equal(model(**inputs).logits, bare)
 
 
+def test_a_write_between_the_key_and_residual_views_is_retried_until_both_agree(tokenizer, monkeypatch):
+    # keys in another dtype than the residuals take two snapshots: a writer that lands between
+    # them makes the hook take both again, so K and R always come from one database version
+    model = tiny_model("llama", tokenizer)
+    db, inputs, _, x, residual = plant(model, "llama", 1, tokenizer)
+    db.delete("planted")
+    expected = with_addition(model, down_proj(model, "llama", 1), {PLANTED: residual}, **inputs)
+    taken, real_snapshot = [], db.snapshot
+
+    def snapshot_raced_by_a_writer(device=None, dtype=None):
+        taken.append(dtype)
+        if len(taken) == 2:  # the key view, right after the residual view
+            db.add(x[PLANTED], residual, ids="late")
+        return real_snapshot(device, dtype)
+
+    monkeypatch.setattr(db, "snapshot", snapshot_raced_by_a_writer)
+    with attach(model, db, key_dtype=torch.bfloat16) as handle, torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected)
+        assert taken == [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16]
+        assert [f.fact_id for f in handle.fired() if inputs["attention_mask"][f.batch, f.position]] == ["late"]
+        assert handle.last.snapshot.version == real_snapshot().version
+
+
+def test_paused_runs_the_bare_model_and_puts_retrieval_back(tokenizer):
+    model = tiny_model("llama", tokenizer)
+    db, inputs, bare, _, residual = plant(model, "llama", 1, tokenizer)
+    expected = with_addition(model, down_proj(model, "llama", 1), {PLANTED: residual}, **inputs)
+    with attach(model, db) as handle, torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected) and handle.fired()
+        with handle.paused() as same:
+            assert same is handle and handle.is_paused and handle.attached and handle.fired() == []
+            assert torch.equal(model(**inputs).logits, bare) and handle.last is None
+            with handle.paused():  # blocks nest: the outer one still pauses afterwards
+                assert torch.equal(model(**inputs).logits, bare)
+            assert handle.is_paused and torch.equal(model(**inputs).logits, bare)
+            assert "paused" in repr(handle)
+            with pytest.raises(ValueError, match="already has a NeuralDB attached"):
+                attach(model, db)  # a paused attachment still holds its layer
+        assert not handle.is_paused and torch.equal(model(**inputs).logits, expected)
+        with pytest.raises(RuntimeError, match="inside"), handle.paused():
+            raise RuntimeError("inside")
+        assert torch.equal(model(**inputs).logits, expected)  # back after an error too
+        with handle.paused():
+            handle.detach()
+        assert not handle.attached and not handle.is_paused and torch.equal(model(**inputs).logits, bare)
+
+
 def tilted(key, cosine, seed=0):
     """A vector whose float64 cosine with `key` is `cosine`."""
     key = key.double() / key.double().norm()
