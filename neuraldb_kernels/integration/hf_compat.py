@@ -23,10 +23,8 @@ import inspect
 from typing import Callable, Iterator, Sequence
 
 import torch
-import transformers
-from packaging.version import Version
 
-_TRANSFORMERS = Version(transformers.__version__)
+# transformers is imported where it is needed: `import neuraldb_kernels` must not require it
 
 
 def cache_keyword(base_model: torch.nn.Module) -> str:
@@ -101,7 +99,10 @@ def replayed_decoder_layers(decoder_layers: torch.nn.ModuleList, layer: int,
 
 def dtype_keyword() -> str:
     """The keyword `from_pretrained` takes the weights' dtype by."""
-    return "dtype" if _TRANSFORMERS >= Version("4.56") else "torch_dtype"
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
 def unmark_gguf_quantized(model: torch.nn.Module) -> None:
