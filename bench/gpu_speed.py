@@ -67,7 +67,7 @@ def edit_speed(model, tokenizer, facts, per_fact_facts: int, batch_size: int) ->
     editor.edit(facts[batch_size:], progress=False)
     synchronize()
     batched = (len(facts) - batch_size) / (time.perf_counter() - start)
-    editor.handle.detach()
+    editor.detach()
     loop = per_fact_throughput(model, tokenizer, facts[:per_fact_facts], hparams)
     return {"facts": len(facts) - batch_size, "batch_size": batch_size, "steps": hparams.steps,
             "batched_facts_per_s": batched, "per_fact_facts": per_fact_facts, "per_fact_facts_per_s": loop,

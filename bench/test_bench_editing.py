@@ -38,7 +38,7 @@ def test_gate_batched_editing_vs_per_fact_loop(benchmark, setup):
         try:
             editor.edit(facts, progress=False)
         finally:
-            editor.handle.detach()
+            editor.detach()
 
     benchmark.pedantic(batched, rounds=1, iterations=1)
     rate = len(facts) / benchmark.stats.stats.mean
