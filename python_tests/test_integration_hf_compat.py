@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 from packaging.version import Version
-from test_integration import tiny_model, tokenizer  # noqa: F401  (tokenizer: fixture)
+from tiny_models import tiny_model
 
 from neuraldb_kernels.editing import EditHParams, Fact, optimize_residuals, tokenize_fact
 from neuraldb_kernels.integration import hf_compat
@@ -18,14 +18,14 @@ PINNED = {
 }
 
 
-def test_the_installed_transformers_takes_the_pinned_paths(tokenizer):  # noqa: F811
+def test_the_installed_transformers_takes_the_pinned_paths(tokenizer):
     model = tiny_model("llama", tokenizer)
     major = Version(transformers.__version__).major
     assert major in PINNED, f"no pinned paths for transformers {transformers.__version__}: check and add them"
     assert hf_compat.compat_paths(model, decoder_layers(model)) == PINNED[major]
 
 
-def test_residual_optimisation_replays_the_layers_up_to_the_edit_layer(tokenizer):  # noqa: F811
+def test_residual_optimisation_replays_the_layers_up_to_the_edit_layer(tokenizer):
     # layer 0 runs for the prefix cache and the first step only; later steps replay layer 1's output
     model = tiny_model("llama", tokenizer, layers=3)
     facts = [Fact("The mother tongue of {} is", "Danielle Darrieux", "English"),
@@ -41,7 +41,7 @@ def test_residual_optimisation_replays_the_layers_up_to_the_edit_layer(tokenizer
     assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in decoder_layers(model))  # put back
 
 
-def test_cache_round_trip_and_layers_put_back_after_an_error(tokenizer):  # noqa: F811
+def test_cache_round_trip_and_layers_put_back_after_an_error(tokenizer):
     model = tiny_model("llama", tokenizer)
     with torch.no_grad():
         output = model.base_model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True)

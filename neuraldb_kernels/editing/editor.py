@@ -258,10 +258,10 @@ class Editor:
             for number, batch in enumerate(batches, start=1):
                 members = [p for unit in batch for p in unit]
                 local = {p: i for i, p in enumerate(members)}
+                where = f"(batch {number}/{len(batches)})"
                 self._commit([work[p][0] for p in members], [work[p][1] for p in members],
                              [[local[p] for p in unit] for unit in batch], pad_id, generic, callback, outcome,
-                             seconds, lambda phase: bar.set_description(f"editing: {phase} (batch {number}/"
-                                                                        f"{len(batches)})"))
+                             seconds, lambda phase, where=where: bar.set_description(f"editing: {phase} {where}"))
                 bar.update(len(members))
         seconds["total"] = time.perf_counter() - started
         return EditReport(
