@@ -285,7 +285,7 @@ def main(argv=None) -> dict:
                 db = NeuralDB(args.db, d1=d1, d2=d2, layer=layer, gamma=preset.gamma, fingerprint=fingerprint)
             report["resumed_with_facts"] = len(db)
         editor = Editor(model, tokenizer, db=db, **{**overrides, "layer": layer})
-        ids = editor.edit(facts, progress=True, callback=progress.start_edit_segment())
+        ids = editor.edit(facts, progress=True, callback=progress.start_edit_segment()).ids
         segments = progress.data["edit_segments"]  # every invocation's, with --db
         edit_s = sum(segment["seconds"] for segment in segments)
         edited_facts = sum(segment["facts"] for segment in segments)
@@ -303,7 +303,7 @@ def main(argv=None) -> dict:
                 run["in_effect"] = percent_metrics(scores, effective)
             report["runs"].append(run)
             print({key: value for key, value in run.items() if key != "edit_segments"}, flush=True)
-        editor.handle.detach()
+        editor.detach()
     # The unedited model last, once every attachment is off: an interrupted run (--db) has then
     # already saved its edits, and a resumed one spends no time before editing.
     start = time.perf_counter()

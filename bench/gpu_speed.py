@@ -67,7 +67,7 @@ def edit_speed(model, tokenizer, facts, per_fact_facts: int, batch_size: int) ->
     editor.edit(facts[batch_size:], progress=False)
     synchronize()
     batched = (len(facts) - batch_size) / (time.perf_counter() - start)
-    editor.handle.detach()
+    editor.detach()
     # the loop edits facts of the timed batched run (same contexts), fewer of them: it is ~100x slower
     loop = per_fact_throughput(model, tokenizer, facts[batch_size:batch_size + per_fact_facts], hparams)
     return {"facts": len(facts) - batch_size, "batch_size": batch_size, "steps": hparams.steps,

@@ -46,10 +46,10 @@ def test_gate_batched_editing_vs_per_fact_loop(setup):
     editor = Editor(model, tokenizer)
     try:
         start = time.perf_counter()
-        ids = editor.edit(facts, progress=False)
+        ids = editor.edit(facts, progress=False).ids
         batched = len(facts) / (time.perf_counter() - start)
     finally:
-        editor.handle.detach()
+        editor.detach()
     assert len(ids) == len(editor.db) == FACTS
     print(f"\n{FACTS} facts, {torch.get_num_threads()} threads: batched {batched:.3f} facts/s, "
           f"per-fact loop {per_fact:.3f} facts/s, speedup {batched / per_fact:.2f}x")

@@ -175,9 +175,10 @@ def cmd_edit(args) -> None:
         started = time.perf_counter()
         editor = Editor(model, tokenizer, db=db, **{k: v for k, v in args.hparam.items() if k not in ("layer", "gamma")})
         try:
-            ids = editor.edit(facts, progress=not args.quiet, callback=committed.extend, on_error=on_error)
+            report = editor.edit(facts, progress=not args.quiet, callback=committed.extend, on_error=on_error)
+            ids = report.ids
         finally:
-            editor.handle.detach()
+            editor.detach()
     except BaseException as error:
         if db is not None:
             db.close()
@@ -192,15 +193,15 @@ def cmd_edit(args) -> None:
                   f"run the same command again to resume", file=sys.stderr)
         raise
     elapsed = time.perf_counter() - started
-    _print_skipped(editor.skipped)
-    if editor.superseded:
-        earlier, later = editor.superseded[0]
-        print(f"{len(editor.superseded)} records repeat the subject and prompt of a later record, which "
+    _print_skipped([(entry.index, entry.reason) for entry in report.skipped])
+    if report.superseded:
+        earlier, later = report.superseded[0]
+        print(f"{len(report.superseded)} records repeat the subject and prompt of a later record, which "
               f"replaced them (e.g. record {earlier} by record {later}): one target per subject and prompt",
               file=sys.stderr)
-    if editor.first_token_subjects:
-        example = db.get(editor.first_token_subjects[0]).metadata["prompt"]
-        print(f"{len(editor.first_token_subjects)} facts key on their prompt's first token (a one-token subject "
+    if report.first_token_subjects:
+        example = db.get(report.first_token_subjects[0]).metadata["prompt"]
+        print(f"{len(report.first_token_subjects)} facts key on their prompt's first token (a one-token subject "
               f"opening the prompt, e.g. {example!r}): without a BOS token the model barely reads that position, "
               f"so such a prompt may keep its answer; words before the subject avoid it", file=sys.stderr)
     asked, done = set(ids), set(committed)
@@ -330,7 +331,7 @@ def cmd_db_list(args) -> None:
 
 
 def cmd_db_rm(args) -> None:
-    from .editing import EditHParams, Editor
+    from .editing import EditHParams, Editor, EditRecord
     from .editing.editor import sharing_partners
 
     directory = Path(args.db)
@@ -346,13 +347,13 @@ def cmd_db_rm(args) -> None:
             # theirs, with the hyperparameters they were computed with
             model, tokenizer = _load_model(spec)
             _check_fits(db, model)
-            recorded = db.get(partners[0]).metadata.get("edit", {}).get("hparams", {})
+            recorded = EditRecord.from_metadata(db.get(partners[0]).metadata, partners[0]).hparams or {}
             known = {field.name for field in dataclasses.fields(EditHParams)} - {"layer", "gamma"}
             editor = Editor(model, tokenizer, db=db, **{name: value for name, value in recorded.items() if name in known})
             try:
                 removed = editor.remove(present)
             finally:
-                editor.handle.detach()
+                editor.detach()
             print(f"recomputed the residual of {len(partners)} fact(s) that shared one with the removed facts "
                   f"(same subject)")
         else:
@@ -427,7 +428,7 @@ def cmd_demo(args) -> None:
     db = editor.db
     print(f"editing {len(DEMO_FACTS)} facts into layer {db.layer} (gamma {db.gamma}) ...")
     editor.edit(DEMO_FACTS, progress=not args.quiet)
-    editor.handle.detach()
+    editor.detach()
     width = max(len(p) for p in [f["prompt"] for f in DEMO_FACTS] + DEMO_PARAPHRASES + DEMO_UNRELATED)
     unchanged = 0
     for title, prompts in (("edited facts", [f["prompt"] for f in DEMO_FACTS]),

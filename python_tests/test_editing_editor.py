@@ -106,8 +106,8 @@ def test_edits_change_answers_on_prompts_and_paraphrases_and_nothing_else(smollm
 
     editor = Editor(model, tokenizer)
     try:
-        ids = editor.edit(facts, progress=False)
-        assert ids == [fact.fact_id for fact in facts] and len(list(editor.db)) == 3
+        ids = editor.edit(facts, progress=False).ids
+        assert ids == tuple(fact.fact_id for fact in facts) and len(list(editor.db)) == 3
         for fact in facts:
             for prompt in (fact.filled_prompt, fact.extras["rephrase_prompt"]):
                 assert _nll(model, tokenizer, prompt, fact.target_new) < _nll(model, tokenizer, prompt,
@@ -117,10 +117,10 @@ def test_edits_change_answers_on_prompts_and_paraphrases_and_nothing_else(smollm
         with torch.no_grad():
             model(torch.tensor([tokenizer(facts[0].filled_prompt)["input_ids"]]))
         tokens = tokenize_fact(tokenizer, facts[0], ())
-        fired = {(firing.position, firing.fact_id) for firing in editor.handle.fired()}
+        fired = {(firing.position, firing.fact_id) for firing in editor.attachment.fired()}
         assert (tokens.subject_last[0], ids[0]) in fired
     finally:
-        editor.handle.detach()
+        editor.detach()
     for fact in facts:  # detached: the model is the unedited one again
         assert _nll(model, tokenizer, fact.filled_prompt, fact.target_new) > \
             _nll(model, tokenizer, fact.filled_prompt, fact.target_true)
@@ -131,13 +131,13 @@ def test_residuals_are_computed_on_the_unedited_model(smollm2, counterfact):
     first, second = counterfact[5], counterfact[6]
     alone = Editor(model, tokenizer, **FAST)
     alone.edit([second], progress=False)
-    alone.handle.detach()
+    alone.detach()
     editor = Editor(model, tokenizer, **FAST)
     try:
         editor.edit([first], progress=False)
         editor.edit([second], progress=False)  # first is live on the model meanwhile
     finally:
-        editor.handle.detach()
+        editor.detach()
     expected = alone.db.get(second.fact_id)
     got = editor.db.get(second.fact_id)
     torch.testing.assert_close(got.key, expected.key, rtol=0, atol=0)
@@ -158,8 +158,8 @@ def test_interrupted_edit_resumes_and_adds_each_fact_once(smollm2, counterfact, 
     editor = Editor(model, tokenizer, db=db, batch_size=2, **FAST)
     with pytest.raises(KeyboardInterrupt):
         editor.edit(facts, progress=False, callback=interrupt_after_first_batch)
-    assert editor.handle.attached  # put back despite the interruption
-    editor.handle.detach()
+    assert editor.attachment.attached  # put back despite the interruption
+    editor.detach()
     db.close()
 
     reopened = NeuralDB.open(path)
@@ -167,9 +167,9 @@ def test_interrupted_edit_resumes_and_adds_each_fact_once(smollm2, counterfact, 
     resumed = []
     editor = Editor(model, tokenizer, db=reopened, batch_size=2, **FAST)
     try:
-        ids = editor.edit(facts, progress=False, callback=resumed.append)
+        ids = editor.edit(facts, progress=False, callback=resumed.append).ids
     finally:
-        editor.handle.detach()
+        editor.detach()
     done = [fact_id for batch in resumed for fact_id in batch]
     assert sorted(done + committed[0]) == sorted(fact.fact_id for fact in facts)  # each computed once
     assert sorted(list(reopened)) == sorted(ids) and len(ids) == 5
@@ -185,19 +185,19 @@ def test_same_fact_is_skipped_new_target_replaces_update_and_remove(smollm2, cou
     editor = Editor(model, tokenizer, **FAST)
     try:
         calls = []
-        [fact_id] = editor.edit([fact], progress=False, callback=calls.append)
+        [fact_id] = editor.edit([fact], progress=False, callback=calls.append).ids
         stored = editor.db.get(fact_id)
         assert stored.metadata["target_new"] == fact.target_new and stored.metadata["subject"] == fact.subject
-        assert editor.edit([fact], progress=False, callback=calls.append) == [fact_id]
+        assert editor.edit([fact], progress=False, callback=calls.append).ids == (fact_id,)
         assert len(calls) == 1  # complete and identical: not recomputed
 
         changed = Fact(fact.prompt, fact.subject, "Japanese")
-        assert editor.edit([changed], progress=False, callback=calls.append) == [fact_id]
+        assert editor.edit([changed], progress=False, callback=calls.append).ids == (fact_id,)
         assert len(calls) == 2 and list(editor.db) == [fact_id]
         assert editor.db.get(fact_id).metadata["target_new"] == "Japanese"
         assert not torch.equal(editor.db.get(fact_id).residual, stored.residual)
 
-        assert editor.update([changed], progress=False, callback=calls.append) == [fact_id]
+        assert editor.update([changed], progress=False, callback=calls.append).ids == (fact_id,)
         assert len(calls) == 3
         with pytest.raises(ValueError, match="not in the database.*use edit"):
             editor.update([Fact("{} is in", "Lyon", "Peru")], progress=False)
@@ -207,7 +207,7 @@ def test_same_fact_is_skipped_new_target_replaces_update_and_remove(smollm2, cou
             editor.remove([fact_id])
         assert editor.remove([fact_id], missing_ok=True) == []
     finally:
-        editor.handle.detach()
+        editor.detach()
 
 
 def test_subject_first_prompt_gets_a_bare_prompt_extra_key(smollm2, counterfact):
@@ -218,7 +218,7 @@ def test_subject_first_prompt_gets_a_bare_prompt_extra_key(smollm2, counterfact)
     subject_first, subject_inside = counterfact[8], counterfact[0]
     editor = Editor(model, tokenizer, **FAST)
     try:
-        first_id, inside_id = editor.edit([subject_first, subject_inside], progress=False)
+        first_id, inside_id = editor.edit([subject_first, subject_inside], progress=False).ids
         assert sorted(editor.db) == sorted([first_id, inside_id]) and editor.db.key_rows == 3
         stored = editor.db.get(first_id)
         assert len(stored.keys) == 2 and stored.metadata["edit"]["bare_prompt_key"]
@@ -227,31 +227,30 @@ def test_subject_first_prompt_gets_a_bare_prompt_extra_key(smollm2, counterfact)
         tokens = tokenize_fact(tokenizer, subject_first, ())
         seen = []
         module = locate_down_proj(model, editor.hparams.layer)
-        editor.handle.detach()
-        handle = module.register_forward_hook(lambda _m, args, _out: seen.append(args[0][0]))
-        try:
-            with torch.no_grad():
-                model(torch.tensor([tokens.contexts[0]]))
-        finally:
-            handle.remove()
+        with editor.attachment.paused():
+            handle = module.register_forward_hook(lambda _m, args, _out: seen.append(args[0][0]))
+            try:
+                with torch.no_grad():
+                    model(torch.tensor([tokens.contexts[0]]))
+            finally:
+                handle.remove()
         query = seen[-1][tokens.subject_last[0]]
         torch.testing.assert_close(stored.keys[1], query, rtol=1e-5, atol=1e-5)
         assert torch.nn.functional.cosine_similarity(query, stored.key, dim=0) < 0.8
         # attached, the edited prompt fires at the subject through the extra key
-        editor.handle = editor._attach()
         with torch.no_grad():
             model(torch.tensor([tokens.contexts[0]]))
-        fired = {(f.position, f.fact_id) for f in editor.handle.fired()}
+        fired = {(f.position, f.fact_id) for f in editor.attachment.fired()}
         assert (tokens.subject_last[0], first_id) in fired
         assert editor.remove([first_id]) == [first_id] and sorted(editor.db) == [inside_id]
         assert editor.db.key_rows == 1
     finally:
-        editor.handle.detach()
+        editor.detach()
     never = Editor(model, tokenizer, **FAST, bare_key_below=-1.0)
     try:
-        assert never.edit([subject_first], progress=False) == [first_id] and never.db.key_rows == 1
+        assert never.edit([subject_first], progress=False).ids == (first_id,) and never.db.key_rows == 1
     finally:
-        never.handle.detach()
+        never.detach()
 
 
 def test_facts_of_one_subject_share_a_residual_and_removal_recomputes_the_rest(smollm2):
@@ -270,16 +269,18 @@ def test_facts_of_one_subject_share_a_residual_and_removal_recomputes_the_rest(s
         separate.edit([sport, position], progress=False)
         assert sum(a == t for a, t in zip(_greedy_next(model, tokenizer, prompts), first_tokens)) < 2
     finally:
-        separate.handle.detach()
+        separate.detach()
 
     editor = Editor(model, tokenizer)
     try:
         calls = []
-        [sport_id] = editor.edit([sport], progress=False, callback=calls.append)
+        [sport_id] = editor.edit([sport], progress=False, callback=calls.append).ids
         alone = editor.db.get(sport_id).residual
         # a new fact of the subject recomputes the stored one with it, in one batch
-        [position_id] = editor.edit([position], progress=False, callback=calls.append)
+        report = editor.edit([position], progress=False, callback=calls.append)
+        [position_id] = report.ids
         assert calls == [[sport_id], [position_id, sport_id]]
+        assert report.companions == (sport_id,) and report.computed == (position_id, sport_id)
         assert _greedy_next(model, tokenizer, prompts) == first_tokens
         shared = editor.db.get(sport_id)
         assert torch.equal(shared.residual, editor.db.get(position_id).residual)
@@ -288,19 +289,19 @@ def test_facts_of_one_subject_share_a_residual_and_removal_recomputes_the_rest(s
         assert editor.db.get(position_id).metadata["edit"]["shares_residual_with"] == [sport_id]
         assert shared.metadata["target_new"] == "basketball" and shared.metadata["target_true"] == "soccer"
         # resuming skips both; removing one recomputes the other alone
-        assert editor.edit([sport, position], progress=False, callback=calls.append) == [sport_id, position_id]
+        assert editor.edit([sport, position], progress=False, callback=calls.append).ids == (sport_id, position_id)
         assert len(calls) == 2
         with pytest.raises(ValueError, match="duplicate ids"):  # refused before anything is recomputed
             editor.remove([position_id, position_id])
         assert torch.equal(editor.db.get(sport_id).residual, shared.residual)
         assert editor.remove([position_id]) == [position_id] and list(editor.db) == [sport_id]
-        assert "shares_residual_with" not in editor.db.get(sport_id).metadata["edit"]
+        assert editor.db.get(sport_id).metadata["edit"]["shares_residual_with"] == []
         assert _greedy_next(model, tokenizer, prompts) == [first_tokens[0], unedited[1]]
         with pytest.raises(KeyError, match="not in the database"):
             editor.remove([sport_id, "nope"])
         assert list(editor.db) == [sport_id]
     finally:
-        editor.handle.detach()
+        editor.detach()
 
 
 def test_a_one_token_subject_opening_the_prompt_is_reported_and_spares_its_subject_mates(smollm2):
@@ -309,8 +310,9 @@ def test_a_one_token_subject_opening_the_prompt_is_reported_and_spares_its_subje
     inside = Fact("In {}, they understand", "Germany", "Tamil", "German")
     editor = Editor(model, tokenizer)
     try:
-        opening_id, inside_id = editor.edit([opening, inside], progress=False)
-        assert editor.first_token_subjects == [opening_id]
+        report = editor.edit([opening, inside], progress=False)
+        opening_id, inside_id = report.ids
+        assert report.first_token_subjects == (opening_id,)
         assert editor.db.get(opening_id).metadata["edit"]["subject_first_token"]
         assert not editor.db.get(inside_id).metadata["edit"]["subject_first_token"]
         # the shared residual is not trained on position 0 (it wrecked the whole unit): the
@@ -319,7 +321,7 @@ def test_a_one_token_subject_opening_the_prompt_is_reported_and_spares_its_subje
         prompt = inside.filled_prompt
         assert _nll(model, tokenizer, prompt, "Tamil") < _nll(model, tokenizer, prompt, "German")
     finally:
-        editor.handle.detach()
+        editor.detach()
 
 
 def test_bad_facts_raise_or_are_skipped(smollm2):
@@ -332,13 +334,13 @@ def test_bad_facts_raise_or_are_skipped(smollm2):
             editor.edit([good, too_long], progress=False)
         with pytest.raises(FactError, match="fact 0.*subject is empty"):
             editor.edit([Fact("{} is", "", "x")], progress=False)
-        assert len(editor.db) == 0 and editor.handle.attached
-        ids = editor.edit([Fact("{} is", "", "x"), good, too_long], on_error="skip", progress=False)
-        assert ids == [good.fact_id]
-        assert [index for index, _ in editor.skipped] == [0, 2]
-        assert "subject is empty" in editor.skipped[0][1] and "longer than" in editor.skipped[1][1]
+        assert len(editor.db) == 0 and editor.attachment.attached
+        report = editor.edit([Fact("{} is", "", "x"), good, too_long], on_error="skip", progress=False)
+        assert report.ids == (good.fact_id,)
+        assert [entry.index for entry in report.skipped] == [0, 2]
+        assert "subject is empty" in report.skipped[0].reason and "longer than" in report.skipped[1].reason
     finally:
-        editor.handle.detach()
+        editor.detach()
 
 
 def test_editor_argument_errors(smollm2):
@@ -358,7 +360,7 @@ def test_editor_argument_errors(smollm2):
         with pytest.raises(ValueError, match="already has a NeuralDB attached"):
             Editor(model, tokenizer)
     finally:
-        editor.handle.detach()
+        editor.detach()
 
 
 def test_a_generic_bare_prompt_query_is_not_stored(smollm2, data_dir):
@@ -369,25 +371,25 @@ def test_a_generic_bare_prompt_query_is_not_stored(smollm2, data_dir):
     assert bay.subject == "Bay"
     editor = Editor(model, tokenizer, **FAST)
     try:
-        [fact_id] = editor.edit([bay], progress=False)
+        [fact_id] = editor.edit([bay], progress=False).ids
         stored = editor.db.get(fact_id)
         assert len(stored.keys) == 1 and not stored.metadata["edit"]["bare_prompt_key"]
         assert stored.metadata["edit"]["bare_prompt_key_generic"]
         # independently: the bare query passes the gate against the first token of unrelated text
-        editor.handle.detach()
         seen = []
         module = locate_down_proj(model, editor.hparams.layer)
-        handle = module.register_forward_hook(lambda _m, args, _out: seen.append(args[0][0, 0]))
-        try:
-            with torch.no_grad():
-                for text in (bay.filled_prompt, "The weather today is"):
-                    model(torch.tensor([tokenizer(text)["input_ids"]]))
-        finally:
-            handle.remove()
+        with editor.attachment.paused():
+            handle = module.register_forward_hook(lambda _m, args, _out: seen.append(args[0][0, 0]))
+            try:
+                with torch.no_grad():
+                    for text in (bay.filled_prompt, "The weather today is"):
+                        model(torch.tensor([tokenizer(text)["input_ids"]]))
+            finally:
+                handle.remove()
         assert torch.nn.functional.cosine_similarity(seen[0], seen[1], dim=0) > editor.hparams.gamma
-        editor.handle = editor._attach()  # attached, unrelated text does not fire the fact
+        # attached again, unrelated text does not fire the fact
         with torch.no_grad():
             model(torch.tensor([tokenizer("The weather today is")["input_ids"]]))
-        assert editor.handle.fired() == []
+        assert editor.attachment.fired() == []
     finally:
-        editor.handle.detach()
+        editor.detach()

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from neuraldb_kernels.editing import (Fact, FactError, check_facts, fact_id, read_counterfact, read_facts,
-                                      read_jsonl, read_zsre, subject_last_token)
+from neuraldb_kernels.editing import (EditRecord, EditRecordError, Fact, FactError, check_facts, fact_id,
+                                      read_counterfact, read_facts, read_jsonl, read_zsre, subject_last_token)
 
 # --------------------------------------------------------------------------------- Fact and ids
 
@@ -36,12 +36,55 @@ def test_filled_prompt_keys_on_the_last_occurrence_of_the_subject():
     assert fact.subject_span == (14, 19)
 
 
+# a version-1 "edit" record, written out by hand as FORMAT.md pins it
+RECORD = {"version": 1, "layer": 4, "subject_start": None, "subject_first_token": False, "target_prob": 0.93,
+          "steps": 7, "converged": True, "bare_prompt_key": False, "bare_prompt_key_generic": False,
+          "shares_residual_with": ["b", "c"], "hparams": {"layer": 4, "lr": 1.5}}
+
+
+def test_edit_record_reads_and_writes_the_pinned_json():
+    record = EditRecord.from_json(RECORD)
+    assert record == EditRecord(layer=4, subject_first_token=False, target_prob=0.93, steps=7, converged=True,
+                                bare_prompt_key=False, bare_prompt_key_generic=False,
+                                shares_residual_with=("b", "c"), hparams={"layer": 4, "lr": 1.5})
+    assert record.to_json() == RECORD and json.loads(json.dumps(record.to_json())) == RECORD
+    assert EditRecord.from_json({**RECORD, "added_later": 1}) == record  # unknown keys are ignored
+    assert EditRecord(layer=2).to_json() == {"version": 1, "layer": 2, **dict.fromkeys(
+        ("subject_start", "subject_first_token", "target_prob", "steps", "converged", "bare_prompt_key",
+         "bare_prompt_key_generic", "hparams")), "shares_residual_with": []}
+    assert EditRecord.from_metadata({"subject": "x"}) is None  # not written by the Editor
+
+
+@pytest.mark.parametrize("value, message", [
+    ({**RECORD, "version": 2}, "schema version 2; this version of neuraldb_kernels reads version 1 only"),
+    ({**RECORD, "version": "1"}, "schema version '1'"),
+    ({key: value for key, value in RECORD.items() if key != "version"}, "no schema version: it predates"),
+    ({key: value for key, value in RECORD.items() if key not in ("steps", "hparams")},
+     "lacks the key(s) steps, hparams"),
+    ({**RECORD, "layer": True, "shares_residual_with": "b"}, "layer must be an int; shares_residual_with must be"),
+    ([1, 2], "is not a JSON object but list"),
+])
+def test_edit_record_refuses_what_it_cannot_read(value, message):
+    with pytest.raises(EditRecordError, match=re.escape(message)) as error:
+        Fact.from_metadata("f1", {"subject": "A", "prompt": "A is", "target_new": "B", "edit": value})
+    assert "stored fact 'f1'" in str(error.value)
+
+
+def test_a_huge_value_is_not_echoed_whole_into_an_error():
+    subject = "x" * 20_000_000
+    for fact in (Fact("The capital of France is", subject, "Paris"), {"prompt": "{} is", "subject": "A", "id": subject}):
+        with pytest.raises(FactError) as error:
+            check_facts([Fact("{} is in", "Lyon", "Peru"), fact, Fact("{} and {}", "A", "B")])
+        message = str(error.value)
+        assert len(message) < 400 and "(20000000 characters)" in message, message[:400]
+
+
 def test_a_stored_fact_is_rebuilt_from_its_metadata():
     facts = [Fact("{} is big. Paris is the capital of", "Paris", "Italy", "France", extras={"case_id": 3}),
              Fact("Paris is big. Paris is the capital of", "Paris", "Spain", id="mine"),
              Fact("The capital of {} is", "France", "Lyon")]
     for fact in facts:
-        edit = {"subject_start": fact.subject_span[0], "steps": 3}
+        edit = {**RECORD, "subject_start": fact.subject_span[0], "steps": 3}
         rebuilt = Fact.from_metadata(fact.fact_id, {**fact.metadata(), "created_at": "then", "edit": edit})
         assert (rebuilt.fact_id, rebuilt.filled_prompt, rebuilt.subject_span) == (
             fact.fact_id, fact.filled_prompt, fact.subject_span)
@@ -92,9 +135,10 @@ def test_skip_lists_bad_facts_and_keeps_the_good_ones():
                                                                                   "target_new": "B"}]
     valid, skipped = check_facts(facts, on_error="skip")
     assert valid == [good, Fact("{} is", "A", "B")]
-    assert [index for index, _ in skipped] == [1, 2]
-    assert "missing field(s) target_new" in skipped[0][1]
-    assert "the subject is empty" in skipped[1][1]
+    assert [(entry.index, entry.fact_id) for entry in skipped] == [(1, None),
+                                                                   (2, Fact("{} is in", "", "Peru").fact_id)]
+    assert "missing field(s) target_new" in skipped[0].reason
+    assert "the subject is empty" in skipped[1].reason
 
 
 def test_mapping_errors_and_on_error_value():

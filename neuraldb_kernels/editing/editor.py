@@ -1,9 +1,10 @@
 """The `Editor`: facts in, NeuralDB rows out, live on the model at once.
 
-    editor = Editor(model, tokenizer)                 # a new in-memory NeuralDB, attached
-    ids = editor.edit(read_counterfact(path, limit=1000))
-    model.generate(...)                               # answers with the edits
-    editor.remove(ids[:10])                           # undone at once
+    with Editor(model, tokenizer) as editor:          # a new in-memory NeuralDB, attached
+        report = editor.edit(read_counterfact(path, limit=1000))
+        model.generate(...)                           # answers with the edits
+        editor.remove(report.ids[:10])                # undone at once
+    # leaving the block detaches the database: the model is the unedited one again
 
 Semantics:
 - A fact's id is its explicit id, else a hash of (subject, filled prompt). Editing a subject +
@@ -23,24 +24,28 @@ Semantics:
   would leave all but one of them unanswered. Editing a fact recomputes, in the same batch and
   transaction, the stored facts of its subject (rebuilt from their metadata); `remove()`
   recomputes the facts that shared a removed fact's residual before deleting it. Each fact keeps
-  its own row, keys and metadata ("edit" / "shares_residual_with" lists the others; "edit" /
-  "hparams" records the hyperparameters it was computed with).
-- Keys, prefixes and residuals are always computed on the UNEDITED model: the Editor's attachment
-  is taken off while it computes and put back afterwards (also on errors and interruptions);
-  `editor.handle` is the current attachment (a new object after every edit/update).
+  its own row, keys and metadata (its `EditRecord` under "edit": shares_residual_with lists the
+  others, hparams records the hyperparameters it was computed with).
+- Keys, prefixes and residuals are always computed on the UNEDITED model: the Editor keeps one
+  attachment for its life (`editor.attachment`) and pauses it while it computes (retrieval is back
+  afterwards, also on errors and interruptions). `editor.detach()`, or leaving a `with Editor(...)`
+  block, takes the database off the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from ..integration import attach, down_proj_dims, model_fingerprint
+from ..integration import Attachment, attach, down_proj_dims, model_fingerprint
 from ..store import NeuralDB
-from .facts import Fact, FactError, check_facts
+from .facts import Fact, FactError, check_facts, given_id
+from .records import METADATA_KEY, EditRecord
+from .report import EditReport, SkippedFact
 from .hparams import resolve_hparams
 from .keys import compute_keys, generic_queries, pad_token_id
 from .prefixes import generate_prefixes
@@ -61,12 +66,13 @@ def superseded_facts(indexed: Iterable[tuple[int, Fact]]) -> list[tuple[int, int
 
 
 def sharing_partners(db: NeuralDB, ids: Sequence[str]) -> list[str]:
-    """Ids of the stored facts, other than `ids`, that share a residual with one of `ids` (the
-    Editor's "edit" / "shares_residual_with" metadata), in database order."""
+    """Ids of the stored facts, other than `ids`, that share a residual with one of `ids` (their
+    `EditRecord.shares_residual_with`), in the order the records list them."""
     removed = set(ids)
     partners: dict[str, None] = {}
     for fact_id in ids:
-        for other in db.get(fact_id).metadata.get("edit", {}).get("shares_residual_with", []):
+        record = EditRecord.from_metadata(db.get(fact_id).metadata, fact_id)
+        for other in () if record is None else record.shares_residual_with:
             if other not in removed and other in db:
                 partners[other] = None
     return list(partners)
@@ -91,8 +97,9 @@ class Editor:
         with a path to keep the edits). Its layer/gamma are used when `layer`/`gamma` are None.
     layer, gamma, **hparams: override the model's preset (see `EditHParams` for every field).
     module_path: for a model type without a preset location (see integration.architectures).
-    The database is attached to the model here; a layer that already has a NeuralDB attached is
-    an error (detach it, and pass its database as `db`).
+    The database is attached to the model here, once, as `attachment`; a layer that already has
+    a NeuralDB attached is an error (detach it, and pass its database as `db`). `detach()` or the
+    end of a `with Editor(...) as editor:` block takes it off.
     """
 
     def __init__(self, model, tokenizer, db: Optional[NeuralDB] = None, layer: Optional[int] = None,
@@ -116,37 +123,46 @@ class Editor:
             raise ValueError(f"the database holds d1={db.d1}, d2={db.d2} but layer {self.hparams.layer} of the "
                              f"model has d1={d1}, d2={d2}")
         self.db = db
-        self.skipped: list[tuple[int, str]] = []
-        self.superseded: list[tuple[int, int]] = []
-        self.first_token_subjects: list[str] = []
-        self.handle = self._attach()
+        self.attachment: Attachment = attach(model, db, self.hparams.layer, self.hparams.gamma,
+                                             module_path=module_path)
 
-    def _attach(self):
-        return attach(self.model, self.db, self.hparams.layer, self.hparams.gamma, module_path=self.module_path)
+    def detach(self) -> None:
+        """Take the database off the model (the model is then exactly as before); edits made
+        afterwards are still computed and stored, but not live on the model."""
+        self.attachment.detach()
+
+    def __enter__(self) -> "Editor":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.detach()
 
     def __repr__(self) -> str:
-        return f"Editor(layer={self.hparams.layer}, gamma={self.hparams.gamma}, facts={len(self.db)})"
+        state = "attached" if self.attachment.attached else "detached"
+        return f"Editor({state}, layer={self.hparams.layer}, gamma={self.hparams.gamma}, facts={len(self.db)})"
 
     # ------------------------------------------------------------------------------------ public
 
     def edit(self, facts: Iterable[Any], *, on_error: str = "raise", progress: bool = True,
-             callback: Optional[Callable[[list[str]], None]] = None) -> list[str]:
-        """Edit `facts` (Fact objects or mappings, see `Fact`); returns their ids in input order
-        (skipped facts left out). Facts already stored with the same target_new are not redone.
-        Facts with the same id (subject and prompt) in one call: the last one is edited, and
-        `self.superseded` lists (earlier input index, the later index that replaced it).
-        `self.first_token_subjects` lists the ids of computed facts whose prompt opens with a
+             callback: Optional[Callable[[list[str]], None]] = None) -> EditReport:
+        """Edit `facts` (Fact objects or mappings, see `Fact`); returns an `EditReport` (`.ids`:
+        their ids in input order, skipped facts left out). Facts already stored with the same
+        target_new are not redone (`already_stored`). Facts with the same id (subject and prompt)
+        in one call: the last one is edited (`superseded`: (earlier input index, the later index
+        that replaced it)). `first_token_subjects`: computed facts whose prompt opens with a
         one-token subject in a tokenizer without BOS: their key sits at position 0, which the
         model barely reads (an attention sink), so their own prompt often keeps its answer.
 
         on_error: "raise" (a FactError naming the first bad fact's index and id) or "skip" (bad
-            facts are left out and listed in `self.skipped` as (input index, message)).
-        progress: show a tqdm bar (facts/s, ETA). callback(ids): called after each committed batch.
+            facts are left out and listed in the report's `skipped`).
+        progress: a tqdm bar (facts/s and ETA over the whole call) whose description names the
+            phase running (prefixes, generic queries, then keys / residuals / store per batch).
+        callback(ids): called after each committed batch with the ids it wrote.
         """
         return self._run(facts, on_error=on_error, progress=progress, callback=callback, replace=False)
 
     def update(self, facts: Iterable[Any], *, on_error: str = "raise", progress: bool = True,
-               callback: Optional[Callable[[list[str]], None]] = None) -> list[str]:
+               callback: Optional[Callable[[list[str]], None]] = None) -> EditReport:
         """Recompute and replace facts that are already in the database (a ValueError listing the
         ids that are not); same arguments as `edit`."""
         return self._run(facts, on_error=on_error, progress=progress, callback=callback, replace=True)
@@ -166,7 +182,9 @@ class Editor:
 
     # ---------------------------------------------------------------------------------- internals
 
-    def _tokenize(self, indexed: list[tuple[int, Fact]], prefixes, on_error: str):
+    def _tokenize(self, indexed: list[tuple[int, Fact]], prefixes, on_error: str,
+                  skipped: list[SkippedFact]) -> tuple[list[tuple[int, Fact]], list[EditTokens]]:
+        """The facts that tokenise and their tokens; the others raise or are added to `skipped`."""
         kept, tokens = [], []
         for index, fact in indexed:
             try:
@@ -175,7 +193,7 @@ class Editor:
             except FactError as error:
                 if on_error == "raise":
                     raise
-                self.skipped.append((index, str(error)))
+                skipped.append(SkippedFact(index, given_id(fact), str(error)))
         return kept, tokens
 
     def _fact_tokens(self, fact: Fact, prefixes, index: int) -> EditTokens:
@@ -183,56 +201,75 @@ class Editor:
         return tokenize_fact(self.tokenizer, fact, prefixes, index=index, max_length=model_context_length(self.model),
                              kl_template=self.hparams.kl_template)
 
-    def _pending(self, indexed: list[tuple[int, Fact]], replace: bool) -> list[int]:
-        """Positions in `indexed` still to compute (the last fact wins when an id repeats)."""
+    def _pending(self, indexed: list[tuple[int, Fact]], replace: bool) -> tuple[list[int], list[str]]:
+        """(positions in `indexed` still to compute, the last fact winning when an id repeats;
+        ids already stored with the same target_new, not redone)."""
         last_of = {fact.fact_id: position for position, (_, fact) in enumerate(indexed)}
         if replace:
             missing = [fact_id for fact_id in last_of if fact_id not in self.db]
             if missing:
                 raise ValueError(f"update: {len(missing)} fact(s) are not in the database, e.g. id {missing[0]!r}; "
                                  f"use edit() to add facts")
-            return sorted(last_of.values())
-        pending = []
+            return sorted(last_of.values()), []
+        pending, stored = [], []
         for fact_id, position in last_of.items():
             if fact_id in self.db:
-                stored = self.db.get(fact_id).metadata
-                if stored.get("target_new") == indexed[position][1].target_new:
+                if self.db.get(fact_id).metadata.get("target_new") == indexed[position][1].target_new:
+                    stored.append(fact_id)
                     continue
             pending.append(position)
-        return sorted(pending)
+        return sorted(pending), stored
 
     def _run(self, facts, *, on_error: str, progress: bool, callback, replace: bool,
-             exclude: frozenset[str] | set[str] = frozenset()) -> list[str]:
+             exclude: frozenset[str] | set[str] = frozenset()) -> EditReport:
         """Edit (replace=False) or update; `exclude`: stored ids never pulled in as companions."""
-        valid, self.skipped = check_facts(facts, on_error=on_error, indexed=True)
+        started = time.perf_counter()
+        seconds = dict.fromkeys(("prefixes", "keys", "residuals", "store"), 0.0)
+        valid, skipped = check_facts(facts, on_error=on_error, indexed=True)
         hp = self.hparams
         pad_id = pad_token_id(self.tokenizer)
-        self.handle.detach()
-        try:
+        # the bar starts now and averages over the whole call (smoothing=0), so its s/fact counts
+        # the prefixes and generic queries too
+        with self.attachment.paused(), tqdm(total=None, unit="fact", desc="editing: prefixes", disable=not progress,
+                                            smoothing=0) as bar:
+            stage = time.perf_counter()
             prefixes = generate_prefixes(self.model, self.tokenizer, count=hp.n_prefixes, length=hp.prefix_length,
                                          seed=hp.prefix_seed)
-            indexed, tokens = self._tokenize(valid, prefixes, on_error)
-            self.superseded = superseded_facts(indexed)
-            self.first_token_subjects = []
+            indexed, tokens = self._tokenize(valid, prefixes, on_error, skipped)
+            seconds["prefixes"] += time.perf_counter() - stage
+            bar.set_description("editing: generic queries")
+            stage = time.perf_counter()
             generic = generic_queries(self.model, self.tokenizer, prefixes, hp.layer, pad_id=pad_id,
                                       module_path=self.module_path)
-            work = [(indexed[p][1], tokens[p]) for p in self._pending(indexed, replace)]
+            seconds["keys"] += time.perf_counter() - stage
+            positions, already_stored = self._pending(indexed, replace)
+            work = [(indexed[p][1], tokens[p]) for p in positions]
+            given = len(work)
             if hp.share_subject_residual and work:
                 work += self._companions([fact for fact, _ in work], prefixes, exclude)
             units = subject_units([fact for fact, _ in work], hp.share_subject_residual)
             # similar lengths together: less padding per batch
             units.sort(key=lambda unit: max(len(work[p][1].target) + len(work[p][1].contexts[0])
                                             - work[p][1].subject_last[0] for p in unit))
-            with tqdm(total=len(work), unit="fact", desc="editing", disable=not progress) as bar:
-                for batch in _batches(units, hp.batch_size):
-                    positions = [p for unit in batch for p in unit]
-                    local = {p: i for i, p in enumerate(positions)}
-                    self._commit([work[p][0] for p in positions], [work[p][1] for p in positions],
-                                 [[local[p] for p in unit] for unit in batch], pad_id, generic, callback)
-                    bar.update(len(positions))
-        finally:
-            self.handle = self._attach()
-        return [fact.fact_id for _, fact in indexed]
+            bar.total = len(work)
+            bar.refresh()
+            batches = list(_batches(units, hp.batch_size))
+            outcome = _Outcome()
+            for number, batch in enumerate(batches, start=1):
+                members = [p for unit in batch for p in unit]
+                local = {p: i for i, p in enumerate(members)}
+                where = f"(batch {number}/{len(batches)})"
+                self._commit([work[p][0] for p in members], [work[p][1] for p in members],
+                             [[local[p] for p in unit] for unit in batch], pad_id, generic, callback, outcome,
+                             seconds, lambda phase, where=where: bar.set_description(f"editing: {phase} {where}"))
+                bar.update(len(members))
+        seconds["total"] = time.perf_counter() - started
+        return EditReport(
+            ids=tuple(fact.fact_id for _, fact in indexed), computed=tuple(outcome.computed),
+            companions=tuple(fact.fact_id for fact, _ in work[given:]), already_stored=tuple(already_stored),
+            skipped=tuple(sorted(skipped, key=lambda entry: entry.index)), superseded=tuple(superseded_facts(indexed)),
+            first_token_subjects=tuple(outcome.first_token_subjects), not_converged=tuple(outcome.not_converged),
+            seconds=seconds)
 
     def _companions(self, facts: list[Fact], prefixes, exclude) -> list[tuple[Fact, EditTokens]]:
         """The stored facts of the subjects of `facts` that are not among them (nor in `exclude`),
@@ -253,13 +290,16 @@ class Editor:
         return companions
 
     def _commit(self, facts: list[Fact], tokens: list[EditTokens], units: list[list[int]], pad_id: int,
-                generic: torch.Tensor, callback) -> None:
+                generic: torch.Tensor, callback, outcome: "_Outcome", seconds: dict[str, float],
+                phase: Callable[[str], None]) -> None:
         """Compute and store one batch; units: positions of `facts` sharing one residual.
-        generic: (t, d1) unit generic queries (see generic_queries)."""
+        generic: (t, d1) unit generic queries (see generic_queries). Adds to `outcome` and to the
+        stages' `seconds`; phase(name) is told each stage as it starts."""
         hp = self.hparams
+        phase("keys")
+        stage = time.perf_counter()
         keys, bare = compute_keys(self.model, tokens, hp.layer, pad_id=pad_id, batch_size=hp.batch_size,
                                   module_path=self.module_path)
-        result = optimize_residuals(self.model, tokens, hp, pad_id=pad_id, module_path=self.module_path, units=units)
         # the bare prompt's own query becomes an extra key where it is far from the averaged key,
         # unless it is generic (it would pass the gate on arbitrary text)
         far = (torch.nn.functional.cosine_similarity(bare, keys, dim=1) < hp.bare_key_below).tolist()
@@ -268,23 +308,41 @@ class Editor:
             best = (torch.nn.functional.normalize(bare, dim=1) @ generic.T).max(dim=1).values
             is_generic = (best > hp.gamma).tolist()
         extra = [far[i] and not is_generic[i] for i in range(len(facts))]
+        seconds["keys"] += time.perf_counter() - stage
+        phase("residuals")
+        stage = time.perf_counter()
+        result = optimize_residuals(self.model, tokens, hp, pad_id=pad_id, module_path=self.module_path, units=units)
+        seconds["residuals"] += time.perf_counter() - stage
+        phase("store")
+        stage = time.perf_counter()
         ids = [fact.fact_id for fact in facts]
         first_token = [t.subject_last[0] == 0 for t in tokens]  # keyed at position 0 (see edit())
-        self.first_token_subjects += [ids[i] for i in range(len(facts)) if first_token[i]]
         partners = {i: [ids[j] for j in unit if j != i] for unit in units for i in unit}
         metadata = []
         for i, fact in enumerate(facts):
-            record = {"layer": hp.layer, "subject_start": fact.subject_span[0], "subject_first_token": first_token[i],
-                      "target_prob": float(result.target_prob[i]), "steps": int(result.steps[i]),
-                      "converged": bool(result.converged[i]), "bare_prompt_key": extra[i],
-                      "bare_prompt_key_generic": far[i] and is_generic[i], "hparams": dataclasses.asdict(hp)}
-            if partners[i]:
-                record["shares_residual_with"] = partners[i]
-            metadata.append({**fact.metadata(), "edit": record})
+            record = EditRecord(layer=hp.layer, subject_start=fact.subject_span[0], subject_first_token=first_token[i],
+                                target_prob=float(result.target_prob[i]), steps=int(result.steps[i]),
+                                converged=bool(result.converged[i]), bare_prompt_key=extra[i],
+                                bare_prompt_key_generic=far[i] and is_generic[i],
+                                shares_residual_with=tuple(partners[i]), hparams=dataclasses.asdict(hp))
+            metadata.append({**fact.metadata(), METADATA_KEY: record.to_json()})
         self.db.upsert(keys, result.residuals, ids, metadata,
                        extra_keys=[bare[i] if extra[i] else None for i in range(len(facts))])
+        seconds["store"] += time.perf_counter() - stage
+        outcome.computed += ids
+        outcome.first_token_subjects += [ids[i] for i in range(len(facts)) if first_token[i]]
+        outcome.not_converged += [ids[i] for i in range(len(facts)) if not bool(result.converged[i])]
         if callback is not None:
             callback(ids)
+
+
+@dataclasses.dataclass
+class _Outcome:
+    """What the committed batches of one call wrote (ids in commit order)."""
+
+    computed: list[str] = dataclasses.field(default_factory=list)
+    first_token_subjects: list[str] = dataclasses.field(default_factory=list)
+    not_converged: list[str] = dataclasses.field(default_factory=list)
 
 
 def _batches(units: list[list[int]], batch_size: int) -> Iterable[list[list[int]]]:

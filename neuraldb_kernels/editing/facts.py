@@ -19,7 +19,18 @@ import pathlib
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
+from .records import METADATA_KEY, EditRecord
+from .report import SkippedFact
+
 SUBJECT_SLOT = "{}"
+QUOTE_LIMIT = 80  # characters of a user's value that an error message repeats
+
+
+def quoted(value: Any, limit: int = QUOTE_LIMIT) -> str:
+    """repr(value) for an error message, a long string cut to its first `limit` characters and its length."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    return repr(value)
 
 
 class FactError(ValueError):
@@ -95,8 +106,9 @@ class Fact:
         prompt, subject = metadata["prompt"], metadata["subject"]
         # the Editor records where the keyed subject starts: an earlier occurrence than the last
         # one (a template's slot) is given back as a template
-        start = metadata.get("edit", {}).get("subject_start")
-        if (isinstance(start, int) and SUBJECT_SLOT not in prompt and prompt[start : start + len(subject)] == subject
+        record = EditRecord.from_metadata(metadata, fact_id)
+        start = None if record is None else record.subject_start
+        if (start is not None and SUBJECT_SLOT not in prompt and prompt[start : start + len(subject)] == subject
                 and start != prompt.rfind(subject)):
             prompt = prompt[:start] + SUBJECT_SLOT + prompt[start + len(subject):]
         return cls(prompt=prompt, subject=subject, target_new=metadata["target_new"],
@@ -104,10 +116,11 @@ class Fact:
 
 
 # metadata() fields that are not extras ("edit": what the Editor records about the computation)
-_METADATA_FIELDS = ("subject", "prompt", "target_new", "target_true", "edit")
+_METADATA_FIELDS = ("subject", "prompt", "target_new", "target_true", METADATA_KEY)
 
 
-def _describe(index: int, fact: Any) -> str:
+def _input_id(fact: Any) -> Any:
+    """The id of an input fact as given (a Fact's, or a mapping's "id" or "case_id"), else None."""
     ident = None
     if isinstance(fact, Fact):
         ident = fact.id
@@ -118,7 +131,18 @@ def _describe(index: int, fact: Any) -> str:
                 ident = None
     elif isinstance(fact, Mapping):
         ident = fact.get("id", fact.get("case_id"))
-    return f"fact {index}" + (f" (id {ident!r})" if ident is not None else "")
+    return ident
+
+
+def given_id(fact: Any) -> Optional[str]:
+    """The id of an input fact (a Fact, or a mapping's "id" or "case_id") as a str, else None."""
+    ident = _input_id(fact)
+    return None if ident is None else str(ident)
+
+
+def _describe(index: int, fact: Any) -> str:
+    ident = _input_id(fact)
+    return f"fact {index}" + (f" (id {quoted(ident)})" if ident is not None else "")
 
 
 def check_fact(fact: Fact, index: int) -> Fact:
@@ -144,9 +168,10 @@ def check_fact(fact: Fact, index: int) -> Fact:
         raise FactError(f"{where}: the id is an empty string")
     slots = fact.prompt.count(SUBJECT_SLOT)
     if slots > 1:
-        raise FactError(f"{where}: the prompt template {fact.prompt!r} has {slots} '{{}}' slots; it needs one")
+        raise FactError(f"{where}: the prompt template {quoted(fact.prompt)} has {slots} '{{}}' slots; it needs one")
     if slots == 0 and fact.subject not in fact.prompt:
-        raise FactError(f"{where}: the subject {fact.subject!r} does not occur in the prompt {fact.prompt!r}")
+        raise FactError(f"{where}: the subject {quoted(fact.subject)} does not occur in the prompt "
+                        f"{quoted(fact.prompt)}")
     if not fact.filled_prompt.strip():
         raise FactError(f"{where}: the prompt is empty")
     return fact
@@ -185,7 +210,7 @@ def check_facts(facts: Iterable[Any], *, on_error: str = "raise", indexed: bool 
     when `indexed`.
 
     on_error="raise": the first bad fact raises its FactError; on_error="skip": bad facts are left
-    out and listed in `skipped` as (input index, error message).
+    out and listed in `skipped` as `SkippedFact`s (input index, id if any, error message).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -199,7 +224,7 @@ def check_facts(facts: Iterable[Any], *, on_error: str = "raise", indexed: bool 
         except FactError as error:
             if on_error == "raise":
                 raise
-            skipped.append((index, str(error)))
+            skipped.append(SkippedFact(index, given_id(value), str(error)))
     return valid, skipped
 
 

@@ -36,8 +36,9 @@ class EditHParams:
     bare_key_below: a fact whose bare-prompt query (no prefix) has cosine < this with its averaged
         key also gets that query as an extra key (same fact, same residual). Prompts that
         start with the subject put it at sequence position 0 in models without a BOS token (SmolLM2,
-        GPT-2), where its representation is far from the prefixed contexts' (cosine 0.1-0.6
-        measured): without the second key the edited prompt itself would not fire. -1 never adds one.
+        GPT-2), where its representation is far from the prefixed contexts' (numbers: bench/RESULTS.md,
+        "Editing notes moved from code"): without the second key the edited prompt itself would not
+        fire. -1 never adds one.
         A bare-prompt query that is generic (cosine > gamma with the query at some token of the
         model-written prefixes) is never added: it would fire on any text.
     share_subject_residual: facts with the same subject (exact string) get one residual, optimised

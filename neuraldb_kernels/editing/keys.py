@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..integration.architectures import locate_down_proj
+from ..integration.architectures import down_proj_dims, locate_down_proj
 from .tokens import EditTokens
 
 
@@ -93,7 +93,9 @@ def generic_queries(model, tokenizer, texts: Sequence[str], layer: int, *, pad_i
     model-written prefixes: generic text, first positions included). A key whose cosine with one
     of these passes the gate would fire on arbitrary text, e.g. a query taken where the subject
     opens a sequence in a model without a BOS token, whose first position looks alike for every
-    token."""
+    token. No texts (no prefixes): (0, d1)."""
+    if not texts:
+        return torch.zeros(0, down_proj_dims(model, layer, module_path)[0])
     rows = [list(tokenizer(text)["input_ids"]) for text in texts]
     inputs = down_proj_inputs(model, rows, None, layer, pad_id=pad_id, module_path=module_path)
     return torch.nn.functional.normalize(inputs, dim=1).cpu()

@@ -15,9 +15,9 @@ A fact stops once exp(-mean NLL) >= stop_prob.
 
 A context whose subject's last token is its first token (a one-token subject opening the prompt,
 in a tokenizer without BOS) is left out of c when the fact has other contexts: the first position
-is the model's attention sink, an r added there barely moves the prediction, and its loss swamped
-the other contexts' (four such "Germany" facts sharing one r: every context below 0.07 after 25
-steps; without their bare prompts the prefixed contexts reached 0.52-0.93).
+is the model's attention sink, an r added there barely moves the prediction, and its loss would
+swamp the other contexts'. (Measurements behind such rules live in bench/RESULTS.md, here "Where
+the remaining efficacy misses are", not in code.)
 
 Facts may share one r (`units`: facts about one subject whose keys coincide, see the Editor): the
 loss then sums the members' NLL terms, with the KL and decay terms once (from the first member), and
@@ -30,27 +30,25 @@ model is causal), so those tokens run once through the whole model and their key
 as a KV cache; each step runs only the tokens from the subject's last token on, and the LM head
 only at the positions the loss reads (target tokens and the KL position). The suffix tokens' pass
 through layers 0..l* is frozen as well: after the first step, those layers are replaced (for the
-duration of each forward) by stand-ins that replay the recorded output of layer l* plus r, when the
-model's decoder layers return plain tensors (transformers >= 5). Losses are summed over
+duration of each forward) by stand-ins that replay the recorded output of layer l* plus r, where the
+model's decoder layers return plain tensors (see integration.hf_compat). Losses are summed over
 units, and Adam is element-wise, so a unit's trajectory does not depend on its batch-mates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import inspect
 import math
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..integration import hf_compat
 from ..integration.architectures import decoder_layers, locate_down_proj
 from .hparams import EditHParams
 from .tokens import EditTokens
-
-_ADAM_BETAS = (0.9, 0.999)
-_ADAM_EPS = 1e-8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,46 +150,6 @@ def _build_sequences(tokens: Sequence[EditTokens], units: Sequence[Sequence[int]
         long(kl_seq), long(kl_pos), long(norm_seq))
 
 
-def _cache_argument(base) -> str:
-    """The forward keyword of the KV cache: `cache` (transformers >= 5.x) or `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def _cached_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """[(keys, values)] per layer of a transformers Cache, each (batch, heads, length, head_dim)."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))
-
-
-def _new_cache(model, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]):
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    for index, (keys, values) in enumerate(layers):
-        cache.update(keys, values, index)
-    return cache
-
-
-class _Skip(torch.nn.Module):
-    """Stands in for a decoder layer below l*: its output is never used (layer l* is replayed)."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
-
-
-class _Replay(torch.nn.Module):
-    """Stands in for decoder layer l*: its recorded output (r = 0) plus delta at the first suffix token."""
-
-    def __init__(self, recorded: torch.Tensor, delta: torch.Tensor, owner: torch.Tensor):
-        super().__init__()
-        self.recorded, self.delta, self.owner = recorded, delta, owner
-
-    def forward(self, hidden_states, *args, **kwargs):
-        added = self.recorded[:, :1] + self.delta[self.owner].unsqueeze(1).to(self.recorded.dtype)
-        return torch.cat([added, self.recorded[:, 1:]], dim=1)
-
-
 class _Batch:
     """The frozen part of one batch (prefix KV cache) and the rows of the units still optimised."""
 
@@ -203,7 +161,7 @@ class _Batch:
         self.recorded = None
         self.base = model.base_model
         self.lm_head = model.get_output_embeddings()
-        self.cache_argument = _cache_argument(self.base)
+        self.cache_keyword = hf_compat.cache_keyword(self.base)
         self.all = sequences
         self.prefix_length = sequences.prefix_mask.sum(1)
         self.kv = self._prefix_cache() if sequences.prefix_ids.shape[1] else None
@@ -217,11 +175,9 @@ class _Batch:
         positions = (seq.prefix_mask.cumsum(1) - 1).clamp(min=0)
         output = self.base(input_ids=seq.prefix_ids, attention_mask=seq.prefix_mask, position_ids=positions,
                            use_cache=True)
-        cache = getattr(output, "cache", None)
-        if cache is None:
-            cache = output.past_key_values
         keep = seq.prefix_mask.bool()[:, None, :, None]
-        return [(torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)) for k, v in _cached_layers(cache)]
+        return [(torch.where(keep, k, 0.0), torch.where(keep, v, 0.0))
+                for k, v in hf_compat.cache_layers(hf_compat.output_cache(output))]
 
     def select(self, units: torch.Tensor) -> None:
         """Restrict the batch to units `units` (sorted), trimming padding to what they need."""
@@ -271,7 +227,8 @@ class _Batch:
 
         def record(_module, _args, output):
             # the first forward runs every row at r = 0: layer l*'s output is the unedited one
-            if isinstance(output, torch.Tensor) and not bool(delta.any()) and len(self.units) == len(self.all.kl_seq):
+            if (hf_compat.decoder_output_is_tensor(output) and not bool(delta.any())
+                    and len(self.units) == len(self.all.kl_seq)):
                 seen["out"] = output.detach()
 
         handles = [module.register_forward_hook(inject),
@@ -287,24 +244,23 @@ class _Batch:
 
     def _run(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(target log-probs, KL log-probs) of one suffix pass, layers 0..l* replayed if recorded."""
-        replaced = {}
+        replay = contextlib.nullcontext()
         if self.recorded is not None:
-            replaced = {i: _Skip() for i in range(self.layer)}
-            replaced[self.layer] = _Replay(self.recorded, delta, self.owner)
-        originals = {i: self.decoder_layers[i] for i in replaced}
-        try:
-            for i, stand_in in replaced.items():
-                self.decoder_layers[i] = stand_in
-            kwargs = {}
-            mask = self.suffix_mask
-            if self.layers is not None:
-                kwargs[self.cache_argument] = _new_cache(self.model, self.layers)
-                mask = torch.cat([self.prefix_mask, self.suffix_mask], dim=1)
+            recorded, owner = self.recorded, self.owner
+
+            def replayed() -> torch.Tensor:  # layer l*'s recorded output plus delta at the first suffix token
+                added = recorded[:, :1] + delta[owner].unsqueeze(1).to(recorded.dtype)
+                return torch.cat([added, recorded[:, 1:]], dim=1)
+
+            replay = hf_compat.replayed_decoder_layers(self.decoder_layers, self.layer, replayed)
+        kwargs = {}
+        mask = self.suffix_mask
+        if self.layers is not None:
+            kwargs[self.cache_keyword] = hf_compat.cache_from_layers(self.model, self.layers)
+            mask = torch.cat([self.prefix_mask, self.suffix_mask], dim=1)
+        with replay:
             output = self.base(input_ids=self.suffix_ids, attention_mask=mask, position_ids=self.positions,
                                use_cache=self.layers is not None, **kwargs)
-        finally:
-            for i, original in originals.items():
-                self.decoder_layers[i] = original
         hidden = output[0]
         target_logits = self.lm_head(hidden[self.target_rows, self.target_pos]).float()
         target_logp = target_logits.log_softmax(-1).gather(1, self.target_id.unsqueeze(1)).squeeze(1)
@@ -340,15 +296,16 @@ def optimize_residuals(model, tokens: Sequence[EditTokens], hparams: EditHParams
     try:
         batch = _Batch(model, _build_sequences(tokens, units, pad_id, device), hparams.layer, module_path)
         d2 = batch.lm_head.weight.shape[1]
-        r = torch.zeros(len(units), d2, device=device)
-        adam_m, adam_v = torch.zeros_like(r), torch.zeros_like(r)
+        r = torch.zeros(len(units), d2, device=device, requires_grad=True)
+        optimizer = torch.optim.Adam([r], lr=hparams.lr)
+        final = torch.zeros(len(units), d2, device=device)  # each unit's r when it stopped
         kl_reference = v_norm = None
         target_prob = torch.zeros(count)
         steps = torch.zeros(len(units), dtype=torch.long)
         stop_nll = -math.log(hparams.stop_prob)
         for step in range(hparams.steps):
             active = batch.units
-            delta = r[active].clone().requires_grad_(True)
+            delta = r[active]
             target_logp, kl_logp, v = batch.forward(module, delta)
             if step == 0:
                 kl_reference = kl_logp.detach()
@@ -366,24 +323,21 @@ def optimize_residuals(model, tokens: Sequence[EditTokens], hparams: EditHParams
                 0, unit_of_device[in_active], fact_nll[in_active], reduce="amax", include_self=False)
             done = worst[active] <= stop_nll
             if bool(done.all()) or step == hparams.steps - 1:
+                final[active] = delta.detach()
                 break
+            final[active[done]] = delta.detach()[done]
+            # units that stopped get no further steps; the others take one Adam step, then the clamp
+            optimizer.zero_grad()
             loss.sum().backward()
-            grad = delta.grad
-            t = step + 1
-            adam_m[active] = _ADAM_BETAS[0] * adam_m[active] + (1 - _ADAM_BETAS[0]) * grad
-            adam_v[active] = _ADAM_BETAS[1] * adam_v[active] + (1 - _ADAM_BETAS[1]) * grad * grad
-            m_hat = adam_m[active] / (1 - _ADAM_BETAS[0] ** t)
-            v_hat = adam_v[active] / (1 - _ADAM_BETAS[1] ** t)
-            updated = delta.detach() - hparams.lr * m_hat / (v_hat.sqrt() + _ADAM_EPS)
-            limit = hparams.clamp_norm_factor * v_norm[active]
-            scale = (limit / updated.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
-            keep = ~done
-            r[active[keep]] = (updated * scale.unsqueeze(1))[keep]
+            optimizer.step()
+            with torch.no_grad():
+                limit = hparams.clamp_norm_factor * v_norm
+                r.mul_((limit / r.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0).unsqueeze(1))
             if bool(done.any()):
-                batch.select(active[keep])
+                batch.select(active[~done])
     finally:
         for p, flag in zip(model.parameters(), requires):
             p.requires_grad_(flag)
         model.train(was_training)
-    return ResidualResult(residuals=r.detach().float().cpu()[unit_of], target_prob=target_prob,
+    return ResidualResult(residuals=final.float().cpu()[unit_of], target_prob=target_prob,
                           steps=steps[unit_of], converged=target_prob >= hparams.stop_prob)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
-from .facts import Fact, FactError, _describe
+from .facts import Fact, FactError, _describe, quoted
 
 KL_TEMPLATE = "{} is a"
 
@@ -54,14 +54,14 @@ def subject_last_token(tokenizer, text: str, span: tuple[int, int]) -> tuple[lis
     while end > start and text[end - 1].isspace():
         end -= 1
     if start >= end:
-        raise ValueError(f"empty subject span {span} in {text!r}")
+        raise ValueError(f"empty subject span {span} in {quoted(text)}")
     encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
     last = None
     for index, (a, b) in enumerate(encoded["offset_mapping"]):
         if a < b and a < end and b > start:
             last = index
     if last is None:
-        raise ValueError(f"no token of {text!r} overlaps the subject at characters {start}..{end}")
+        raise ValueError(f"no token of {quoted(text)} overlaps the subject at characters {start}..{end}")
     return list(encoded["input_ids"]), last
 
 
@@ -90,7 +90,7 @@ def tokenize_fact(tokenizer, fact: Fact, prefixes: Sequence[str], *, index: int 
         raise FactError(f"{where}: {error}") from None
     target = target_ids(tokenizer, fact.target_new)
     if not target:
-        raise FactError(f"{where}: target_new {fact.target_new!r} tokenises to nothing")
+        raise FactError(f"{where}: target_new {quoted(fact.target_new)} tokenises to nothing")
     longest = max(len(ids) for ids in contexts) + len(target)
     if max_length is not None and longest > max_length:
         raise FactError(f"{where}: the prompt with its longest prefix and the target is {longest} tokens, "

