@@ -213,7 +213,7 @@ def test_skip_bad_records(neuraldb, tmp_path, tiny_model_dir):
     assert_one_line_error(code, err, 1, "fact 1", "target_true", "--skip-bad")
     code, out, err = neuraldb("eval", "--db", directory, "--data", records, "--quiet", "--skip-bad")
     assert code == 0 and "1 cases evaluated" in out, err
-    assert "skipped 1 bad records" in err and "fact 1" in err
+    assert "skipped 1 bad record:" in err and "fact 1" in err
     all_bad = tmp_path / "bad.jsonl"
     all_bad.write_text(json.dumps({"prompt": "{} is in", "subject": " ", "target_new": "Rome"}) + "\n")
     code, _, err = neuraldb("edit", "--facts", all_bad, "--db", tmp_path / "new", "--skip-bad")
@@ -235,7 +235,7 @@ def test_db_info_list_rm_export_import(neuraldb, tmp_path, tiny_model_dir):
     code, _, err = neuraldb("db", "rm", "--db", directory, "fact0", "nope")
     assert_one_line_error(code, err, 1, "nothing removed", "nope")
     code, out, err = neuraldb("db", "rm", "--db", directory, "fact0")
-    assert code == 0 and "removed 1 facts; 2 left" in out, err
+    assert code == 0 and "removed 1 fact; 2 left" in out, err
     export = tmp_path / "share.safetensors"
     code, out, err = neuraldb("db", "export", "--db", directory, export)
     assert code == 0 and export.is_file() and export.with_suffix(".json").is_file(), err
@@ -272,7 +272,7 @@ def test_db_rm_recomputes_the_facts_that_shared_the_removed_facts_residual(neura
     code, _, err = neuraldb("db", "rm", "--db", directory, position.id, position.id)
     assert_one_line_error(code, err, 1, "nothing removed", "twice")
     code, out, err = neuraldb("db", "rm", "--db", directory, position.id)
-    assert code == 0 and "recomputed the residual of 1 fact(s)" in out and "removed 1 facts; 2 left" in out, err
+    assert code == 0 and "recomputed the residual of 1 fact(s)" in out and "removed 1 fact; 2 left" in out, err
     with NeuralDB.open(directory / "neuraldb.sqlite") as db:
         assert sorted(db) == sorted([sport.id, louvre.id])
         alone = db.get(sport.id)
@@ -282,7 +282,7 @@ def test_db_rm_recomputes_the_facts_that_shared_the_removed_facts_residual(neura
         assert alone.metadata["edit"]["hparams"]["steps"] == 2 and alone.metadata["edit"]["steps"] <= 2  # ... as edited
         assert torch.equal(db.get(louvre.id).residual, louvre.residual)  # not touched
     code, out, err = neuraldb("db", "rm", "--db", directory, louvre.id)  # shares nothing: no model needed
-    assert code == 0 and "recomputed" not in out and "removed 1 facts; 1 left" in out, err
+    assert code == 0 and "recomputed" not in out and "removed 1 fact; 1 left" in out, err
     more = tmp_path / "more.jsonl"
     more.write_text(json.dumps({"prompt": "{} was born in", "subject": "Carlos Valderrama", "target_new": "Oslo"})
                     + "\n" + json.dumps({"prompt": "{} is a member of", "subject": "Germany", "target_new": "Hamas"}))
@@ -305,7 +305,7 @@ def test_db_commands_count_and_remove_extra_keys_with_their_fact(neuraldb, tmp_p
     code, out, _ = neuraldb("db", "list", "--db", directory)
     assert "fact0  S0: 'P0' -> 'new' [+1 extra key]" in out and "2 of 2 facts" in out
     code, out, err = neuraldb("db", "rm", "--db", directory, "fact0")
-    assert code == 0 and "removed 1 facts; 1 left" in out, err
+    assert code == 0 and "removed 1 fact; 1 left" in out, err
     with NeuralDB.open(directory / "neuraldb.sqlite") as db:
         assert db.key_rows == 1
         assert list(db) == ["fact1"]
