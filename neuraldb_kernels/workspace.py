@@ -51,19 +51,22 @@ class Removal:
 # ------------------------------------------------------------------------------------- models
 
 
-def _check_model_directory(path: Path) -> str:
+def _check_model_directory(path: Path, where: Optional[Path] = None) -> str:
     """str(path) if every entry under it, links followed, is a directory or a regular file: a link
-    to a device such as /dev/zero would exhaust memory and a FIFO would hang the load."""
+    to a device such as /dev/zero would exhaust memory and a FIFO would hang the load. `where`:
+    the model.json that named it, for the message."""
+    prefix = f"{where}: " if where is not None else ""
     for root, directories, files in os.walk(path):
         for name in directories + files:
             entry = Path(root) / name
             try:
                 mode = entry.stat().st_mode
             except OSError as error:
-                raise WorkspaceError(f"model directory {path}: cannot read {entry} ({error.strerror})") from None
+                raise WorkspaceError(f"{prefix}the model directory {path}: cannot read {entry.relative_to(path)} "
+                                     f"({error.strerror})") from None
             if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                raise WorkspaceError(f"model directory {path}: {entry} is not a regular file (a device, FIFO or "
-                                     f"socket); refusing to load it")
+                raise WorkspaceError(f"{prefix}the model directory {path} holds {entry.relative_to(path)}, which is "
+                                     f"not a regular file (a device, FIFO or socket); refusing to load it")
     return str(path)
 
 
@@ -91,7 +94,7 @@ def _recorded_spec(spec: str, where: Path) -> str:
                              f"model directory (hub ids and relative paths are refused)")
     if not os.path.isdir(spec):
         raise WorkspaceError(f"{where}: the model directory {spec} does not exist")
-    return _check_model_directory(Path(spec))
+    return _check_model_directory(Path(spec), where)
 
 
 def _read_model_file(directory: Path) -> str:

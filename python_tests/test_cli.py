@@ -3,8 +3,11 @@ half-way) and the db commands on hand-built databases, through `cli.main` in thi
 return value is the process exit code); the console script's exit codes and the workflow
 edit -> eval -> ask -> db rm -> eval on SmolLM2 with two CounterFact facts as subprocesses."""
 
+import errno
 import json
 import os
+import pickle
+import sqlite3
 import subprocess
 import sys
 
@@ -204,6 +207,114 @@ def test_skip_bad_records(neuraldb, tmp_path, tiny_model_dir):
     assert not (tmp_path / "new").exists()
 
 
+def test_edit_help_documents_the_jsonl_fields(neuraldb, tmp_path):
+    from neuraldb_kernels.editing import check_facts, read_facts
+
+    code, out, _ = neuraldb("edit", "--help")
+    assert code == 0
+    for field in ("prompt", "subject", "target_new", "target_true"):
+        assert f"  {field}" in out, out
+    example = next(line.strip() for line in out.splitlines() if line.strip().startswith("{"))
+    path = tmp_path / "example.jsonl"
+    path.write_text(example + "\n")
+    (fact,) = check_facts(read_facts(path))[0]  # the documented line is a valid fact
+    assert (fact.filled_prompt, fact.target_new) == ("The Louvre is located in", "Berlin")
+
+
+@pytest.mark.parametrize("threads, fragment", [("1e20", "positive integer"), ("0", "positive integer"),
+                                               ("100000000000000000000", "at most")])
+def test_threads_option_is_checked(neuraldb, threads, fragment):
+    code, _, err = neuraldb("--threads", threads, "backends")
+    assert_one_line_error(code, err, 2, "--threads", fragment)
+
+
+# ------------------------------------------------------------------- every failure is one line
+
+
+@pytest.mark.parametrize("error, fragments", [
+    (sqlite3.OperationalError("database is locked"), ["db/neuraldb.sqlite: database is locked", "write lock"]),
+    (sqlite3.OperationalError("database or disk is full"), ["db/neuraldb.sqlite: database or disk is full"]),
+    (sqlite3.DatabaseError("file is not a database"), ["db/neuraldb.sqlite: file is not a database", "damaged"]),
+    (OSError(errno.ENOSPC, "No space left on device", "/full/neuraldb.sqlite-wal"),
+     ["No space left on device", "/full/neuraldb.sqlite-wal"]),
+    (TypeError("metadata must be a dict"), ["metadata must be a dict"]),
+    (RecursionError("maximum recursion depth exceeded"), ["nested too deeply"]),
+    (MemoryError(), ["out of memory"]),
+    (pickle.UnpicklingError("invalid load key, 'x'"), ["pickled", "invalid load key"]),
+], ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else None)
+def test_every_expected_failure_is_one_line(neuraldb, monkeypatch, tmp_path, error, fragments):
+    from neuraldb_kernels import cli
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_db_info", fail)
+    code, _, err = neuraldb("db", "info", "--db", tmp_path / "db")
+    assert_one_line_error(code, err, 1, *fragments)
+
+
+def test_safetensors_errors_name_the_file_and_interrupts_exit_130(neuraldb, monkeypatch, tmp_path):
+    from safetensors import SafetensorError
+
+    from neuraldb_kernels import cli
+
+    def corrupt(args):
+        raise SafetensorError("Error while deserializing header: HeaderTooLarge")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_db_import", corrupt)
+    code, _, err = neuraldb("db", "import", "--db", tmp_path / "db", tmp_path / "share.safetensors")
+    assert_one_line_error(code, err, 1, f"{tmp_path / 'share.safetensors'}: not a readable safetensors file",
+                          "HeaderTooLarge")
+    monkeypatch.setattr(cli, "cmd_db_info", interrupted)
+    code, _, err = neuraldb("db", "info", "--db", tmp_path / "db")
+    assert code == 130 and err.strip() == "neuraldb: interrupted"
+
+
+def test_a_bug_still_shows_its_traceback(monkeypatch, tmp_path):
+    from neuraldb_kernels import cli
+
+    def bug(args):
+        raise AttributeError("no attribute 'x'")
+
+    monkeypatch.setattr(cli, "cmd_db_info", bug)
+    with pytest.raises(AttributeError):
+        cli.main(["db", "info", "--db", str(tmp_path)])
+
+
+def test_real_failures_are_one_line(neuraldb, tmp_path):
+    directory = tmp_path / "db"
+    directory.mkdir()
+    (directory / "model.json").write_text(json.dumps({"model": "default"}))
+    (directory / "neuraldb.sqlite").write_bytes(b"SQLite format 3\x00" + os.urandom(4000))
+    code, _, err = neuraldb("db", "info", "--db", directory)
+    assert_one_line_error(code, err, 1, str(directory / "neuraldb.sqlite"))
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    code, _, err = neuraldb("edit", "--facts", deep, "--db", tmp_path / "new")
+    assert_one_line_error(code, err, 1, str(deep), "nested too deeply")
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("spec, fragment", [("gpt2", "neither 'default' nor an absolute path"),
+                                            ("tiny/model", "neither 'default' nor an absolute path"),
+                                            ("fifo", "not a regular file")])
+def test_hostile_model_json_is_one_line_and_loads_nothing(neuraldb, tmp_path, spec, fragment):
+    if spec == "fifo":
+        model_dir = tmp_path / "model"
+        model_dir.mkdir()
+        os.mkfifo(model_dir / "config.json")
+        spec = str(model_dir)
+    foreign = ModelFingerprint(model_type="llama", layer=1, d1=48, d2=32, weights_sha256="0" * 64)
+    directory = _db_dir(tmp_path / "db", spec, foreign)
+    code, _, err = neuraldb("ask", "--db", directory, "The Eiffel Tower is in")
+    assert_one_line_error(code, err, 1, "model.json", fragment)
+    code, out, err = neuraldb("db", "info", "--db", directory)  # what it names is still shown
+    assert code == 0 and spec in out, err
+
+
 # ---------------------------------------------------------------------------------- db commands
 
 
@@ -216,8 +327,9 @@ def test_db_info_list_rm_export_import(neuraldb, tmp_path, tiny_model_dir):
     code, out, _ = neuraldb("db", "list", "--db", directory, "--limit", "2")
     assert code == 0 and "fact0  S0: 'P0' -> 'new'" in out and "2 of 3 facts" in out
     code, _, err = neuraldb("db", "rm", "--db", directory, "fact0", "nope")
-    assert_one_line_error(code, err, 1, "nothing removed", "nope")
-    code, out, err = neuraldb("db", "rm", "--db", directory, "fact0")
+    assert_one_line_error(code, err, 1, "nothing removed", "1 id not in", "'nope'", "--missing-ok")
+    assert "missing_ok" not in err  # a Python keyword, not an option of the command
+    code, out, err = neuraldb("db", "rm", "--db", directory, "fact0", "nope", "--missing-ok")
     assert code == 0 and "removed 1 fact; 2 left" in out, err
     export = tmp_path / "share.safetensors"
     code, out, err = neuraldb("db", "export", "--db", directory, export)
