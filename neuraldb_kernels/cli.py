@@ -75,9 +75,6 @@ def cmd_edit(args) -> None:
     committed: list[str] = []
     with workspace:
         before = len(workspace.db)
-        if log is not None:
-            log(f"editing {_count(len(facts), 'fact')} into layer {workspace.db.layer} of {args.db} "
-                f"(model-written prefixes first, then batches of facts) ...")
         try:
             report = workspace.edit(facts, on_error=on_error, progress=not args.quiet, callback=committed.extend,
                                     **hparams)

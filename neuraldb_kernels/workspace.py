@@ -179,7 +179,7 @@ class Workspace:
     `model` / `tokenizer`, loaded on first use and checked against the database.
 
     Make one with `Workspace.create` or `Workspace.open`; close it (or use `with`) to close the
-    database. `log` (a callable taking one line) hears the long steps: loading a model.
+    database. `log` (a callable taking one line) hears the long steps: loading a model, starting an edit.
     """
 
     def __init__(self, directory: Path, db, spec: str, *, log: Optional[Callable[[str], None]] = None,
@@ -309,11 +309,14 @@ class Workspace:
     def edit(self, facts: Iterable[Any], *, on_error: str = "raise", progress: bool = True,
              callback: Optional[Callable[[list[str]], None]] = None, **hparams: Any):
         """`Editor.edit` on this database with `hparams` (the `EditReport`); the editor is detached
-        afterwards. If this workspace was created here and a failure leaves it without a fact,
+        afterwards, and `log` hears when the model is loaded and the edit starts. If this workspace was created here and a failure leaves it without a fact,
         the directory is removed again (nothing of the run is worth keeping) and the workspace
         closed."""
+        facts = list(facts)
         try:
             with self.editor(**hparams) as editor:
+                self._log(f"editing {len(facts)} fact(s) into layer {self.db.layer} of {self.directory} "
+                          f"(model-written prefixes first, then batches of facts) ...")
                 return editor.edit(facts, on_error=on_error, progress=progress, callback=callback)
         except BaseException:
             if self._new and len(self.db) == 0:

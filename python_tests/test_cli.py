@@ -144,6 +144,17 @@ def test_records_repeating_a_subject_and_prompt_are_reported(neuraldb, tmp_path,
     assert code == 0 and "1 cases repeat the subject and prompt of a later case" in out, err
 
 
+def test_edit_says_what_it_is_doing(neuraldb, tmp_path, tiny_model_dir):
+    records = tmp_path / "facts.jsonl"
+    records.write_text(json.dumps({"prompt": "{} is located in", "subject": "The Louvre", "target_new": "Berlin"}))
+    code, out, err = neuraldb("edit", "--facts", records, "--db", tmp_path / "db", "--model", tiny_model_dir,
+                              "--hparam", "layer=1", "--hparam", "steps=1")
+    assert code == 0 and "edited 1 fact in" in out and "now holds 1 fact (was 0)" in out, err
+    assert f"loading the model at {tiny_model_dir} ..." in err
+    editing = f"editing 1 fact(s) into layer 1 of {tmp_path / 'db'}"
+    assert err.index(f"loading the model at {tiny_model_dir} ...") < err.index(editing)  # what it is doing, in order
+
+
 def test_commands_on_a_directory_that_is_no_database(neuraldb, tmp_path, data_dir):
     code, _, err = neuraldb("eval", "--db", tmp_path, "--data", data_dir / COUNTERFACT, "--limit", "1")
     assert_one_line_error(code, err, 1, "not a neuraldb database directory")
