@@ -33,6 +33,7 @@ from .editing.readers import FORMATS, JSONL_EXAMPLE, read_facts
 from .workspace import DB_FILE, DEFAULT_MODEL, Workspace
 
 MAX_THREADS = 1024
+MAX_ERROR_CHARS = 2000  # an error quoting a huge input (a 20 MB subject) is cut to this
 
 
 class CommandError(Exception):
@@ -509,7 +510,10 @@ def main(argv: list[str] | None = None) -> int:
         line = _failure_line(error, args)
         if line is None:
             raise
-        print(f"neuraldb: error: {' '.join(line.split())}", file=sys.stderr)
+        line = " ".join(line.split())
+        if len(line) > MAX_ERROR_CHARS:
+            line = f"{line[:MAX_ERROR_CHARS]} ... ({len(line) - MAX_ERROR_CHARS} more characters left out)"
+        print(f"neuraldb: error: {line}", file=sys.stderr)
         return 1
     return 0
 

@@ -284,6 +284,15 @@ def test_safetensors_errors_name_the_file_and_interrupts_exit_130(neuraldb, monk
     assert code == 130 and err.strip() == "neuraldb: interrupted"
 
 
+def test_an_error_quoting_a_huge_input_is_cut(neuraldb, tmp_path):
+    records = tmp_path / "facts.jsonl"
+    records.write_text(json.dumps({"prompt": "{} is in", "subject": "x" * 1_000_000, "target_new": "Rome"})
+                       + "\n" + json.dumps({"prompt": "y" * 1_000_000, "subject": "Z", "target_new": "Rome"}) + "\n")
+    code, _, err = neuraldb("edit", "--facts", records, "--db", tmp_path / "db")
+    assert_one_line_error(code, err, 1, "fact 1", "more characters left out")
+    assert len(err) < 3000
+
+
 def test_a_bug_still_shows_its_traceback(monkeypatch, tmp_path):
     from neuraldb_kernels import cli
 
