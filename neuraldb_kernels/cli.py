@@ -91,8 +91,7 @@ def print_edit_report(report, db, directory, before: int) -> None:
     """The summary of one edit: skipped, superseded and first-token facts on stderr (what the user
     may want to fix), the counts on stdout. `report`: the Editor's EditReport; `db` the database
     edited, which held `before` facts."""
-    _print_skipped([f"fact {skipped.index}" + (f" (id {skipped.fact_id!r})" if skipped.fact_id else "")
-                    + f": {skipped.reason}" for skipped in report.skipped])
+    _print_skipped([skipped.reason for skipped in report.skipped])  # each reason names the fact and its id
     if report.superseded:
         earlier, later = report.superseded[0]
         print(f"{len(report.superseded)} records repeat the subject and prompt of a later record, which "

@@ -155,6 +155,17 @@ def test_edit_says_what_it_is_doing(neuraldb, tmp_path, tiny_model_dir):
     assert err.index(f"loading the model at {tiny_model_dir} ...") < err.index(editing)  # what it is doing, in order
 
 
+def test_edit_skip_bad_lists_the_records_it_left_out(neuraldb, tmp_path, tiny_model_dir):
+    records = tmp_path / "facts.jsonl"
+    good = {"prompt": "{} is located in", "subject": "The Louvre", "target_new": "Berlin"}
+    records.write_text(json.dumps(good) + "\n" + json.dumps({**good, "subject": " ", "id": "blank"}) + "\n")
+    code, out, err = neuraldb("edit", "--facts", records, "--db", tmp_path / "db", "--model", tiny_model_dir,
+                              "--hparam", "layer=1", "--hparam", "steps=1", "--quiet", "--skip-bad")
+    assert code == 0 and "edited 1 fact in" in out and "now holds 1 fact (was 0)" in out, err
+    lines = err.splitlines()
+    assert lines[0] == "skipped 1 bad record:" and all(part in lines[1] for part in ("fact 1", "'blank'", "empty")), err
+
+
 def test_commands_on_a_directory_that_is_no_database(neuraldb, tmp_path, data_dir):
     code, _, err = neuraldb("eval", "--db", tmp_path, "--data", data_dir / COUNTERFACT, "--limit", "1")
     assert_one_line_error(code, err, 1, "not a neuraldb database directory")
