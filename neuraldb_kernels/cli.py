@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "only to a new database; repeatable")
     edit.add_argument("--skip-bad", action="store_true",
                       help="leave out facts that cannot be edited (listed on stderr) instead of stopping")
-    edit.add_argument("--quiet", action="store_true", help="no progress bar")
+    edit.add_argument("--quiet", action="store_true", help="no progress bar and no lines saying what runs")
 
     evaluate = command("eval", cmd_eval, "score the database's model before -> after edits on a benchmark file")
     evaluate.add_argument("--db", required=True, help="database directory")
@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     db_command("info", cmd_db_info, "settings, model, fingerprint and size")
     listing = db_command("list", cmd_db_list, "list facts: id, subject, prompt -> target")
     listing.add_argument("--limit", type=_positive, help="show only the first N facts")
-    remove = db_command("rm", cmd_db_rm, "remove facts by id (all or none)")
+    remove = db_command("rm", cmd_db_rm, "remove facts by id (all or none, unless --missing-ok)")
     remove.add_argument("ids", nargs="+", help="fact ids (see db list)")
     remove.add_argument("--missing-ok", action="store_true", help="remove the ids that are present, ignore the others")
     export = db_command("export", cmd_db_export, "write FILE.safetensors + FILE.json for sharing")
