@@ -124,9 +124,10 @@ def cmd_eval(args) -> None:
         if not unrelated:
             raise CommandError(f"{args.unrelated} holds no text lines")
     with Workspace.open(args.db) as workspace:
-        report = evaluate(workspace.model, workspace.tokenizer, workspace.db, cases, references=references, unrelated_texts=unrelated,
-                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, compare=args.compare,
-                          log=None if args.quiet else lambda line: print(line, file=sys.stderr))
+        report = evaluate(workspace.model, workspace.tokenizer, workspace.db, cases, references=references,
+                          unrelated_texts=unrelated, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens, compare=args.compare,
+                          log=None if args.quiet else _progress_line)
     print(report.table())
     if args.json:
         write_json(report, args.json)
@@ -483,7 +484,8 @@ def _failure_line(error: Exception, args) -> str | None:
     if isinstance(error, RecursionError):
         return "an input file is nested too deeply to read (RecursionError)"
     if isinstance(error, MemoryError):
-        return f"out of memory{f' ({error})' if str(error) else ''}: an input or the model is too large for this machine"
+        detail = f" ({error})" if str(error) else ""
+        return f"out of memory{detail}: an input or the model is too large for this machine"
     if isinstance(error, (CommandError, OSError, ValueError, ImportError, TypeError)):
         return str(error) or type(error).__name__
     return None

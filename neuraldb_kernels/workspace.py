@@ -309,9 +309,9 @@ class Workspace:
     def edit(self, facts: Iterable[Any], *, on_error: str = "raise", progress: bool = True,
              callback: Optional[Callable[[list[str]], None]] = None, **hparams: Any):
         """`Editor.edit` on this database with `hparams` (the `EditReport`); the editor is detached
-        afterwards, and `log` hears when the model is loaded and the edit starts. If this workspace was created here and a failure leaves it without a fact,
-        the directory is removed again (nothing of the run is worth keeping) and the workspace
-        closed."""
+        afterwards, and `log` hears when the model is loaded and the edit starts. If this workspace
+        was created here and a failure leaves it without a fact, the directory is removed again
+        (nothing of the run is worth keeping) and the workspace closed."""
         facts = list(facts)
         try:
             with self.editor(**hparams) as editor:
