@@ -478,7 +478,7 @@ def _failure_line(error: Exception, args) -> str | None:
         return f"{database}: {cause}"
     if isinstance(error, SafetensorError):
         where = getattr(args, "file", None) or "a .safetensors file"
-        return f"{where}: not a readable safetensors file ({error})"
+        return f"{where}: safetensors: {error}"  # reading or writing (a full disk shows here too)
     if isinstance(error, pickle.UnpicklingError):
         return f"a pickled file cannot be read safely: {error}"
     if isinstance(error, RecursionError):

@@ -288,7 +288,7 @@ def test_safetensors_errors_name_the_file_and_interrupts_exit_130(neuraldb, monk
 
     monkeypatch.setattr(cli, "cmd_db_import", corrupt)
     code, _, err = neuraldb("db", "import", "--db", tmp_path / "db", tmp_path / "share.safetensors")
-    assert_one_line_error(code, err, 1, f"{tmp_path / 'share.safetensors'}: not a readable safetensors file",
+    assert_one_line_error(code, err, 1, f"{tmp_path / 'share.safetensors'}: safetensors: Error while deserializing",
                           "HeaderTooLarge")
     monkeypatch.setattr(cli, "cmd_db_info", interrupted)
     code, _, err = neuraldb("db", "info", "--db", tmp_path / "db")
@@ -302,6 +302,28 @@ def test_an_error_quoting_a_huge_input_is_cut(neuraldb, tmp_path):
     code, _, err = neuraldb("edit", "--facts", records, "--db", tmp_path / "db")
     assert_one_line_error(code, err, 1, "fact 1", "more characters left out")
     assert len(err) < 3000
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs (needs root and mount rights; skipped elsewhere), unmounted afterwards."""
+    mount_point = tmp_path / "full"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(neuraldb, tmp_path, full_disk):
+    fingerprint = ModelFingerprint(model_type="llama", layer=1, d1=48, d2=32, weights_sha256="0" * 64)
+    directory = _db_dir(tmp_path / "db", "default", fingerprint, facts=400)  # ~130 KB of vectors
+    export = full_disk / "share.safetensors"
+    code, _, err = neuraldb("db", "export", "--db", directory, export)
+    assert_one_line_error(code, err, 1, str(export), "No space left on device")
+    assert list(full_disk.iterdir()) == []
 
 
 def test_a_bug_still_shows_its_traceback(monkeypatch, tmp_path):
