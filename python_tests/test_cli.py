@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from neuraldb_kernels.store import ModelFingerprint, NeuralDB
+from neuraldb_kernels.workspace import Workspace
 
 COUNTERFACT = "counterfact/counterfact-a.json"
 
@@ -164,6 +165,25 @@ def test_edit_skip_bad_lists_the_records_it_left_out(neuraldb, tmp_path, tiny_mo
     assert code == 0 and "edited 1 fact in" in out and "now holds 1 fact (was 0)" in out, err
     lines = err.splitlines()
     assert lines[0] == "skipped 1 bad record:" and all(part in lines[1] for part in ("fact 1", "'blank'", "empty")), err
+
+
+def test_interrupted_edit_leaves_no_new_directory_and_says_how_to_resume(neuraldb, tmp_path, tiny_model_dir,
+                                                                         monkeypatch):
+    from neuraldb_kernels.editing import Editor
+
+    def interrupted(self, facts, **options):
+        raise KeyboardInterrupt
+
+    records = tmp_path / "facts.jsonl"
+    records.write_text(json.dumps({"prompt": "{} is located in", "subject": "The Louvre", "target_new": "Berlin"}))
+    monkeypatch.setattr(Editor, "edit", interrupted)
+    code, _, err = neuraldb("edit", "--facts", records, "--db", tmp_path / "new", "--model", tiny_model_dir,
+                            "--hparam", "layer=1", "--quiet")
+    assert code == 130 and err.strip() == "neuraldb: interrupted" and not (tmp_path / "new").exists()
+    directory = _db_dir(tmp_path / "db", tiny_model_dir, _fingerprint(tiny_model_dir))
+    code, _, err = neuraldb("edit", "--facts", records, "--db", directory, "--quiet")
+    assert code == 130 and f"interrupted: 0 facts committed to {directory}; run the same command again" in err
+    assert Workspace.exists(directory)
 
 
 def test_commands_on_a_directory_that_is_no_database(neuraldb, tmp_path, data_dir):
