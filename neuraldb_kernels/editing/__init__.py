@@ -21,8 +21,7 @@ from .tokens import EditTokens, subject_last_token, tokenize_fact
 
 __all__ = [
     "Editor", "FORMATS", "Fact", "FactError", "check_facts", "counterfact_fact", "fact_id", "read_counterfact",
-    "read_facts",
-    "read_jsonl", "read_zsre", "zsre_fact", "PRESETS", "EditHParams", "preset_for", "resolve_hparams",
+    "read_facts", "read_jsonl", "read_zsre", "zsre_fact", "PRESETS", "EditHParams", "preset_for", "resolve_hparams",
     "compute_keys", "generate_prefixes", "ResidualResult", "optimize_residuals", "EditTokens",
     "subject_last_token", "tokenize_fact",
 ]
