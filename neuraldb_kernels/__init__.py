@@ -29,6 +29,7 @@ _LAZY = {
     "Editor": "editing",
     "Fact": "editing",
     "evaluate": "evaluation",
+    "Workspace": "workspace",
 }
 
 

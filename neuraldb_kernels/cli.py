@@ -9,14 +9,14 @@
     neuraldb backends
     (global option, before the command: --threads N)
 
-A database directory DIR holds `neuraldb.sqlite` (the NeuralDB, see store/FORMAT.md) and
-`model.json` ({"model": "default" or the absolute path of a Hugging Face model directory}),
-which `eval`, `ask` and `edit` use to reload the model the database was built for; the model's
-fingerprint is checked against the database every time.
+A database directory DIR is a `Workspace` (workspace.py): `neuraldb.sqlite` (the NeuralDB, see
+store/FORMAT.md) and `model.json` naming the model it was built for ("default" or the absolute
+path of a local Hugging Face model directory), which `eval`, `ask` and `edit` reload, checked
+against the database's fingerprint every time.
 
-Exit codes: 0 success, 1 bad input or a failed check (one line "neuraldb: error: ..." on
-stderr), 2 bad command-line usage, 130 interrupted. This module only parses arguments and prints:
-the work is done by the store, integration, editing and evaluation packages.
+Exit codes: 0 success, 1 bad input or a failed check (one line "neuraldb: error: ..." naming the
+file and the cause, on stderr), 2 bad command-line usage, 130 interrupted. This module only parses
+arguments and prints: the work is done by the workspace, store, editing and evaluation packages.
 """
 
 from __future__ import annotations
@@ -25,175 +25,73 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
-from .evaluation.harness import FORMATS
+from .editing.readers import FORMATS, JSONL_EXAMPLE, read_facts
+from .workspace import DB_FILE, DEFAULT_MODEL, Workspace
 
-DB_FILE = "neuraldb.sqlite"
-MODEL_FILE = "model.json"
-DEFAULT_MODEL = "default"
+MAX_THREADS = 1024
+MAX_ERROR_CHARS = 2000  # an error quoting a huge input (a 20 MB subject) is cut to this
 
 
 class CommandError(Exception):
     """Bad input or a failed check: printed as one line, exit code 1."""
 
 
-# ------------------------------------------------------------------------------- model and DB
+def _count(n: int, noun: str) -> str:
+    """'1 fact', '2 facts'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _model_spec(value: str) -> str:
-    """'default', or the absolute path of an existing model directory."""
-    if value == DEFAULT_MODEL:
-        return value
-    path = Path(value).expanduser()
-    if not path.is_dir():
-        raise CommandError(f"--model must be 'default' or a Hugging Face model directory; {value} is not a directory")
-    return str(path.resolve())
+def _progress_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
-def _load_model(spec: str):
-    """(model, tokenizer) in eval mode for a model spec from `_model_spec`."""
-    from .integration import load_default_model
-
-    if spec == DEFAULT_MODEL:
-        return load_default_model()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(spec).eval()
-        tokenizer = AutoTokenizer.from_pretrained(spec)
-    except (OSError, ValueError) as error:
-        raise CommandError(f"cannot load the model at {spec}: {str(error).splitlines()[0]}") from None
-    return model, tokenizer
-
-
-def _recorded_model(directory: Path) -> str:
-    """The model spec a database directory was built with; CommandError if DIR is no database."""
-    if not (directory / DB_FILE).is_file():
-        raise CommandError(f"{directory} is not a neuraldb database directory (no {DB_FILE})")
-    try:
-        spec = json.loads((directory / MODEL_FILE).read_text(encoding="utf-8"))["model"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise CommandError(f"{directory / MODEL_FILE} is missing or unreadable; it names the database's model") from None
-    if not isinstance(spec, str):
-        raise CommandError(f"{directory / MODEL_FILE}: 'model' must be a string")
-    return spec
-
-
-def _write_model_file(directory: Path, spec: str) -> None:
-    temporary = directory / f".{MODEL_FILE}.tmp"
-    temporary.write_text(json.dumps({"model": spec}) + "\n", encoding="utf-8")
-    temporary.replace(directory / MODEL_FILE)
-
-
-def _check_fits(db, model) -> None:
-    """CommandError unless `db` was built for `model` (dimensions, type, layer and weights)."""
-    from .integration import model_fingerprint
-    from .store import FingerprintMismatchWarning
-
-    if db.layer is None:
-        raise CommandError(f"the database {db.path} has no edited layer recorded")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", FingerprintMismatchWarning)
-            db.check_fingerprint(model_fingerprint(model, db.layer))
-    except (ValueError, FingerprintMismatchWarning) as error:
-        raise CommandError(f"the database was built for another model: {error}") from None
-
-
-def _open_with_model(directory: Path):
-    """(db, model, tokenizer): the database in DIR and the model it was built for, checked."""
-    from .store import NeuralDB
-
-    spec = _recorded_model(directory)
-    db = NeuralDB.open(directory / DB_FILE)
-    try:
-        model, tokenizer = _load_model(spec)
-        _check_fits(db, model)
-    except BaseException:
-        db.close()
-        raise
-    return db, model, tokenizer
-
-
-def _open_db(directory: Path):
-    from .store import NeuralDB
-
-    _recorded_model(directory)
-    return NeuralDB.open(directory / DB_FILE)
-
-
-def _read_facts(path: str, format: str | None, limit: int | None) -> list:
-    from .evaluation import read_facts
-
-    return read_facts(path, format, limit)
+def _print_skipped(messages) -> None:
+    if messages:
+        print(f"skipped {_count(len(messages), 'bad record')}:", file=sys.stderr)
+        for message in messages:
+            print(f"  {message}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------ commands
 
 
 def cmd_edit(args) -> None:
-    from .editing import Editor, check_facts, resolve_hparams
-    from .integration import down_proj_dims, model_fingerprint
-    from .store import NeuralDB
+    from .editing import check_facts
 
-    facts = _read_facts(args.facts, args.format, args.limit)
+    facts = read_facts(args.facts, args.format, args.limit)
     on_error = "skip" if args.skip_bad else "raise"
     if not check_facts(facts, on_error=on_error)[0]:  # checked before anything is loaded or written
         raise CommandError(f"none of the facts in {args.facts} can be edited")
-    directory = Path(args.db)
-    new = not (directory / DB_FILE).exists()
-    if new:
-        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-            raise CommandError(f"{directory} exists and is not a neuraldb database directory")
-        spec = _model_spec(args.model or DEFAULT_MODEL)
+    log = None if args.quiet else _progress_line
+    hparams = dict(args.hparam)
+    layer, gamma = hparams.pop("layer", None), hparams.pop("gamma", None)  # they apply to a new database only
+    if Workspace.exists(args.db):
+        workspace = Workspace.open(args.db, model=args.model, log=log)
     else:
-        spec = _recorded_model(directory)
-        if args.model is not None and _model_spec(args.model) != spec:
-            raise CommandError(f"{directory} was built with model {spec!r}, not {_model_spec(args.model)!r}")
-    model, tokenizer = _load_model(spec)
-    created_dir = new and not directory.exists()
+        workspace = Workspace.create(args.db, model=args.model or DEFAULT_MODEL, layer=layer, gamma=gamma, log=log)
     committed: list[str] = []
-    db = None
-    try:
-        if new:
-            hparams = resolve_hparams(model, args.hparam)
-            d1, d2 = down_proj_dims(model, hparams.layer)
-            directory.mkdir(parents=True, exist_ok=True)
-            db = NeuralDB(directory / DB_FILE, d1=d1, d2=d2, layer=hparams.layer, gamma=hparams.gamma,
-                          fingerprint=model_fingerprint(model, hparams.layer))
-            _write_model_file(directory, spec)
-        else:
-            db = NeuralDB.open(directory / DB_FILE)
-            _check_fits(db, model)
-        before = len(db)
-        started = time.perf_counter()
-        editor = Editor(model, tokenizer, db=db, **{k: v for k, v in args.hparam.items() if k not in ("layer", "gamma")})
+    with workspace:
+        before = len(workspace.db)
         try:
-            report = editor.edit(facts, progress=not args.quiet, callback=committed.extend, on_error=on_error)
-            ids = report.ids
-        finally:
-            editor.detach()
-    except BaseException as error:
-        if db is not None:
-            db.close()
-        if new and not committed:  # nothing of this run is worth keeping: leave no database behind
-            if created_dir:
-                shutil.rmtree(directory, ignore_errors=True)
-            else:
-                for name in (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", MODEL_FILE, f".{MODEL_FILE}.tmp"):
-                    (directory / name).unlink(missing_ok=True)
-        elif isinstance(error, KeyboardInterrupt):
-            print(f"interrupted: {len(committed)} facts were committed to {directory}; "
-                  f"run the same command again to resume", file=sys.stderr)
-        raise
-    elapsed = time.perf_counter() - started
-    _print_skipped([(entry.index, entry.reason) for entry in report.skipped])
+            report = workspace.edit(facts, on_error=on_error, progress=not args.quiet, callback=committed.extend,
+                                    **hparams)
+        except KeyboardInterrupt:
+            if Workspace.exists(args.db):  # a new directory with nothing committed is gone again
+                print(f"interrupted: {_count(len(committed), 'fact')} committed to {args.db}; "
+                      f"run the same command again to resume", file=sys.stderr)
+            raise
+        print_edit_report(report, workspace.db, args.db, before)
+
+
+def print_edit_report(report, db, directory, before: int) -> None:
+    """The summary of one edit: skipped, superseded and first-token facts on stderr (what the user
+    may want to fix), the counts on stdout. `report`: the Editor's EditReport; `db` the database
+    edited, which held `before` facts."""
+    _print_skipped([skipped.reason for skipped in report.skipped])  # each reason names the fact and its id
     if report.superseded:
         earlier, later = report.superseded[0]
         print(f"{len(report.superseded)} records repeat the subject and prompt of a later record, which "
@@ -204,27 +102,20 @@ def cmd_edit(args) -> None:
         print(f"{len(report.first_token_subjects)} facts key on their prompt's first token (a one-token subject "
               f"opening the prompt, e.g. {example!r}): without a BOS token the model barely reads that position, "
               f"so such a prompt may keep its answer; words before the subject avoid it", file=sys.stderr)
-    asked, done = set(ids), set(committed)
-    recomputed = len(done - asked)
-    print(f"edited {len(done & asked)} facts in {elapsed:.1f} s ({len(asked - done)} already in the database"
-          + (f"; {recomputed} stored facts of the same subjects recomputed with them" if recomputed else "")
-          + f"); {directory} now holds {len(db)} facts (was {before})")
-    db.close()
-
-
-def _print_skipped(skipped) -> None:
-    if skipped:
-        print(f"skipped {len(skipped)} bad records:", file=sys.stderr)
-        for index, message in skipped:
-            print(f"  {message}", file=sys.stderr)
+    given, already = set(report.ids), set(report.already_stored)
+    companions = len(report.companions)
+    print(f"edited {_count(len(given - already), 'fact')} in {report.seconds['total']:.1f} s "
+          f"({len(already)} already in the database"
+          + (f"; {companions} stored facts of the same subjects recomputed with them" if companions else "")
+          + f"); {directory} now holds {_count(len(db), 'fact')} (was {before})")
 
 
 def cmd_eval(args) -> None:
     from .evaluation import cases_from_facts, evaluate, read_attribute_snippets, write_json
 
     skipped = [] if args.skip_bad else None
-    cases = cases_from_facts(_read_facts(args.data, args.format, args.limit), skipped=skipped)
-    _print_skipped(skipped)
+    cases = cases_from_facts(read_facts(args.data, args.format, args.limit), skipped=skipped)
+    _print_skipped([message for _, message in skipped or ()])
     references = read_attribute_snippets(args.references) if args.references else None
     unrelated = None
     if args.unrelated:
@@ -232,11 +123,11 @@ def cmd_eval(args) -> None:
                      if line.strip()]
         if not unrelated:
             raise CommandError(f"{args.unrelated} holds no text lines")
-    db, model, tokenizer = _open_with_model(Path(args.db))
-    with db:
-        report = evaluate(model, tokenizer, db, cases, references=references, unrelated_texts=unrelated,
-                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, compare=args.compare,
-                          log=None if args.quiet else lambda line: print(line, file=sys.stderr))
+    with Workspace.open(args.db) as workspace:
+        report = evaluate(workspace.model, workspace.tokenizer, workspace.db, cases, references=references,
+                          unrelated_texts=unrelated, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens, compare=args.compare,
+                          log=None if args.quiet else _progress_line)
     print(report.table())
     if args.json:
         write_json(report, args.json)
@@ -290,23 +181,22 @@ def _print_firings(db, firings) -> None:
 def cmd_ask(args) -> None:
     if not args.prompt.strip():
         raise CommandError("the prompt is empty")
-    db, model, tokenizer = _open_with_model(Path(args.db))
-    with db:
-        bare, edited, firings, same = _answers(model, tokenizer, db, args.prompt, args.max_new_tokens)
+    with Workspace.open(args.db) as workspace:
+        bare, edited, firings, same = _answers(workspace.model, workspace.tokenizer, workspace.db, args.prompt,
+                                               args.max_new_tokens)
         print(f"prompt:        {args.prompt}")
         print(f"without edits: {bare}")
         print(f"with edits:    {edited}{'   (unchanged)' if same else ''}")
-        _print_firings(db, firings)
+        _print_firings(workspace.db, firings)
 
 
 def cmd_db_info(args) -> None:
-    directory = Path(args.db)
-    spec = _recorded_model(directory)
-    with _open_db(directory) as db:
-        size = sum(f.stat().st_size for f in directory.iterdir() if f.name.startswith(DB_FILE))
+    with Workspace.open(args.db) as workspace:
+        db = workspace.db
+        size = sum(f.stat().st_size for f in workspace.directory.iterdir() if f.name.startswith(DB_FILE))
         fp = db.fingerprint
         print(f"database     {db.path}")
-        print(f"model        {spec}")
+        print(f"model        {workspace.model_spec}")
         extra = db.key_rows - len(db)
         print(f"facts        {len(db)}" + (f" (+{extra} extra keys: bare-prompt queries)" if extra else ""))
         print(f"layer        {db.layer}   gamma {db.gamma}   d1 {db.d1}   d2 {db.d2}   dtype {str(db.dtype).removeprefix('torch.')}")
@@ -316,7 +206,8 @@ def cmd_db_info(args) -> None:
 
 
 def cmd_db_list(args) -> None:
-    with _open_db(Path(args.db)) as db:
+    with Workspace.open(args.db) as workspace:
+        db = workspace.db
         ids = list(db)
         shown = ids if args.limit is None else ids[: args.limit]
         for fact_id in shown:
@@ -327,65 +218,35 @@ def cmd_db_list(args) -> None:
             keys = f" [+{extra} extra key{'s' if extra > 1 else ''}]" if extra else ""
             print(f"{fact_id}  {meta.get('subject', '?')}: {meta.get('prompt', '?')!r} -> "
                   f"{meta.get('target_new', '?')!r}{was}{keys}")
-        print(f"{len(shown)} of {len(ids)} facts")
+        print(f"{len(shown)} of {_count(len(ids), 'fact')}")
 
 
 def cmd_db_rm(args) -> None:
-    from .editing import EditHParams, Editor, EditRecord
-    from .editing.editor import sharing_partners
-
-    directory = Path(args.db)
-    spec = _recorded_model(directory)
-    with _open_db(directory) as db:
+    with Workspace.open(args.db) as workspace:
         try:
-            present = db.ids_to_delete(args.ids)
-        except (KeyError, ValueError) as error:
-            raise CommandError(f"nothing removed: {error.args[0]}") from None
-        partners = sharing_partners(db, present)
-        if partners:
-            # facts of the same subject share the removed facts' residual: the model recomputes
-            # theirs, with the hyperparameters they were computed with
-            model, tokenizer = _load_model(spec)
-            _check_fits(db, model)
-            recorded = EditRecord.from_metadata(db.get(partners[0]).metadata, partners[0]).hparams or {}
-            known = {field.name for field in dataclasses.fields(EditHParams)} - {"layer", "gamma"}
-            editor = Editor(model, tokenizer, db=db, **{name: value for name, value in recorded.items() if name in known})
-            try:
-                removed = editor.remove(present)
-            finally:
-                editor.detach()
-            print(f"recomputed the residual of {len(partners)} fact(s) that shared one with the removed facts "
-                  f"(same subject)")
-        else:
-            removed = db.delete(present)
-        print(f"removed {len(removed)} facts; {len(db)} left")
+            present = workspace.db.ids_to_delete(args.ids, missing_ok=True)  # the store's checks
+        except ValueError as error:
+            raise CommandError(f"nothing removed: {error}") from None
+        missing = [fact_id for fact_id in args.ids if fact_id not in present]
+        if missing and not args.missing_ok:
+            raise CommandError(f"nothing removed: {_count(len(missing), 'id')} not in {args.db}, e.g. {missing[0]!r} "
+                               f"(see neuraldb db list; --missing-ok removes the others)")
+        removal = workspace.remove(present)
+        if removal.recomputed:
+            print(f"recomputed the residual of {len(removal.recomputed)} fact(s) that shared one with the removed "
+                  f"facts (same subject)")
+        print(f"removed {_count(len(removal.removed), 'fact')}; {len(workspace.db)} left")
 
 
 def cmd_db_export(args) -> None:
-    with _open_db(Path(args.db)) as db:
-        sidecar = db.export(args.file)
-        print(f"exported {len(db)} facts to {args.file} and {sidecar}")
+    with Workspace.open(args.db) as workspace:
+        sidecar = workspace.db.export(args.file)
+        print(f"exported {_count(len(workspace.db), 'fact')} to {args.file} and {sidecar}")
 
 
 def cmd_db_import(args) -> None:
-    from .store import NeuralDB
-
-    directory = Path(args.db)
-    if directory.exists():
-        raise CommandError(f"{directory} already exists; import creates a new database directory")
-    spec = _model_spec(args.model)
-    model, _ = _load_model(spec)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    try:
-        with NeuralDB.import_(args.file, staging / DB_FILE) as db:
-            _check_fits(db, model)
-            count = len(db)
-        _write_model_file(staging, spec)
-        staging.rename(directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    print(f"imported {count} facts into {directory}")
+    with Workspace.import_(args.file, args.db, model=args.model) as workspace:
+        print(f"imported {_count(len(workspace.db), 'fact')} into {args.db}")
 
 
 def cmd_plot(args) -> None:
@@ -424,11 +285,10 @@ def cmd_demo(args) -> None:
     started = time.perf_counter()
     print("loading the embedded default model (SmolLM2-135M-Instruct) ...")
     model, tokenizer = load_default_model()
-    editor = Editor(model, tokenizer)  # an in-memory NeuralDB at the model's preset layer
-    db = editor.db
-    print(f"editing {len(DEMO_FACTS)} facts into layer {db.layer} (gamma {db.gamma}) ...")
-    editor.edit(DEMO_FACTS, progress=not args.quiet)
-    editor.detach()
+    with Editor(model, tokenizer) as editor:  # an in-memory NeuralDB at the model's preset layer
+        db = editor.db
+        print(f"editing {len(DEMO_FACTS)} facts into layer {db.layer} (gamma {db.gamma}) ...")
+        editor.edit(DEMO_FACTS, progress=not args.quiet)
     width = max(len(p) for p in [f["prompt"] for f in DEMO_FACTS] + DEMO_PARAPHRASES + DEMO_UNRELATED)
     unchanged = 0
     for title, prompts in (("edited facts", [f["prompt"] for f in DEMO_FACTS]),
@@ -465,6 +325,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _threads(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads, got {text}")
+    return value
+
+
 def _hparam(text: str) -> tuple[str, object]:
     """NAME=VALUE for an editing hyperparameter; VALUE parsed as JSON (a number...) or kept as text."""
     from .editing import EditHParams
@@ -479,21 +346,35 @@ def _hparam(text: str) -> tuple[str, object]:
         return name, value
 
 
+EDIT_FACTS_HELP = f"""\
+a JSONL facts file holds one JSON object per line:
+  prompt       the prompt, with "{{}}" where the subject goes (or the filled prompt containing it)
+  subject      the entity the edit keys on
+  target_new   the answer the edited model should give
+  target_true  optional: the answer it gave before (used by eval)
+  id, extras   optional: an explicit fact id; an object of extra data kept with the fact
+for example:
+  {JSONL_EXAMPLE}
+CounterFact and ZsRE JSON arrays are read as published (see --format)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="neuraldb", description="Edit facts into LLMs with NeuralDB, a gated neural KV database.")
-    parser.add_argument("--threads", type=_positive, default=None,
+    parser.add_argument("--threads", type=_threads, default=None, metavar="N",
                         help="CPU threads for torch (default: torch's choice; on a busy machine 1 can be faster)")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def command(name, handler, help):
-        sub = commands.add_parser(name, help=help, description=help)
+    def command(name, handler, help, epilog=None):
+        sub = commands.add_parser(name, help=help, description=help, epilog=epilog,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         if handler is not None:
             sub.set_defaults(handler=handler)
         return sub
 
     fmt = dict(choices=FORMATS, default=None, help="input format (default: recognised from the file)")
-    edit = command("edit", cmd_edit, "edit facts into a model and save them in a database directory (resumable)")
-    edit.add_argument("--facts", required=True, help="CounterFact / ZsRE JSON or JSONL file of facts")
+    edit = command("edit", cmd_edit, "edit facts into a model and save them in a database directory (resumable)",
+                   epilog=EDIT_FACTS_HELP)
+    edit.add_argument("--facts", required=True, help="CounterFact / ZsRE JSON or JSONL file of facts (see below)")
     edit.add_argument("--format", **fmt)
     edit.add_argument("--model", default=None,
                       help="'default' (SmolLM2-135M-Instruct) or a Hugging Face model directory; "
@@ -505,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "only to a new database; repeatable")
     edit.add_argument("--skip-bad", action="store_true",
                       help="leave out facts that cannot be edited (listed on stderr) instead of stopping")
-    edit.add_argument("--quiet", action="store_true", help="no progress bar")
+    edit.add_argument("--quiet", action="store_true", help="no progress bar and no lines saying what runs")
 
     evaluate = command("eval", cmd_eval, "score the database's model before -> after edits on a benchmark file")
     evaluate.add_argument("--db", required=True, help="database directory")
@@ -543,8 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     db_command("info", cmd_db_info, "settings, model, fingerprint and size")
     listing = db_command("list", cmd_db_list, "list facts: id, subject, prompt -> target")
     listing.add_argument("--limit", type=_positive, help="show only the first N facts")
-    remove = db_command("rm", cmd_db_rm, "remove facts by id (all or none)")
+    remove = db_command("rm", cmd_db_rm, "remove facts by id (all or none, unless --missing-ok)")
     remove.add_argument("ids", nargs="+", help="fact ids (see db list)")
+    remove.add_argument("--missing-ok", action="store_true", help="remove the ids that are present, ignore the others")
     export = db_command("export", cmd_db_export, "write FILE.safetensors + FILE.json for sharing")
     export.add_argument("file", help="the .safetensors file to write (its .json sidecar is written beside it)")
     imported = db_command("import", cmd_db_import, "create a database directory from an export")
@@ -574,7 +456,44 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _failure_line(error: Exception, args) -> str | None:
+    """The one line that names the file and the cause of an expected failure; None for an error
+    that is a bug (its traceback is printed)."""
+    import pickle
+    import sqlite3
+
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # safetensors comes with transformers; without it no such error arises
+        SafetensorError = ()
+    database = Path(args.db) / DB_FILE if getattr(args, "db", None) else "the database"
+    if isinstance(error, KeyError):
+        return str(error.args[0]) if error.args else "KeyError"
+    if isinstance(error, sqlite3.Error):
+        cause = str(error) or type(error).__name__
+        if "locked" in cause:
+            cause += " (another process holds its write lock; try again when it has finished)"
+        elif isinstance(error, sqlite3.DatabaseError) and not isinstance(error, sqlite3.OperationalError):
+            cause += " (the file is damaged or not a NeuralDB database)"
+        return f"{database}: {cause}"
+    if isinstance(error, SafetensorError):
+        where = getattr(args, "file", None) or "a .safetensors file"
+        return f"{where}: safetensors: {error}"  # reading or writing (a full disk shows here too)
+    if isinstance(error, pickle.UnpicklingError):
+        return f"a pickled file cannot be read safely: {error}"
+    if isinstance(error, RecursionError):
+        return "an input file is nested too deeply to read (RecursionError)"
+    if isinstance(error, MemoryError):
+        detail = f" ({error})" if str(error) else ""
+        return f"out of memory{detail}: an input or the model is too large for this machine"
+    if isinstance(error, (CommandError, OSError, ValueError, ImportError, TypeError)):
+        return str(error) or type(error).__name__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the `neuraldb` command; returns the exit code: 0 success, 1 a failure (one line
+    "neuraldb: error: ..." on stderr), 2 bad usage (argparse), 130 interrupted."""
     args = build_parser().parse_args(argv)
     if getattr(args, "hparam", None) is not None:
         args.hparam = dict(args.hparam)
@@ -588,9 +507,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("neuraldb: interrupted", file=sys.stderr)
         return 130
-    except (CommandError, OSError, ValueError, KeyError, ImportError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        print(f"neuraldb: error: {' '.join(str(message).split())}", file=sys.stderr)
+    except Exception as error:
+        line = _failure_line(error, args)
+        if line is None:
+            raise
+        line = " ".join(line.split())
+        if len(line) > MAX_ERROR_CHARS:
+            line = f"{line[:MAX_ERROR_CHARS]} ... ({len(line) - MAX_ERROR_CHARS} more characters left out)"
+        print(f"neuraldb: error: {line}", file=sys.stderr)
         return 1
     return 0
 

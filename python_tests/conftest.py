@@ -184,3 +184,21 @@ def tokenizer():
     from neuraldb_kernels.integration.default_model import load_default_tokenizer
 
     return load_default_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama (2 layers, hidden 32) saved as a Hugging Face model directory, with
+    SmolLM2's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from neuraldb_kernels.integration.default_model import load_default_tokenizer
+
+    tokenizer = load_default_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
+    directory = tmp_path_factory.mktemp("tiny") / "model"
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -3,8 +3,11 @@ half-way) and the db commands on hand-built databases, through `cli.main` in thi
 return value is the process exit code); the console script's exit codes and the workflow
 edit -> eval -> ask -> db rm -> eval on SmolLM2 with two CounterFact facts as subprocesses."""
 
+import errno
 import json
 import os
+import pickle
+import sqlite3
 import subprocess
 import sys
 
@@ -12,6 +15,7 @@ import pytest
 import torch
 
 from neuraldb_kernels.store import ModelFingerprint, NeuralDB
+from neuraldb_kernels.workspace import Workspace
 
 COUNTERFACT = "counterfact/counterfact-a.json"
 
@@ -50,23 +54,6 @@ def assert_one_line_error(code, err, expected_code, *fragments):
     assert len(lines) == 1 and lines[0].startswith("neuraldb: error: "), err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama saved as a Hugging Face model directory, with SmolLM2's tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from neuraldb_kernels.integration.default_model import load_default_tokenizer
-
-    tokenizer = load_default_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
-    directory = tmp_path_factory.mktemp("tiny") / "model"
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def _fingerprint(model_dir, layer=1):
@@ -158,6 +145,47 @@ def test_records_repeating_a_subject_and_prompt_are_reported(neuraldb, tmp_path,
     assert code == 0 and "1 cases repeat the subject and prompt of a later case" in out, err
 
 
+def test_edit_says_what_it_is_doing(neuraldb, tmp_path, tiny_model_dir):
+    records = tmp_path / "facts.jsonl"
+    records.write_text(json.dumps({"prompt": "{} is located in", "subject": "The Louvre", "target_new": "Berlin"}))
+    code, out, err = neuraldb("edit", "--facts", records, "--db", tmp_path / "db", "--model", tiny_model_dir,
+                              "--hparam", "layer=1", "--hparam", "steps=1")
+    assert code == 0 and "edited 1 fact in" in out and "now holds 1 fact (was 0)" in out, err
+    assert f"loading the model at {tiny_model_dir} ..." in err
+    editing = f"editing 1 fact(s) into layer 1 of {tmp_path / 'db'}"
+    assert err.index(f"loading the model at {tiny_model_dir} ...") < err.index(editing)  # what it is doing, in order
+
+
+def test_edit_skip_bad_lists_the_records_it_left_out(neuraldb, tmp_path, tiny_model_dir):
+    records = tmp_path / "facts.jsonl"
+    good = {"prompt": "{} is located in", "subject": "The Louvre", "target_new": "Berlin"}
+    records.write_text(json.dumps(good) + "\n" + json.dumps({**good, "subject": " ", "id": "blank"}) + "\n")
+    code, out, err = neuraldb("edit", "--facts", records, "--db", tmp_path / "db", "--model", tiny_model_dir,
+                              "--hparam", "layer=1", "--hparam", "steps=1", "--quiet", "--skip-bad")
+    assert code == 0 and "edited 1 fact in" in out and "now holds 1 fact (was 0)" in out, err
+    lines = err.splitlines()
+    assert lines[0] == "skipped 1 bad record:" and all(part in lines[1] for part in ("fact 1", "'blank'", "empty")), err
+
+
+def test_interrupted_edit_leaves_no_new_directory_and_says_how_to_resume(neuraldb, tmp_path, tiny_model_dir,
+                                                                         monkeypatch):
+    from neuraldb_kernels.editing import Editor
+
+    def interrupted(self, facts, **options):
+        raise KeyboardInterrupt
+
+    records = tmp_path / "facts.jsonl"
+    records.write_text(json.dumps({"prompt": "{} is located in", "subject": "The Louvre", "target_new": "Berlin"}))
+    monkeypatch.setattr(Editor, "edit", interrupted)
+    code, _, err = neuraldb("edit", "--facts", records, "--db", tmp_path / "new", "--model", tiny_model_dir,
+                            "--hparam", "layer=1", "--quiet")
+    assert code == 130 and err.strip() == "neuraldb: interrupted" and not (tmp_path / "new").exists()
+    directory = _db_dir(tmp_path / "db", tiny_model_dir, _fingerprint(tiny_model_dir))
+    code, _, err = neuraldb("edit", "--facts", records, "--db", directory, "--quiet")
+    assert code == 130 and f"interrupted: 0 facts committed to {directory}; run the same command again" in err
+    assert Workspace.exists(directory)
+
+
 def test_commands_on_a_directory_that_is_no_database(neuraldb, tmp_path, data_dir):
     code, _, err = neuraldb("eval", "--db", tmp_path, "--data", data_dir / COUNTERFACT, "--limit", "1")
     assert_one_line_error(code, err, 1, "not a neuraldb database directory")
@@ -213,12 +241,151 @@ def test_skip_bad_records(neuraldb, tmp_path, tiny_model_dir):
     assert_one_line_error(code, err, 1, "fact 1", "target_true", "--skip-bad")
     code, out, err = neuraldb("eval", "--db", directory, "--data", records, "--quiet", "--skip-bad")
     assert code == 0 and "1 cases evaluated" in out, err
-    assert "skipped 1 bad records" in err and "fact 1" in err
+    assert "skipped 1 bad record:" in err and "fact 1" in err
     all_bad = tmp_path / "bad.jsonl"
     all_bad.write_text(json.dumps({"prompt": "{} is in", "subject": " ", "target_new": "Rome"}) + "\n")
     code, _, err = neuraldb("edit", "--facts", all_bad, "--db", tmp_path / "new", "--skip-bad")
     assert_one_line_error(code, err, 1, "none of the facts")
     assert not (tmp_path / "new").exists()
+
+
+def test_edit_help_documents_the_jsonl_fields(neuraldb, tmp_path):
+    from neuraldb_kernels.editing import check_facts, read_facts
+
+    code, out, _ = neuraldb("edit", "--help")
+    assert code == 0
+    for field in ("prompt", "subject", "target_new", "target_true"):
+        assert f"  {field}" in out, out
+    example = next(line.strip() for line in out.splitlines() if line.strip().startswith("{"))
+    path = tmp_path / "example.jsonl"
+    path.write_text(example + "\n")
+    (fact,) = check_facts(read_facts(path))[0]  # the documented line is a valid fact
+    assert (fact.filled_prompt, fact.target_new) == ("The Louvre is located in", "Berlin")
+
+
+@pytest.mark.parametrize("threads, fragment", [("1e20", "positive integer"), ("0", "positive integer"),
+                                               ("100000000000000000000", "at most")])
+def test_threads_option_is_checked(neuraldb, threads, fragment):
+    code, _, err = neuraldb("--threads", threads, "backends")
+    assert_one_line_error(code, err, 2, "--threads", fragment)
+
+
+# ------------------------------------------------------------------- every failure is one line
+
+
+@pytest.mark.parametrize("error, fragments", [
+    (sqlite3.OperationalError("database is locked"), ["db/neuraldb.sqlite: database is locked", "write lock"]),
+    (sqlite3.OperationalError("database or disk is full"), ["db/neuraldb.sqlite: database or disk is full"]),
+    (sqlite3.DatabaseError("file is not a database"), ["db/neuraldb.sqlite: file is not a database", "damaged"]),
+    (OSError(errno.ENOSPC, "No space left on device", "/full/neuraldb.sqlite-wal"),
+     ["No space left on device", "/full/neuraldb.sqlite-wal"]),
+    (TypeError("metadata must be a dict"), ["metadata must be a dict"]),
+    (RecursionError("maximum recursion depth exceeded"), ["nested too deeply"]),
+    (MemoryError(), ["out of memory"]),
+    (pickle.UnpicklingError("invalid load key, 'x'"), ["pickled", "invalid load key"]),
+], ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else None)
+def test_every_expected_failure_is_one_line(neuraldb, monkeypatch, tmp_path, error, fragments):
+    from neuraldb_kernels import cli
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_db_info", fail)
+    code, _, err = neuraldb("db", "info", "--db", tmp_path / "db")
+    assert_one_line_error(code, err, 1, *fragments)
+
+
+def test_safetensors_errors_name_the_file_and_interrupts_exit_130(neuraldb, monkeypatch, tmp_path):
+    from safetensors import SafetensorError
+
+    from neuraldb_kernels import cli
+
+    def corrupt(args):
+        raise SafetensorError("Error while deserializing header: HeaderTooLarge")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_db_import", corrupt)
+    code, _, err = neuraldb("db", "import", "--db", tmp_path / "db", tmp_path / "share.safetensors")
+    assert_one_line_error(code, err, 1, f"{tmp_path / 'share.safetensors'}: safetensors: Error while deserializing",
+                          "HeaderTooLarge")
+    monkeypatch.setattr(cli, "cmd_db_info", interrupted)
+    code, _, err = neuraldb("db", "info", "--db", tmp_path / "db")
+    assert code == 130 and err.strip() == "neuraldb: interrupted"
+
+
+def test_an_error_quoting_a_huge_input_is_cut(neuraldb, tmp_path):
+    records = tmp_path / "facts.jsonl"
+    records.write_text(json.dumps({"prompt": "{} is in", "subject": "x" * 1_000_000, "target_new": "Rome"})
+                       + "\n" + json.dumps({"prompt": "y" * 1_000_000, "subject": "Z", "target_new": "Rome"}) + "\n")
+    code, _, err = neuraldb("edit", "--facts", records, "--db", tmp_path / "db")
+    assert_one_line_error(code, err, 1, "fact 1", "more characters left out")
+    assert len(err) < 3000
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs (needs root and mount rights; skipped elsewhere), unmounted afterwards."""
+    mount_point = tmp_path / "full"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(neuraldb, tmp_path, full_disk):
+    fingerprint = ModelFingerprint(model_type="llama", layer=1, d1=48, d2=32, weights_sha256="0" * 64)
+    directory = _db_dir(tmp_path / "db", "default", fingerprint, facts=400)  # ~130 KB of vectors
+    export = full_disk / "share.safetensors"
+    code, _, err = neuraldb("db", "export", "--db", directory, export)
+    assert_one_line_error(code, err, 1, str(export), "No space left on device")
+    assert list(full_disk.iterdir()) == []
+
+
+def test_a_bug_still_shows_its_traceback(monkeypatch, tmp_path):
+    from neuraldb_kernels import cli
+
+    def bug(args):
+        raise AttributeError("no attribute 'x'")
+
+    monkeypatch.setattr(cli, "cmd_db_info", bug)
+    with pytest.raises(AttributeError):
+        cli.main(["db", "info", "--db", str(tmp_path)])
+
+
+def test_real_failures_are_one_line(neuraldb, tmp_path):
+    directory = tmp_path / "db"
+    directory.mkdir()
+    (directory / "model.json").write_text(json.dumps({"model": "default"}))
+    (directory / "neuraldb.sqlite").write_bytes(b"SQLite format 3\x00" + os.urandom(4000))
+    code, _, err = neuraldb("db", "info", "--db", directory)
+    assert_one_line_error(code, err, 1, str(directory / "neuraldb.sqlite"))
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    code, _, err = neuraldb("edit", "--facts", deep, "--db", tmp_path / "new")
+    assert_one_line_error(code, err, 1, str(deep), "nested too deeply")
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("spec, fragment", [("gpt2", "neither 'default' nor an absolute path"),
+                                            ("tiny/model", "neither 'default' nor an absolute path"),
+                                            ("fifo", "not a regular file")])
+def test_hostile_model_json_is_one_line_and_loads_nothing(neuraldb, tmp_path, spec, fragment):
+    if spec == "fifo":
+        model_dir = tmp_path / "model"
+        model_dir.mkdir()
+        os.mkfifo(model_dir / "config.json")
+        spec = str(model_dir)
+    foreign = ModelFingerprint(model_type="llama", layer=1, d1=48, d2=32, weights_sha256="0" * 64)
+    directory = _db_dir(tmp_path / "db", spec, foreign)
+    code, _, err = neuraldb("ask", "--db", directory, "The Eiffel Tower is in")
+    assert_one_line_error(code, err, 1, "model.json", fragment)
+    code, out, err = neuraldb("db", "info", "--db", directory)  # what it names is still shown
+    assert code == 0 and spec in out, err
 
 
 # ---------------------------------------------------------------------------------- db commands
@@ -233,9 +400,10 @@ def test_db_info_list_rm_export_import(neuraldb, tmp_path, tiny_model_dir):
     code, out, _ = neuraldb("db", "list", "--db", directory, "--limit", "2")
     assert code == 0 and "fact0  S0: 'P0' -> 'new'" in out and "2 of 3 facts" in out
     code, _, err = neuraldb("db", "rm", "--db", directory, "fact0", "nope")
-    assert_one_line_error(code, err, 1, "nothing removed", "nope")
-    code, out, err = neuraldb("db", "rm", "--db", directory, "fact0")
-    assert code == 0 and "removed 1 facts; 2 left" in out, err
+    assert_one_line_error(code, err, 1, "nothing removed", "1 id not in", "'nope'", "--missing-ok")
+    assert "missing_ok" not in err  # a Python keyword, not an option of the command
+    code, out, err = neuraldb("db", "rm", "--db", directory, "fact0", "nope", "--missing-ok")
+    assert code == 0 and "removed 1 fact; 2 left" in out, err
     export = tmp_path / "share.safetensors"
     code, out, err = neuraldb("db", "export", "--db", directory, export)
     assert code == 0 and export.is_file() and export.with_suffix(".json").is_file(), err
@@ -272,7 +440,7 @@ def test_db_rm_recomputes_the_facts_that_shared_the_removed_facts_residual(neura
     code, _, err = neuraldb("db", "rm", "--db", directory, position.id, position.id)
     assert_one_line_error(code, err, 1, "nothing removed", "twice")
     code, out, err = neuraldb("db", "rm", "--db", directory, position.id)
-    assert code == 0 and "recomputed the residual of 1 fact(s)" in out and "removed 1 facts; 2 left" in out, err
+    assert code == 0 and "recomputed the residual of 1 fact(s)" in out and "removed 1 fact; 2 left" in out, err
     with NeuralDB.open(directory / "neuraldb.sqlite") as db:
         assert sorted(db) == sorted([sport.id, louvre.id])
         alone = db.get(sport.id)
@@ -282,7 +450,7 @@ def test_db_rm_recomputes_the_facts_that_shared_the_removed_facts_residual(neura
         assert alone.metadata["edit"]["hparams"]["steps"] == 2 and alone.metadata["edit"]["steps"] <= 2  # ... as edited
         assert torch.equal(db.get(louvre.id).residual, louvre.residual)  # not touched
     code, out, err = neuraldb("db", "rm", "--db", directory, louvre.id)  # shares nothing: no model needed
-    assert code == 0 and "recomputed" not in out and "removed 1 facts; 1 left" in out, err
+    assert code == 0 and "recomputed" not in out and "removed 1 fact; 1 left" in out, err
     more = tmp_path / "more.jsonl"
     more.write_text(json.dumps({"prompt": "{} was born in", "subject": "Carlos Valderrama", "target_new": "Oslo"})
                     + "\n" + json.dumps({"prompt": "{} is a member of", "subject": "Germany", "target_new": "Hamas"}))
@@ -305,7 +473,7 @@ def test_db_commands_count_and_remove_extra_keys_with_their_fact(neuraldb, tmp_p
     code, out, _ = neuraldb("db", "list", "--db", directory)
     assert "fact0  S0: 'P0' -> 'new' [+1 extra key]" in out and "2 of 2 facts" in out
     code, out, err = neuraldb("db", "rm", "--db", directory, "fact0")
-    assert code == 0 and "removed 1 facts; 1 left" in out, err
+    assert code == 0 and "removed 1 fact; 1 left" in out, err
     with NeuralDB.open(directory / "neuraldb.sqlite") as db:
         assert db.key_rows == 1
         assert list(db) == ["fact1"]

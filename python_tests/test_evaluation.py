@@ -397,3 +397,37 @@ def test_report_table_json_and_plot(tmp_path):
         read_json(path)
     with pytest.raises(ValueError):
         plot_scaling([], png)
+
+
+def test_write_json_never_writes_through_a_planted_link(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    planted = tmp_path / ".report.json.tmp"  # the temporary name a fixed naming scheme would use
+    planted.symlink_to(victim)
+    path = tmp_path / "report.json"
+    write_json(EvaluationReport(1, 1, {"efficacy": 0.0}, {"efficacy": 100.0}), path)
+    assert victim.read_text() == "precious" and planted.is_symlink() and planted.resolve() == victim
+    assert not path.is_symlink() and json.loads(path.read_text())["after"] == {"efficacy": 100.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".report.json.tmp", "report.json", "victim.txt"]
+
+
+def test_zsre_answers_as_one_string_are_one_answer(tmp_path):
+    from neuraldb_kernels.editing import read_facts
+
+    record = {"subject": "Berlin Wall", "src": "Where is the Berlin Wall?", "alt": "Paris", "rephrase": "r",
+              "loc": "l", "loc_ans": "a"}
+    path = tmp_path / "zsre.json"
+    path.write_text(json.dumps([{**record, "answers": "Berlin"}, {**record, "answers": ["Bonn", "Köln"]},
+                                {**record, "answers": []}]))
+    assert [fact.target_true for fact in read_facts(path, "zsre")] == ["Berlin", "Bonn", None]
+    assert [fact.target_true for fact in read_facts(path)] == ["Berlin", "Bonn", None]  # recognised as ZsRE
+    path.write_text(json.dumps([{**record, "answers": 5}]))
+    with pytest.raises(ValueError, match="zsre: record 0: 'answers' must be a list of strings or one string"):
+        read_facts(path, "zsre")
+
+
+def test_evaluation_reexports_the_editing_readers():
+    from neuraldb_kernels import editing, evaluation
+
+    assert evaluation.read_facts is editing.read_facts and evaluation.FORMATS == editing.FORMATS
+    assert set(editing.FORMATS) == {"counterfact", "counterfact-full", "zsre", "jsonl"}

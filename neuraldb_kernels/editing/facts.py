@@ -1,5 +1,5 @@
-"""Facts to edit: the `Fact` record, its deterministic id, validation, and readers for CounterFact
-(flattened and original schema), ZsRE and plain JSONL.
+"""Facts to edit: the `Fact` record, its deterministic id and validation (files of facts are read
+by readers.py).
 
 A fact says "after `prompt`, about `subject`, the model should answer `target_new`". The prompt is
 either a template with one "{}" where the subject goes ("The mother tongue of {} is") or the filled
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import pathlib
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
@@ -226,124 +224,3 @@ def check_facts(facts: Iterable[Any], *, on_error: str = "raise", indexed: bool 
                 raise
             skipped.append(SkippedFact(index, given_id(value), str(error)))
     return valid, skipped
-
-
-# ---------------------------------------------------------------------------------------- readers
-
-
-def _field(record: Mapping, path: str, where: str) -> Any:
-    value: Any = record
-    for part in path.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            raise ValueError(f"{where}: missing field {path!r}")
-        value = value[part]
-    return value
-
-
-def _record_where(source: str, index: int) -> str:
-    return f"{source}: record {index}"
-
-
-def counterfact_fact(record: Mapping, index: int = 0, source: str = "counterfact") -> Fact:
-    """A Fact from one CounterFact record, flattened or original schema.
-
-    Flattened: prompt (subject filled in), subject, target_new, ground_truth, rephrase_prompt,
-    locality_prompt, locality_ground_truth, case_id. Original: requested_rewrite {prompt with
-    "{}", subject, target_new.str, target_true.str}, paraphrase_prompts, neighborhood_prompts, ....
-    The evaluation prompts go to `extras` (and, from the original schema, relation_id and
-    target_new_id: the keys of the consistency metric's reference texts). Not validated here (see
-    `check_fact`).
-    """
-    where = _record_where(source, index)
-    if not isinstance(record, Mapping):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if "requested_rewrite" in record:
-        rewrite = _field(record, "requested_rewrite", where)
-        extras = {key: record[key] for key in ("case_id", "paraphrase_prompts", "neighborhood_prompts",
-                                               "attribute_prompts", "generation_prompts") if key in record}
-        if "relation_id" in rewrite:
-            extras["relation_id"] = str(rewrite["relation_id"])
-        if isinstance(rewrite.get("target_new"), Mapping) and "id" in rewrite["target_new"]:
-            extras["target_new_id"] = str(rewrite["target_new"]["id"])
-        return Fact(prompt=_field(rewrite, "prompt", where), subject=_field(rewrite, "subject", where),
-                    target_new=_field(rewrite, "target_new.str", where),
-                    target_true=_field(rewrite, "target_true.str", where),
-                    extras={"source": source, **extras})
-    extras = {key: record[key] for key in ("case_id", "rephrase_prompt", "locality_prompt", "locality_ground_truth")
-              if key in record}
-    return Fact(prompt=_field(record, "prompt", where), subject=_field(record, "subject", where),
-                target_new=_field(record, "target_new", where), target_true=record.get("ground_truth"),
-                extras={"source": source, **extras})
-
-
-def zsre_fact(record: Mapping, index: int = 0, source: str = "zsre") -> Fact:
-    """A Fact from one ZsRE record: src (question containing the subject), subject, alt (new
-    answer), answers (true answers; the first is target_true), rephrase, loc, loc_ans -> extras."""
-    where = _record_where(source, index)
-    if not isinstance(record, Mapping):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    answers = record.get("answers") or [None]
-    extras = {key: record[key] for key in ("rephrase", "loc", "loc_ans") if key in record}
-    return Fact(prompt=_field(record, "src", where), subject=_field(record, "subject", where),
-                target_new=_field(record, "alt", where), target_true=answers[0],
-                extras={"source": source, **extras})
-
-
-def _read_json_array(path: pathlib.Path) -> list:
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON array of records, got {type(records).__name__}")
-    return records
-
-
-def read_counterfact(path, limit: Optional[int] = None) -> list[Fact]:
-    """Facts from a CounterFact JSON array (flattened or original schema), the first `limit` only."""
-    records = _read_json_array(pathlib.Path(path))[:limit]
-    return [counterfact_fact(record, index) for index, record in enumerate(records)]
-
-
-def read_zsre(path, limit: Optional[int] = None) -> list[Fact]:
-    """Facts from a ZsRE JSON array (MEND split), the first `limit` only."""
-    records = _read_json_array(pathlib.Path(path))[:limit]
-    return [zsre_fact(record, index) for index, record in enumerate(records)]
-
-
-def read_jsonl(path, limit: Optional[int] = None) -> list[Fact]:
-    """Facts from JSON Lines: one object per line with prompt, subject, target_new and optionally
-    target_true, id, extras. Blank lines are ignored; errors name the line number."""
-    path = pathlib.Path(path)
-    facts = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if limit is not None and len(facts) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number} is not valid JSON ({error})") from None
-            try:
-                facts.append(_mapping_fact(record))
-            except ValueError as error:
-                raise ValueError(f"{path}: line {number}: {error}") from None
-    return facts
-
-
-def read_facts(path, limit: Optional[int] = None) -> list[Fact]:
-    """Facts from any supported file, recognised by content: JSON Lines (*.jsonl), or a JSON array
-    of CounterFact (flattened/original schema) or ZsRE records."""
-    path = pathlib.Path(path)
-    if path.suffix == ".jsonl":
-        return read_jsonl(path, limit)
-    records = _read_json_array(path)[:limit]
-    first = records[0] if records else {}
-    if isinstance(first, Mapping) and "src" in first and "alt" in first:
-        return [zsre_fact(record, index) for index, record in enumerate(records)]
-    if isinstance(first, Mapping) and ("requested_rewrite" in first or "target_new" in first):
-        return [counterfact_fact(record, index) for index, record in enumerate(records)]
-    raise ValueError(f"{path}: unrecognised records: expected CounterFact (prompt/subject/target_new or "
-                     f"requested_rewrite) or ZsRE (src/alt/subject) objects")

@@ -10,7 +10,8 @@ from .consistency import TfidfModel, read_attribute_snippets
 from .counterfact import (CounterFactCase, case_scores, generation_metrics, metrics_from_case_scores,
                           probability_metrics)
 from .fluency import fluency, generate_texts, ngram_entropy, text_fluency
-from .harness import FORMATS, cases_from_facts, evaluate, load_cases, model_metrics, read_facts
+from ..editing.readers import FORMATS, read_facts
+from .harness import cases_from_facts, evaluate, load_cases, model_metrics
 from .preservation import preservation_metrics
 from .report import METRICS, UNITS, EvaluationReport, plot_scaling, read_json, write_json
 from .scoring import TargetScores, score_targets

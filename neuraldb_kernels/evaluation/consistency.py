@@ -64,6 +64,8 @@ def read_attribute_snippets(path: str | Path) -> dict[tuple[str, str], list[str]
         raise FileNotFoundError(f"reference file {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"reference file {path} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ValueError(f"reference file {path}: JSON nested too deeply to read") from None
     if not isinstance(records, list):
         raise ValueError(f"reference file {path} must hold a JSON list of snippet records")
     snippets: dict[tuple[str, str], list[str]] = {}

@@ -4,12 +4,12 @@
     report = evaluate(model, tokenizer, db, cases)          # EvaluationReport: before -> after
     print(report.table())
 
-Cases are read with the editing package's readers (`FORMATS` names them), so evaluation reads
-the files edits are made from. CounterFact cases get efficacy / generalization / specificity,
-and fluency (plus consistency when reference snippets are given) where they carry generation
-prompts; ZsRE cases get teacher-forced accuracies. Preservation (gate fire rate, KL) is measured
-on the cases' own unrelated text (neighbourhood prompts + true answers; ZsRE `loc` + `loc_ans`)
-unless other texts are given.
+Cases are built from facts read with the editing package's readers (`read_facts`, `FORMATS`;
+re-exported by this package), so evaluation reads the files edits are made from. CounterFact cases get
+efficacy / generalization / specificity, and fluency (plus consistency when reference snippets
+are given) where they carry generation prompts; ZsRE cases get teacher-forced accuracies.
+Preservation (gate fire rate, KL) is measured on the cases' own unrelated text (neighbourhood
+prompts + true answers; ZsRE `loc` + `loc_ans`) unless other texts are given.
 """
 
 from __future__ import annotations
@@ -19,35 +19,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..editing.readers import read_facts
 from . import counterfact, zsre
 from .counterfact import CounterFactCase
 from .preservation import preservation_metrics
 from .report import EvaluationReport
 from .zsre import ZsRECase
-
-FORMATS = ("counterfact", "counterfact-full", "zsre", "jsonl")
-
-
-def read_facts(path: str | Path, format: str | None = None, limit: int | None = None) -> list:
-    """Editing `Fact`s from `path` in `format` (one of FORMATS; None: recognised by content),
-    the first `limit` only. FileNotFoundError / ValueError name the problem."""
-    from ..editing import facts as readers
-
-    if format is not None and format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive int, got {limit!r}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    reader = {None: readers.read_facts, "counterfact": readers.read_counterfact,
-              "counterfact-full": readers.read_counterfact, "zsre": readers.read_zsre,
-              "jsonl": readers.read_jsonl}[format]
-    facts = reader(path, limit)
-    if not facts:
-        raise ValueError(f"{path} holds no facts")
-    return facts
-
 
 def cases_from_facts(facts: Sequence, *, skipped: list | None = None) -> list[CounterFactCase] | list[ZsRECase]:
     """ZsRE cases when the facts come from ZsRE (extras source "zsre"), else CounterFact cases.

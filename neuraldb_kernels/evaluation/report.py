@@ -22,6 +22,8 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .._files import write_text_atomically
+
 METRICS = ("efficacy", "generalization", "specificity", "fluency", "consistency", "gate_fire_rate", "kl")
 UNITS = {"efficacy": "%", "generalization": "%", "specificity": "%", "fluency": "bits x100",
          "consistency": "x100", "gate_fire_rate": "% tokens", "kl": "nats/token"}
@@ -83,11 +85,9 @@ class EvaluationReport:
 
 
 def write_json(report: EvaluationReport, path: str | Path) -> None:
-    """Write `report.to_dict()` to `path` (written to a temporary file, then renamed)."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-    temporary.replace(path)
+    """Write `report.to_dict()` to `path` whole (see `write_text_atomically`: a temporary file
+    created exclusively beside it, then renamed; nothing planted at a temporary name is followed)."""
+    write_text_atomically(path, json.dumps(report.to_dict(), indent=2) + "\n")
 
 
 def read_json(path: str | Path) -> EvaluationReport:
@@ -99,6 +99,8 @@ def read_json(path: str | Path) -> EvaluationReport:
         raise FileNotFoundError(f"report {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"report {path} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ValueError(f"report {path}: JSON nested too deeply to read") from None
     try:
         return EvaluationReport.from_dict(data)
     except ValueError as error:
