@@ -3,7 +3,7 @@
     neuraldb edit --facts FILE [--format F] [--model default|PATH] --db DIR [--limit N]
     neuraldb eval --db DIR --data FILE [--format F] [--limit N] [--json OUT] [--references FILE]
     neuraldb ask --db DIR "PROMPT"
-    neuraldb db info|list|rm|export|import --db DIR ...
+    neuraldb db info|list|rm|check|export|import --db DIR ...
     neuraldb plot REPORT.json ... --out PNG
     neuraldb demo
     neuraldb backends
@@ -123,7 +123,7 @@ def cmd_eval(args) -> None:
                      if line.strip()]
         if not unrelated:
             raise CommandError(f"{args.unrelated} holds no text lines")
-    with Workspace.open(args.db) as workspace:
+    with Workspace.open(args.db, for_reading=True) as workspace:
         report = evaluate(workspace.model, workspace.tokenizer, workspace.db, cases, references=references,
                           unrelated_texts=unrelated, batch_size=args.batch_size,
                           max_new_tokens=args.max_new_tokens, compare=args.compare,
@@ -181,7 +181,7 @@ def _print_firings(db, firings) -> None:
 def cmd_ask(args) -> None:
     if not args.prompt.strip():
         raise CommandError("the prompt is empty")
-    with Workspace.open(args.db) as workspace:
+    with Workspace.open(args.db, for_reading=True) as workspace:
         bare, edited, firings, same = _answers(workspace.model, workspace.tokenizer, workspace.db, args.prompt,
                                                args.max_new_tokens)
         print(f"prompt:        {args.prompt}")
@@ -191,7 +191,7 @@ def cmd_ask(args) -> None:
 
 
 def cmd_db_info(args) -> None:
-    with Workspace.open(args.db) as workspace:
+    with Workspace.open(args.db, for_reading=True) as workspace:
         db = workspace.db
         size = sum(f.stat().st_size for f in workspace.directory.iterdir() if f.name.startswith(DB_FILE))
         fp = db.fingerprint
@@ -206,7 +206,7 @@ def cmd_db_info(args) -> None:
 
 
 def cmd_db_list(args) -> None:
-    with Workspace.open(args.db) as workspace:
+    with Workspace.open(args.db, for_reading=True) as workspace:
         db = workspace.db
         ids = list(db)
         shown = ids if args.limit is None else ids[: args.limit]
@@ -238,8 +238,18 @@ def cmd_db_rm(args) -> None:
         print(f"removed {_count(len(removal.removed), 'fact')}; {len(workspace.db)} left")
 
 
+def cmd_db_check(args) -> None:
+    with Workspace.open(args.db, for_reading=True) as workspace:
+        report = workspace.db.verify()
+        if not report.ok:
+            raise CommandError(f"{workspace.db.path}: {_count(len(report.corrupt), 'fact')} of {report.checked} "
+                               f"fail their integrity checks, e.g. {report.corrupt[0]!r}; all of them: "
+                               f"{', '.join(report.corrupt)}")
+        print(f"{workspace.db.path}: all {_count(report.checked, 'fact')} intact (checksums, sizes, values)")
+
+
 def cmd_db_export(args) -> None:
-    with Workspace.open(args.db) as workspace:
+    with Workspace.open(args.db, for_reading=True) as workspace:
         sidecar = workspace.db.export(args.file)
         print(f"exported {_count(len(workspace.db), 'fact')} to {args.file} and {sidecar}")
 
@@ -361,7 +371,8 @@ CounterFact and ZsRE JSON arrays are read as published (see --format)."""
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="neuraldb", description="Edit facts into LLMs with NeuralDB, a gated neural KV database.")
     parser.add_argument("--threads", type=_threads, default=None, metavar="N",
-                        help="CPU threads for torch (default: torch's choice; on a busy machine 1 can be faster)")
+                        help="CPU threads for torch and the kernels (default: the cores the 1-minute load average "
+                             "leaves idle, at least 1; the environment variable NEURALDB_THREADS overrides it)")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name, handler, help, epilog=None):
@@ -427,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     remove = db_command("rm", cmd_db_rm, "remove facts by id (all or none, unless --missing-ok)")
     remove.add_argument("ids", nargs="+", help="fact ids (see db list)")
     remove.add_argument("--missing-ok", action="store_true", help="remove the ids that are present, ignore the others")
+    db_command("check", cmd_db_check, "verify every fact row (checksums, sizes, finite values, key norms)")
     export = db_command("export", cmd_db_export, "write FILE.safetensors + FILE.json for sharing")
     export.add_argument("file", help="the .safetensors file to write (its .json sidecar is written beside it)")
     imported = db_command("import", cmd_db_import, "create a database directory from an export")
@@ -497,12 +509,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "hparam", None) is not None:
         args.hparam = dict(args.hparam)
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
     _quiet_libraries()
     try:
+        import torch
+
+        from .threads import default_threads
+
+        torch.set_num_threads(args.threads if args.threads is not None else default_threads())
         args.handler(args)
     except KeyboardInterrupt:
         print("neuraldb: interrupted", file=sys.stderr)

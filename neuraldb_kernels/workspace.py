@@ -163,10 +163,10 @@ def _check_fits(db, model) -> None:
 def _recorded_hparams(db, fact_id: str) -> dict[str, Any]:
     """The editing hyperparameters a stored fact was computed with, less layer and gamma (the
     database's own); {} when none are recorded."""
-    from .editing import EditHParams
+    from .editing import EditHParams, EditRecord
 
-    edit = db.get(fact_id).metadata.get("edit")
-    recorded = edit.get("hparams") if isinstance(edit, dict) else None
+    record = EditRecord.from_metadata(db.get(fact_id).metadata, fact_id)
+    recorded = record.hparams if record is not None else None
     known = {field.name for field in dataclasses.fields(EditHParams)} - {"layer", "gamma"}
     return {name: value for name, value in (recorded or {}).items() if name in known}
 
@@ -237,18 +237,23 @@ class Workspace:
 
     @classmethod
     def open(cls, directory: str | os.PathLike, *, model: str | os.PathLike | None = None,
-             log: Optional[Callable[[str], None]] = None) -> "Workspace":
+             for_reading: bool = False, log: Optional[Callable[[str], None]] = None) -> "Workspace":
         """The database directory at `directory`; the model loads on first use of `model`. A
-        `model` given here must be the one recorded (checked before anything loads)."""
+        `model` given here must be the one recorded (checked before anything loads).
+        for_reading: the caller only reads; where the database file or its directory cannot be
+        written (a read-only mount, permissions) it is then opened read-only instead of failing
+        (a writable one is opened as usual, so an older format is still migrated)."""
         from .store import NeuralDB
 
         directory = Path(directory)
-        if not (directory / DB_FILE).is_file():
+        path = directory / DB_FILE
+        if not path.is_file():
             raise WorkspaceError(f"{directory} is not a neuraldb database directory (no {DB_FILE})")
         spec = _read_model_file(directory)
         if model is not None and model_spec(model) != spec:
             raise WorkspaceError(f"{directory} was built with model {spec!r}, not {model_spec(model)!r}")
-        return cls(directory, NeuralDB.open(directory / DB_FILE), spec, log=log)
+        readonly = for_reading and not (os.access(path, os.W_OK) and os.access(directory, os.W_OK))
+        return cls(directory, NeuralDB.open(path, readonly=readonly), spec, log=log)
 
     @classmethod
     def import_(cls, export: str | os.PathLike, directory: str | os.PathLike, *,

@@ -14,6 +14,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from neuraldb_kernels.threads import default_threads  # noqa: E402
+
+# one thread per core oversubscribes a shared machine (bench/RESULTS.md, "Thread default")
+torch.set_num_threads(default_threads())
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 

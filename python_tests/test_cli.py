@@ -320,7 +320,19 @@ def test_an_error_quoting_a_huge_input_is_cut(neuraldb, tmp_path):
     records.write_text(json.dumps({"prompt": "{} is in", "subject": "x" * 1_000_000, "target_new": "Rome"})
                        + "\n" + json.dumps({"prompt": "y" * 1_000_000, "subject": "Z", "target_new": "Rome"}) + "\n")
     code, _, err = neuraldb("edit", "--facts", records, "--db", tmp_path / "db")
-    assert_one_line_error(code, err, 1, "fact 1", "more characters left out")
+    assert_one_line_error(code, err, 1, "fact 1", "(1000000 characters)")
+    assert len(err) < 3000
+
+
+def test_an_error_line_is_cut_whatever_raised_it(neuraldb, monkeypatch, tmp_path):
+    from neuraldb_kernels import cli
+
+    def fail(args):
+        raise ValueError("bad value " + "z" * 1_000_000)
+
+    monkeypatch.setattr(cli, "cmd_db_info", fail)
+    code, _, err = neuraldb("db", "info", "--db", tmp_path / "db")
+    assert_one_line_error(code, err, 1, "bad value", "more characters left out")
     assert len(err) < 3000
 
 
@@ -574,3 +586,36 @@ def test_demo_changes_the_edited_answers_and_nothing_else():
         assert target in answer, out
     assert answers[6:] and all("(unchanged)" in answer for answer in answers[6:]), out
     assert "4 of 4 unrelated prompts unchanged" in out
+
+
+def test_db_check_passes_an_intact_database_and_names_a_corrupt_fact(neuraldb, tmp_path):
+    foreign = ModelFingerprint(model_type="llama", layer=1, d1=48, d2=32, weights_sha256="0" * 64)
+    directory = _db_dir(tmp_path / "db", "default", foreign, facts=3)
+    code, out, err = neuraldb("db", "check", "--db", directory)
+    assert code == 0 and "all 3 facts intact" in out, err
+    with sqlite3.connect(directory / "neuraldb.sqlite") as conn:  # one residual value changed behind its back
+        blob = bytearray(conn.execute("SELECT residual FROM facts WHERE id = 'fact1'").fetchone()[0])
+        blob[5] ^= 0x40
+        conn.execute("UPDATE facts SET residual = ? WHERE id = 'fact1'", (bytes(blob),))
+    code, _, err = neuraldb("db", "check", "--db", directory)
+    assert_one_line_error(code, err, 1, "fact1")
+
+
+def test_read_only_commands_work_on_a_read_only_mount(neuraldb, tmp_path):
+    mount_point = tmp_path / "mnt"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)")
+    try:
+        foreign = ModelFingerprint(model_type="llama", layer=1, d1=48, d2=32, weights_sha256="0" * 64)
+        directory = _db_dir(mount_point / "db", "default", foreign, facts=2)
+        subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+        for command in (("info",), ("list",), ("check",)):
+            code, out, err = neuraldb("db", *command, "--db", directory)
+            assert code == 0 and err == "", (command, err)
+        assert "2 of 2 facts" in neuraldb("db", "list", "--db", directory)[1]
+        code, _, err = neuraldb("db", "rm", "--db", directory, "fact0")
+        assert_one_line_error(code, err, 1, "neuraldb.sqlite")
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
