@@ -46,8 +46,9 @@ def test_python_block_runs_verbatim_twice(code, tmp_path):
         result = run_python(code, tmp_path)
         assert result.returncode == 0, f"{attempt} run failed:\n{result.stderr[-4000:]}"
         if "load_default_model" in code:
-            # the quickstart's claim: the edited model answers Rome (the unedited one says Paris)
-            assert result.stdout.splitlines()[0].startswith(" Rome"), result.stdout
+            # the quickstart's claims: the edited model answers Rome, paused (unedited) it says Paris
+            lines = result.stdout.splitlines()
+            assert lines[0].startswith(" Rome") and lines[1].startswith(" Paris"), result.stdout
 
 
 def test_jsonl_example_lines_are_facts_the_reader_accepts(tmp_path):
