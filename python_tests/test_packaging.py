@@ -1,5 +1,5 @@
-"""The core install (op and store) needs no Hugging Face package; editing and integration without
-them fail with one ImportError that names the install command."""
+"""The core install (op, store and fact readers) needs no Hugging Face package; the Editor and the
+integration without them fail with one ImportError that names the install command."""
 
 import os
 import pathlib
@@ -42,13 +42,15 @@ CORE_ONLY = textwrap.dedent("""
     db = nk.NeuralDB(d1=32, d2=8, layer=0)
     db.add(K[:3], R[:3], ids=["a", "b", "c"])
     assert [hit.id for hit in db.search(K[1], k=1)] == ["b"]
-    for package in ("neuraldb_kernels.editing", "neuraldb_kernels.integration"):
+    from neuraldb_kernels.editing import FORMATS, read_facts  # reading fact files needs no model
+    assert "jsonl" in FORMATS and callable(read_facts)
+    for statement in ("from neuraldb_kernels.editing import Editor", "import neuraldb_kernels.integration"):
         try:
-            __import__(package)
+            exec(statement)
         except ImportError as error:
             print(error)
         else:
-            raise SystemExit(package + " imported without transformers")
+            raise SystemExit(statement + " ran without transformers")
 """)
 
 

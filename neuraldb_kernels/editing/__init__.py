@@ -12,24 +12,35 @@
     editor.py     Editor: edit / update / remove, batched commits, resume
 """
 
+import importlib
+
 from .._hf_extra import require_hf_extra
 
-require_hf_extra("neuraldb_kernels.editing")
+# public name -> the module defining it, imported on first access: reading fact files needs
+# nothing beyond the core install, the rest runs models (the "hf" extra)
+_LAZY = {
+    **dict.fromkeys(("Fact", "FactError", "check_facts", "fact_id"), "facts"),
+    **dict.fromkeys(("FORMATS", "counterfact_fact", "read_counterfact", "read_facts", "read_jsonl", "read_zsre",
+                     "zsre_fact"), "readers"),
+    **dict.fromkeys(("EditRecord", "EditRecordError"), "records"),
+    **dict.fromkeys(("EditReport", "SkippedFact"), "report"),
+    "Editor": "editor",
+    **dict.fromkeys(("PRESETS", "EditHParams", "preset_for", "resolve_hparams"), "hparams"),
+    "compute_keys": "keys",
+    "generate_prefixes": "prefixes",
+    **dict.fromkeys(("ResidualResult", "optimize_residuals"), "residuals"),
+    **dict.fromkeys(("EditTokens", "subject_last_token", "tokenize_fact"), "tokens"),
+}
+_CORE_MODULES = {"facts", "readers", "records", "report"}
 
-from .editor import Editor
-from .facts import Fact, FactError, check_facts, fact_id
-from .hparams import PRESETS, EditHParams, preset_for, resolve_hparams
-from .keys import compute_keys
-from .prefixes import generate_prefixes
-from .readers import FORMATS, counterfact_fact, read_counterfact, read_facts, read_jsonl, read_zsre, zsre_fact
-from .records import EditRecord, EditRecordError
-from .report import EditReport, SkippedFact
-from .residuals import ResidualResult, optimize_residuals
-from .tokens import EditTokens, subject_last_token, tokenize_fact
 
-__all__ = [
-    "Editor", "FORMATS", "Fact", "FactError", "check_facts", "counterfact_fact", "fact_id", "read_counterfact",
-    "read_facts", "read_jsonl", "read_zsre", "zsre_fact", "PRESETS", "EditHParams", "preset_for", "resolve_hparams",
-    "compute_keys", "generate_prefixes", "ResidualResult", "optimize_residuals", "EditTokens",
-    "subject_last_token", "tokenize_fact", "EditRecord", "EditRecordError", "EditReport", "SkippedFact",
-]
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if module not in _CORE_MODULES:
+        require_hf_extra(f"neuraldb_kernels.editing.{name}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+__all__ = list(_LAZY)
