@@ -177,6 +177,20 @@ def legacy_database():
     return write
 
 
+@pytest.fixture(scope="session")
+def row_checksum():
+    """FORMAT.md's row checksum, written out independently of the store's code:
+    `row_checksum(fact_id, key, residual, metadata)` -> 4 bytes, CRC-32 over the id, key BLOB,
+    residual BLOB and metadata text, each preceded by its byte length as 8-byte little-endian."""
+    import zlib
+
+    def checksum(fact_id: str, key: bytes, residual: bytes, metadata: str) -> bytes:
+        parts = (fact_id.encode(), key, residual, metadata.encode())
+        return zlib.crc32(b"".join(len(part).to_bytes(8, "little") + part for part in parts)).to_bytes(4, "little")
+
+    return checksum
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     """SmolLM2's tokenizer; NEURALDB_TEST_TOKENIZER may name a saved copy of it (a directory) for

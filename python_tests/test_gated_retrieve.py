@@ -389,32 +389,46 @@ def test_gradcheck_on_residuals_in_float64(backend):
     assert torch.autograd.gradcheck(lambda r: run(q, K, r, 0.9, backend)[0], (R,))
 
 
-@pytest.mark.parametrize(
+COMPILE_DEVICES = pytest.mark.parametrize(
     "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 )
-def test_torch_compile_fullgraph_has_no_graph_breaks(device, float64_cosines, cosine_tolerance):
-    def ffn_with_edits(x, W, K, R):
-        hidden = torch.relu(x @ W)
-        return hidden @ W.T + nk.gated_retrieve(hidden, K, R, 0.7)
 
+
+def _ffn_with_edits(x, W, K, R, gamma):
+    hidden = torch.relu(x @ W)
+    return hidden @ W.T + nk.gated_retrieve(hidden, K, R, gamma)
+
+
+def _compile_case(float64_cosines):
+    """An FFN case for torch.compile: x (2, 3, 16), W (16, 24), keys K (50, 24) of which K[3] is one
+    hidden row, R (50, 16); also the float32 hidden rows and their float64 cosines with K (6, 50)."""
     torch.manual_seed(7)
     x, W = torch.randn(2, 3, 16), torch.randn(16, 24)
     K, R = torch.randn(50, 24), torch.randn(50, 16)
     K[3] = torch.relu(x[1, 2] @ W)
-    # expected: the FFN in float32 plus the residual rows the float64 reference selects
     hidden = torch.relu(x @ W)
-    cos = float64_cosines(hidden, K)
+    return x, W, K, R, hidden, float64_cosines(hidden, K)
+
+
+def _assert_compiles_to(device, inputs, expected):
+    """_ffn_with_edits compiled with fullgraph=True (eager and inductor backends) gives `expected`."""
+    inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
+    for compiler in ("eager", "inductor"):
+        compiled = torch.compile(_ffn_with_edits, fullgraph=True, backend=compiler)
+        torch.testing.assert_close(compiled(*inputs).cpu(), expected)
+
+
+@COMPILE_DEVICES
+def test_torch_compile_fullgraph_has_no_graph_breaks(device, float64_cosines, cosine_tolerance):
+    x, W, K, R, hidden, cos = _compile_case(float64_cosines)
+    # expected: the FFN in float32 plus the residual rows the float64 reference selects
     top2 = cos.topk(2, dim=1).values
     tol = cosine_tolerance(24, torch.float32, torch.float32)
     assert ((top2[:, 0] - 0.7).abs() > tol).all() and (top2[:, 0] - top2[:, 1] > 2 * tol).all(), "ambiguous case"
     fired = top2[:, 0] > 0.7
     assert fired.any() and not fired.all()
     retrieved = torch.where(fired[:, None], R[cos.argmax(dim=1)], torch.zeros(16)).reshape(2, 3, 16)
-    expected = hidden @ W.T + retrieved
-    x, W, K, R = (t.to(device) for t in (x, W, K, R))
-    for compiler in ("eager", "inductor"):
-        compiled = torch.compile(ffn_with_edits, fullgraph=True, backend=compiler)
-        torch.testing.assert_close(compiled(x, W, K, R).cpu(), expected)
+    _assert_compiles_to(device, (x, W, K, R, 0.7), hidden @ W.T + retrieved)
 
 
 def test_opcheck_on_the_custom_op(backend):
@@ -666,20 +680,9 @@ def test_per_key_gradient_flows_to_selected_residual_rows_only(backend, float64_
     assert q.grad is None
 
 
-@pytest.mark.parametrize(
-    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
-)
+@COMPILE_DEVICES
 def test_torch_compile_fullgraph_with_per_key_thresholds(device, float64_cosines, cosine_tolerance):
-    def ffn_with_edits(x, W, K, R, gamma):
-        hidden = torch.relu(x @ W)
-        return hidden @ W.T + nk.gated_retrieve(hidden, K, R, gamma)
-
-    torch.manual_seed(7)
-    x, W = torch.randn(2, 3, 16), torch.randn(16, 24)
-    K, R = torch.randn(50, 24), torch.randn(50, 16)
-    K[3] = torch.relu(x[1, 2] @ W)
-    hidden = torch.relu(x @ W)
-    cos = float64_cosines(hidden, K)
+    x, W, K, R, hidden, cos = _compile_case(float64_cosines)
     top2, top_index = cos.topk(2, dim=1)
     gamma = torch.full((50,), 0.7)
     closed_under_scalar = torch.nonzero(top2[:, 0] < 0.7).flatten()
@@ -691,11 +694,7 @@ def test_torch_compile_fullgraph_with_per_key_thresholds(device, float64_cosines
     fired = top2[:, 0] > thresholds
     assert fired.any() and not fired.all() and not torch.equal(fired, top2[:, 0] > 0.7)
     retrieved = torch.where(fired[:, None], R[top_index[:, 0]], torch.zeros(16)).reshape(2, 3, 16)
-    expected = hidden @ W.T + retrieved
-    x, W, K, R, gamma = (t.to(device) for t in (x, W, K, R, gamma))
-    for compiler in ("eager", "inductor"):
-        compiled = torch.compile(ffn_with_edits, fullgraph=True, backend=compiler)
-        torch.testing.assert_close(compiled(x, W, K, R, gamma).cpu(), expected)
+    _assert_compiles_to(device, (x, W, K, R, gamma), hidden @ W.T + retrieved)
 
 
 def test_opcheck_on_the_custom_op_with_per_key_thresholds(backend):

@@ -72,19 +72,25 @@ def test_result_is_bit_identical_across_thread_counts(isa):
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("k_dtype", KEY_DTYPES)
-@pytest.mark.parametrize("n", [1, 6])
-def test_duplicated_best_key_in_different_work_items_ties_to_lowest_index(isa, k_dtype, n):
-    # 20003 keys of d1 = 41: ~800-key tiles, 16 work items at 2 threads. The duplicates sit in
-    # different tiles, chunks and micro-kernel positions (i % 4 = 1, 2, 3, and the last, odd key).
+def _duplicated_best_key(n, k_dtype, noise):
+    """n queries near one key that is stored five times: 20003 keys of d1 = 41 (~800-key tiles, 16
+    work items at 2 threads), the copies in different tiles, chunks and micro-kernel positions
+    (i % 4 = 1, 2, 3, and the last, odd key). Returns q, K, R and the copies' positions."""
     m, d1 = 20003, 41
     q, K, R = random_inputs(n, m, d1, 3, torch.float32, k_dtype, seed=4)
     target = torch.randn(d1, dtype=torch.float64).to(k_dtype)
     positions = [m - 1, 15002, 9001, 5, 4006]
     for p in positions:
         K[p] = target
-    q[:] = (target.double() * 1.5 + 0.05 * torch.randn(n, d1, dtype=torch.float64)).to(q.dtype)
+    q[:] = (target.double() * 1.5 + noise * torch.randn(n, d1, dtype=torch.float64)).to(q.dtype)
+    return q, K, R, positions
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k_dtype", KEY_DTYPES)
+@pytest.mark.parametrize("n", [1, 6])
+def test_duplicated_best_key_in_different_work_items_ties_to_lowest_index(isa, k_dtype, n):
+    q, K, R, positions = _duplicated_best_key(n, k_dtype, noise=0.05)
     for threads in (1, 2):
         out, index, score = kernel(q, K, R, 0.5, threads, isa)
         assert index.tolist() == [min(positions)] * n, threads
@@ -95,13 +101,9 @@ def test_duplicated_best_key_in_different_work_items_ties_to_lowest_index(isa, k
 @pytest.mark.parametrize("k_dtype", [torch.float32, torch.float64])
 def test_per_key_thresholds_of_tied_keys_in_different_work_items(isa, k_dtype):
     # the duplicates of the previous test: only the lowest copy's threshold decides
-    m, d1, n = 20003, 41, 3
-    q, K, R = random_inputs(n, m, d1, 3, torch.float32, k_dtype, seed=4)
-    target = torch.randn(d1, dtype=torch.float64).to(k_dtype)
-    positions = [m - 1, 15002, 9001, 5, 4006]
-    for p in positions:
-        K[p] = target
-    q[:] = (target.double() * 1.5 + 0.5 * torch.randn(n, d1, dtype=torch.float64)).to(q.dtype)
+    n = 3
+    q, K, R, positions = _duplicated_best_key(n, k_dtype, noise=0.5)
+    m = K.shape[0]
     gamma = torch.full((m,), -1.0)
     gamma[5] = 0.999  # above every query's cosine (about 0.95): the winner stays closed
     for threads in (1, 2):

@@ -5,7 +5,6 @@ byte for byte as it was. The old files are written by hand (conftest `legacy_dat
 
 import json
 import sqlite3
-import zlib
 
 import pytest
 import torch
@@ -22,19 +21,12 @@ def _vectors(n, seed=0):
     return torch.randn(n, D1, generator=generator), torch.randn(n, D2, generator=generator)
 
 
-def _checksum(fact_id, key, residual, metadata):
-    """FORMAT.md's row checksum, written out independently of the store's code: CRC-32 over id, key,
-    residual and metadata, each preceded by its byte length as 8-byte little-endian."""
-    data = b"".join(len(part).to_bytes(8, "little") + part for part in (fact_id.encode(), key, residual, metadata.encode()))
-    return zlib.crc32(data).to_bytes(4, "little")
-
-
 LEGACY_EDIT = {"layer": 4, "target_prob": 0.93, "hparams": {"layer": 4, "gamma": 0.65}, "shares_residual_with": ["b"],
                "from_an_old_editor": True}
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_old_databases_are_migrated_to_format_3(tmp_path, legacy_database, version):
+def test_old_databases_are_migrated_to_format_3(tmp_path, legacy_database, row_checksum, version):
     keys, residuals = _vectors(6)
     path = tmp_path / "old.ndb"
     rows = [("a", keys[0], residuals[0], {"subject": "A", "edit": LEGACY_EDIT}),
@@ -71,7 +63,7 @@ def test_old_databases_are_migrated_to_format_3(tmp_path, legacy_database, versi
     assert json.loads(conn.execute("SELECT value FROM meta WHERE name = 'format_version'").fetchone()[0]) == 3
     for fact_id, key, residual, metadata, checksum in conn.execute(
             "SELECT id, key, residual, metadata, checksum FROM facts"):
-        assert checksum == _checksum(fact_id, key, residual, metadata)
+        assert checksum == row_checksum(fact_id, key, residual, metadata)
     assert conn.execute("SELECT seq FROM facts WHERE id = 'new'").fetchone()[0] == last_seq + 1
     assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name LIKE 'facts_%'").fetchone()[0] == 0
     conn.close()

@@ -11,7 +11,6 @@ import shutil
 import sqlite3
 import subprocess
 import warnings
-import zlib
 
 import pytest
 import torch
@@ -25,13 +24,6 @@ D1, D2 = 8, 4
 def _vectors(n, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(n, D1, generator=generator), torch.randn(n, D2, generator=generator)
-
-
-def _checksum(fact_id, key, residual, metadata):
-    """FORMAT.md's row checksum, written out independently of the store's code: CRC-32 over id, key,
-    residual and metadata, each preceded by its byte length as 8-byte little-endian."""
-    data = b"".join(len(part).to_bytes(8, "little") + part for part in (fact_id.encode(), key, residual, metadata.encode()))
-    return zlib.crc32(data).to_bytes(4, "little")
 
 
 @pytest.fixture
@@ -126,14 +118,14 @@ def test_unknown_missing_or_unparsable_meta_rows_are_refused(saved):
         NeuralDB.open(path)
 
 
-def _reseal(path, fact_id, **columns):
+def _reseal(path, fact_id, row_checksum, **columns):
     """Rewrite a fact's columns and give the row a matching checksum (as a careful forger would)."""
     conn = sqlite3.connect(path)
     row = dict(zip(("key", "residual", "metadata"), conn.execute(
         "SELECT key, residual, metadata FROM facts WHERE id = ?", (fact_id,)).fetchone()))
     row.update(columns)
     conn.execute("UPDATE facts SET key = ?, residual = ?, metadata = ?, checksum = ? WHERE id = ?",
-                 (*row.values(), _checksum(fact_id, *row.values()), fact_id))
+                 (*row.values(), row_checksum(fact_id, *row.values()), fact_id))
     conn.commit()
     conn.close()
 
@@ -151,9 +143,9 @@ def _blob(values):
     ({"metadata": "[1, 2]"}, "fact 'b' has metadata that is a JSON list, not an object"),
     ({"metadata": "{"}, "fact 'b' has metadata that is not valid JSON"),
 ])
-def test_rows_with_bad_values_are_refused_by_name_even_with_a_valid_checksum(saved, columns, message):
+def test_rows_with_bad_values_are_refused_by_name_even_with_a_valid_checksum(saved, row_checksum, columns, message):
     path, _ = saved
-    _reseal(path, "b", **columns)
+    _reseal(path, "b", row_checksum, **columns)
     with pytest.raises(CorruptDatabaseError, match=rf"db.ndb: {message}"):
         NeuralDB.open(path)
 
