@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-import neuraldb_kernels.store.search as search_module
+import neuraldb_kernels.ops.torch_backend as torch_backend
 from neuraldb_kernels.store import NeuralDB
 
 D1, D2 = 12, 3
@@ -29,7 +29,7 @@ def _reference(db, q, k):
 
 @pytest.mark.parametrize("chunk", [5, 16384])
 def test_search_matches_a_float64_reference_with_ties_and_several_keys(monkeypatch, chunk):
-    monkeypatch.setattr(search_module, "CHUNK_ROWS", chunk)
+    monkeypatch.setattr(torch_backend, "_CHUNK_ELEMENTS", chunk * D1)  # `chunk` key rows per chunk
     generator = torch.Generator().manual_seed(11)
     keys = torch.randn(40, D1, generator=generator, dtype=torch.float64)
     keys[[7, 23, 31]] = keys[3].clone()  # exact ties with fact 3 (and between themselves)

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-import neuraldb_kernels.store.search as search_module
+import neuraldb_kernels.ops.torch_backend as torch_backend
 from neuraldb_kernels.store import NeuralDB
 
 D1, D2 = 5, 3
@@ -205,7 +205,7 @@ def test_concurrent_reader_never_sees_a_half_written_fact():
 
 
 def test_search_matches_float64_brute_force(monkeypatch):
-    monkeypatch.setattr(search_module, "CHUNK_ROWS", 7)  # several chunks to merge
+    monkeypatch.setattr(torch_backend, "_CHUNK_ELEMENTS", 7 * 16)  # 7 key rows per chunk: several to merge
     generator = torch.Generator().manual_seed(3)
     keys = torch.randn(50, 16, generator=generator, dtype=torch.float64)
     db = NeuralDB(d1=16, d2=2)

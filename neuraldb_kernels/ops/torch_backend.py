@@ -4,7 +4,7 @@ Chunked over the keys so that memory stays bounded at any m: at most about 2^22 
 converted key elements are alive at once, whatever m is.
 """
 
-from typing import Tuple
+from typing import Iterator, Tuple
 
 import torch
 
@@ -20,25 +20,32 @@ def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.where(norms > 0, norms.reciprocal(), torch.zeros_like(norms))
 
 
-def _run(q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: Gamma) -> Tuple[torch.Tensor, ...]:
-    """Scores in float64 when q or K is float64, else float32; key chunks of `_CHUNK_ELEMENTS`.
-    A per-key gamma is read at the winning index only."""
+def cosine_chunks(q2d: torch.Tensor, K: torch.Tensor) -> Iterator[Tuple[int, torch.Tensor]]:
+    """The op's scores, a bounded chunk of keys at a time: (start, scores) with scores (n, c) the
+    cosines of q2d (n, d1) with K[start : start + c] (m, d1), in float64 when q or K is float64,
+    else float32; a key with NaN/Inf scores -inf (it never wins). Also what `NeuralDB.search` ranks by."""
     acc = accumulation_dtype(q2d.dtype, K.dtype)
     q = q2d.to(acc)
-    n, m = q.shape[0], K.shape[0]
     q_inv = _inverse_norms(q)
-    best = torch.full((n,), float("-inf"), dtype=acc, device=q.device)
-    best_index = torch.zeros(n, dtype=torch.int64, device=q.device)
-    chunk = max(1, _CHUNK_ELEMENTS // max(n, K.shape[1]))
-    for start in range(0, m, chunk):
+    chunk = max(1, _CHUNK_ELEMENTS // max(q.shape[0], K.shape[1]))
+    for start in range(0, K.shape[0], chunk):
         keys = K[start : start + chunk].to(acc)
         scores = (q @ keys.T) * q_inv[:, None] * _inverse_norms(keys)[None, :]
-        scores = scores.nan_to_num(nan=float("-inf"))  # a key with NaN/Inf never matches
+        yield start, scores.nan_to_num(nan=float("-inf"))
+
+
+def _run(q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: Gamma) -> Tuple[torch.Tensor, ...]:
+    """Scores from `cosine_chunks`; a per-key gamma is read at the winning index only."""
+    acc = accumulation_dtype(q2d.dtype, K.dtype)
+    n = q2d.shape[0]
+    best = torch.full((n,), float("-inf"), dtype=acc, device=q2d.device)
+    best_index = torch.zeros(n, dtype=torch.int64, device=q2d.device)
+    for start, scores in cosine_chunks(q2d, K):
         chunk_best, chunk_index = scores.max(dim=1)  # first maximal index on ties
         better = chunk_best > best  # strict: an earlier chunk keeps its ties
         best = torch.where(better, chunk_best, best)
         best_index = torch.where(better, chunk_index + start, best_index)
-    finite = torch.isfinite(q).all(dim=1)
+    finite = torch.isfinite(q2d).all(dim=1)
     threshold = gamma[best_index] if isinstance(gamma, torch.Tensor) else gamma
     fired = finite & (best > threshold)
     index = torch.where(fired, best_index, torch.full_like(best_index, -1))

@@ -514,7 +514,7 @@ class NeuralDB:
     def search(self, q: torch.Tensor, k: int = 5) -> list[SearchHit]:
         """The `k` facts whose keys have the highest cosine with the query `q` (d1,), best first
         (a fact with several keys counts with its best; ties: lower view row first); cosines
-        computed in float32 from the stored keys. One consistent state: the facts, their scores and
+        computed in float32 from the stored keys by the op's reference backend. One consistent state: the facts, their scores and
         their metadata are read under the lock, so a concurrent delete cannot tear the answer."""
         if not isinstance(q, torch.Tensor) or not q.dtype.is_floating_point:
             raise TypeError(f"q must be a floating torch.Tensor, got {type(q).__name__}")
@@ -525,7 +525,6 @@ class NeuralDB:
         query = q.detach().to("cpu", torch.float32)
         if not torch.isfinite(query).all() or not query.any():
             raise ValueError("q must be finite with a non-zero norm")
-        query = query / query.norm()
         with self._lock:
             snap = self.snapshot()
             best = top_facts(snap.keys, snap._ids, query, k)
