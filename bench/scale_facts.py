@@ -107,7 +107,8 @@ class TemplateParser:
 class Relation:
     """A relation found in the records (module docstring, step 2).
 
-    name: "rNN <its most used template>" (NN: rank by record count).
+    name: "rNN <its most used template that no other relation's records use>" (or its most used
+        template when it has none of its own; NN: rank by record count).
     records: how many real records state it.
     answer_weights: answer -> how often records use it (ground_truth and target_new).
     answer_templates: answer -> sorted templates seen with it.
@@ -164,6 +165,11 @@ class RelationIndex:
             members[self._root((template, record["ground_truth"]))].append(template)
         # components by size, ties by their smallest node, so names do not depend on input order
         components = sorted(members, key=lambda c: (-len(members[c]), nodes[c][0]))
+        # a relation is named by its most used template that no other relation's records use
+        users = collections.defaultdict(set)
+        for component in components:
+            for template in members[component]:
+                users[template].add(component)
         self.relations: dict[str, Relation] = {}
         self._relation_of_root: dict[tuple[str, str], str] = {}
         for rank, component in enumerate(components):
@@ -177,7 +183,8 @@ class RelationIndex:
             seen = collections.defaultdict(list)
             for template, answer in nodes[component]:
                 seen[answer].append(template)
-            top = collections.Counter(members[component]).most_common(1)[0][0]
+            ranked = [t for t, _ in collections.Counter(members[component]).most_common()]
+            top = next((t for t in ranked if users[t] == {component}), ranked[0])
             name = f"r{rank:02d} {top}"
             self.relations[name] = Relation(name, len(members[component]), dict(sorted(weights.items())),
                                             {a: tuple(sorted(ts)) for a, ts in sorted(seen.items())})
