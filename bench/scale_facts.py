@@ -282,7 +282,7 @@ def generate(source: Sequence[Mapping], real: Sequence[Mapping], count: int, see
             dropped += 1
             continue
         keys.add(key)
-        records.append({**{f: record[f] for f in FLAT_FIELDS}, "synthetic": False})
+        records.append({**{f: record.get(f) for f in FLAT_FIELDS}, "synthetic": False})
     if count < len(records):
         raise ValueError(f"--count {count} is smaller than the {len(records)} real records; pass fewer --real files")
 
@@ -308,6 +308,9 @@ def generate(source: Sequence[Mapping], real: Sequence[Mapping], count: int, see
     taken_names |= {a.casefold() for rel in relations.values() for a in rel.answer_weights}
 
     budget = count - len(records)
+    if budget and not usable:
+        raise ValueError(f"no relation of the source records has {MIN_RELATION_RECORDS} records and an "
+                         f"unedited neighbourhood prompt to make synthetic facts from")
     synthetic = []
 
     def add(relation_name, subject, true_answer, source_kind):
@@ -377,9 +380,11 @@ def read_records(paths) -> list[dict]:
         data = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON array of flattened CounterFact records")
-        missing = [f for f in FLAT_FIELDS[1:] if data and f not in data[0]]
-        if missing:
-            raise ValueError(f"{path}: records lack {', '.join(missing)}: not flattened CounterFact")
+        for position, record in enumerate(data):
+            missing = [f for f in FLAT_FIELDS[1:] if not isinstance(record, Mapping) or not isinstance(record.get(f), str)]
+            if missing:
+                raise ValueError(f"{path}: record {position} has no string {', '.join(missing)}: "
+                                 f"not flattened CounterFact")
         records.extend(data)
     return records
 

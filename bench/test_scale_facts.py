@@ -217,3 +217,8 @@ def test_target_is_not_the_unedited_models_greedy_answer(scale_set, smollm2):
         with torch.no_grad():
             out = model.generate(prompt, max_new_tokens=len(target), do_sample=False)
         assert out[0, prompt.shape[1]:].tolist() != target, r
+
+
+def test_too_few_source_records_for_a_relation_is_an_error(real):
+    with pytest.raises(ValueError, match="no relation of the source records"):
+        scale_facts.generate(real[:20], real[:20], 100, seed=0)
