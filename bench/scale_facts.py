@@ -1,8 +1,9 @@
-"""A scale set beyond CounterFact: 50k-100k counterfactual facts made from the CounterFact records
+r"""A scale set beyond CounterFact: 50k-100k counterfactual facts made from the CounterFact records
 alone (no new data), for quality-vs-number-of-facts curves.
 
     python bench/scale_facts.py --count 100000 --seed 0 --out /tmp/scale_100k.json
-    python bench/scale_facts.py --count 50000 --seed 1 --out /tmp/s.json --real ../shared/data/counterfact/counterfact-a.json
+    python bench/scale_facts.py --count 50000 --seed 1 --out /tmp/scale_50k.json \
+        --real ../shared/data/counterfact/counterfact-a.json
 
 The output is a JSON array of flattened CounterFact records (what `neuraldb_kernels.editing.
 read_counterfact` reads): the real records first (each with "synthetic": false), then synthetic
@@ -381,7 +382,8 @@ def read_records(paths) -> list[dict]:
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON array of flattened CounterFact records")
         for position, record in enumerate(data):
-            missing = [f for f in FLAT_FIELDS[1:] if not isinstance(record, Mapping) or not isinstance(record.get(f), str)]
+            missing = [f for f in FLAT_FIELDS[1:]
+                       if not isinstance(record, Mapping) or not isinstance(record.get(f), str)]
             if missing:
                 raise ValueError(f"{path}: record {position} has no string {', '.join(missing)}: "
                                  f"not flattened CounterFact")
