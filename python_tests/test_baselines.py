@@ -193,6 +193,27 @@ def test_saved_statistics_round_trip_and_refuse_another_model(tmp_path):
         KeyStatistics.load(tmp_path / "other.safetensors", fingerprint())
 
 
+def test_foreign_or_damaged_statistics_files_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    good = {"format": "neuraldb-key-statistics", "version": "1", "token_count": "3",
+            "fingerprint": fingerprint().to_json(), "sources": "[]"}
+    square = {"sum_outer": torch.zeros(D1, D1, dtype=torch.float64)}
+    cases = [
+        ({"weights": torch.zeros(2)}, {}, "not a key-statistics file"),
+        (square, {**good, "version": "9"}, "version '9' is not supported"),
+        (square, {**good, "fingerprint": "{"}, "damaged key-statistics metadata"),
+        (square, {**good, "token_count": "x"}, "damaged key-statistics metadata"),
+        ({"sum_outer": torch.zeros(D1, 8, dtype=torch.float64)}, good,
+         r"\(16, 16\) float64 tensor for d1=16, got \(\(16, 8\), torch.float64\)"),
+    ]
+    for number, (tensors, metadata, message) in enumerate(cases):
+        path = tmp_path / f"case{number}.safetensors"
+        save_file(tensors, str(path), metadata=metadata)
+        with pytest.raises(ValueError, match=message):
+            KeyStatistics.load(path, fingerprint())
+
+
 # ------------------------------------------------------------------ on models
 
 

@@ -45,10 +45,9 @@ class KeyStatistics:
     sources: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        d1 = self.fingerprint.d1
-        if not isinstance(self.sum_outer, torch.Tensor) or self.sum_outer.dtype != torch.float64 \
-                or tuple(self.sum_outer.shape) != (d1, d1):
-            shape = tuple(self.sum_outer.shape) if isinstance(self.sum_outer, torch.Tensor) else type(self.sum_outer).__name__
+        d1, value = self.fingerprint.d1, self.sum_outer
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.float64 or tuple(value.shape) != (d1, d1):
+            shape = (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"sum_outer must be a ({d1}, {d1}) float64 tensor for d1={d1}, got {shape}")
         if isinstance(self.token_count, bool) or not isinstance(self.token_count, int) or self.token_count < 0:
             raise ValueError(f"token_count must be a non-negative int, got {self.token_count!r}")
@@ -144,8 +143,8 @@ def collect_key_statistics(model, tokenizer, texts: Sequence[str], layer: int, *
     """C0 of `model`'s layer `layer` over every token of `texts` (each cut to `max_length` tokens),
     run in right-padded batches of `batch_size` texts; padding is never counted. The forward pass
     stops at the layer's down-projection (nothing above it runs). With `max_tokens`, no further
-    batch runs once the statistics hold at least that many tokens. Adds to `statistics` when given (it must be for the same
-    model layer), else starts empty; returns the statistics."""
+    batch runs once the statistics hold at least that many tokens. Adds to `statistics` when
+    given (it must be for the same model layer), else starts empty; returns the statistics."""
     from ..editing.keys import down_proj_inputs, pad_token_id
     from ..integration import model_fingerprint
 
