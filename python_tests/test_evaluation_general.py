@@ -81,6 +81,11 @@ def test_encode_request_moves_trailing_space_to_the_continuation(tokenizer):
     assert encode_request(tokenizer, "Answer: ", "A") == encode_request(tokenizer, "Answer:", " A")
     context, continuation = encode_request(tokenizer, "The cat", " sat on")
     assert context == [504, 2644] and continuation == [2643, 335]  # no special tokens, as lm-eval's HFLM
+    # "The cats sat" is [The, cats, sat]: the context keeps its own tokens [The, cat], and the
+    # continuation is what the whole string has after the context's two tokens, [sat]
+    assert encode_request(tokenizer, "The cat", "s sat") == ([504, 2644], [2643])
+    with pytest.raises(ValueError, match="adds no tokens"):
+        encode_request(tokenizer, "The cat", "s")  # "The cats" is two tokens: nothing left to score
     with pytest.raises(ValueError, match="context"):
         encode_request(tokenizer, "  ", " A")
     with pytest.raises(ValueError, match="continuation"):

@@ -23,7 +23,7 @@ define it (`lm_eval/tasks/<task>/*.yaml`):
 A request (context, continuation) is tokenised as lm-eval's Hugging Face model does: trailing
 whitespace of the context moves to the continuation, the whole string and the context are encoded
 without special tokens, and the continuation's tokens are the whole string's tokens after the
-context's count. Its score is the sum of log P(token | everything before) over the continuation's
+context's count; the model reads the context's own tokens followed by those. Its score is the sum of log P(token | everything before) over the continuation's
 tokens (float32 log-softmax, summed in float64), and it is greedy when each of those tokens is the
 argmax of its position (ties to the lowest id). For a multiple-choice item:
 
@@ -293,10 +293,10 @@ def encode_request(tokenizer, context: str, continuation: str) -> tuple[list[int
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = list(tokenizer(context + continuation, add_special_tokens=False)["input_ids"])
-    n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
-    if n_context >= len(whole):
+    context_ids = list(tokenizer(context, add_special_tokens=False)["input_ids"])
+    if len(context_ids) >= len(whole):
         raise ValueError(f"continuation {continuation!r} adds no tokens after its context {context[-60:]!r}")
-    return whole[:n_context], whole[n_context:]
+    return context_ids, whole[len(context_ids):]
 
 
 @torch.no_grad()
