@@ -393,7 +393,7 @@ def choice_scores(task: str, items: Sequence[ChoiceItem], log_prob: torch.Tensor
         acc.append(float(int(scores.argmax()) == item.gold))
         acc_norm.append(float(int((scores / lengths).argmax()) == item.gold))
     mean, stderr = _percent_and_stderr(torch.tensor(acc, dtype=torch.float64))
-    norm = float(torch.tensor(acc_norm).mean()) * 100.0 if task in ACC_NORM_TASKS else None
+    norm = float(torch.tensor(acc_norm, dtype=torch.float64).mean()) * 100.0 if task in ACC_NORM_TASKS else None
     return TaskScore(task, len(items), mean, stderr, acc_norm=norm)
 
 
