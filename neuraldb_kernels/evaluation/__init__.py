@@ -1,6 +1,7 @@
 """Evaluation of edited models: CounterFact (efficacy, generalization, specificity, fluency,
 consistency), ZsRE (teacher-forced accuracy), preservation (gate fire rate, KL on unrelated text),
-always as before -> after on the same cases, with terminal / JSON / PNG reports.
+always as before -> after on the same cases, with terminal / JSON / PNG reports; the strict
+(greedy-generation) metric; general abilities on lm-evaluation-harness's six tasks.
 
     from neuraldb_kernels.evaluation import load_cases, evaluate
     report = evaluate(model, tokenizer, db, load_cases(path, "counterfact", limit=100))
@@ -11,16 +12,20 @@ from .counterfact import (CounterFactCase, case_scores, generation_metrics, metr
                           probability_metrics)
 from .fluency import fluency, generate_texts, ngram_entropy, text_fluency
 from ..editing.readers import FORMATS, read_facts
+from .general import TASKS as GENERAL_TASKS
+from .general import TaskScore, general_abilities
 from .harness import cases_from_facts, evaluate, load_cases, model_metrics
 from .preservation import preservation_metrics
 from .report import METRICS, UNITS, EvaluationReport, plot_scaling, read_json, write_json
 from .scoring import TargetScores, score_targets
+from .strict import StrictScores, strict_metrics
 from .zsre import ZsRECase, accuracy_metrics
 
 __all__ = [
-    "FORMATS", "METRICS", "UNITS", "CounterFactCase", "EvaluationReport", "TargetScores", "TfidfModel",
-    "ZsRECase", "accuracy_metrics", "case_scores", "cases_from_facts", "evaluate", "fluency", "generate_texts",
-    "generation_metrics", "load_cases", "metrics_from_case_scores", "model_metrics", "ngram_entropy", "plot_scaling",
+    "FORMATS", "GENERAL_TASKS", "METRICS", "UNITS", "CounterFactCase", "EvaluationReport", "StrictScores",
+    "TargetScores", "TaskScore", "TfidfModel", "ZsRECase", "accuracy_metrics", "case_scores", "cases_from_facts",
+    "evaluate", "fluency", "general_abilities", "generate_texts", "generation_metrics", "load_cases",
+    "metrics_from_case_scores", "model_metrics", "ngram_entropy", "plot_scaling",
     "preservation_metrics", "probability_metrics", "read_attribute_snippets", "read_facts", "read_json",
-    "score_targets", "text_fluency", "write_json",
+    "score_targets", "strict_metrics", "text_fluency", "write_json",
 ]
