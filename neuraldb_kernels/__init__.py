@@ -5,7 +5,9 @@ Layout, in the order data flows:
     store        NeuralDB: durable facts, keys and residuals with a live device view
     integration  attach/detach to Hugging Face models; the embedded default model
     editing      facts in -> keys (Eq. 20) and residuals (Eq. 21) -> NeuralDB rows (Editor)
-    evaluation   CounterFact / ZsRE / preservation metrics
+    baselines    MEMIT / AlphaEdit weight edits on the same keys and residuals
+    evaluation   CounterFact / ZsRE / preservation / strict / general-ability metrics
+    workspace    a database directory with its model (what the CLI opens)
     cli          the `neuraldb` command
 Heavy parts (transformers) are imported on first use.
 """
