@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
+#include <atomic>
 #include <cstdint>
 
 namespace neuraldb {
@@ -360,12 +361,24 @@ class DeviceScope {
   cudaError_t status_ = cudaSuccess;
 };
 
+// Streaming multiprocessors of `device`, asked of the driver once per device: decode plans on
+// every call, and the count cannot change while the process runs.
+cudaError_t multiprocessor_count(int device, int* sms) {
+  constexpr int kMaxCachedDevices = 64;
+  static std::atomic<int> cached[kMaxCachedDevices];  // static storage: zero, "not asked yet"
+  const bool cacheable = device >= 0 && device < kMaxCachedDevices;
+  if (cacheable && (*sms = cached[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
+  const cudaError_t status = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
+  if (status == cudaSuccess && cacheable) cached[device].store(*sms, std::memory_order_relaxed);
+  return status;
+}
+
 }  // namespace
 
 int gated_retrieve_plan(GatedRetrieveArgs* args) {
   if (args == nullptr || args->n < 1 || args->m < 1) return cudaErrorInvalidValue;
   int sms = 0;
-  const cudaError_t status = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, args->device);
+  const cudaError_t status = multiprocessor_count(args->device, &sms);
   if (status != cudaSuccess) return status;
   const long long query_blocks = ceil_div(args->n, queries_per_block(args->n));
   const long long wanted = ceil_div(static_cast<long long>(sms) * kBlocksPerSm, query_blocks);
