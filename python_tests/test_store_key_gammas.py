@@ -129,7 +129,8 @@ def _blob(values):
 @pytest.mark.parametrize("key_gammas, message", [
     (_blob([float("nan")]), r"fact 'a' has a key threshold that is not a finite cosine in \[-1, 1\]"),
     (_blob([1.25]), r"fact 'a' has a key threshold that is not a finite cosine in \[-1, 1\] \(key 0: 1.25\)"),
-    (_blob([0.5, 0.5]), r"fact 'a' has a corrupt key_gammas BLOB: 8 bytes, expected NULL or 4 bytes per key \(1 keys\)"),
+    (_blob([0.5, 0.5]),
+     r"fact 'a' has a corrupt key_gammas BLOB: 8 bytes, expected NULL or 4 bytes per key \(1 keys\)"),
     (b"", r"fact 'a' has a corrupt key_gammas BLOB: 0 bytes"),
     ("0.5", r"fact 'a' has a corrupt key_gammas BLOB: a str"),
 ])

@@ -3,7 +3,9 @@ retrieval views; the transactional front over the modules that do the work.
 
 A fact has one residual and k >= 1 keys: its own key, plus any extra keys (other queries that
 must retrieve the same residual, e.g. the Editor's bare-prompt key). Retrieval sees key rows:
-a fact with k keys is k rows of every view, each with the fact's residual.
+a fact with k keys is k rows of every view, each with the fact's residual. Each key row has a
+gate threshold: the fact's own for that key (`key_gammas`), or the database's `gamma` when the
+fact has none; snapshots carry them as `Snapshot.gammas`, aligned with K.
 
 SQLite (schema.py, format in FORMAT.md, older versions migrated by migrations.py) is the source of
 truth: every add / upsert / delete call is one transaction, committed before memory changes
@@ -590,7 +592,8 @@ class NeuralDB:
     # -- other processes -----------------------------------------------------------------------
 
     def refresh(self) -> bool:
-        """Apply what other connections committed since this one last looked; True if anything changed."""
+        """Apply what other connections committed since this one last looked (facts, their key
+        thresholds, the database's gamma); True if any fact or the gamma changed."""
         with self._lock, schema.sqlite_errors(self._where):
             self._check_open()
             self._conn.execute("BEGIN")
