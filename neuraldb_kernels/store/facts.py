@@ -108,12 +108,11 @@ def vector_problem(rows: torch.Tensor, *, keys: bool) -> tuple[int, str, int] | 
                f"cosine undefined)"), len(out_of_range)
 
 
-def key_gammas_problem(key_gammas: torch.Tensor) -> str | None:
-    """Why (k,) key thresholds (any float dtype) are invalid (each must be a finite cosine in [-1, 1]), or None."""
-    bad = (~(torch.isfinite(key_gammas) & (key_gammas >= -1.0) & (key_gammas <= 1.0))).nonzero().flatten().tolist()
-    if bad:
-        return (f"has a key threshold that is not a finite cosine in [-1, 1] (key {bad[0]}: "
-                f"{float(key_gammas[bad[0]])!r})")
+def key_gammas_problem(key_gammas: Sequence[float]) -> str | None:
+    """Why k key thresholds are invalid (each must be a finite cosine in [-1, 1]), or None."""
+    for j, value in enumerate(key_gammas):
+        if not -1.0 <= value <= 1.0:  # False for NaN too
+            return f"has a key threshold that is not a finite cosine in [-1, 1] (key {j}: {value!r})"
     return None
 
 
@@ -229,7 +228,7 @@ def _key_gammas(key_gammas: Any, ids: list[str], single: bool, key_counts: list[
             raise ValueError(f"{where} must have shape ({count},), one threshold per key (the fact has {count}), "
                              f"got {tuple(entry.shape)}")
         values = entry.detach().to("cpu", torch.float64)
-        problem = key_gammas_problem(values)
+        problem = key_gammas_problem(values.tolist())
         if problem:
             raise ValueError(f"{where}: the fact {problem}")
         out.append(values.to(torch.float32))

@@ -67,7 +67,7 @@ def stored_problem(row: tuple, d1: int, d2: int, itemsize: int) -> str | None:
     if checksum != row_checksum(fact_id, key, residual, metadata, key_gammas):
         return f"fact {fact_id!r} fails its checksum (the row was changed outside NeuralDB, or the file is damaged)"
     if key_gammas is not None:
-        problem = key_gammas_problem(decode_key_gammas(key_gammas))
+        problem = key_gammas_problem(memoryview(key_gammas).cast("f").tolist())  # float32, little-endian
         if problem:
             return f"fact {fact_id!r} {problem}"
     try:
