@@ -52,6 +52,7 @@ def test_thresholds_round_trip_through_the_file_and_the_view(tmp_path):
         db.gamma = 0.8  # only the keys without thresholds of their own follow it
         assert db.snapshot().gammas.tolist() == _f32([0.7, 0.123456789, 0.8, -0.25])
         assert snap.gammas.tolist() == _f32([0.7, 0.123456789, 0.6, -0.25])  # a snapshot never changes
+        assert db.snapshot().keys.data_ptr() == snap.keys.data_ptr()  # a new gamma copies no keys
         assert db.snapshot(dtype=torch.float64).gammas.tolist() == db.snapshot().gammas.tolist()
     with NeuralDB.open(path) as db:
         assert db.get("a").key_gammas.tolist() == _f32([0.7, 0.123456789])

@@ -113,14 +113,15 @@ class ViewBuffers:
             getattr(self, name)[self.count : self.count + n].copy_(rows)
         self.count += n
 
-    def _unshare(self) -> None:
-        """Copy every buffer whose storage a snapshot handed out may still use, before an in-place rewrite."""
+    def _unshare(self, names: tuple[str, ...] = _NAMES) -> None:
+        """Copy each of the buffers `names` whose storage a snapshot handed out may still use,
+        before rewriting it in place (all of them: the snapshots no longer share any buffer)."""
         if self._shared:
-            for name in self._NAMES:
+            for name in names:
                 buffer = getattr(self, name)
                 if _storage_in_use_elsewhere(buffer):
                     setattr(self, name, self._grown(buffer[: self.count], self.capacity))
-        self._shared = False
+            self._shared = names != self._NAMES
 
     def overwrite(self, rows: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor, key_gammas: torch.Tensor,
                   gamma: float) -> None:
@@ -135,7 +136,7 @@ class ViewBuffers:
 
     def set_default_gamma(self, gamma: float) -> None:
         """Give the rows that use the database's gamma the new value `gamma`."""
-        self._unshare()
+        self._unshare(("_gammas",))  # K and R stay shared: only the thresholds are rewritten
         self._gammas[: self.count].masked_fill_(self._defaults[: self.count], gamma)
 
     def move_and_truncate(self, sources: torch.Tensor, targets: torch.Tensor, count: int) -> None:
