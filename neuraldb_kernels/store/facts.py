@@ -1,7 +1,7 @@
 """Facts as the store sees them, and the validation of a batch before anything is written.
 
-A batch is checked completely (shapes, dtypes, finiteness, key norms, ids, metadata) before the
-database is touched, so a bad fact rejects the whole batch and nothing is stored.
+A batch is checked completely (shapes, dtypes, finiteness, key norms, key thresholds, ids,
+metadata) before the database is touched, so a bad fact rejects the whole batch and nothing is stored.
 """
 
 from __future__ import annotations
