@@ -180,12 +180,13 @@ def legacy_database():
 @pytest.fixture(scope="session")
 def row_checksum():
     """FORMAT.md's row checksum, written out independently of the store's code:
-    `row_checksum(fact_id, key, residual, metadata)` -> 4 bytes, CRC-32 over the id, key BLOB,
-    residual BLOB and metadata text, each preceded by its byte length as 8-byte little-endian."""
+    `row_checksum(fact_id, key, residual, metadata, key_gammas=None)` -> 4 bytes, CRC-32 over the
+    id, key BLOB, residual BLOB, metadata text and key_gammas BLOB (no bytes for NULL = None), each
+    preceded by its byte length as 8-byte little-endian."""
     import zlib
 
-    def checksum(fact_id: str, key: bytes, residual: bytes, metadata: str) -> bytes:
-        parts = (fact_id.encode(), key, residual, metadata.encode())
+    def checksum(fact_id: str, key: bytes, residual: bytes, metadata: str, key_gammas: bytes | None = None) -> bytes:
+        parts = (fact_id.encode(), key, residual, metadata.encode(), b"" if key_gammas is None else key_gammas)
         return zlib.crc32(b"".join(len(part).to_bytes(8, "little") + part for part in parts)).to_bytes(4, "little")
 
     return checksum

@@ -5,6 +5,7 @@ written out here, the expected edit is the bare model with the residual added by
 test's own, and the expected firing tokens come from float64 cosines of captured activations.
 """
 
+import sys
 import warnings
 
 import pytest
@@ -492,3 +493,84 @@ def test_unsupported_model_type_names_the_supported_ones_and_the_generic_path(to
         assert handle.module is model.model.layers[1].mlp.down_proj
     with pytest.raises(TypeError, match="config.model_type"):
         attach(torch.nn.Linear(4, 4), db)
+
+
+# -- per-key thresholds ----------------------------------------------------------------------
+
+
+def test_each_fact_is_gated_by_its_own_thresholds(tokenizer):
+    # "strict" sits at cosine 0.97 from its token with threshold 0.98 (the database's 0.95 would
+    # fire it); "loose" at 0.90 with threshold 0.85 (0.95 would not); "plain" has none: db.gamma
+    model = tiny_model("llama", tokenizer)
+    inputs = batch(tokenizer, PROMPTS)
+    module = down_proj(model, "llama", 1)
+    bare, x, _ = capture(model, module, **inputs)
+    mask = inputs["attention_mask"].bool()
+    at = {"strict": PLANTED, "loose": (0, 2), "plain": (1, 1)}
+    keys = {"strict": tilted(x[PLANTED], 0.97, seed=1), "loose": tilted(x[0, 2], 0.90, seed=2),
+            "plain": tilted(x[1, 1], 0.96, seed=3)}
+    own = {"strict": 0.98, "loose": 0.85, "plain": None}
+    generator = torch.Generator().manual_seed(4)
+    residuals = {name: torch.randn(HIDDEN, generator=generator) * 4 for name in keys}
+    db = NeuralDB(d1=x.shape[-1], d2=HIDDEN, layer=1, gamma=GAMMA)
+    db.add(torch.stack(list(keys.values())), torch.stack(list(residuals.values())), list(keys),
+           key_gammas=[None if own[name] is None else torch.tensor([own[name]]) for name in keys])
+
+    def expected_firing(gamma_of):
+        """{(b, t): fact} in float64: the token's best key fires when its cosine is above that key's threshold."""
+        names = list(keys)
+        scores = torch.stack([cosines(x, keys[name]) for name in names], dim=-1)
+        best, index = scores.max(dim=-1)
+        return {(b, t): names[index[b, t]] for b, t in mask.nonzero().tolist()
+                if best[b, t] > gamma_of(names[index[b, t]])}
+
+    def run(**options):
+        with attach(model, db, **options) as handle, torch.no_grad():
+            return model(**inputs).logits, {(f.batch, f.position): f.fact_id for f in handle.fired()
+                                             if mask[f.batch, f.position]}
+
+    per_key = expected_firing(lambda name: db.gamma if own[name] is None else own[name])
+    assert per_key == {at["loose"]: "loose", at["plain"]: "plain"}, "test premise"
+    logits, fired = run()
+    assert fired == per_key
+    assert torch.equal(logits, with_addition(model, module, {at[n]: residuals[n] for n in per_key.values()}, **inputs))
+
+    db.gamma = 0.99  # moves "plain" only
+    per_key = expected_firing(lambda name: db.gamma if own[name] is None else own[name])
+    assert per_key == {at["loose"]: "loose"}, "test premise"
+    logits, fired = run()
+    assert fired == per_key
+    assert torch.equal(logits, with_addition(model, module, {at["loose"]: residuals["loose"]}, **inputs))
+
+    overridden = expected_firing(lambda name: GAMMA)  # a gamma given to attach is every key's
+    assert overridden == {at["strict"]: "strict", at["plain"]: "plain"}, "test premise"
+    logits, fired = run(gamma=GAMMA)
+    assert fired == overridden
+    assert torch.equal(logits, with_addition(model, module, {at[n]: residuals[n] for n in overridden.values()},
+                                             **inputs))
+
+
+def test_without_thresholds_the_hook_passes_the_number_and_equal_thresholds_change_nothing(tokenizer, monkeypatch):
+    attach_module = sys.modules["neuraldb_kernels.integration.attach"]  # the module, not the function
+    model = tiny_model("llama", tokenizer)
+    db, inputs, _, x, residual = plant(model, "llama", 1, tokenizer)
+    db.add(tilted(x[0, 2], 0.96, seed=5), -residual, ids="second")
+    seen = []
+    real = attach_module.gated_retrieve
+
+    def spy(q, K, R, gamma, **options):
+        seen.append(gamma)
+        return real(q, K, R, gamma, **options)
+
+    monkeypatch.setattr(attach_module, "gated_retrieve", spy)
+    with attach(model, db), torch.no_grad():
+        scalar = model(**inputs).logits
+    assert seen == [GAMMA] and isinstance(seen[0], float)  # as before per-key thresholds existed
+    expected = with_addition(model, down_proj(model, "llama", 1), {PLANTED: residual, (0, 2): -residual}, **inputs)
+    assert torch.equal(scalar, expected)
+
+    db.upsert(x[PLANTED], residual, "planted", key_gammas=torch.tensor([GAMMA]))  # the same threshold, its own
+    with attach(model, db), torch.no_grad():
+        per_key = model(**inputs).logits
+    assert isinstance(seen[1], torch.Tensor) and seen[1].tolist() == [torch.tensor(GAMMA).item()] * 2
+    assert torch.equal(per_key, scalar)

@@ -4,7 +4,6 @@ version-1 database whose Editor wrote second keys as "<id>#bare" rows is migrate
 
 import json
 import sqlite3
-import zlib
 
 import pytest
 import torch
@@ -184,14 +183,7 @@ def test_bad_extra_keys_are_refused_and_nothing_is_stored(extra, error, message)
     assert len(db) == 0 and db.key_rows == 0
 
 
-def _checksum(fact_id, key, residual, metadata):
-    """FORMAT.md's row checksum, written out independently of the store's code: CRC-32 over id, key,
-    residual and metadata, each preceded by its byte length as 8-byte little-endian."""
-    data = b"".join(len(part).to_bytes(8, "little") + part for part in (fact_id.encode(), key, residual, metadata.encode()))
-    return zlib.crc32(data).to_bytes(4, "little")
-
-
-def test_corrupt_vector_blobs_are_refused_on_open(tmp_path):
+def test_corrupt_vector_blobs_are_refused_on_open(tmp_path, row_checksum):
     keys, residuals = _facts(2, seed=8)
     path = tmp_path / "db.ndb"
     NeuralDB(path, d1=D1, d2=D2).add(keys, residuals, ["a", "b"])
@@ -203,7 +195,7 @@ def test_corrupt_vector_blobs_are_refused_on_open(tmp_path):
         original = conn.execute("SELECT key, residual, metadata, checksum FROM facts WHERE id = 'b'").fetchone()
         changed = dict(zip(("key", "residual", "metadata"), original[:3]))
         changed[column] = blob(changed[column])
-        checksum = _checksum("b", *changed.values()) if reseal else original[3]
+        checksum = row_checksum("b", *changed.values()) if reseal else original[3]
         conn.execute(f"UPDATE facts SET {column} = ?, checksum = ? WHERE id = 'b'", (changed[column], checksum))
         conn.commit()
         conn.close()

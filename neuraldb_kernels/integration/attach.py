@@ -3,6 +3,10 @@ retrieval to that projection's output, for every token (paper Eq. 11-12):
 
     y = down_proj(x) + gated_retrieve(x, K, R, gamma)       x: (..., d1) the projection's input
 
+gamma: the database's per-key thresholds (`Snapshot.gammas`, one float32 per row of K) when any
+fact has thresholds of its own, else the database's gamma as a number; a `gamma=` given to
+`attach` overrides both, as one number for every key.
+
 The module itself is never replaced or modified: `detach()` removes the hook and the model is
 exactly what it was. Where no gate fires the projection's output is returned as is (selected with
 `torch.where`, not by adding zeros), so an empty database or a closed gate is bit-identical to the
@@ -10,7 +14,7 @@ bare model.
 
 Live database: every forward takes a fresh `db.snapshot(device, dtype)` (the store keeps one
 buffer per device and dtype in sync and a snapshot is a slice of it, so this costs microseconds),
-so adds, deletes and gamma changes apply at the next forward. The snapshot follows the layer:
+so adds, deletes, threshold and gamma changes apply at the next forward. The snapshot follows the layer:
 the projection input's device, and the projection output's dtype (keys may use `key_dtype`).
 """
 
@@ -38,7 +42,8 @@ class Firing:
 
     batch, position: the token's row and position in that forward's input (in `generate()` with a
     KV cache, each decoding step is a forward over the new token only, at position 0).
-    fact_id: the fired fact; score: the cosine of the token's key with the fact's key (> gamma).
+    fact_id: the fired fact; score: the cosine of the token's key with the fact's key (above that
+    key's threshold).
     """
 
     batch: int
@@ -65,7 +70,9 @@ class Attachment:
     """A NeuralDB hooked into one layer of a model; returned by `attach`.
 
     Attributes: model, db, layer, module (the hooked down-projection), backend, key_dtype.
-    `gamma` is the gate in use (the database's current gamma unless one was given to `attach`).
+    `gamma` is the scalar gate: the one given to `attach`, which every key then uses, else the
+    database's current gamma, which the keys without thresholds of their own use (the others use
+    theirs, `db.snapshot().gammas`).
     After a forward pass, `last` holds its `ForwardRecord` and `fired()` lists its `Firing`s
     (`last` keeps that forward's database snapshot alive until the next forward or `detach`).
     `detach()` (or leaving a `with attach(...)` block) removes the hook; `with attachment.paused():`
@@ -141,8 +148,12 @@ class Attachment:
             while keys.version != snapshot.version:  # a writer came between the two snapshots
                 snapshot = self.db.snapshot(hidden.device, dtype)
                 keys = self.db.snapshot(hidden.device, self.key_dtype)
+        if self._gamma is not None:
+            gamma = self._gamma
+        else:  # per-key thresholds only where some fact has them: else the number, as before they existed
+            gamma = keys.gammas if keys.has_key_gammas else keys.gamma
         retrieved, index, score = gated_retrieve(
-            hidden, keys.keys, snapshot.residuals, self.gamma, backend=self.backend, return_index=True)
+            hidden, keys.keys, snapshot.residuals, gamma, backend=self.backend, return_index=True)
         self.last = ForwardRecord(index, score, snapshot)
         return retrieved, index
 
@@ -194,7 +205,9 @@ def attach(
     model: a Hugging Face model of a supported type (see architectures.SUPPORTED_MODEL_TYPES), or
         any model with `module_path` ("....{layer}....", the path to the FFN down-projection).
     layer: decoder layer index; default `db.layer` (one of the two must be set).
-    gamma: gate threshold in [-1, 1]; default the database's gamma, read at every forward.
+    gamma: gate threshold in [-1, 1] for every key, overriding the database's gamma and any
+        per-key thresholds; default: the database's, read at every forward (each key's own
+        threshold where its fact has them, `db.gamma` for the others).
     backend: `gated_retrieve` backend ("auto", "cpu", "torch", "triton", "cuda").
     key_dtype: dtype of the keys handed to the retrieval (float32/float16/bfloat16); default the
         model's. Residuals always take the projection output's dtype.

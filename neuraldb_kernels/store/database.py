@@ -3,7 +3,9 @@ retrieval views; the transactional front over the modules that do the work.
 
 A fact has one residual and k >= 1 keys: its own key, plus any extra keys (other queries that
 must retrieve the same residual, e.g. the Editor's bare-prompt key). Retrieval sees key rows:
-a fact with k keys is k rows of every view, each with the fact's residual.
+a fact with k keys is k rows of every view, each with the fact's residual. Each key row has a
+gate threshold: the fact's own for that key (`key_gammas`), or the database's `gamma` when the
+fact has none; snapshots carry them as `Snapshot.gammas`, aligned with K.
 
 SQLite (schema.py, format in FORMAT.md, older versions migrated by migrations.py) is the source of
 truth: every add / upsert / delete call is one transaction, committed before memory changes
@@ -64,12 +66,18 @@ class Snapshot:
     """A consistent, immutable retrieval view.
 
     keys: (m, d1), residuals: (m, d2), contiguous, on the requested device and dtype, one row per
-    key (m >= the number of facts); row i is a key of fact `ids_at([i])[0]`. version: the
+    key (m >= the number of facts); row i is a key of fact `ids_at([i])[0]`. gammas: (m,) float32
+    on the same device, the gate threshold of each key row: its fact's own threshold for that key,
+    else `gamma`, the database's gamma when the snapshot was taken. has_key_gammas: whether any
+    fact has thresholds of its own (when not, every entry of `gammas` is `gamma`). version: the
     database version the snapshot shows.
     """
 
     keys: torch.Tensor
     residuals: torch.Tensor
+    gammas: torch.Tensor
+    gamma: float
+    has_key_gammas: bool
     version: int
     _ids: list[str] = dataclasses.field(repr=False)
 
@@ -211,7 +219,7 @@ class NeuralDB:
         except BaseException:
             conn.close()
             raise
-        self._live = LiveFacts(loaded, self._dtype)
+        self._live = LiveFacts(loaded, self._dtype, self._gamma)
 
     def _load_meta(self, meta: dict[str, Any]) -> None:
         self._d1, self._d2, self._layer, self._gamma = meta["d1"], meta["d2"], meta["layer"], meta["gamma"]
@@ -269,7 +277,8 @@ class NeuralDB:
 
     @property
     def gamma(self) -> float:
-        """The retrieval gate threshold (cosine, in [-1, 1])."""
+        """The retrieval gate threshold (cosine, in [-1, 1]) of every key without a threshold of its
+        own (see `key_gammas` of `add`); setting it changes those keys' thresholds in every view."""
         return self._gamma
 
     @gamma.setter
@@ -279,6 +288,12 @@ class NeuralDB:
             self._check_writable()
             self._transaction(lambda: schema.write_meta(self._conn, {"gamma": float(value)}))
             self._gamma = float(value)
+            self._live.set_default_gamma(self._gamma)
+
+    @property
+    def has_key_gammas(self) -> bool:
+        """Whether any fact has per-key thresholds of its own (else every key uses `gamma`)."""
+        return bool(self._live.with_key_gammas)
 
     @property
     def closed(self) -> bool:
@@ -348,24 +363,30 @@ class NeuralDB:
         revision = schema.next_revision(self._conn)
         key_blobs = [schema.encode_keys(keys) for keys in fact_keys]
         residual_blobs = schema.encode_rows(batch.residuals)
-        checksums = [row_checksum(*row) for row in zip(batch.ids, key_blobs, residual_blobs, batch.metadata_json)]
+        gamma_blobs = [schema.encode_key_gammas(gammas) for gammas in batch.key_gammas]
+        checksums = [row_checksum(*row) for row in zip(batch.ids, key_blobs, residual_blobs, batch.metadata_json,
+                                                       gamma_blobs)]
         schema.write_facts(self._conn, zip(batch.ids, [revision] * len(batch), key_blobs, residual_blobs,
-                                           batch.metadata_json, checksums), replace=upsert)
+                                           batch.metadata_json, checksums, gamma_blobs), replace=upsert)
         return revision
 
     def add(self, keys: torch.Tensor, residuals: torch.Tensor, ids: str | Sequence[str] | None = None,
             metadata: dict[str, Any] | Sequence[dict[str, Any] | None] | None = None, *,
-            extra_keys: torch.Tensor | Sequence[torch.Tensor | None] | None = None) -> list[str]:
+            extra_keys: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+            key_gammas: torch.Tensor | Sequence[torch.Tensor | None] | None = None) -> list[str]:
         """Add one fact (keys (d1,), residuals (d2,)) or a batch ((n, d1), (n, d2)) in one transaction.
 
         ids: None (generated uuid4 hex), or one str / n distinct str not yet in the database.
         metadata: None, a mapping, or n mappings (see `StoredFact`); created_at is filled in when absent.
         extra_keys: more keys per fact that retrieve its residual: for one fact a (d1,) / (j, d1)
         tensor, for a batch n entries, each None or such a tensor.
+        key_gammas: the gate threshold of each key (a cosine in [-1, 1], stored as float32): None
+        (every key uses the database's `gamma`, also after it changes); for one fact a (1 + j,)
+        tensor, its own key's first; for a batch n entries, each None or such a tensor.
         Returns the ids. On any error nothing is stored.
         """
         batch = prepare_batch(keys, residuals, ids, metadata, d1=self._d1, d2=self._d2, dtype=self._dtype,
-                              extra_keys=extra_keys)
+                              extra_keys=extra_keys, key_gammas=key_gammas)
         with self._lock:
             self._check_writable()
             existing = [fact_id for fact_id in batch.ids if fact_id in self._live]
@@ -383,24 +404,25 @@ class NeuralDB:
         except sqlite3.IntegrityError as error:
             raise ValueError(f"an id of the batch is already in the database file, written by another "
                              f"connection (call refresh()): {error}") from None
-        self._live.append(batch.ids, [revision] * len(batch), fact_keys, batch.residuals)
+        self._live.append(batch.ids, [revision] * len(batch), fact_keys, batch.residuals, batch.key_gammas)
 
     def upsert(self, keys: torch.Tensor, residuals: torch.Tensor, ids: str | Sequence[str],
                metadata: dict[str, Any] | Sequence[dict[str, Any] | None] | None = None, *,
-               extra_keys: torch.Tensor | Sequence[torch.Tensor | None] | None = None) -> list[str]:
-        """Like `add`, but facts whose id exists are replaced (keys, residual and metadata: extra
-        keys not given again are dropped). A replaced fact keeps its rows in the views when its
-        number of keys is unchanged. ids are required. One transaction; on any error nothing changes."""
+               extra_keys: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+               key_gammas: torch.Tensor | Sequence[torch.Tensor | None] | None = None) -> list[str]:
+        """Like `add`, but facts whose id exists are replaced (keys, residual, metadata and key
+        thresholds: extra keys or thresholds not given again are dropped). A replaced fact keeps its
+        rows in the views when its number of keys is unchanged. ids are required. One transaction; on any error nothing changes."""
         if ids is None:
             raise ValueError("upsert needs the ids of the facts to insert or replace")
         batch = prepare_batch(keys, residuals, ids, metadata, d1=self._d1, d2=self._d2, dtype=self._dtype,
-                              extra_keys=extra_keys)
+                              extra_keys=extra_keys, key_gammas=key_gammas)
         fact_keys = [batch.fact_keys(i) for i in range(len(batch))]
         with self._lock:
             self._check_writable()
             self._live.reserve(batch.ids, fact_keys)
             revision = self._transaction(lambda: self._insert_rows(batch, fact_keys, upsert=True))
-            self._live.write(batch.ids, [revision] * len(batch), fact_keys, batch.residuals)
+            self._live.write(batch.ids, [revision] * len(batch), fact_keys, batch.residuals, batch.key_gammas)
         return batch.ids
 
     def ids_to_delete(self, ids: str | Sequence[str], *, missing_ok: bool = False) -> list[str]:
@@ -470,8 +492,8 @@ class NeuralDB:
                 row = next(schema.fact_rows(self._conn, [fact_id]), None)
         if row is None:
             raise KeyError(f"fact {fact_id!r} was deleted by another connection; call refresh()")
-        keys, residual = verified_vectors(row, self._d1, self._d2, self._dtype, self._where)
-        return StoredFact(fact_id, keys, residual[0], json.loads(row[4]))
+        keys, residual, key_gammas = verified_vectors(row, self._d1, self._d2, self._dtype, self._where)
+        return StoredFact(fact_id, keys, residual[0], json.loads(row[4]), key_gammas)
 
     def facts(self) -> Iterator[StoredFact]:
         """Every fact (see `get`), as of the start of the iteration."""
@@ -486,23 +508,26 @@ class NeuralDB:
             return ids_at(self._live.rows.ids, self._live.rows.row_count, indices)
 
     def snapshot(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Snapshot:
-        """An immutable view (K, R, row → id, version) on `device` (default CPU) in `dtype`
-        (default the storage dtype). The (device, dtype) buffers are built on first request and kept
-        in sync afterwards; `clear_views` frees them."""
+        """An immutable view (K, R, the float32 threshold of every key row, row → id, version) on
+        `device` (default CPU), K and R in `dtype` (default the storage dtype). The (device,
+        dtype) buffers are built on first request and kept in sync afterwards; `clear_views` frees
+        them."""
         device = _normalise_device(device)
         dtype = self._dtype if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"view dtype must be a floating torch.dtype, got {dtype!r}")
         with self._lock:
             self._check_open()
-            keys, residuals = self._live.views.snapshot(device, dtype)
-            snap = Snapshot(keys, residuals, self._live.version, self._live.rows.ids)
+            keys, residuals, gammas = self._live.views.snapshot(device, dtype)
+            snap = Snapshot(keys, residuals, gammas, self._gamma, bool(self._live.with_key_gammas), self._live.version,
+                            self._live.rows.ids)
             self._live.rows.share_ids(snap)
             return snap
 
     def view(self, device: torch.device | str | None = None,
              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K (m, d1), R (m, d2)) for gated_retrieve: `snapshot(device, dtype)` without the ids."""
+        """(K (m, d1), R (m, d2)) for gated_retrieve: `snapshot(device, dtype)` without the ids
+        and thresholds (`snapshot().gammas` are the per-key thresholds aligned with K)."""
         snap = self.snapshot(device, dtype)
         return snap.keys, snap.residuals
 
@@ -567,7 +592,8 @@ class NeuralDB:
     # -- other processes -----------------------------------------------------------------------
 
     def refresh(self) -> bool:
-        """Apply what other connections committed since this one last looked; True if anything changed."""
+        """Apply what other connections committed since this one last looked (facts, their key
+        thresholds, the database's gamma); True if any fact or the gamma changed."""
         with self._lock, schema.sqlite_errors(self._where):
             self._check_open()
             self._conn.execute("BEGIN")
@@ -580,15 +606,18 @@ class NeuralDB:
             finally:
                 self._conn.execute("COMMIT")
             self._data_version = data_version
+            gamma = self._gamma
             self._load_meta(changes.meta)
+            self._live.set_default_gamma(self._gamma)
             self._live.remove(changes.removed)
-            ids = [fact_id for fact_id, _, _, _ in changes.written]
-            fact_keys = [keys for _, _, keys, _ in changes.written]
+            ids = [fact_id for fact_id, *_ in changes.written]
+            fact_keys = [keys for _, _, keys, _, _ in changes.written]
             self._live.reserve(ids, fact_keys)
-            residuals = (torch.cat([residual for _, _, _, residual in changes.written]) if ids
+            residuals = (torch.cat([residual for _, _, _, residual, _ in changes.written]) if ids
                          else torch.empty((0, self._d2), dtype=self._dtype))
-            self._live.write(ids, [rev for _, rev, _, _ in changes.written], fact_keys, residuals)
-            return bool(changes.removed or ids)
+            self._live.write(ids, [rev for _, rev, *_ in changes.written], fact_keys, residuals,
+                             [gammas for *_, gammas in changes.written])
+            return bool(changes.removed or ids or gamma != self._gamma)
 
     # -- copies --------------------------------------------------------------------------------
 
@@ -601,20 +630,24 @@ class NeuralDB:
     def export(self, file: str | os.PathLike) -> Path:
         """Write `file` (.safetensors: "keys" (r, d1), every fact's keys in turn, and "residuals"
         (m, d2), one per fact, in the storage dtype) and its sidecar `file` with suffix .json (ids,
-        key counts, metadata, settings, format version, the safetensors file's SHA-256). Returns
-        the sidecar path. Never overwrites."""
+        key counts, key thresholds, metadata, settings, format version, the safetensors file's
+        SHA-256). Returns the sidecar path. Never overwrites."""
         with self._lock:
             self._check_open()
             snap = self.snapshot()
             ids, rows = self._live.export_rows()
+            with_key_gammas = set(self._live.with_key_gammas)
             metadata = self._metadata_of(ids)
         key_rows = torch.tensor([row for fact_rows in rows for row in fact_rows], dtype=torch.int64)
         first_rows = torch.tensor([fact_rows[0] for fact_rows in rows], dtype=torch.int64)
         settings = {"d1": self._d1, "d2": self._d2, "layer": self._layer, "gamma": self._gamma,
                     "dtype": schema.dtype_name(self._dtype),
                     "fingerprint": None if self._fingerprint is None else dataclasses.asdict(self._fingerprint)}
+        key_gammas = [snap.gammas[fact_rows].tolist() if fact_id in with_key_gammas else None
+                      for fact_id, fact_rows in zip(ids, rows)]
         return write_export(Path(file), snap.keys[key_rows], snap.residuals[first_rows],
-                            [len(fact_rows) for fact_rows in rows], ids, [metadata[i] for i in ids], settings)
+                            [len(fact_rows) for fact_rows in rows], ids, [metadata[i] for i in ids], key_gammas,
+                            settings)
 
     @classmethod
     def import_(cls, file: str | os.PathLike, path: str | os.PathLike | None = None) -> "NeuralDB":

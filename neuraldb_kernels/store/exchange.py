@@ -3,8 +3,9 @@
 - `NAME.safetensors`: tensors "keys" (r, d1), every fact's keys in turn, and "residuals" (m, d2),
   one per fact, in the storage dtype;
 - `NAME.json`: format name and version, settings (d1, d2, layer, gamma, dtype, fingerprint),
-  the m ids, m key counts (summing to r) and m metadata objects in fact order, and the SHA-256
-  of the .safetensors file. Version 1 exports have no key counts: one key per fact.
+  the m ids, m key counts (summing to r), m key threshold entries (null, or one number per key)
+  and m metadata objects in fact order, and the SHA-256 of the .safetensors file. Version 1
+  exports have no key counts (one key per fact); version 1 and 2 exports have no thresholds.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ def _sha256(file: Path) -> str:
 
 
 def write_export(file: Path, keys: torch.Tensor, residuals: torch.Tensor, key_counts: list[int], ids: list[str],
-                 metadata: list[dict[str, Any]], settings: dict[str, Any]) -> Path:
-    """Write the pair (never overwriting either file); returns the sidecar path."""
+                 metadata: list[dict[str, Any]], key_gammas: list[list[float] | None],
+                 settings: dict[str, Any]) -> Path:
+    """Write the pair (never overwriting either file); returns the sidecar path. key_gammas: per
+    fact None (the database's gamma) or its key_counts[i] thresholds."""
     sidecar = sidecar_of(file)
     for target in (file, sidecar):
         if target.exists():
@@ -52,19 +55,23 @@ def write_export(file: Path, keys: torch.Tensor, residuals: torch.Tensor, key_co
     save_file({"keys": keys.contiguous(), "residuals": residuals.contiguous()}, str(file),
               metadata={"format": EXPORT_FORMAT, "format_version": str(FORMAT_VERSION), "count": str(len(ids))})
     document = {"format": EXPORT_FORMAT, "format_version": FORMAT_VERSION, **settings,
-                "safetensors_sha256": _sha256(file), "ids": ids, "key_counts": key_counts, "metadata": metadata}
+                "safetensors_sha256": _sha256(file), "ids": ids, "key_counts": key_counts, "key_gammas": key_gammas,
+                "metadata": metadata}
     with open(sidecar, "x", encoding="utf-8") as stream:
         json.dump(document, stream, ensure_ascii=False, allow_nan=False)
     return sidecar
 
 
-def read_export(file: Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, list[int], list[Any], list[Any]]:
-    """Read and check an export: (settings, keys, residuals, key_counts, ids, metadata).
+def read_export(file: Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, list[int], list[Any], list[Any],
+                                     list[torch.Tensor | None]]:
+    """Read and check an export: (settings, keys, residuals, key_counts, ids, metadata, key_gammas).
 
     Checks format and version (1 to FORMAT_VERSION), the settings, the checksum, tensor names, and
     the shapes and dtype the safetensors header declares before reading any tensor, that ids and
     metadata are lists of the fact count and the key counts positive ints summing to the key
-    rows (a version 1 export has one key per fact). The "edit" metadata of a version 1 or 2
+    rows (a version 1 export has one key per fact), and the key thresholds a list of the fact
+    count, each null or a list of that fact's key count of numbers (float64 tensors here; a
+    version 1 or 2 export has none). The "edit" metadata of a version 1 or 2
     export is brought to the versioned EditRecord. Per-fact checks (finite values, key norms,
     unique ids, metadata types) are left to the batch validation (`read_import`).
     """
@@ -118,18 +125,42 @@ def read_export(file: Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor,
         keys, residuals = tensors.get_tensor("keys"), tensors.get_tensor("residuals")
     if len(metadata) != len(ids):
         raise ValueError(f"{sidecar} has {len(ids)} ids but {len(metadata)} metadata entries")
+    key_gammas = _key_gammas(document, version, key_counts, sidecar)
     if version < 3:  # the Editor's "edit" metadata became a versioned EditRecord in format 3
         metadata = [versioned_edit_record(entry) or entry if isinstance(entry, dict) else entry for entry in metadata]
-    return {name: document[name] for name in _SETTINGS}, keys, residuals, key_counts, ids, metadata
+    return {name: document[name] for name in _SETTINGS}, keys, residuals, key_counts, ids, metadata, key_gammas
+
+
+def _key_gammas(document: dict[str, Any], version: int, key_counts: list[int],
+                sidecar: Path) -> list[torch.Tensor | None]:
+    """The sidecar's per-fact key thresholds as float64 tensors or None (values are checked by `prepare_batch`)."""
+    if version < 3:
+        return [None] * len(key_counts)
+    entries = document.get("key_gammas")
+    if not isinstance(entries, list) or len(entries) != len(key_counts):
+        raise ValueError(f"{sidecar}: 'key_gammas' must be a list of {len(key_counts)} entries (one per id, "
+                         f"format version {version})")
+    out: list[torch.Tensor | None] = []
+    for i, (entry, count) in enumerate(zip(entries, key_counts)):
+        if entry is None:
+            out.append(None)
+        elif (isinstance(entry, list) and len(entry) == count
+              and all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in entry)):
+            out.append(torch.tensor(entry, dtype=torch.float64))
+        else:
+            raise ValueError(f"{sidecar}: 'key_gammas' entry {i} must be null or a list of {count} numbers "
+                             f"(one per key of that fact), got {entry!r:.80}")
+    return out
 
 
 def read_import(file: Path) -> tuple[dict[str, Any], FactBatch]:
     """Read and check an export completely: (settings, the facts as a validated batch)."""
-    settings, keys, residuals, key_counts, ids, metadata = read_export(file)
+    settings, keys, residuals, key_counts, ids, metadata, key_gammas = read_export(file)
     starts = [0]
     for count in key_counts[:-1]:
         starts.append(starts[-1] + count)
     batch = prepare_batch(keys[starts] if ids else keys, residuals, ids, metadata, d1=settings["d1"],
                           d2=settings["d2"], dtype=STORAGE_DTYPES[settings["dtype"]],
-                          extra_keys=[keys[start + 1 : start + count] for start, count in zip(starts, key_counts)])
+                          extra_keys=[keys[start + 1 : start + count] for start, count in zip(starts, key_counts)],
+                          key_gammas=key_gammas)
     return settings, batch

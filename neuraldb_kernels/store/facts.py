@@ -1,7 +1,7 @@
 """Facts as the store sees them, and the validation of a batch before anything is written.
 
-A batch is checked completely (shapes, dtypes, finiteness, key norms, ids, metadata) before the
-database is touched, so a bad fact rejects the whole batch and nothing is stored.
+A batch is checked completely (shapes, dtypes, finiteness, key norms, key thresholds, ids,
+metadata) before the database is touched, so a bad fact rejects the whole batch and nothing is stored.
 """
 
 from __future__ import annotations
@@ -27,13 +27,16 @@ class StoredFact:
     id: stable string id. keys: (k, d1) CPU tensor, k >= 1: the fact's own key first, then any
     extra keys (other queries that retrieve the same residual); residual: (d2,) CPU tensor; both
     in the database's storage dtype. metadata: subject, prompt, target_new, target_true, source,
-    created_at (ISO-8601 UTC) where given, plus any JSON-serialisable extras.
+    created_at (ISO-8601 UTC) where given, plus any JSON-serialisable extras. key_gammas: None
+    (every key uses the database's gamma) or a (k,) float32 CPU tensor, the gate threshold of
+    each key (a cosine in [-1, 1]).
     """
 
     id: str
     keys: torch.Tensor
     residual: torch.Tensor
     metadata: dict[str, Any]
+    key_gammas: torch.Tensor | None = None
 
     @property
     def key(self) -> torch.Tensor:
@@ -45,7 +48,7 @@ class StoredFact:
 class FactBatch:
     """A validated batch: n ids, (n, d1) keys, n (j_i, d1) extra keys (j_i >= 0) and (n, d2)
     residuals on CPU in the storage dtype, n metadata dicts (created_at filled in) and their JSON
-    texts."""
+    texts, and n key thresholds: None (the database's gamma) or (1 + j_i,) float32 CPU."""
 
     ids: list[str]
     keys: torch.Tensor
@@ -53,6 +56,7 @@ class FactBatch:
     residuals: torch.Tensor
     metadata: list[dict[str, Any]]
     metadata_json: list[str]
+    key_gammas: list[torch.Tensor | None]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -102,6 +106,14 @@ def vector_problem(rows: torch.Tensor, *, keys: bool) -> tuple[int, str, int] | 
     i = out_of_range[0]
     return i, (f"has a norm that under- or overflows float32 (squared norm {float(rows[i].double().square().sum()):.3g}; "
                f"cosine undefined)"), len(out_of_range)
+
+
+def key_gammas_problem(key_gammas: Sequence[float]) -> str | None:
+    """Why k key thresholds are invalid (each must be a finite cosine in [-1, 1]), or None."""
+    for j, value in enumerate(key_gammas):
+        if not -1.0 <= value <= 1.0:  # False for NaN too
+            return f"has a key threshold that is not a finite cosine in [-1, 1] (key {j}: {value!r})"
+    return None
 
 
 def _check_rows(rows: torch.Tensor, label: Any, *, keys: bool) -> None:
@@ -193,8 +205,38 @@ def _extra_keys(extra_keys: Any, ids: list[str], single: bool, d1: int, dtype: t
     return out
 
 
+def _key_gammas(key_gammas: Any, ids: list[str], single: bool, key_counts: list[int]) -> list[torch.Tensor | None]:
+    if key_gammas is None:
+        return [None] * len(ids)
+    if single and isinstance(key_gammas, torch.Tensor):
+        key_gammas = [key_gammas]
+    if isinstance(key_gammas, torch.Tensor) or not isinstance(key_gammas, Sequence):
+        raise TypeError(f"key_gammas must be None, a tensor for one fact, or a sequence with one entry (None or "
+                        f"a tensor) per fact, got {type(key_gammas).__name__}")
+    if len(key_gammas) != len(ids):
+        raise ValueError(f"got {len(key_gammas)} key_gammas entries for {len(ids)} facts")
+    out: list[torch.Tensor | None] = []
+    for i, (entry, count) in enumerate(zip(key_gammas, key_counts)):
+        where = f"key_gammas of {_position(i, ids[i])}"
+        if entry is None:
+            out.append(None)
+            continue
+        if not isinstance(entry, torch.Tensor) or entry.dtype not in _INPUT_DTYPES:
+            raise TypeError(f"{where} must be None or a float16/bfloat16/float32/float64 tensor, got "
+                            f"{entry.dtype if isinstance(entry, torch.Tensor) else type(entry).__name__}")
+        if tuple(entry.shape) != (count,):
+            raise ValueError(f"{where} must have shape ({count},), one threshold per key (the fact has {count}), "
+                             f"got {tuple(entry.shape)}")
+        values = entry.detach().to("cpu", torch.float64)
+        problem = key_gammas_problem(values.tolist())
+        if problem:
+            raise ValueError(f"{where}: the fact {problem}")
+        out.append(values.to(torch.float32))
+    return out
+
+
 def prepare_batch(keys: Any, residuals: Any, ids: Any, metadata: Any, *,
-                  d1: int, d2: int, dtype: torch.dtype, extra_keys: Any = None) -> FactBatch:
+                  d1: int, d2: int, dtype: torch.dtype, extra_keys: Any = None, key_gammas: Any = None) -> FactBatch:
     """Validate one fact or a batch and convert it to the storage layout.
 
     keys: (d1,) or (n, d1); residuals: (d2,) or (n, d2); any float dtype and device. ids: None
@@ -212,5 +254,6 @@ def prepare_batch(keys: Any, residuals: Any, ids: Any, metadata: Any, *,
     _check_rows(key_rows, lambda i: f"key of {_position(i, fact_ids[i])}", keys=True)
     _check_rows(residual_rows, lambda i: f"residual of {_position(i, fact_ids[i])}", keys=False)
     extra = _extra_keys(extra_keys, fact_ids, key_single, d1, dtype)
+    gammas = _key_gammas(key_gammas, fact_ids, key_single, [1 + len(rows) for rows in extra])
     dicts, texts = _metadata(metadata, fact_ids, key_single)
-    return FactBatch(fact_ids, key_rows, extra, residual_rows, dicts, texts)
+    return FactBatch(fact_ids, key_rows, extra, residual_rows, dicts, texts, gammas)

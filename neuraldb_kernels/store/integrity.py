@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .facts import vector_problem
+from .facts import key_gammas_problem, vector_problem
 from .schema import CorruptDatabaseError
 
 
@@ -32,20 +32,27 @@ class IntegrityReport:
         return not self.corrupt
 
 
-def row_checksum(fact_id: str, key: bytes, residual: bytes, metadata: str) -> bytes:
+def row_checksum(fact_id: str, key: bytes, residual: bytes, metadata: str, key_gammas: bytes | None) -> bytes:
     """CRC-32 (zlib's) of a fact row, as 4 little-endian bytes, over the id, key BLOB, residual
-    BLOB and metadata text, each preceded by its length in bytes (8-byte little-endian). It detects
-    damage (bit flips, truncation, torn pages), not forgery: no unkeyed checksum can."""
+    BLOB, metadata text and key_gammas BLOB (no bytes when NULL), each preceded by its length in
+    bytes (8-byte little-endian). It detects damage (bit flips, truncation, torn pages), not
+    forgery: no unkeyed checksum can."""
     crc = 0
-    for part in (fact_id.encode("utf-8"), key, residual, metadata.encode("utf-8")):
+    for part in (fact_id.encode("utf-8"), key, residual, metadata.encode("utf-8"), key_gammas or b""):
         crc = zlib.crc32(part, zlib.crc32(struct.pack("<Q", len(part)), crc))
     return struct.pack("<I", crc)
 
 
+def decode_key_gammas(blob: bytes | None) -> torch.Tensor | None:
+    """The (k,) float32 thresholds of a key_gammas BLOB whose length fits, or None for NULL."""
+    return None if blob is None else torch.frombuffer(bytearray(blob), dtype=torch.uint8).view(torch.float32)
+
+
 def stored_problem(row: tuple, d1: int, d2: int, itemsize: int) -> str | None:
-    """Why a (id, rev, key, residual, metadata, checksum) row read from the file is corrupt, judged
-    on its bytes (everything but the vector values, see `vector_rows_problem`); None if it is fine."""
-    fact_id, rev, key, residual, metadata, checksum = row
+    """Why a (id, rev, key, residual, metadata, checksum, key_gammas) row read from the file is
+    corrupt, judged on its bytes and key thresholds (everything but the vector values, see
+    `vector_rows_problem`); None if it is fine."""
+    fact_id, rev, key, residual, metadata, checksum, key_gammas = row
     if not isinstance(fact_id, str) or isinstance(rev, bool) or not isinstance(rev, int) or not isinstance(
             metadata, str) or not isinstance(key, bytes) or not isinstance(residual, bytes):
         return (f"fact {fact_id!r} has columns of the wrong types (id, rev, key, residual, metadata: "
@@ -53,8 +60,16 @@ def stored_problem(row: tuple, d1: int, d2: int, itemsize: int) -> str | None:
     if not key or len(key) % (d1 * itemsize) or len(residual) != d2 * itemsize:
         return (f"corrupt vector BLOBs of fact {fact_id!r}: {len(key)} and {len(residual)} bytes, expected a "
                 f"positive multiple of {d1 * itemsize} and {d2 * itemsize}")
-    if checksum != row_checksum(fact_id, key, residual, metadata):
+    if key_gammas is not None and (not isinstance(key_gammas, bytes)
+                                   or len(key_gammas) * d1 * itemsize != len(key) * 4):
+        return (f"fact {fact_id!r} has a corrupt key_gammas BLOB: {_size(key_gammas)}, expected NULL or 4 bytes per "
+                f"key ({len(key) // (d1 * itemsize)} keys)")
+    if checksum != row_checksum(fact_id, key, residual, metadata, key_gammas):
         return f"fact {fact_id!r} fails its checksum (the row was changed outside NeuralDB, or the file is damaged)"
+    if key_gammas is not None:
+        problem = key_gammas_problem(memoryview(key_gammas).cast("f").tolist())  # float32, little-endian
+        if problem:
+            return f"fact {fact_id!r} {problem}"
     try:
         parsed = json.loads(metadata)
     except (ValueError, RecursionError) as error:
@@ -62,6 +77,10 @@ def stored_problem(row: tuple, d1: int, d2: int, itemsize: int) -> str | None:
     if not isinstance(parsed, dict):
         return f"fact {fact_id!r} has metadata that is a JSON {type(parsed).__name__}, not an object"
     return None
+
+
+def _size(blob: object) -> str:
+    return f"{len(blob)} bytes" if isinstance(blob, bytes) else f"a {type(blob).__name__}"
 
 
 def vector_rows_problem(keys: torch.Tensor, residuals: torch.Tensor, row_ids: list[str]) -> tuple[str, str] | None:
@@ -80,21 +99,21 @@ def decode_vectors(blob: bytes, width: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def verified_vectors(row: tuple, d1: int, d2: int, dtype: torch.dtype,
-                     where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (k, d1) keys and (1, d2) residual of one row; CorruptDatabaseError naming `where` and the
-    fact if the row fails any check."""
+                     where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The (k, d1) keys, (1, d2) residual and (k,) float32 key thresholds (None when NULL) of one
+    row; CorruptDatabaseError naming `where` and the fact if the row fails any check."""
     problem = stored_problem(row, d1, d2, torch.empty(0, dtype=dtype).element_size())
     if problem is None:
         keys, residual = decode_vectors(row[2], d1, dtype), decode_vectors(row[3], d2, dtype)
         found = vector_rows_problem(keys, residual.expand(keys.shape[0], -1), [row[0]] * keys.shape[0])
         if found is None:
-            return keys, residual
+            return keys, residual, decode_key_gammas(row[6])
         problem = found[1]
     raise CorruptDatabaseError(f"{where}: {problem}")
 
 
 def verify_rows(rows: Iterable[tuple], d1: int, d2: int, dtype: torch.dtype) -> IntegrityReport:
-    """Check (id, rev, key, residual, metadata, checksum) rows as `open` does, collecting every
+    """Check (id, rev, key, residual, metadata, checksum, key_gammas) rows as `open` does, collecting every
     failing fact's id instead of stopping at the first."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
     checked, corrupt = 0, []

@@ -59,9 +59,10 @@ def _migrate_1_to_2(conn: sqlite3.Connection, settings: dict[str, Any]) -> None:
 
 
 def _migrate_2_to_3(conn: sqlite3.Connection, settings: dict[str, Any]) -> None:
-    """Version 3 versions the Editor's "edit" metadata (`versioned_edit_record`) and adds a checksum
-    to every row: the facts table is rebuilt with the checksum column, keeping seq, and every row is
-    checked as `open` checks it (a row that fails stops the migration)."""
+    """Version 3 versions the Editor's "edit" metadata (`versioned_edit_record`), adds a checksum
+    to every row and per-key thresholds: the facts table is rebuilt with the key_gammas column (NULL
+    for every row: all keys use the database's gamma) and the checksum column, keeping seq, and
+    every row is checked as `open` checks it (a row that fails stops the migration)."""
     dtype = schema.STORAGE_DTYPES[settings["dtype"]]
     where = settings["where"]
     itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -84,7 +85,8 @@ def _migrate_2_to_3(conn: sqlite3.Connection, settings: dict[str, Any]) -> None:
             rev = revision
         readable = all(isinstance(value, kind) for value, kind in ((fact_id, str), (key, bytes), (residual, bytes),
                                                                    (text, str)))
-        row = (fact_id, rev, key, residual, text, row_checksum(fact_id, key, residual, text) if readable else None)
+        row = (fact_id, rev, key, residual, text,
+               row_checksum(fact_id, key, residual, text, None) if readable else None, None)
         problem = stored_problem(row, settings["d1"], settings["d2"], itemsize)  # checked as open checks it
         if problem is None:
             found = vector_rows_problem(decode_vectors(key, settings["d1"], dtype),
@@ -93,8 +95,7 @@ def _migrate_2_to_3(conn: sqlite3.Connection, settings: dict[str, Any]) -> None:
             problem = None if found is None else found[1]
         if problem is not None:
             raise CorruptDatabaseError(f"{where}: {problem}")
-        conn.execute("INSERT INTO facts(seq, id, rev, key, residual, metadata, checksum) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     (seq, *row))
+        conn.execute(f"INSERT INTO facts(seq, {schema.FACT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (seq, *row))
     conn.execute("DROP TABLE facts_version_2")
     conn.execute("DELETE FROM sqlite_sequence WHERE name IN ('facts', 'facts_version_2')")
     if sequence is not None:

@@ -36,9 +36,10 @@ CREATE TABLE facts (
     id       TEXT NOT NULL UNIQUE,
     rev      INTEGER NOT NULL,        -- meta.revision of the transaction that last wrote this row
     key      BLOB NOT NULL,           -- k >= 1 keys of d1 values (the fact's own key first), storage dtype, LE
+    key_gammas BLOB,                  -- NULL (every key uses meta.gamma) or k float32 LE thresholds, one per key
     residual BLOB NOT NULL,           -- d2 values, storage dtype, little-endian
     metadata TEXT NOT NULL,           -- JSON object
-    checksum BLOB NOT NULL            -- integrity.row_checksum of (id, key, residual, metadata)
+    checksum BLOB NOT NULL            -- integrity.row_checksum of (id, key, residual, metadata, key_gammas)
 );
 """
 
@@ -51,7 +52,9 @@ _META_COLUMNS = [("name", "TEXT", 0, None, 1, 0), ("value", "TEXT", 1, None, 0, 
 _FACT_COLUMNS_V2 = [("seq", "INTEGER", 0, None, 1, 0), ("id", "TEXT", 1, None, 0, 0), ("rev", "INTEGER", 1, None, 0, 0),
                     ("key", "BLOB", 1, None, 0, 0), ("residual", "BLOB", 1, None, 0, 0),
                     ("metadata", "TEXT", 1, None, 0, 0)]
-_FACT_COLUMNS = {1: _FACT_COLUMNS_V2, 2: _FACT_COLUMNS_V2, 3: [*_FACT_COLUMNS_V2, ("checksum", "BLOB", 1, None, 0, 0)]}
+_FACT_COLUMNS = {1: _FACT_COLUMNS_V2, 2: _FACT_COLUMNS_V2,
+                 3: [*_FACT_COLUMNS_V2[:4], ("key_gammas", "BLOB", 0, None, 0, 0), *_FACT_COLUMNS_V2[4:],
+                     ("checksum", "BLOB", 1, None, 0, 0)]}
 META_NAMES = frozenset({"format", "format_version", "d1", "d2", "layer", "gamma", "dtype", "fingerprint", "revision",
                         "created_at", "updated_at"})
 
@@ -287,13 +290,20 @@ def encode_keys(keys: torch.Tensor) -> bytes:
     return keys.contiguous().view(torch.uint8).numpy().tobytes()
 
 
+def encode_key_gammas(key_gammas: torch.Tensor | None) -> bytes | None:
+    """The key_gammas BLOB of a fact: None (NULL) or its (k,) float32 thresholds, little-endian."""
+    if key_gammas is None:
+        return None
+    return key_gammas.to(torch.float32).contiguous().view(torch.uint8).numpy().tobytes()
+
+
 def count_key_bytes(conn: sqlite3.Connection) -> int:
     """The total size of all key BLOBs (key rows = this / bytes per key)."""
     return conn.execute("SELECT coalesce(sum(length(key)), 0) FROM facts").fetchone()[0]
 
 
 
-FACT_COLUMNS = "id, rev, key, residual, metadata, checksum"  # the row tuple `integrity` checks
+FACT_COLUMNS = "id, rev, key, residual, metadata, checksum, key_gammas"  # the row tuple `integrity` checks
 SQL_CHUNK = 500  # values per "IN (...)" query, below SQLite's bound-parameter limit
 
 
@@ -305,7 +315,8 @@ def _chunks(values: list[Any]) -> Iterator[tuple[list[Any], str]]:
 
 
 def fact_rows(conn: sqlite3.Connection, ids: Iterable[str] | None = None) -> Iterator[tuple]:
-    """(id, rev, key, residual, metadata, checksum) of every fact in insertion order, or of the facts `ids`."""
+    """(id, rev, key, residual, metadata, checksum, key_gammas) of every fact in insertion order, or of the
+    facts `ids`."""
     if ids is None:
         yield from conn.execute(f"SELECT {FACT_COLUMNS} FROM facts ORDER BY seq")
         return
@@ -314,11 +325,12 @@ def fact_rows(conn: sqlite3.Connection, ids: Iterable[str] | None = None) -> Ite
 
 
 def write_facts(conn: sqlite3.Connection, rows: Iterable[tuple], *, replace: bool) -> None:
-    """Insert (id, rev, key, residual, metadata, checksum) rows (inside the caller's transaction);
+    """Insert (id, rev, key, residual, metadata, checksum, key_gammas) rows (inside the caller's transaction);
     replace: a row whose id exists is rewritten, keeping its seq (else that is an IntegrityError)."""
     conflict = (" ON CONFLICT(id) DO UPDATE SET rev = excluded.rev, key = excluded.key, residual = excluded.residual, "
-                "metadata = excluded.metadata, checksum = excluded.checksum") if replace else ""
-    conn.executemany(f"INSERT INTO facts({FACT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?){conflict}", rows)
+                "metadata = excluded.metadata, checksum = excluded.checksum, key_gammas = excluded.key_gammas"
+                ) if replace else ""
+    conn.executemany(f"INSERT INTO facts({FACT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?){conflict}", rows)
 
 
 def delete_facts(conn: sqlite3.Connection, ids: list[str]) -> None:

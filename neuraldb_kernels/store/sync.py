@@ -23,13 +23,17 @@ from .view import MIN_CAPACITY
 class Loaded:
     """All facts of a file: `keys` (capacity, d1) and `residuals` (capacity, d2) CPU buffers in the
     storage dtype whose first `count` rows are the key rows in insertion order (a fact with k keys
-    fills k rows, each with its residual), the fact id of each row, and {fact id: rev}."""
+    fills k rows, each with its residual), `key_gammas` (capacity,) float32, the threshold of each
+    row (NaN where its fact has none: the database's gamma), the fact id of each row, {fact id:
+    rev}, and the ids of the facts with thresholds of their own."""
 
     keys: torch.Tensor
     residuals: torch.Tensor
+    key_gammas: torch.Tensor
     count: int
     row_ids: list[str]
     revs: dict[str, int]
+    with_key_gammas: list[str]
 
 
 def load_all(conn: sqlite3.Connection, d1: int, d2: int, dtype: torch.dtype, where: str) -> Loaded:
@@ -40,9 +44,12 @@ def load_all(conn: sqlite3.Connection, d1: int, d2: int, dtype: torch.dtype, whe
     capacity = max(MIN_CAPACITY, 2 * count)  # untouched rows cost no memory until used
     keys = torch.empty((capacity, d1), dtype=dtype)
     residuals = torch.empty((capacity, d2), dtype=dtype)
+    key_gammas = torch.full((capacity,), float("nan"))
     key_raw, residual_raw = keys.view(torch.uint8).numpy(), residuals.view(torch.uint8).numpy()
+    gamma_raw = key_gammas.view(torch.uint8).numpy().reshape(capacity, 4)
     row_ids: list[str] = []
     revs: dict[str, int] = {}
+    with_key_gammas: list[str] = []
     for row in schema.fact_rows(conn):
         problem = stored_problem(row, d1, d2, itemsize)
         if problem:
@@ -54,22 +61,26 @@ def load_all(conn: sqlite3.Connection, d1: int, d2: int, dtype: torch.dtype, whe
                                        f"(fact {fact_id!r} does not fit)")
         key_raw[start : start + rows] = np.frombuffer(key, dtype=np.uint8).reshape(rows, -1)
         residual_raw[start : start + rows] = np.frombuffer(residual, dtype=np.uint8)
+        if row[6] is not None:
+            gamma_raw[start : start + rows] = np.frombuffer(row[6], dtype=np.uint8).reshape(rows, 4)
+            with_key_gammas.append(fact_id)
         row_ids += [fact_id] * rows
         revs[fact_id] = rev
     found = vector_rows_problem(keys[: len(row_ids)], residuals[: len(row_ids)], row_ids)
     if found:
         raise CorruptDatabaseError(f"{where}: {found[1]}")
-    return Loaded(keys, residuals, len(row_ids), row_ids, revs)
+    return Loaded(keys, residuals, key_gammas, len(row_ids), row_ids, revs, with_key_gammas)
 
 
 @dataclasses.dataclass(frozen=True)
 class Changes:
     """What other connections committed: the new `meta`, the ids of removed facts, and the facts
-    written (new or rewritten) with their rev, (k, d1) keys and (1, d2) residual."""
+    written (new or rewritten) with their rev, (k, d1) keys, (1, d2) residual and (k,) float32
+    thresholds (None: the database's gamma)."""
 
     meta: dict[str, Any]
     removed: list[str]
-    written: list[tuple[str, int, torch.Tensor, torch.Tensor]]
+    written: list[tuple[str, int, torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 
 def read_changes(conn: sqlite3.Connection, revs: dict[str, int], d1: int, d2: int, dtype: torch.dtype,

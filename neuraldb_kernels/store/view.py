@@ -1,14 +1,15 @@
 """Row buffers of the views of a NeuralDB: `ViewBuffers` holds one (device, dtype) view, contiguous
-K (m, d1) and R (m, d2); `ViewSet` holds the views of one database.
+K (m, d1), R (m, d2) and the float32 gate threshold of every key row (m,); `ViewSet` holds the
+views of one database.
 
 Capacity doubles on growth, so appends are amortised O(d) per row; deletes move the last rows
 into the holes (swap-remove), O(d) per deleted row. Snapshots handed out are `K[:m]`, `R[:m]`
-slices of the buffers and must never change afterwards:
+(and thresholds `gammas[:m]`) slices of the buffers and must never change afterwards:
 - appends write rows >= m, outside every earlier snapshot, or into freshly grown buffers;
-- in-place rewrites (updates; deletes, which move rows and free rows for later appends) first
-  copy the buffers (copy-on-write) if a snapshot handed out since the last copy may still be in
-  use: some tensor other than the buffer still uses the buffer's storage (a snapshot, or any
-  view of one). That copy costs no more than one retrieval over the live snapshot, so it is paid
+- in-place rewrites (updates; deletes, which move rows and free rows for later appends; a new
+  database gamma) first copy each buffer (copy-on-write) that a snapshot handed out since the
+  last copy may still use: some tensor other than the buffer still uses the buffer's storage (a
+  snapshot, or any view of one). That copy costs no more than one retrieval over the live snapshot, so it is paid
   for by the reader; once readers dropped their snapshots, updates and deletes are O(d) in place.
   (Storage use counts come from torch's `_storage_Use_Count`; without it every rewrite after a
   snapshot copies, which is always safe.)
@@ -42,19 +43,30 @@ def _storage_in_use_elsewhere(buffer: torch.Tensor) -> bool:
 
 
 class ViewBuffers:
-    """K and R rows of one view, in buffers with spare capacity."""
+    """K, R and per-key gate thresholds of one view, in buffers with spare capacity.
 
-    def __init__(self, keys: torch.Tensor, residuals: torch.Tensor, count: int):
-        """Adopt (capacity, d1) / (capacity, d2) buffers (same device and dtype) whose first `count`
-        rows are the view."""
-        self._keys, self._residuals, self.count = keys, residuals, count
+    Per row: the key (d1), the residual (d2), whether the row uses the database's gamma (bool: its
+    fact has no thresholds of its own) and its threshold (float32: its own, or the database's
+    gamma for the rows that use it), so a snapshot hands the op thresholds aligned with K.
+    """
+
+    _NAMES = ("_keys", "_residuals", "_gammas", "_defaults")
+
+    def __init__(self, keys: torch.Tensor, residuals: torch.Tensor, gammas: torch.Tensor, defaults: torch.Tensor,
+                 count: int):
+        """Adopt (capacity, d1) / (capacity, d2) buffers (same device and dtype), a (capacity,) float32
+        threshold buffer and a (capacity,) bool "uses the database's gamma" buffer on that device,
+        whose first `count` rows are the view."""
+        self._keys, self._residuals, self._gammas, self._defaults = keys, residuals, gammas, defaults
+        self.count = count
         self._shared = False
 
     @classmethod
-    def copy_of(cls, keys: torch.Tensor, residuals: torch.Tensor) -> "ViewBuffers":
-        """Buffers holding copies of the (m, d1) `keys` and (m, d2) `residuals`."""
+    def copy_of(cls, keys: torch.Tensor, residuals: torch.Tensor, gammas: torch.Tensor,
+                defaults: torch.Tensor) -> "ViewBuffers":
+        """Buffers holding copies of the (m, d1) `keys`, (m, d2) `residuals`, (m,) `gammas` and `defaults`."""
         capacity = max(MIN_CAPACITY, keys.shape[0])
-        return cls(cls._grown(keys, capacity), cls._grown(residuals, capacity), keys.shape[0])
+        return cls(*(cls._grown(rows, capacity) for rows in (keys, residuals, gammas, defaults)), keys.shape[0])
 
     @property
     def capacity(self) -> int:
@@ -62,14 +74,18 @@ class ViewBuffers:
 
     @staticmethod
     def _grown(rows: torch.Tensor, capacity: int) -> torch.Tensor:
-        buffer = torch.empty((capacity, rows.shape[1]), dtype=rows.dtype, device=rows.device)
+        buffer = torch.empty((capacity, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
         buffer[: rows.shape[0]].copy_(rows)
         return buffer
 
-    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K[:m], R[:m]): contiguous views that later mutations never change."""
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(K[:m], R[:m], gammas[:m]): contiguous views that later mutations never change."""
         self._shared = True
-        return self._keys[: self.count], self._residuals[: self.count]
+        return self._keys[: self.count], self._residuals[: self.count], self._gammas[: self.count]
+
+    def rows_using_default(self) -> torch.Tensor:
+        """(m,) bool: the rows whose threshold is the database's gamma (a copy)."""
+        return self._defaults[: self.count].clone()
 
     def reserve(self, extra: int) -> None:
         """Grow capacity (doubling) so that `extra` more rows fit; earlier buffers stay untouched."""
@@ -77,29 +93,51 @@ class ViewBuffers:
         if needed <= self.capacity:
             return
         capacity = max(needed, 2 * self.capacity)
-        self._keys = self._grown(self._keys[: self.count], capacity)
-        self._residuals = self._grown(self._residuals[: self.count], capacity)
+        for name in self._NAMES:
+            setattr(self, name, self._grown(getattr(self, name)[: self.count], capacity))
         self._shared = False
 
-    def append(self, keys: torch.Tensor, residuals: torch.Tensor) -> None:
-        """Append rows (any device/dtype, converted here); `reserve` must have made room."""
+    def _resolved(self, key_gammas: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(thresholds, uses-default mask) on this view's device for (n,) float32 `key_gammas`,
+        NaN meaning the database's gamma `gamma`."""
+        key_gammas = key_gammas.to(self._gammas.device, torch.float32)
+        defaults = torch.isnan(key_gammas)
+        return torch.where(defaults, torch.tensor(gamma, dtype=torch.float32), key_gammas), defaults
+
+    def append(self, keys: torch.Tensor, residuals: torch.Tensor, key_gammas: torch.Tensor, gamma: float) -> None:
+        """Append rows (any device/dtype, converted here), with (n,) float32 thresholds (NaN: the
+        database's gamma `gamma`); `reserve` must have made room."""
         n = keys.shape[0]
-        self._keys[self.count : self.count + n].copy_(keys)
-        self._residuals[self.count : self.count + n].copy_(residuals)
+        gammas, defaults = self._resolved(key_gammas, gamma)
+        for name, rows in zip(self._NAMES, (keys, residuals, gammas, defaults)):
+            getattr(self, name)[self.count : self.count + n].copy_(rows)
         self.count += n
 
-    def _unshare(self) -> None:
-        if self._shared and (_storage_in_use_elsewhere(self._keys) or _storage_in_use_elsewhere(self._residuals)):
-            self._keys = self._grown(self._keys[: self.count], self.capacity)
-            self._residuals = self._grown(self._residuals[: self.count], self.capacity)
-        self._shared = False
+    def _unshare(self, names: tuple[str, ...] = _NAMES) -> None:
+        """Copy each of the buffers `names` whose storage a snapshot handed out may still use,
+        before rewriting it in place (all of them: the snapshots no longer share any buffer)."""
+        if self._shared:
+            for name in names:
+                buffer = getattr(self, name)
+                if _storage_in_use_elsewhere(buffer):
+                    setattr(self, name, self._grown(buffer[: self.count], self.capacity))
+            self._shared = names != self._NAMES
 
-    def overwrite(self, rows: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor) -> None:
-        """Replace the rows at int64 indices `rows` (all < m) with `keys` / `residuals`."""
+    def overwrite(self, rows: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor, key_gammas: torch.Tensor,
+                  gamma: float) -> None:
+        """Replace the rows at int64 indices `rows` (all < m) with `keys` / `residuals` / thresholds
+        (as for `append`)."""
         self._unshare()
         rows = rows.to(self._keys.device)
-        self._keys.index_copy_(0, rows, keys.to(self._keys.device, self._keys.dtype))
-        self._residuals.index_copy_(0, rows, residuals.to(self._residuals.device, self._residuals.dtype))
+        gammas, defaults = self._resolved(key_gammas, gamma)
+        for name, values in zip(self._NAMES, (keys, residuals, gammas, defaults)):
+            buffer = getattr(self, name)
+            buffer.index_copy_(0, rows, values.to(buffer.device, buffer.dtype))
+
+    def set_default_gamma(self, gamma: float) -> None:
+        """Give the rows that use the database's gamma the new value `gamma`."""
+        self._unshare(("_gammas",))  # K and R stay shared: only the thresholds are rewritten
+        self._gammas[: self.count].masked_fill_(self._defaults[: self.count], gamma)
 
     def move_and_truncate(self, sources: torch.Tensor, targets: torch.Tensor, count: int) -> None:
         """Copy rows `sources` onto rows `targets` (int64, equal length), then keep the first `count`."""
@@ -107,25 +145,31 @@ class ViewBuffers:
         if sources.numel():
             sources = sources.to(self._keys.device)
             targets = targets.to(self._keys.device)
-            self._keys.index_copy_(0, targets, self._keys.index_select(0, sources))
-            self._residuals.index_copy_(0, targets, self._residuals.index_select(0, sources))
+            for name in self._NAMES:
+                buffer = getattr(self, name)
+                buffer.index_copy_(0, targets, buffer.index_select(0, sources))
         self.count = count
 
 
 class ViewSet:
     """One `ViewBuffers` per (device, dtype): the (CPU, storage dtype) one, from which the others
-    are built on first request, always present; every change is applied to all of them."""
+    are built on first request, always present; every change is applied to all of them. `gamma`:
+    the database's gamma, the threshold of the rows whose fact has none of its own."""
 
-    def __init__(self, master: ViewBuffers, dtype: torch.dtype):
+    def __init__(self, master: ViewBuffers, dtype: torch.dtype, gamma: float):
         self.master_key = (torch.device("cpu"), dtype)
         self.buffers: dict[tuple[torch.device, torch.dtype], ViewBuffers] = {self.master_key: master}
+        self.gamma = gamma
 
-    def snapshot(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K[:m], R[:m]) on `device` in `dtype`, building those buffers from the CPU ones if needed."""
+    def snapshot(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(K[:m], R[:m] on `device` in `dtype`, float32 thresholds (m,) on `device`), building those
+        buffers from the CPU ones if needed."""
         buffers = self.buffers.get((device, dtype))
         if buffers is None:
-            keys, residuals = self.buffers[self.master_key].snapshot()
-            buffers = ViewBuffers.copy_of(keys.to(device, dtype), residuals.to(device, dtype))
+            master = self.buffers[self.master_key]
+            keys, residuals, gammas = master.snapshot()
+            buffers = ViewBuffers.copy_of(keys.to(device, dtype), residuals.to(device, dtype), gammas.to(device),
+                                          master.rows_using_default().to(device))
             self.buffers[(device, dtype)] = buffers
         return buffers.snapshot()
 
@@ -134,13 +178,20 @@ class ViewSet:
         for buffers in self.buffers.values():
             buffers.reserve(extra)
 
-    def append(self, keys: torch.Tensor, residuals: torch.Tensor) -> None:
+    def append(self, keys: torch.Tensor, residuals: torch.Tensor, key_gammas: torch.Tensor) -> None:
         for buffers in self.buffers.values():
-            buffers.append(keys, residuals)
+            buffers.append(keys, residuals, key_gammas, self.gamma)
 
-    def overwrite(self, rows: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor) -> None:
+    def overwrite(self, rows: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor,
+                  key_gammas: torch.Tensor) -> None:
         for buffers in self.buffers.values():
-            buffers.overwrite(rows, keys, residuals)
+            buffers.overwrite(rows, keys, residuals, key_gammas, self.gamma)
+
+    def set_default_gamma(self, gamma: float) -> None:
+        """The database's gamma changed: rewrite the thresholds of the rows that use it."""
+        for buffers in self.buffers.values():
+            buffers.set_default_gamma(gamma)
+        self.gamma = gamma
 
     def move_and_truncate(self, sources: torch.Tensor, targets: torch.Tensor, count: int) -> None:
         for buffers in self.buffers.values():
