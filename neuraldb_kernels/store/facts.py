@@ -181,18 +181,24 @@ def _metadata(metadata: Any, ids: list[str], single: bool) -> tuple[list[dict[st
     return dicts, texts
 
 
+def _per_fact(name: str, value: Any, ids: list[str], single: bool) -> list[Any]:
+    """An optional per-fact argument as one entry (None or a tensor) per fact: None for all, a tensor
+    for a single fact, or a sequence of entries."""
+    if value is None:
+        return [None] * len(ids)
+    if single and isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, torch.Tensor) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be None, a tensor for one fact, or a sequence with one entry (None or "
+                        f"a tensor) per fact, got {type(value).__name__}")
+    if len(value) != len(ids):
+        raise ValueError(f"got {len(value)} {name} entries for {len(ids)} facts")
+    return list(value)
+
+
 def _extra_keys(extra_keys: Any, ids: list[str], single: bool, d1: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    if extra_keys is None:
-        return [torch.empty((0, d1), dtype=dtype) for _ in ids]
-    if single and isinstance(extra_keys, torch.Tensor):
-        extra_keys = [extra_keys]
-    if isinstance(extra_keys, torch.Tensor) or not isinstance(extra_keys, Sequence):
-        raise TypeError(f"extra_keys must be None, a tensor for one fact, or a sequence with one entry (None or "
-                        f"a tensor) per fact, got {type(extra_keys).__name__}")
-    if len(extra_keys) != len(ids):
-        raise ValueError(f"got {len(extra_keys)} extra_keys entries for {len(ids)} facts")
     out = []
-    for i, entry in enumerate(extra_keys):
+    for i, entry in enumerate(_per_fact("extra_keys", extra_keys, ids, single)):
         if entry is None:
             out.append(torch.empty((0, d1), dtype=dtype))
             continue
@@ -206,17 +212,8 @@ def _extra_keys(extra_keys: Any, ids: list[str], single: bool, d1: int, dtype: t
 
 
 def _key_gammas(key_gammas: Any, ids: list[str], single: bool, key_counts: list[int]) -> list[torch.Tensor | None]:
-    if key_gammas is None:
-        return [None] * len(ids)
-    if single and isinstance(key_gammas, torch.Tensor):
-        key_gammas = [key_gammas]
-    if isinstance(key_gammas, torch.Tensor) or not isinstance(key_gammas, Sequence):
-        raise TypeError(f"key_gammas must be None, a tensor for one fact, or a sequence with one entry (None or "
-                        f"a tensor) per fact, got {type(key_gammas).__name__}")
-    if len(key_gammas) != len(ids):
-        raise ValueError(f"got {len(key_gammas)} key_gammas entries for {len(ids)} facts")
     out: list[torch.Tensor | None] = []
-    for i, (entry, count) in enumerate(zip(key_gammas, key_counts)):
+    for i, (entry, count) in enumerate(zip(_per_fact("key_gammas", key_gammas, ids, single), key_counts)):
         where = f"key_gammas of {_position(i, ids[i])}"
         if entry is None:
             out.append(None)
