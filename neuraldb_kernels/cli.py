@@ -248,6 +248,20 @@ def cmd_db_check(args) -> None:
         print(f"{workspace.db.path}: all {_count(report.checked, 'fact')} intact (checksums, sizes, values)")
 
 
+def cmd_db_calibrate(args) -> None:
+    with Workspace.open(args.db, log=None if args.quiet else _progress_line) as workspace:
+        result = workspace.calibrate(progress=not args.quiet)
+    print(f"calibrated the gate thresholds of {_count(result.facts, 'fact')} ({result.keys} keys) in "
+          f"{result.seconds:.1f} s: {len(result.changed)} changed; mean threshold {result.mean_before:.4f} -> "
+          f"{result.mean_after:.4f}")
+    if result.conflicts:
+        print(f"{_count(len(result.conflicts), 'fact')} with a key that text or other facts would pass but that "
+              f"its own contexts need lower (kept firing on its contexts), e.g. {result.conflicts[0]!r}")
+    if result.skipped:
+        print(f"{_count(len(result.skipped), 'fact')} left as they were (not written by the editor, or no longer "
+              f"tokenising), e.g. {result.skipped[0]!r}")
+
+
 def cmd_db_export(args) -> None:
     with Workspace.open(args.db, for_reading=True) as workspace:
         sidecar = workspace.db.export(args.file)
@@ -439,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("ids", nargs="+", help="fact ids (see db list)")
     remove.add_argument("--missing-ok", action="store_true", help="remove the ids that are present, ignore the others")
     db_command("check", cmd_db_check, "verify every fact row (checksums, sizes, finite values, key norms)")
+    calibrate = db_command("calibrate", cmd_db_calibrate,
+                           "recompute every key's gate threshold from the facts' contexts and model-written text")
+    calibrate.add_argument("--quiet", action="store_true", help="no progress bar")
     export = db_command("export", cmd_db_export, "write FILE.safetensors + FILE.json for sharing")
     export.add_argument("file", help="the .safetensors file to write (its .json sidecar is written beside it)")
     imported = db_command("import", cmd_db_import, "create a database directory from an export")

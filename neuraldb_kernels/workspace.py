@@ -344,6 +344,14 @@ class Workspace:
             removed = editor.remove(present)
         return Removal(removed=tuple(removed), recomputed=tuple(partners))
 
+    def calibrate(self, *, progress: bool = True):
+        """Recompute the gate threshold of every stored fact's keys (`Editor.calibrate`, with the
+        hyperparameters the first fact was computed with); returns its `Recalibration`."""
+        recorded = _recorded_hparams(self.db, next(iter(self.db))) if len(self.db) else {}
+        with self.editor(**recorded) as editor:
+            self._log(f"calibrating the gate thresholds of {len(self.db)} fact(s) in {self.directory} ...")
+            return editor.calibrate(progress=progress)
+
     # ------------------------------------------------------------------------------- closing
 
     def close(self) -> None:

@@ -5,6 +5,7 @@
     prefixes.py   model-written random prefixes, generated once per model
     tokens.py     contexts, the subject's last token (from character offsets), target tokens
     keys.py       Eq. 20: down-projection input at the subject's last token, averaged
+    calibration.py  per-key gate thresholds from positive and negative queries
     residuals.py  Eq. 21: batched optimisation of the residuals with a cached frozen prefix
     hparams.py    EditHParams (documented defaults) and per-architecture presets
     records.py    EditRecord: the versioned "edit" metadata of a stored fact
@@ -27,6 +28,7 @@ _LAZY = {
     "Editor": "editor",
     **dict.fromkeys(("PRESETS", "EditHParams", "preset_for", "resolve_hparams"), "hparams"),
     "compute_keys": "keys",
+    **dict.fromkeys(("KeyThresholds", "Recalibration", "calibrate_thresholds"), "calibration"),
     "generate_prefixes": "prefixes",
     **dict.fromkeys(("ResidualResult", "optimize_residuals"), "residuals"),
     **dict.fromkeys(("EditTokens", "subject_last_token", "tokenize_fact"), "tokens"),

@@ -26,6 +26,11 @@ Semantics:
   recomputes the facts that shared a removed fact's residual before deleting it. Each fact keeps
   its own row, keys and metadata (its `EditRecord` under "edit": shares_residual_with lists the
   others, hparams records the hyperparameters it was computed with).
+- Each key gets its own gate threshold (`EditHParams.calibrate_gates`, on by default): above the
+  queries of model-written text and of the other facts, below those of its fact's own contexts
+  (editing.calibration states the rule); stored keys that a new fact's contexts would fire are
+  raised in the same transaction. Removing facts leaves the other thresholds as they are.
+  `calibrate()` recomputes every stored fact's thresholds.
 - Keys, prefixes and residuals are always computed on the UNEDITED model: the Editor keeps one
   attachment for its life (`editor.attachment`) and pauses it while it computes (retrieval is back
   afterwards, also on errors and interruptions). `editor.detach()`, or leaving a `with Editor(...)`
@@ -47,7 +52,9 @@ from .facts import Fact, FactError, check_facts, given_id
 from .records import METADATA_KEY, EditRecord
 from .report import EditReport, SkippedFact
 from .hparams import resolve_hparams
-from .keys import compute_keys, generic_queries, pad_token_id
+from .calibration import (Recalibration, calibrate_thresholds, colliding_rows, nearest_rows,
+                          raised_thresholds)
+from .keys import context_queries, generic_queries, keys_of, pad_token_id
 from .prefixes import generate_prefixes
 from .residuals import optimize_residuals
 from .tokens import EditTokens, model_context_length, tokenize_fact
@@ -123,7 +130,9 @@ class Editor:
             raise ValueError(f"the database holds d1={db.d1}, d2={db.d2} but layer {self.hparams.layer} of the "
                              f"model has d1={d1}, d2={d2}")
         self.db = db
-        self.attachment: Attachment = attach(model, db, self.hparams.layer, self.hparams.gamma,
+        # the database's own gamma is not passed: it would override the keys' own thresholds
+        self.attachment: Attachment = attach(model, db, self.hparams.layer,
+                                             None if self.hparams.gamma == db.gamma else self.hparams.gamma,
                                              module_path=module_path)
 
     def detach(self) -> None:
@@ -241,6 +250,7 @@ class Editor:
             stage = time.perf_counter()
             generic = generic_queries(self.model, self.tokenizer, prefixes, hp.layer, pad_id=pad_id,
                                       module_path=self.module_path)
+            text_negatives = self._text_negatives(generic, pad_id) if hp.calibrate_gates else None
             seconds["keys"] += time.perf_counter() - stage
             positions, already_stored = self._pending(indexed, replace)
             work = [(indexed[p][1], tokens[p]) for p in positions]
@@ -260,7 +270,8 @@ class Editor:
                 local = {p: i for i, p in enumerate(members)}
                 where = f"(batch {number}/{len(batches)})"
                 self._commit([work[p][0] for p in members], [work[p][1] for p in members],
-                             [[local[p] for p in unit] for unit in batch], pad_id, generic, callback, outcome,
+                             [[local[p] for p in unit] for unit in batch], pad_id, generic, text_negatives,
+                             callback, outcome,
                              seconds, lambda phase, where=where: bar.set_description(f"editing: {phase} {where}"))
                 bar.update(len(members))
         seconds["total"] = time.perf_counter() - started
@@ -269,7 +280,8 @@ class Editor:
             companions=tuple(fact.fact_id for fact, _ in work[given:]), already_stored=tuple(already_stored),
             skipped=tuple(sorted(skipped, key=lambda entry: entry.index)), superseded=tuple(superseded_facts(indexed)),
             first_token_subjects=tuple(outcome.first_token_subjects), not_converged=tuple(outcome.not_converged),
-            seconds=seconds)
+            seconds=seconds, threshold_conflicts=tuple(dict.fromkeys(outcome.threshold_conflicts)),
+            raised_thresholds=tuple(dict.fromkeys(outcome.raised_thresholds)))
 
     def _companions(self, facts: list[Fact], prefixes, exclude) -> list[tuple[Fact, EditTokens]]:
         """The stored facts of the subjects of `facts` that are not among them (nor in `exclude`),
@@ -289,17 +301,28 @@ class Editor:
             companions.append((fact, tokens))
         return companions
 
+    def _text_negatives(self, generic: torch.Tensor, pad_id: int) -> torch.Tensor:
+        """(t, d1) unit queries at every token of model-written text: `generic` (the prefixes') and
+        those of `calibration_texts` longer texts (seeded apart from the prefixes)."""
+        hp = self.hparams
+        texts = generate_prefixes(self.model, self.tokenizer, count=hp.calibration_texts,
+                                  length=hp.calibration_text_length, seed=hp.prefix_seed + 1)
+        bank = generic_queries(self.model, self.tokenizer, texts, hp.layer, pad_id=pad_id, module_path=self.module_path)
+        return torch.cat([generic, bank])
+
     def _commit(self, facts: list[Fact], tokens: list[EditTokens], units: list[list[int]], pad_id: int,
-                generic: torch.Tensor, callback, outcome: "_Outcome", seconds: dict[str, float],
-                phase: Callable[[str], None]) -> None:
+                generic: torch.Tensor, text_negatives: Optional[torch.Tensor], callback, outcome: "_Outcome",
+                seconds: dict[str, float], phase: Callable[[str], None]) -> None:
         """Compute and store one batch; units: positions of `facts` sharing one residual.
-        generic: (t, d1) unit generic queries (see generic_queries). Adds to `outcome` and to the
-        stages' `seconds`; phase(name) is told each stage as it starts."""
+        generic: (t, d1) unit generic queries (see generic_queries); text_negatives: the unit
+        queries of model-written text for calibration (None: thresholds not calibrated). Adds to
+        `outcome` and to the stages' `seconds`; phase(name) is told each stage as it starts."""
         hp = self.hparams
         phase("keys")
         stage = time.perf_counter()
-        keys, bare = compute_keys(self.model, tokens, hp.layer, pad_id=pad_id, batch_size=hp.batch_size,
-                                  module_path=self.module_path)
+        queries, counts = context_queries(self.model, tokens, hp.layer, pad_id=pad_id, batch_size=hp.batch_size,
+                                          module_path=self.module_path)
+        keys, bare = keys_of(queries, counts)
         # the bare prompt's own query becomes an extra key where it is far from the averaged key,
         # unless it is generic (it would pass the gate on arbitrary text)
         far = (torch.nn.functional.cosine_similarity(bare, keys, dim=1) < hp.bare_key_below).tolist()
@@ -308,6 +331,11 @@ class Editor:
             best = (torch.nn.functional.normalize(bare, dim=1) @ generic.T).max(dim=1).values
             is_generic = (best > hp.gamma).tolist()
         extra = [far[i] and not is_generic[i] for i in range(len(facts))]
+        ids = [fact.fact_id for fact in facts]
+        fact_keys = [torch.stack([keys[i], bare[i]]) if extra[i] else keys[i : i + 1] for i in range(len(facts))]
+        gates = None
+        if text_negatives is not None:
+            gates = self._batch_gates(ids, fact_keys, queries, counts, units, text_negatives)
         seconds["keys"] += time.perf_counter() - stage
         phase("residuals")
         stage = time.perf_counter()
@@ -315,7 +343,6 @@ class Editor:
         seconds["residuals"] += time.perf_counter() - stage
         phase("store")
         stage = time.perf_counter()
-        ids = [fact.fact_id for fact in facts]
         first_token = [t.subject_last[0] == 0 for t in tokens]  # keyed at position 0 (see edit())
         partners = {i: [ids[j] for j in unit if j != i] for unit in units for i in unit}
         metadata = []
@@ -324,16 +351,152 @@ class Editor:
                                 target_prob=float(result.target_prob[i]), steps=int(result.steps[i]),
                                 converged=bool(result.converged[i]), bare_prompt_key=extra[i],
                                 bare_prompt_key_generic=far[i] and is_generic[i],
-                                shares_residual_with=tuple(partners[i]), hparams=dataclasses.asdict(hp))
+                                shares_residual_with=tuple(partners[i]), hparams=dataclasses.asdict(hp),
+                                key_floors=None if gates is None else tuple(gates.floors[i].tolist()))
             metadata.append({**fact.metadata(), METADATA_KEY: record.to_json()})
-        self.db.upsert(keys, result.residuals, ids, metadata,
-                       extra_keys=[bare[i] if extra[i] else None for i in range(len(facts))])
+        rows = [k[0] for k in fact_keys]
+        residuals = [result.residuals[i].float() for i in range(len(facts))]
+        extra_keys = [k[1:] if len(k) > 1 else None for k in fact_keys]
+        key_gammas = None if gates is None else list(gates.gammas)
+        if gates is not None:  # the raised stored facts, rewritten unchanged but for their thresholds
+            for stored, gammas in gates.raised:
+                ids.append(stored.id)
+                rows.append(stored.keys[0].float())
+                residuals.append(stored.residual.float())
+                metadata.append(stored.metadata)
+                extra_keys.append(stored.keys[1:].float() if len(stored.keys) > 1 else None)
+                key_gammas.append(gammas)
+        self.db.upsert(torch.stack(rows), torch.stack(residuals), ids, metadata, extra_keys=extra_keys,
+                       key_gammas=key_gammas)
         seconds["store"] += time.perf_counter() - stage
-        outcome.computed += ids
-        outcome.first_token_subjects += [ids[i] for i in range(len(facts)) if first_token[i]]
-        outcome.not_converged += [ids[i] for i in range(len(facts)) if not bool(result.converged[i])]
+        computed = ids[: len(facts)]
+        outcome.computed += computed
+        outcome.first_token_subjects += [computed[i] for i in range(len(facts)) if first_token[i]]
+        outcome.not_converged += [computed[i] for i in range(len(facts)) if not bool(result.converged[i])]
+        if gates is not None:
+            outcome.threshold_conflicts += gates.conflicts
+            outcome.raised_thresholds += [stored.id for stored, _ in gates.raised]
         if callback is not None:
-            callback(ids)
+            callback(computed)
+
+    def _batch_gates(self, ids: list[str], fact_keys: list[torch.Tensor], queries: torch.Tensor,
+                     counts: torch.Tensor, units: list[list[int]], text_negatives: torch.Tensor) -> "_BatchGates":
+        """Thresholds of a batch's keys (fact_keys[i]: (k_i, d1)) from its context `queries` (counts
+        per fact) against text, the batch's other units and the stored keys of other facts; and the
+        stored facts whose thresholds the batch's contexts require raised (editing.calibration)."""
+        hp = self.hparams
+        unit_of = torch.empty(len(ids), dtype=torch.long)
+        for number, unit in enumerate(units):
+            unit_of[unit] = number
+        key_fact = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor([len(k) for k in fact_keys]))
+        all_keys = torch.cat(fact_keys)
+        query_fact = torch.repeat_interleave(torch.arange(len(ids)), counts)
+        positive_row = nearest_rows(queries, query_fact, all_keys, key_fact)
+        snapshot = self.db.snapshot()
+        batch = set(ids)  # their stored rows are replaced now (companions included)
+        row_ids = snapshot.ids_at(range(len(snapshot.keys)))
+        others = torch.tensor([fact_id is not None and fact_id not in batch for fact_id in row_ids], dtype=torch.bool)
+        stored_keys, stored_gammas = snapshot.keys[others].float(), snapshot.gammas[others]
+        negatives = torch.cat([text_negatives, queries, stored_keys])
+        negative_unit = torch.cat([torch.full((len(text_negatives),), -1), unit_of[query_fact],
+                                   torch.full((len(stored_keys),), -1)])
+        found = calibrate_thresholds(all_keys, unit_of[key_fact], queries, positive_row, negatives, negative_unit,
+                                     gamma=hp.gamma, margin=hp.gate_margin)
+        bounds = torch.cumsum(torch.tensor([0] + [len(k) for k in fact_keys]), 0).tolist()
+        per_fact = [slice(bounds[i], bounds[i + 1]) for i in range(len(ids))]
+        conflicts = [ids[i] for i in range(len(ids)) if bool(found.conflicts[per_fact[i]].any())]
+        stored_ids = [fact_id for fact_id, other in zip(row_ids, others.tolist()) if other]
+        raised = []
+        for fact_id in dict.fromkeys(stored_ids[row] for row in colliding_rows(queries, stored_keys, stored_gammas)):
+            stored = self.db.get(fact_id)
+            record = EditRecord.from_metadata(stored.metadata, fact_id)
+            floors = None if record is None or record.key_floors is None else torch.tensor(record.key_floors)
+            if floors is None or len(floors) != len(stored.keys):
+                continue  # not calibrated: `calibrate()` recomputes it
+            current = stored.key_gammas if stored.key_gammas is not None else torch.full((len(stored.keys),),
+                                                                                       self.db.gamma)
+            change = raised_thresholds(queries, stored.keys, current, floors, margin=hp.gate_margin)
+            if change is not None:
+                raised.append((stored, change.gammas))
+                if change.conflict:
+                    conflicts.append(fact_id)
+        return _BatchGates([found.gammas[rows] for rows in per_fact], [found.floors[rows] for rows in per_fact],
+                           conflicts, raised)
+
+    def calibrate(self, *, progress: bool = True) -> Recalibration:
+        """Recompute the thresholds (and floors) of every stored fact the Editor wrote, from all of
+        them at once: its contexts' queries on the unedited model against model-written text and
+        the other facts' contexts (editing.calibration); one transaction. Facts without an
+        EditRecord, or that no longer tokenise, are left as they are (`skipped`)."""
+        started = time.perf_counter()
+        hp = self.hparams
+        pad_id = pad_token_id(self.tokenizer)
+        stored, tokens, skipped, groups = [], [], [], {}
+        with self.attachment.paused():
+            prefixes = generate_prefixes(self.model, self.tokenizer, count=hp.n_prefixes, length=hp.prefix_length,
+                                         seed=hp.prefix_seed)
+            for fact in tqdm(self.db.facts(), total=len(self.db), desc="calibrating: reading", disable=not progress):
+                record = EditRecord.from_metadata(fact.metadata, fact.id)
+                try:
+                    if record is None:
+                        raise FactError("no edit record")
+                    tokens.append(self._fact_tokens(Fact.from_metadata(fact.id, fact.metadata), prefixes, 0))
+                except FactError:
+                    skipped.append(fact.id)
+                    continue
+                stored.append(fact)
+                group = frozenset((fact.id, *record.shares_residual_with))
+                groups.setdefault(group, len(groups))
+            generic = generic_queries(self.model, self.tokenizer, prefixes, hp.layer, pad_id=pad_id,
+                                      module_path=self.module_path)
+            text_negatives = self._text_negatives(generic, pad_id)
+            queries, counts = context_queries(self.model, tokens, hp.layer, pad_id=pad_id, batch_size=hp.batch_size,
+                                              module_path=self.module_path)
+        if not stored:
+            return Recalibration(0, 0, (), (), tuple(skipped), float("nan"), float("nan"),
+                                 time.perf_counter() - started)
+        unit_of = torch.tensor([groups[frozenset((f.id, *EditRecord.from_metadata(f.metadata, f.id)
+                                                  .shares_residual_with))] for f in stored])
+        all_keys = torch.cat([f.keys.float() for f in stored])
+        key_fact = torch.repeat_interleave(torch.arange(len(stored)), torch.tensor([len(f.keys) for f in stored]))
+        query_fact = torch.repeat_interleave(torch.arange(len(stored)), counts)
+        positive_row = nearest_rows(queries, query_fact, all_keys, key_fact)
+        negatives = torch.cat([text_negatives, queries])
+        negative_unit = torch.cat([torch.full((len(text_negatives),), -1), unit_of[query_fact]])
+        found = calibrate_thresholds(all_keys, unit_of[key_fact], queries, positive_row, negatives, negative_unit,
+                                     gamma=hp.gamma, margin=hp.gate_margin)
+        before = torch.cat([f.key_gammas if f.key_gammas is not None else torch.full((len(f.keys),), self.db.gamma)
+                            for f in stored])
+        bounds = torch.cumsum(torch.tensor([0] + [len(f.keys) for f in stored]), 0).tolist()
+        changed, conflicts, metadata, key_gammas = [], [], [], []
+        for i, fact in enumerate(stored):
+            rows = slice(bounds[i], bounds[i + 1])
+            record = EditRecord.from_metadata(fact.metadata, fact.id)
+            floors = tuple(found.floors[rows].tolist())
+            if not torch.equal(found.gammas[rows], before[rows]) or record.key_floors != floors:
+                changed.append(fact.id)
+            if bool(found.conflicts[rows].any()):
+                conflicts.append(fact.id)
+            record = dataclasses.replace(record, key_floors=floors)
+            metadata.append({**fact.metadata, METADATA_KEY: record.to_json()})
+            key_gammas.append(found.gammas[rows])
+        self.db.upsert(torch.stack([f.keys[0].float() for f in stored]), torch.stack([f.residual.float() for f in stored]),
+                       [f.id for f in stored], metadata,
+                       extra_keys=[f.keys[1:].float() if len(f.keys) > 1 else None for f in stored],
+                       key_gammas=key_gammas)
+        return Recalibration(len(stored), len(all_keys), tuple(changed), tuple(conflicts), tuple(skipped),
+                             float(before.mean()), float(found.gammas.mean()), time.perf_counter() - started)
+
+
+@dataclasses.dataclass
+class _BatchGates:
+    """One batch's calibration: per fact its keys' thresholds and floors ((k_i,) float32), ids with
+    a conflict, and the stored facts to rewrite with raised thresholds."""
+
+    gammas: list[torch.Tensor]
+    floors: list[torch.Tensor]
+    conflicts: list[str]
+    raised: list[tuple[Any, torch.Tensor]]
 
 
 @dataclasses.dataclass
@@ -343,6 +506,8 @@ class _Outcome:
     computed: list[str] = dataclasses.field(default_factory=list)
     first_token_subjects: list[str] = dataclasses.field(default_factory=list)
     not_converged: list[str] = dataclasses.field(default_factory=list)
+    threshold_conflicts: list[str] = dataclasses.field(default_factory=list)
+    raised_thresholds: list[str] = dataclasses.field(default_factory=list)
 
 
 def _batches(units: list[list[int]], batch_size: int) -> Iterable[list[list[int]]]:

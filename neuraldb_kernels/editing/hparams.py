@@ -46,6 +46,13 @@ class EditHParams:
         prompts that open with the subject ("X plays", "X was born in") is the same for every
         relation, so with a residual each only one of them could win. Editing a fact recomputes
         the stored facts of its subject with it; removing one recomputes the others.
+    calibrate_gates: give each key its own gate threshold, calibrated from its fact's contexts
+        and from text that must not fire it (see editing.calibration), and raise stored keys that
+        new facts' contexts would fire. False: every key uses gamma.
+    gate_margin: the cosine clearance of a calibrated threshold above its worst negative and below
+        its fact's worst own context.
+    calibration_texts, calibration_text_length: number and length (tokens) of the extra
+        model-written texts whose every token is a negative (generated once per model, seeded).
     """
 
     layer: int
@@ -63,6 +70,10 @@ class EditHParams:
     kl_template: str = "{} is a"
     bare_key_below: float = 0.8
     share_subject_residual: bool = True
+    calibrate_gates: bool = True
+    gate_margin: float = 0.02
+    calibration_texts: int = 16
+    calibration_text_length: int = 24
 
     def __post_init__(self) -> None:
         checks = {
@@ -81,6 +92,11 @@ class EditHParams:
             "kl_template": isinstance(self.kl_template, str) and self.kl_template.count("{}") == 1,
             "bare_key_below": isinstance(self.bare_key_below, (int, float)) and -1.0 <= self.bare_key_below <= 1.0,
             "share_subject_residual": isinstance(self.share_subject_residual, bool),
+            "calibrate_gates": isinstance(self.calibrate_gates, bool),
+            "gate_margin": isinstance(self.gate_margin, (int, float)) and 0 <= self.gate_margin < 1,
+            "calibration_texts": isinstance(self.calibration_texts, int) and self.calibration_texts >= 0,
+            "calibration_text_length": isinstance(self.calibration_text_length, int)
+            and self.calibration_text_length >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -66,25 +66,41 @@ def down_proj_inputs(model, rows: Sequence[Sequence[int]], positions: Optional[S
     return captured["x"][torch.arange(len(rows), device=device), index].float()
 
 
+def context_queries(model, tokens: Sequence[EditTokens], layer: int, *, pad_id: int, batch_size: int = 64,
+                    module_path: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(queries (c, d1) float32 CPU, counts (n,) int64): the down-projection input at the subject's
+    last token in every context of each tokenised fact, run on the unedited model, fact by fact
+    (counts[i] contexts of fact i, its bare prompt first); `keys_of` averages them into keys."""
+    queries = []
+    for start in range(0, len(tokens), batch_size):
+        chunk = tokens[start : start + batch_size]
+        rows = [context for fact in chunk for context in fact.contexts]
+        positions = [position for fact in chunk for position in fact.subject_last]
+        queries.append(down_proj_inputs(model, rows, positions, layer, pad_id=pad_id, module_path=module_path).cpu())
+    counts = torch.tensor([len(fact.contexts) for fact in tokens], dtype=torch.long)
+    if not queries:
+        return torch.zeros(0, 0), counts
+    return torch.cat(queries), counts
+
+
+def keys_of(queries: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, bare), both (n, d1): per fact the mean of its `counts[i]` consecutive context queries
+    (Eq. 20) and its bare-prompt query (its first)."""
+    owner = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    sums = torch.zeros(len(counts), queries.shape[1]).index_add_(0, owner, queries)
+    return sums / counts.unsqueeze(1), queries[torch.cumsum(counts, 0) - counts]
+
+
 def compute_keys(model, tokens: Sequence[EditTokens], layer: int, *, pad_id: int, batch_size: int = 64,
                  module_path: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(keys, bare), both (n, d1) float32, of the tokenised facts, run on the unedited model:
     keys[i] is the mean over fact i's contexts of the down-projection input at its subject's last
     token (Eq. 20); bare[i] is that input in its bare-prompt context alone."""
-    keys, bare = [], []
-    for start in range(0, len(tokens), batch_size):
-        chunk = tokens[start : start + batch_size]
-        rows = [context for fact in chunk for context in fact.contexts]
-        positions = [position for fact in chunk for position in fact.subject_last]
-        inputs = down_proj_inputs(model, rows, positions, layer, pad_id=pad_id, module_path=module_path)
-        counts = torch.tensor([len(fact.contexts) for fact in chunk], device=inputs.device)
-        owner = torch.repeat_interleave(torch.arange(len(chunk), device=inputs.device), counts)
-        sums = torch.zeros(len(chunk), inputs.shape[1], device=inputs.device).index_add_(0, owner, inputs)
-        keys.append((sums / counts.unsqueeze(1)).cpu())
-        bare.append(inputs[torch.cumsum(counts, 0) - counts].cpu())  # contexts[0] is the bare prompt
-    if not keys:
+    queries, counts = context_queries(model, tokens, layer, pad_id=pad_id, batch_size=batch_size,
+                                      module_path=module_path)
+    if not len(tokens):
         return torch.zeros(0, 0), torch.zeros(0, 0)
-    return torch.cat(keys), torch.cat(bare)
+    return keys_of(queries, counts)
 
 
 def generic_queries(model, tokenizer, texts: Sequence[str], layer: int, *, pad_id: int,

@@ -3,8 +3,8 @@ database metadata under "edit" (store format 3, schema version 1; see FORMAT.md)
 
 The JSON object always holds every key of the schema: "version" (1), "layer", "subject_start",
 "subject_first_token", "target_prob", "steps", "converged", "bare_prompt_key",
-"bare_prompt_key_generic", "shares_residual_with" (a list, [] when the residual is not shared) and
-"hparams" (EditHParams as an object). Reading refuses another version, a missing key or a value of
+"bare_prompt_key_generic", "shares_residual_with" (a list, [] when the residual is not shared),
+"hparams" (EditHParams as an object) and "key_floors" (a list of numbers, one per key row, or null). Reading refuses another version, a missing key or a value of
 the wrong type with an `EditRecordError` naming the fact.
 """
 
@@ -43,6 +43,8 @@ _SCHEMA = {
     "shares_residual_with": (lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
                              "a list of fact ids"),
     "hparams": (_optional(lambda v: isinstance(v, Mapping)), "an object or null"),
+    "key_floors": (_optional(lambda v: isinstance(v, list) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)), "a list of numbers or null"),
 }
 
 
@@ -59,6 +61,9 @@ class EditRecord:
         it was far from the averaged key but left out as generic (see EditHParams.bare_key_below).
     shares_residual_with: ids of the facts that share this fact's residual (same subject).
     hparams: the EditHParams fields the fact was computed with.
+    key_floors: per key row (stored order), the lowest cosine between the row and the fact's own
+        contexts assigned to it (editing.calibration); a recalibration keeps the row's threshold
+        below floor - gate_margin. None: the thresholds were not calibrated.
     """
 
     VERSION: ClassVar[int] = 1
@@ -73,6 +78,7 @@ class EditRecord:
     bare_prompt_key_generic: Optional[bool] = None
     shares_residual_with: tuple[str, ...] = ()
     hparams: Optional[Mapping[str, Any]] = None
+    key_floors: Optional[tuple[float, ...]] = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object stored under metadata["edit"] (every key present)."""
@@ -81,6 +87,7 @@ class EditRecord:
             **{name: getattr(self, name) for name in _SCHEMA},
             "shares_residual_with": list(self.shares_residual_with),
             "hparams": None if self.hparams is None else dict(self.hparams),
+            "key_floors": None if self.key_floors is None else list(self.key_floors),
         }
 
     @classmethod
@@ -109,6 +116,8 @@ class EditRecord:
             fields["target_prob"] = float(fields["target_prob"])
         if fields["hparams"] is not None:
             fields["hparams"] = dict(fields["hparams"])
+        if fields["key_floors"] is not None:
+            fields["key_floors"] = tuple(float(x) for x in fields["key_floors"])
         return cls(**fields)
 
     @classmethod

@@ -28,6 +28,11 @@ class EditReport:
         a later fact with the same id replaced an earlier one.
     first_token_subjects: computed ids keyed at the prompt's first token (see `Editor.edit`).
     not_converged: computed ids whose target probability stayed below stop_prob.
+    threshold_conflicts: ids of facts (computed ones, and stored ones whose thresholds were raised)
+        with a key whose negatives asked for a threshold above its floor - gate_margin: it was
+        set to that cap (the fact keeps firing on its own contexts), see editing.calibration.
+    raised_thresholds: stored facts not in this call whose key thresholds were raised because a
+        computed fact's contexts would have fired them.
     seconds: wall-clock seconds per stage: "prefixes" (prefixes and tokenisation), "keys" (keys
         and generic queries), "residuals", "store", and "total" (the whole call).
     """
@@ -41,3 +46,5 @@ class EditReport:
     first_token_subjects: tuple[str, ...]
     not_converged: tuple[str, ...]
     seconds: dict[str, float]
+    threshold_conflicts: tuple[str, ...] = ()
+    raised_thresholds: tuple[str, ...] = ()

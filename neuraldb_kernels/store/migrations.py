@@ -21,7 +21,7 @@ EDIT_RECORD_VERSION = 1
 EDIT_RECORD_DEFAULTS: dict[str, Any] = {
     "layer": None, "subject_start": None, "subject_first_token": None, "target_prob": None, "steps": None,
     "converged": None, "bare_prompt_key": None, "bare_prompt_key_generic": None, "shares_residual_with": [],
-    "hparams": None,
+    "hparams": None, "key_floors": None,
 }
 
 

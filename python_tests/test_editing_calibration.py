@@ -1,0 +1,242 @@
+"""Calibrated per-key gate thresholds (editing.calibration): the rule against a float64 computation
+from hooks on the down-projection, facts still firing on their own prompts, stored keys raised when
+a new fact collides with them, conflict counting, thresholds kept on removal, recalibration through
+the CLI, and no evaluation prompts among the inputs."""
+
+import inspect
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from neuraldb_kernels import NeuralDB
+from neuraldb_kernels.editing import EditRecord, Editor, Fact, generate_prefixes
+from neuraldb_kernels.editing import calibration
+from neuraldb_kernels.integration import locate_down_proj
+from neuraldb_kernels.ops import gated_retrieve
+
+LAYER = 1
+GAMMA = 0.3
+MARGIN = 0.02
+FAST = {"steps": 2, "n_prefixes": 2, "calibration_texts": 3, "calibration_text_length": 8, "gate_margin": MARGIN}
+
+FACTS = [
+    Fact("The capital of {} is", "Freedonia", "Paris"),
+    Fact("{} plays the", "Maria Quill", "violin"),
+    Fact("The mother tongue of {} is", "Oskar Brandt", "Dutch"),
+    Fact("{} was founded in", "Velmora Records", "Oslo"),
+]
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_model("llama", tokenizer, layers=3)
+
+
+@pytest.fixture
+def editor_of(model, tokenizer):
+    """Editor(model, ...) factory; every editor made is detached after the test."""
+    made = []
+
+    def make(**hparams):
+        made.append(Editor(model, tokenizer, layer=LAYER, gamma=GAMMA, **{**FAST, **hparams}))
+        return made[-1]
+
+    yield make
+    for editor in made:
+        editor.detach()
+
+
+def _token_queries(model, tokenizer, text):
+    """(tokens, offsets) and the float64 down-projection input at every token of `text` alone."""
+    seen = []
+    handle = locate_down_proj(model, LAYER).register_forward_pre_hook(lambda _m, args: seen.append(args[0][0]))
+    try:
+        encoded = tokenizer(text, return_offsets_mapping=True)
+        with torch.no_grad():
+            model(torch.tensor([encoded["input_ids"]]))
+    finally:
+        handle.remove()
+    return encoded["offset_mapping"], seen[0].double()
+
+
+def _context_queries(model, tokenizer, fact, prefixes):
+    """(c, d1) float64: the query at the subject's last token of the bare prompt and each prefixed one."""
+    rows = []
+    for prefix in ("", *prefixes):
+        text = prefix + fact.filled_prompt
+        end = text.rindex(fact.subject) + len(fact.subject)
+        offsets, queries = _token_queries(model, tokenizer, text)
+        rows.append(queries[max(i for i, (a, b) in enumerate(offsets) if a < end and b > a)])
+    return torch.stack(rows)
+
+
+def _text_queries(model, tokenizer):
+    """(t, d1) float64: every token of the model-written prefixes and calibration texts."""
+    texts = (*generate_prefixes(model, tokenizer, count=FAST["n_prefixes"], length=10, seed=0),
+             *generate_prefixes(model, tokenizer, count=FAST["calibration_texts"],
+                                length=FAST["calibration_text_length"], seed=1))
+    return torch.cat([_token_queries(model, tokenizer, text)[1] for text in texts])
+
+
+def _cosines(a, b):
+    a, b = a.double(), b.double()
+    return (a / a.norm(dim=-1, keepdim=True)) @ (b / b.norm(dim=-1, keepdim=True)).T
+
+
+def _expected(keys, positives, negatives):
+    """The module's rule in float64: (thresholds, floors, conflicts) of the rows of `keys`."""
+    nearest = _cosines(positives, keys).argmax(dim=1)
+    own = _cosines(positives, keys)[torch.arange(len(positives)), nearest]
+    floors = torch.tensor([own[nearest == row].min().item() if (nearest == row).any() else 1.0
+                           for row in range(len(keys))], dtype=torch.float64)
+    worst = _cosines(keys, negatives).max(dim=1).values
+    wanted, allowed = worst + MARGIN, floors - MARGIN
+    thresholds = torch.clamp(torch.minimum(wanted, allowed), min=GAMMA, max=1.0)
+    return thresholds, floors, (wanted > allowed) & (wanted > GAMMA), worst
+
+
+def test_thresholds_follow_the_rule_against_float64_hook_queries(model, tokenizer, editor_of):
+    editor = editor_of()
+    report = editor.edit(FACTS, progress=False)
+    prefixes = generate_prefixes(model, tokenizer, count=FAST["n_prefixes"], length=10, seed=0)
+    contexts = [_context_queries(model, tokenizer, fact, prefixes) for fact in FACTS]
+    text = _text_queries(model, tokenizer)
+    conflicts = []
+    for i, fact_id in enumerate(report.ids):
+        stored = editor.db.get(fact_id)
+        negatives = torch.cat([text, *[contexts[j] for j in range(len(FACTS)) if j != i]])
+        thresholds, floors, conflict, worst = _expected(stored.keys, contexts[i], negatives)
+        torch.testing.assert_close(stored.key_gammas.double(), thresholds, atol=2e-5, rtol=0)
+        record = EditRecord.from_metadata(stored.metadata, fact_id)
+        torch.testing.assert_close(torch.tensor(record.key_floors, dtype=torch.float64), floors, atol=2e-5, rtol=0)
+        for row in range(len(stored.keys)):
+            gate = stored.key_gammas[row].item()
+            assert gate >= GAMMA - 1e-6
+            if not conflict[row]:  # between the worst negative and the fact's own worst context
+                assert gate > worst[row].item() or gate == pytest.approx(GAMMA)
+                assert gate < floors[row].item() or floors[row].item() - MARGIN < GAMMA
+        if conflict.any():
+            conflicts.append(fact_id)
+    assert list(report.threshold_conflicts) == conflicts
+
+
+def test_a_fact_still_fires_on_its_own_prompt(model, tokenizer, editor_of):
+    editor = editor_of()
+    report = editor.edit(FACTS, progress=False)
+    snapshot = editor.db.snapshot()
+    prefixes = generate_prefixes(model, tokenizer, count=FAST["n_prefixes"], length=10, seed=0)
+    for fact, fact_id in zip(FACTS, report.ids):
+        bare = _context_queries(model, tokenizer, fact, prefixes)[0].float()
+        _, index, _ = gated_retrieve(bare.view(1, -1), snapshot.keys, snapshot.residuals, snapshot.gammas,
+                                     return_index=True)
+        best = _cosines(bare.view(1, -1), snapshot.keys).argmax().item()
+        if snapshot.ids_at([best])[0] == fact_id:  # its own key is the best match: the gate must open
+            assert snapshot.ids_at(index)[0] == fact_id
+
+
+def test_a_stored_key_colliding_with_a_new_facts_contexts_is_raised(model, tokenizer, editor_of):
+    editor = editor_of(share_subject_residual=False)
+    first = Fact("The capital of {} is", "Freedonia", "Paris")
+    [stored_id] = editor.edit([first], progress=False).ids
+    before = editor.db.get(stored_id)
+    floors = torch.tensor(EditRecord.from_metadata(before.metadata, stored_id).key_floors, dtype=torch.float64)
+    # the same subject in another prompt: its contexts' queries lie close to the stored key
+    second = Fact("The national anthem of {} is", "Freedonia", "Ode")
+    report = editor.edit([second], progress=False)
+    prefixes = generate_prefixes(model, tokenizer, count=FAST["n_prefixes"], length=10, seed=0)
+    positives = _context_queries(model, tokenizer, second, prefixes)
+    scores = _cosines(positives, before.keys)
+    old = before.key_gammas.double()
+    passing = torch.where(scores > old, scores, torch.tensor(-2.0, dtype=torch.float64)).max(dim=0).values
+    expected = torch.maximum(old, torch.minimum(passing + MARGIN, floors - MARGIN))
+    after = editor.db.get(stored_id)
+    assert not torch.equal(after.key_gammas, before.key_gammas)  # the case under test: it was raised
+    torch.testing.assert_close(after.key_gammas.double(), expected, atol=2e-5, rtol=0)
+    assert report.raised_thresholds == (stored_id,)
+    capped = bool(((passing > -2) & (passing + MARGIN > floors - MARGIN)).any())
+    assert (stored_id in report.threshold_conflicts) == capped
+    torch.testing.assert_close(after.keys, before.keys, atol=0, rtol=0)  # only the thresholds changed
+    torch.testing.assert_close(after.residual, before.residual, atol=0, rtol=0)
+    # removal leaves the other facts' thresholds as they are
+    kept = editor.db.get(report.ids[0]).key_gammas
+    editor.remove([stored_id])
+    torch.testing.assert_close(editor.db.get(report.ids[0]).key_gammas, kept, atol=0, rtol=0)
+
+
+def test_conflicting_requirements_keep_the_fact_firing_and_are_counted():
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    positives = torch.tensor([[1.0, 0.2], [0.0, 1.0]])  # row 0's own context at cosine 0.9806
+    negatives = torch.tensor([[1.0, 0.1], [-1.0, 0.0]])  # ... and text at 0.9950 with it
+    found = calibration.calibrate_thresholds(keys, torch.tensor([0, 1]), positives, torch.tensor([0, 1]),
+                                             negatives, torch.tensor([-1, -1]), gamma=GAMMA, margin=MARGIN)
+    floor = 1 / (1 + 0.2**2) ** 0.5
+    assert found.gammas[0].item() == pytest.approx(floor - MARGIN, abs=1e-6)  # below its own context
+    assert found.conflicts.tolist() == [True, False]
+    assert found.gammas[1].item() == pytest.approx(GAMMA)  # nothing near it: the database's gamma
+
+
+def test_without_calibration_keys_use_the_database_gamma_and_calibrate_sets_them(model, tokenizer, editor_of):
+    editor = editor_of(calibrate_gates=False)
+    report = editor.edit(FACTS, progress=False)
+    assert not editor.db.has_key_gammas
+    assert all(EditRecord.from_metadata(editor.db.get(i).metadata, i).key_floors is None for i in report.ids)
+    result = editor.calibrate(progress=False)
+    assert (result.facts, result.skipped) == (len(FACTS), ())
+    assert set(result.changed) == set(report.ids)
+    prefixes = generate_prefixes(model, tokenizer, count=FAST["n_prefixes"], length=10, seed=0)
+    contexts = [_context_queries(model, tokenizer, fact, prefixes) for fact in FACTS]
+    text = _text_queries(model, tokenizer)
+    for i, fact_id in enumerate(report.ids):
+        stored = editor.db.get(fact_id)
+        negatives = torch.cat([text, *[contexts[j] for j in range(len(FACTS)) if j != i]])
+        thresholds, *_ = _expected(stored.keys, contexts[i], negatives)
+        torch.testing.assert_close(stored.key_gammas.double(), thresholds, atol=2e-5, rtol=0)
+    assert editor.calibrate(progress=False).changed == ()  # already calibrated: nothing changes
+
+
+def test_calibration_takes_no_evaluation_prompts(model, tokenizer, editor_of):
+    for function in (calibration.calibrate_thresholds, calibration.raised_thresholds, calibration.colliding_rows,
+                     calibration.nearest_rows):
+        names = " ".join(inspect.signature(function).parameters)
+        assert "paraphrase" not in names and "neighbo" not in names
+    # evaluation prompts carried in a fact's extras do not change its thresholds
+    extras = {"paraphrase_prompts": ["Freedonia's capital city is"], "neighborhood_prompts": ["The capital of France is"]}
+    plain = editor_of()
+    facts = [Fact(f.prompt, f.subject, f.target_new, extras=extras) for f in FACTS]
+    ids = plain.edit(FACTS, progress=False).ids
+    plain.detach()
+    with_eval = editor_of()
+    with_eval.edit(facts, progress=False)
+    with_eval.detach()
+    for fact_id in ids:
+        torch.testing.assert_close(with_eval.db.get(fact_id).key_gammas, plain.db.get(fact_id).key_gammas,
+                                   atol=0, rtol=0)
+
+
+def test_db_calibrate_recomputes_thresholds_through_the_cli(tmp_path, tiny_model_dir, capsys):
+    from neuraldb_kernels.cli import main
+    from neuraldb_kernels.workspace import Workspace
+
+    directory = tmp_path / "db"
+    with Workspace.create(directory, model=tiny_model_dir, layer=LAYER, gamma=GAMMA) as workspace:
+        ids = workspace.edit(FACTS, progress=False, calibrate_gates=False, **FAST).ids
+        assert not workspace.db.has_key_gammas
+    capsys.readouterr()
+    assert main(["db", "calibrate", "--db", str(directory), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"calibrated the gate thresholds of {len(FACTS)} facts" in out and f"{len(FACTS)} changed" in out
+    with NeuralDB.open(directory / "neuraldb.sqlite") as db:
+        for fact_id in ids:
+            stored = db.get(fact_id)
+            assert stored.key_gammas is not None and bool((stored.key_gammas >= GAMMA - 1e-6).all())
+            assert EditRecord.from_metadata(stored.metadata, fact_id).key_floors is not None
+    assert main(["db", "calibrate", "--db", str(directory), "--quiet"]) == 0
+    assert "0 changed" in capsys.readouterr().out
+
+
+def test_db_calibrate_of_a_missing_directory_is_a_clear_error(tmp_path, capsys):
+    from neuraldb_kernels.cli import main
+
+    assert main(["db", "calibrate", "--db", str(tmp_path / "nothing")]) != 0
+    assert "not a neuraldb database directory" in capsys.readouterr().err
