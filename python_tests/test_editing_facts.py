@@ -39,19 +39,20 @@ def test_filled_prompt_keys_on_the_last_occurrence_of_the_subject():
 # a version-1 "edit" record, written out by hand as FORMAT.md pins it
 RECORD = {"version": 1, "layer": 4, "subject_start": None, "subject_first_token": False, "target_prob": 0.93,
           "steps": 7, "converged": True, "bare_prompt_key": False, "bare_prompt_key_generic": False,
-          "shares_residual_with": ["b", "c"], "hparams": {"layer": 4, "lr": 1.5}}
+          "shares_residual_with": ["b", "c"], "hparams": {"layer": 4, "lr": 1.5}, "key_floors": [0.75, 1.0]}
 
 
 def test_edit_record_reads_and_writes_the_pinned_json():
     record = EditRecord.from_json(RECORD)
     assert record == EditRecord(layer=4, subject_first_token=False, target_prob=0.93, steps=7, converged=True,
                                 bare_prompt_key=False, bare_prompt_key_generic=False,
-                                shares_residual_with=("b", "c"), hparams={"layer": 4, "lr": 1.5})
+                                shares_residual_with=("b", "c"), hparams={"layer": 4, "lr": 1.5},
+                                key_floors=(0.75, 1.0))
     assert record.to_json() == RECORD and json.loads(json.dumps(record.to_json())) == RECORD
     assert EditRecord.from_json({**RECORD, "added_later": 1}) == record  # unknown keys are ignored
     assert EditRecord(layer=2).to_json() == {"version": 1, "layer": 2, **dict.fromkeys(
         ("subject_start", "subject_first_token", "target_prob", "steps", "converged", "bare_prompt_key",
-         "bare_prompt_key_generic", "hparams")), "shares_residual_with": []}
+         "bare_prompt_key_generic", "hparams", "key_floors")), "shares_residual_with": []}
     assert EditRecord.from_metadata({"subject": "x"}) is None  # not written by the Editor
 
 
@@ -62,6 +63,7 @@ def test_edit_record_reads_and_writes_the_pinned_json():
     ({key: value for key, value in RECORD.items() if key not in ("steps", "hparams")},
      "lacks the key(s) steps, hparams"),
     ({**RECORD, "layer": True, "shares_residual_with": "b"}, "layer must be an int; shares_residual_with must be"),
+    ({**RECORD, "key_floors": [0.5, "high"]}, "key_floors must be a list of numbers or null"),
     ([1, 2], "is not a JSON object but list"),
 ])
 def test_edit_record_refuses_what_it_cannot_read(value, message):

@@ -13,7 +13,7 @@ from neuraldb_kernels.store import FORMAT_VERSION, NeuralDB
 
 D1, D2 = 6, 3
 EDIT_KEYS = {"version", "layer", "subject_start", "subject_first_token", "target_prob", "steps", "converged",
-             "bare_prompt_key", "bare_prompt_key_generic", "shares_residual_with", "hparams"}
+             "bare_prompt_key", "bare_prompt_key_generic", "shares_residual_with", "hparams", "key_floors"}
 
 
 def _vectors(n, seed=0):
