@@ -74,8 +74,8 @@ def _context_queries(model, tokenizer, fact, prefixes):
 def _text_queries(model, tokenizer):
     """(t, d1) float64: every token of the model-written prefixes and calibration texts."""
     texts = (*generate_prefixes(model, tokenizer, count=FAST["n_prefixes"], length=10, seed=0),
-             *generate_prefixes(model, tokenizer, count=FAST["calibration_texts"],
-                                length=FAST["calibration_text_length"], seed=1))
+             *calibration.model_written_texts(model, tokenizer, count=FAST["calibration_texts"],
+                                              length=FAST["calibration_text_length"], seed=1))
     return torch.cat([_token_queries(model, tokenizer, text)[1] for text in texts])
 
 
@@ -240,3 +240,21 @@ def test_db_calibrate_of_a_missing_directory_is_a_clear_error(tmp_path, capsys):
 
     assert main(["db", "calibrate", "--db", str(tmp_path / "nothing")]) != 0
     assert "not a neuraldb database directory" in capsys.readouterr().err
+
+
+def test_model_written_texts_are_seeded_top_k_samples_that_leave_the_global_rng_alone(model, tokenizer):
+    state = torch.get_rng_state()
+    texts = calibration.model_written_texts(model, tokenizer, count=3, length=6, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert calibration.model_written_texts(model, tokenizer, count=3, length=6, seed=5) == texts
+    assert calibration.model_written_texts(model, tokenizer, count=3, length=6, seed=6) != texts
+    assert len(texts) == 3 and calibration.model_written_texts(model, tokenizer, count=0, length=6, seed=5) == []
+    # an independent sampler: the full sequence every step (no KV cache), the same generator draws
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.tensor([tokenizer(word)["input_ids"][:1] for word in ("The", "Therefore", "Because")])
+    for _ in range(6):
+        with torch.no_grad():
+            top = model(ids).logits[:, -1].float().topk(5)
+        choice = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=generator)
+        ids = torch.cat([ids, top.indices.gather(1, choice)], dim=1)
+    assert texts == [tokenizer.decode(row, skip_special_tokens=True) for row in ids.tolist()]

@@ -38,7 +38,35 @@ from typing import Optional
 
 import torch
 
+from ..integration import hf_compat
+from .prefixes import SEED_WORDS
+
 _CHUNK = 4096  # key rows per matrix product (bounds the (rows, negatives) score matrix)
+
+
+@torch.no_grad()
+def model_written_texts(model, tokenizer, *, count: int, length: int, seed: int, top_k: int = 5) -> list[str]:
+    """`count` texts of `length` tokens the model samples (top-k, its own torch.Generator seeded
+    with `seed`, the global RNG untouched) from the first token of SEED_WORDS in turn, all in one
+    batch with a KV cache: seconds where the prefixes' one-at-a-time sampler would take minutes."""
+    if count == 0:
+        return []
+    device = next(model.parameters()).device
+    starts = [tokenizer(SEED_WORDS[i % len(SEED_WORDS)])["input_ids"] for i in range(count)]
+    width = min(len(row) for row in starts)  # the seed words' shortest encoding (one token, or BOS + one)
+    ids = torch.tensor([row[:width] for row in starts], device=device)
+    generator = torch.Generator().manual_seed(seed)
+    keyword = hf_compat.cache_keyword(model)
+    new, past, step = [], None, ids
+    for _ in range(length):
+        output = model(input_ids=step, use_cache=True, **({keyword: past} if past is not None else {}))
+        past = hf_compat.output_cache(output)
+        top = torch.topk(output.logits[:, -1].float(), top_k)
+        choice = torch.multinomial(torch.softmax(top.values, dim=-1).cpu(), 1, generator=generator)
+        step = top.indices.gather(1, choice.to(device))
+        new.append(step)
+    sampled = torch.cat([ids, *new], dim=1)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in sampled.tolist()]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,7 +52,7 @@ from .facts import Fact, FactError, check_facts, given_id
 from .records import METADATA_KEY, EditRecord
 from .report import EditReport, SkippedFact
 from .hparams import resolve_hparams
-from .calibration import (Recalibration, calibrate_thresholds, colliding_rows, nearest_rows,
+from .calibration import (Recalibration, calibrate_thresholds, colliding_rows, model_written_texts, nearest_rows,
                           raised_thresholds)
 from .keys import context_queries, generic_queries, keys_of, pad_token_id
 from .prefixes import generate_prefixes
@@ -305,8 +305,8 @@ class Editor:
         """(t, d1) unit queries at every token of model-written text: `generic` (the prefixes') and
         those of `calibration_texts` longer texts (seeded apart from the prefixes)."""
         hp = self.hparams
-        texts = generate_prefixes(self.model, self.tokenizer, count=hp.calibration_texts,
-                                  length=hp.calibration_text_length, seed=hp.prefix_seed + 1)
+        texts = model_written_texts(self.model, self.tokenizer, count=hp.calibration_texts,
+                                    length=hp.calibration_text_length, seed=hp.prefix_seed + 1)
         bank = generic_queries(self.model, self.tokenizer, texts, hp.layer, pad_id=pad_id, module_path=self.module_path)
         return torch.cat([generic, bank])
 
