@@ -258,3 +258,23 @@ def test_model_written_texts_are_seeded_top_k_samples_that_leave_the_global_rng_
         choice = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=generator)
         ids = torch.cat([ids, top.indices.gather(1, choice)], dim=1)
     assert texts == [tokenizer.decode(row, skip_special_tokens=True) for row in ids.tolist()]
+
+
+@pytest.mark.parametrize("scores", [3, 1 << 24])  # many chunks, one chunk
+def test_the_rule_on_random_vectors_in_chunks(monkeypatch, scores):
+    monkeypatch.setattr(calibration, "_SCORES", scores)
+    generator = torch.Generator().manual_seed(3)
+    keys, negatives = torch.randn(7, 5, generator=generator), torch.randn(11, 5, generator=generator)
+    positives = keys.repeat(2, 1) + 0.4 * torch.randn(14, 5, generator=generator)
+    found = calibration.calibrate_thresholds(keys, torch.arange(7), positives, torch.arange(7).repeat(2), negatives,
+                                             torch.full((11,), -1), gamma=GAMMA, margin=MARGIN)
+    cosines = _cosines(positives, keys)
+    floors = torch.minimum(cosines.diagonal(), cosines[7:, :].diagonal())
+    worst = _cosines(keys, negatives).max(dim=1).values
+    expected = torch.clamp(torch.minimum(worst + MARGIN, floors - MARGIN), min=GAMMA, max=1.0)
+    torch.testing.assert_close(found.gammas.double(), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(found.floors.double(), floors, atol=1e-6, rtol=0)
+    assert found.conflicts.tolist() == ((worst + MARGIN > floors - MARGIN) & (worst + MARGIN > GAMMA)).tolist()
+    stored_gammas = torch.full((7,), GAMMA)
+    hit = (_cosines(positives, keys) > GAMMA).any(dim=0).nonzero().flatten()
+    assert calibration.colliding_rows(positives, keys, stored_gammas).tolist() == hit.tolist()

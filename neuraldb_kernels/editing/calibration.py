@@ -41,7 +41,11 @@ import torch
 from ..integration import hf_compat
 from .prefixes import SEED_WORDS
 
-_CHUNK = 4096  # key rows per matrix product (bounds the (rows, negatives) score matrix)
+_SCORES = 1 << 24  # elements of one score matrix (64 MiB of float32): products are chunked to this
+
+
+def _rows_per_chunk(columns: int) -> int:
+    return max(1, _SCORES // max(columns, 1))
 
 
 @torch.no_grad()
@@ -109,8 +113,9 @@ def calibrate_thresholds(keys: torch.Tensor, key_unit: torch.Tensor, positives: 
     floors = torch.ones(k).scatter_reduce(0, positive_row, own, reduce="amin", include_self=True)
     worst = torch.full((k,), -1.0)
     unit_negatives = _unit(negatives)
-    for start in range(0, k, _CHUNK):
-        rows = slice(start, start + _CHUNK)
+    chunk = _rows_per_chunk(len(negatives))
+    for start in range(0, k, chunk):
+        rows = slice(start, start + chunk)
         scores = unit_keys[rows] @ unit_negatives.T
         scores = scores.masked_fill(key_unit[rows].view(-1, 1) == negative_unit.view(1, -1), -1.0)
         if scores.shape[1]:
@@ -134,8 +139,9 @@ def colliding_rows(positives: torch.Tensor, keys: torch.Tensor, gammas: torch.Te
     `positives` (p, d1) passes (cosine > threshold): one matrix product, chunked over the queries."""
     hit = torch.zeros(keys.shape[0], dtype=torch.bool)
     unit_keys = _unit(keys)
-    for start in range(0, positives.shape[0], _CHUNK):
-        scores = _unit(positives[start : start + _CHUNK]) @ unit_keys.T
+    chunk = _rows_per_chunk(len(keys))
+    for start in range(0, positives.shape[0], chunk):
+        scores = _unit(positives[start : start + chunk]) @ unit_keys.T
         hit |= (scores > gammas.view(1, -1)).any(dim=0)
     return hit.nonzero().flatten()
 
