@@ -171,6 +171,9 @@ def cmd_compare(args) -> None:
     general_data = _general_data(args)
     k0_data = Path(args.general_data) if args.general_data else default_general_data()
     facts = read_facts(args.data, args.format, max(args.sizes))
+    if len(facts) < max(args.sizes):
+        raise CommandError(f"size {max(args.sizes)} needs {max(args.sizes)} facts but only {len(facts)} were given "
+                           f"in {args.data}")
     log = None if args.quiet else _progress_line
     model, tokenizer = load_model(model_spec(args.model), log)
     hparams = dict(args.hparam)
