@@ -125,3 +125,16 @@ def test_compare_rejects_bad_input(neuraldb, tmp_path, tiny_model_dir, data_dir)
     assert not (tmp_path / "c.json").exists()
     code, _, err = neuraldb(*common, "--sizes", "2", "--general", "--general-data", tmp_path / "nowhere")
     assert code == 1 and "is not a directory" in err
+
+
+def test_k0_texts_leave_out_the_scored_lambada_passages(fake_general_dir):
+    from neuraldb_kernels.baselines import general_texts
+    from neuraldb_kernels.evaluation.compare import scored_lambada_passages
+
+    lines = (fake_general_dir / "lambada" / "lambada_test.jsonl").read_text().splitlines()
+    passages = [json.loads(line)["text"] for line in lines]
+    scored = scored_lambada_passages(fake_general_dir, 2, 0)
+    assert len(scored) == 2 and set(scored) <= set(passages)  # whole passages, exactly as the file holds them
+    texts = general_texts(fake_general_dir, exclude=scored)
+    assert not set(scored) & set(texts)
+    assert set(passages) - set(scored) <= set(texts)
