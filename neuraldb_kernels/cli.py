@@ -181,7 +181,8 @@ def cmd_compare(args) -> None:
     exclude = (scored_lambada_passages(general_data, args.general_limit, args.general_seed)
                if general_data is not None else [])
     if log:
-        log(f"collecting K0 statistics at layer {layer} ({'model-written text and ' + str(k0_data) if k0_data else 'model-written text only'}) ...")
+        texts = f"model-written text and {k0_data}" if k0_data else "model-written text only"
+        log(f"collecting K0 statistics at layer {layer} ({texts}) ...")
     cache = args.k0_cache or Path(args.json).with_name(Path(args.json).name + ".k0.safetensors")
     statistics, seconds = preserved_key_statistics(model, tokenizer, layer, k0_data, exclude=exclude,
                                                    max_tokens=args.k0_tokens, cache=cache)
