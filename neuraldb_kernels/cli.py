@@ -2,6 +2,8 @@
 
     neuraldb edit --facts FILE [--format F] [--model default|PATH] --db DIR [--limit N]
     neuraldb eval --db DIR --data FILE [--format F] [--limit N] [--json OUT] [--references FILE]
+                  [--general [--general-data DIR] [--general-limit N]]
+    neuraldb compare --data FILE --sizes 100,1000 --json OUT [--methods neuraldb,memit,alphaedit] [--plot PNG]
     neuraldb ask --db DIR "PROMPT"
     neuraldb db info|list|rm|check|export|import --db DIR ...
     neuraldb plot REPORT.json ... --out PNG
@@ -110,9 +112,28 @@ def print_edit_report(report, db, directory, before: int) -> None:
           + f"); {directory} now holds {_count(len(db), 'fact')} (was {before})")
 
 
+def _general_data(args) -> Path | None:
+    """The general-data folder for --general: --general-data, else the shipped one; None without
+    --general. CommandError when neither exists."""
+    from .evaluation.harness import default_general_data
+
+    if not args.general:
+        return None
+    if args.general_data is not None:
+        if not Path(args.general_data).is_dir():
+            raise CommandError(f"--general-data {args.general_data} is not a directory")
+        return Path(args.general_data)
+    found = default_general_data()
+    if found is None:
+        raise CommandError("--general needs the six tasks' data: no ../shared/data/general beside the package "
+                           "checkout, so give --general-data DIR")
+    return found
+
+
 def cmd_eval(args) -> None:
     from .evaluation import cases_from_facts, evaluate, read_attribute_snippets, write_json
 
+    general_data = _general_data(args)
     skipped = [] if args.skip_bad else None
     cases = cases_from_facts(read_facts(args.data, args.format, args.limit), skipped=skipped)
     _print_skipped([message for _, message in skipped or ()])
@@ -126,12 +147,58 @@ def cmd_eval(args) -> None:
     with Workspace.open(args.db, for_reading=True) as workspace:
         report = evaluate(workspace.model, workspace.tokenizer, workspace.db, cases, references=references,
                           unrelated_texts=unrelated, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens, compare=args.compare,
+                          max_new_tokens=args.max_new_tokens, compare=args.compare, general_data=general_data,
+                          general_limit=args.general_limit, general_seed=args.general_seed,
                           log=None if args.quiet else _progress_line)
     print(report.table())
     if args.json:
         write_json(report, args.json)
         print(f"wrote {args.json}")
+
+
+def cmd_compare(args) -> None:
+    from .editing import resolve_hparams
+    from .evaluation.compare import (BaselineSettings, compare_methods, plot_comparison, preserved_key_statistics,
+                                     scored_lambada_passages, write_comparison)
+    from .evaluation.harness import default_general_data
+    from .workspace import load_model, model_spec
+
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (checked before the long run, not after it)
+        except ImportError:
+            raise CommandError("--plot needs matplotlib: pip install matplotlib") from None
+    general_data = _general_data(args)
+    k0_data = Path(args.general_data) if args.general_data else default_general_data()
+    facts = read_facts(args.data, args.format, max(args.sizes))
+    if len(facts) < max(args.sizes):
+        raise CommandError(f"size {max(args.sizes)} needs {max(args.sizes)} facts but only {len(facts)} were given "
+                           f"in {args.data}")
+    log = None if args.quiet else _progress_line
+    model, tokenizer = load_model(model_spec(args.model), log)
+    hparams = dict(args.hparam)
+    layer = resolve_hparams(model, {"layer": hparams.pop("layer", None), "gamma": hparams.get("gamma")}).layer
+    exclude = (scored_lambada_passages(general_data, args.general_limit, args.general_seed)
+               if general_data is not None else [])
+    if log:
+        texts = f"model-written text and {k0_data}" if k0_data else "model-written text only"
+        log(f"collecting K0 statistics at layer {layer} ({texts}) ...")
+    cache = args.k0_cache or Path(args.json).with_name(Path(args.json).name + ".k0.safetensors")
+    statistics, seconds = preserved_key_statistics(model, tokenizer, layer, k0_data, exclude=exclude,
+                                                   max_tokens=args.k0_tokens, cache=cache)
+    settings = BaselineSettings(memit_weight=args.memit_weight, alphaedit_regularisation=args.alphaedit_lambda,
+                                alphaedit_threshold=args.alphaedit_threshold)
+    comparison = compare_methods(model, tokenizer, facts, args.sizes, statistics=statistics,
+                                 statistics_seconds=seconds, methods=args.methods, settings=settings,
+                                 general_data=general_data, general_limit=args.general_limit,
+                                 general_seed=args.general_seed, batch_size=args.batch_size, edit_hparams=hparams,
+                                 log=log)
+    print(comparison.table())
+    write_comparison(comparison, args.json)
+    print(f"wrote {args.json}")
+    if args.plot:
+        plot_comparison(comparison, args.plot)
+        print(f"wrote {args.plot}")
 
 
 def _greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
@@ -356,6 +423,31 @@ def _threads(text: str) -> int:
     return value
 
 
+def _positive_list(text: str) -> list[int]:
+    """"100,1000" -> [100, 1000]."""
+    return [_positive(part.strip()) for part in text.split(",")]
+
+
+def _methods(text: str) -> list[str]:
+    from .evaluation.compare import METHODS
+
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(METHODS)}; got {text!r}")
+    return names
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _hparam(text: str) -> tuple[str, object]:
     """NAME=VALUE for an editing hyperparameter; VALUE parsed as JSON (a number...) or kept as text."""
     from .editing import EditHParams
@@ -380,6 +472,19 @@ a JSONL facts file holds one JSON object per line:
 for example:
   {JSONL_EXAMPLE}
 CounterFact and ZsRE JSON arrays are read as published (see --format)."""
+
+
+def _general_options(sub) -> None:
+    from .evaluation.harness import GENERAL_LIMIT
+
+    sub.add_argument("--general", action="store_true",
+                     help="also score the six general-ability tasks (MMLU, ARC-Challenge, SciQ, CommonsenseQA, "
+                          "WSC273, LAMBADA) before -> after")
+    sub.add_argument("--general-data", metavar="DIR",
+                     help="their data folder (default: ../shared/data/general beside the package checkout)")
+    sub.add_argument("--general-limit", "--limit-general", type=_positive, default=GENERAL_LIMIT, metavar="N",
+                     help=f"items per general task, a seeded subsample ({GENERAL_LIMIT})")
+    sub.add_argument("--general-seed", type=int, default=0, help="seed of that subsample (0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,7 +535,41 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--compare", choices=["sequence", "token_mean"], default="sequence",
                           help="CounterFact: compare whole-target probabilities (sequence, default) or mean "
                                "per-token log-probabilities (token_mean, ROME/MEMIT's convention)")
+    _general_options(evaluate)
     evaluate.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    from .evaluation.compare import K0_TOKENS, BaselineSettings
+
+    baseline = BaselineSettings()
+    compare = command("compare", cmd_compare, "edit the same facts with NeuralDB, MEMIT and AlphaEdit (same keys and "
+                                              "residuals, same layer) and score all of them side by side")
+    compare.add_argument("--data", required=True, help="CounterFact / ZsRE / JSONL file of facts with test prompts")
+    compare.add_argument("--format", **fmt)
+    compare.add_argument("--sizes", type=_positive_list, required=True, metavar="N,N,...",
+                         help="numbers of facts (the first N of the file), each edited afresh, e.g. 100,1000")
+    compare.add_argument("--methods", type=_methods, default=["neuraldb", "memit", "alphaedit"],
+                         metavar="M,M,...", help="any of neuraldb,memit,alphaedit (all three)")
+    compare.add_argument("--json", required=True, help="write the comparison as JSON to this file")
+    compare.add_argument("--plot", help="also write a PNG of the metrics against the number of facts")
+    compare.add_argument("--model", default=DEFAULT_MODEL,
+                         help="'default' (SmolLM2-135M-Instruct) or a Hugging Face model directory")
+    compare.add_argument("--hparam", type=_hparam, action="append", default=[], metavar="NAME=VALUE",
+                         help="NeuralDB editing hyperparameter (see EditHParams), e.g. layer=10; repeatable")
+    compare.add_argument("--memit-weight", type=_positive_float, default=baseline.memit_weight, metavar="LAMBDA",
+                         help=f"MEMIT's λ on E[k kᵀ] ({baseline.memit_weight:g}; chosen by efficacy on the "
+                              f"edited prompts only, see evaluation/compare.py)")
+    compare.add_argument("--alphaedit-lambda", type=_positive_float, default=baseline.alphaedit_regularisation,
+                         metavar="LAMBDA", help=f"AlphaEdit's λ ({baseline.alphaedit_regularisation:g})")
+    compare.add_argument("--alphaedit-threshold", type=_positive_float, default=baseline.alphaedit_threshold,
+                         help=f"eigenvalues of E[k kᵀ] below this form AlphaEdit's null space "
+                              f"({baseline.alphaedit_threshold:g})")
+    compare.add_argument("--k0-tokens", type=_positive, default=K0_TOKENS,
+                         help=f"tokens of preserved text for the baselines' K0 statistics ({K0_TOKENS})")
+    compare.add_argument("--k0-cache", help="file caching the K0 statistics (default: next to --json, "
+                                            "JSON.k0.safetensors; reused for the same model, layer and texts)")
+    compare.add_argument("--batch-size", type=_positive, default=32, help="prompts per forward pass (32)")
+    _general_options(compare)
+    compare.add_argument("--quiet", action="store_true", help="no progress lines")
 
     ask = command("ask", cmd_ask, "answer a prompt with and without the edits, and show which facts fired")
     ask.add_argument("--db", required=True, help="database directory")

@@ -222,3 +222,51 @@ def tiny_model_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def write_fake_general_data(directory: pathlib.Path, items: int = 4) -> pathlib.Path:
+    """A general-data folder in the shipped file formats (see evaluation/general.py's readers and
+    ../shared/data/general/PROVENANCE.md) with `items` made-up items per task (WSC273: the 273
+    schemas the reader requires) and two MMLU dev questions; returns `directory`."""
+    import csv
+    import json
+
+    for folder in ("mmlu/test", "mmlu/dev", "arc_challenge", "sciq", "commonsense_qa", "wsc273", "lambada"):
+        (directory / folder).mkdir(parents=True, exist_ok=True)
+    for split, count in (("test", items), ("dev", 2)):
+        with open(directory / "mmlu" / split / f"astronomy_{split}.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["question", "choice0", "choice1", "choice2", "choice3", "answer"])
+            for i in range(count):
+                writer.writerow([f"Which planet is number {i + 1}?", "Mercury", "Venus", "Earth", "Mars", str(i % 4)])
+    with open(directory / "arc_challenge" / "ARC-Challenge-Test.jsonl", "w", encoding="utf-8") as handle:
+        for i in range(items):
+            choices = [{"text": text, "label": label} for text, label in zip(("ice", "steam", "rock"), "ABC")]
+            handle.write(json.dumps({"id": str(i), "question": {"stem": f"What is frozen water, case {i}?",
+                                                                 "choices": choices}, "answerKey": "A"}) + "\n")
+    with open(directory / "sciq" / "test.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["question", "context", "A", "B", "C", "D", "answer"])
+        for i in range(items):
+            writer.writerow([f"What do plants make, case {i}?", "Plants make sugar in light.", "sugar", "salt",
+                             "iron", "gold", "A"])
+    with open(directory / "commonsense_qa" / "dev_rand_split.jsonl", "w", encoding="utf-8") as handle:
+        for i in range(items):
+            handle.write(json.dumps({"id": str(i), "question": f"Where do you keep milk, case {i}?",
+                                     "choices": {"label": list("ABCDE"),
+                                                 "text": ["fridge", "oven", "roof", "car", "shoe"]},
+                                     "answerKey": "A"}) + "\n")
+    schema = ("<schema><text><txt1>The trophy does not fit into the suitcase because</txt1><pron> it </pron>"
+              "<txt2> is too large.</txt2></text><answers><answer>The trophy</answer><answer>the suitcase</answer>"
+              "</answers><correctAnswer> A </correctAnswer></schema>")
+    (directory / "wsc273" / "WSCollection.xml").write_text(f"<collection>{schema * 273}</collection>", encoding="utf-8")
+    with open(directory / "lambada" / "lambada_test.jsonl", "w", encoding="utf-8") as handle:
+        for i in range(items):
+            handle.write(json.dumps({"text": f"She opened the door and saw her old friend number {i} smiling"}) + "\n")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def fake_general_dir(tmp_path_factory):
+    """`write_fake_general_data` in a session temporary folder."""
+    return write_fake_general_data(tmp_path_factory.mktemp("general"))

@@ -145,6 +145,58 @@ def test_records_repeating_a_subject_and_prompt_are_reported(neuraldb, tmp_path,
     assert code == 0 and "1 cases repeat the subject and prompt of a later case" in out, err
 
 
+def _tiny_database(neuraldb, tmp_path, tiny_model_dir):
+    """(database directory, facts file) with two facts edited into the tiny model."""
+    records = tmp_path / "facts.jsonl"
+    records.write_text("\n".join(json.dumps(r) for r in (
+        {"prompt": "{} is located in", "subject": "The Louvre", "target_new": "Berlin", "target_true": "Paris"},
+        {"prompt": "{} plays the", "subject": "Miles Davis", "target_new": "piano", "target_true": "trumpet"})) + "\n")
+    directory = tmp_path / "db"
+    code, _, err = neuraldb("edit", "--facts", records, "--db", directory, "--model", tiny_model_dir,
+                            "--hparam", "layer=1", "--hparam", "steps=2", "--quiet")
+    assert code == 0, err
+    return directory, records
+
+
+def test_eval_reports_strict_and_general_metrics_before_and_after(neuraldb, tmp_path, tiny_model_dir,
+                                                                   fake_general_dir):
+    from neuraldb_kernels.evaluation import GENERAL_TASKS as TASKS
+    from neuraldb_kernels.evaluation import general_abilities, load_cases, strict_metrics
+    from neuraldb_kernels.workspace import load_model
+
+    directory, records = _tiny_database(neuraldb, tmp_path, tiny_model_dir)
+    report_path = tmp_path / "report.json"
+    code, out, err = neuraldb("eval", "--db", directory, "--data", records, "--general", "--general-data",
+                              fake_general_dir, "--general-limit", "3", "--json", report_path, "--quiet")
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    general = [f"general_{task}" for task in TASKS] + ["general_average", "lambada_perplexity"]
+    for side in ("before", "after"):
+        assert {"strict_efficacy", *general} <= set(report[side])  # JSONL facts: no paraphrases, no neighbours
+    for name in ("strict_efficacy", "general_mmlu", "general_average"):
+        assert name in out
+    # the before side is the unedited model's, scored independently here
+    model, tokenizer = load_model(str(tiny_model_dir))
+    strict = strict_metrics(model, tokenizer, load_cases(records))
+    assert report["before"]["strict_efficacy"] == strict.efficacy
+    scores = general_abilities(model, tokenizer, fake_general_dir, limit=3, seed=0)
+    for task in TASKS:
+        assert report["before"][f"general_{task}"] == pytest.approx(scores[task].acc)
+    assert report["before"]["general_average"] == pytest.approx(sum(s.acc for s in scores.values()) / 6)
+
+
+def test_eval_general_needs_its_data(neuraldb, tmp_path, tiny_model_dir, monkeypatch):
+    from neuraldb_kernels.evaluation import harness
+
+    directory, records = _tiny_database(neuraldb, tmp_path, tiny_model_dir)
+    code, _, err = neuraldb("eval", "--db", directory, "--data", records, "--general", "--general-data",
+                            tmp_path / "missing")
+    assert_one_line_error(code, err, 1, "--general-data", "missing", "is not a directory")
+    monkeypatch.setattr(harness, "SHIPPED_GENERAL_DATA", tmp_path / "no-shared-data")
+    code, _, err = neuraldb("eval", "--db", directory, "--data", records, "--general")
+    assert_one_line_error(code, err, 1, "../shared/data/general", "--general-data DIR")
+
+
 def test_edit_says_what_it_is_doing(neuraldb, tmp_path, tiny_model_dir):
     records = tmp_path / "facts.jsonl"
     records.write_text(json.dumps({"prompt": "{} is located in", "subject": "The Louvre", "target_new": "Berlin"}))
@@ -550,7 +602,8 @@ def test_edit_eval_ask_rm_eval(tmp_path, data_dir):
     assert "efficacy" in out and "specificity" in out and "consistency: not computable" in out
     report = json.loads(report_path.read_text())
     assert report["n_facts"] == 2 and report["n_cases"] == 2
-    assert set(report["after"]) == {"efficacy", "generalization", "specificity", "gate_fire_rate", "kl"}
+    assert set(report["after"]) == {"efficacy", "generalization", "specificity", "strict_efficacy",
+                                    "strict_generalization", "strict_specificity", "gate_fire_rate", "kl"}
     assert report["after"]["efficacy"] == 100.0 and report["before"]["efficacy"] < 100.0
     assert report["before"]["gate_fire_rate"] == 0.0
     code, out, err = neuraldb("eval", "--db", directory, "--data", data, "--limit", "2", "--quiet",

@@ -11,7 +11,7 @@ import torch
 from neuraldb_kernels.evaluation import (EvaluationReport, TargetScores, TfidfModel, cases_from_facts, counterfact, evaluate,
                                          fluency, generate_texts, load_cases, ngram_entropy, plot_scaling,
                                          preservation_metrics, read_attribute_snippets, read_json, score_targets,
-                                         text_fluency, write_json, zsre)
+                                         strict_metrics, text_fluency, write_json, zsre)
 from neuraldb_kernels.evaluation.consistency import consistency, terms
 from neuraldb_kernels.evaluation.fluency import words
 
@@ -357,10 +357,13 @@ def test_evaluate_with_a_silent_database_changes_nothing(smollm2, data_dir):
     lines = []
     report = evaluate(model, tokenizer, _empty_db(model), cases, log=lines.append)
     assert report.n_cases == 2 and report.n_facts == 0 and len(lines) == 3
-    assert set(report.before) == {"efficacy", "generalization", "specificity", "gate_fire_rate", "kl"}
+    assert set(report.before) == {"efficacy", "generalization", "specificity", "strict_efficacy",
+                                  "strict_generalization", "strict_specificity", "gate_fire_rate", "kl"}
     assert report.after == report.before
     reference = counterfact.probability_metrics(model, tokenizer, cases)
     assert {k: report.before[k] for k in reference} == reference
+    strict = strict_metrics(model, tokenizer, cases).as_dict()
+    assert {name: report.before[f"strict_{name}"] for name in strict} == strict
     assert any("consistency: not computable" in note for note in report.notes)
     assert any("fluency" in note for note in report.notes)
 

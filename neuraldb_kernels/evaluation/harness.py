@@ -8,6 +8,8 @@ Cases are built from facts read with the editing package's readers (`read_facts`
 re-exported by this package), so evaluation reads the files edits are made from. CounterFact cases get
 efficacy / generalization / specificity, and fluency (plus consistency when reference snippets
 are given) where they carry generation prompts; ZsRE cases get teacher-forced accuracies.
+Both kinds also get the strict (greedy-generation) metrics of strict.py, and, with a general-data
+folder, the six general-ability tasks of general.py on a seeded subsample.
 Preservation (gate fire rate, KL) is measured on the cases' own unrelated text (neighbourhood
 prompts + true answers; ZsRE `loc` + `loc_ans`) unless other texts are given.
 """
@@ -22,9 +24,36 @@ from typing import Any
 from ..editing.readers import read_facts
 from . import counterfact, zsre
 from .counterfact import CounterFactCase
+from .general import general_abilities
 from .preservation import preservation_metrics
 from .report import EvaluationReport
+from .strict import strict_metrics
 from .zsre import ZsRECase
+
+# the general-ability data shipped beside the package checkout (../shared/data/general)
+SHIPPED_GENERAL_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "general"
+GENERAL_LIMIT = 300  # items per task by default: a seeded subsample that a CPU scores in minutes
+
+
+def default_general_data() -> Path | None:
+    """../shared/data/general relative to the package checkout when that folder exists, else None."""
+    return SHIPPED_GENERAL_DATA if SHIPPED_GENERAL_DATA.is_dir() else None
+
+
+def general_metrics(model, tokenizer, data_dir: str | Path, *, limit: int | None = GENERAL_LIMIT, seed: int = 0,
+                    batch_size: int = 16) -> dict[str, float]:
+    """The six general-ability tasks (`general.general_abilities`) of `model` as it is now, as
+    report metrics: general_<task> (accuracy, %), general_average (their mean) and
+    lambada_perplexity; `limit` items per task drawn with `seed` (all when None)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"the general-ability data folder {data_dir} does not exist")
+    scores = general_abilities(model, tokenizer, data_dir, limit=limit, seed=seed, batch_size=batch_size)
+    metrics = {f"general_{task}": score.acc for task, score in scores.items()}
+    metrics["general_average"] = sum(metrics.values()) / len(metrics)
+    if scores.get("lambada") is not None and scores["lambada"].perplexity is not None:
+        metrics["lambada_perplexity"] = scores["lambada"].perplexity
+    return metrics
 
 def cases_from_facts(facts: Sequence, *, skipped: list | None = None) -> list[CounterFactCase] | list[ZsRECase]:
     """ZsRE cases when the facts come from ZsRE (extras source "zsre"), else CounterFact cases.
@@ -59,14 +88,21 @@ def load_cases(path: str | Path, format: str | None = None, limit: int | None = 
 
 
 def model_metrics(model, tokenizer, cases, *, references: Mapping[tuple[str, str], list[str]] | None = None,
-                  batch_size: int = 32, max_new_tokens: int = 100, compare: str = "sequence") -> dict[str, float]:
+                  batch_size: int = 32, max_new_tokens: int = 100, compare: str = "sequence",
+                  strict: bool = True, fluency: bool = True) -> dict[str, float]:
     """The case metrics of `model` as it is now (bare or with whatever is attached); `compare` as in
-    `counterfact.probability_metrics` (CounterFact only)."""
+    `counterfact.probability_metrics` (CounterFact only); `strict`: also the strict_* metrics;
+    `fluency`: also fluency / consistency where the cases allow (CounterFact only)."""
     if isinstance(cases[0], ZsRECase):
-        return zsre.accuracy_metrics(model, tokenizer, cases, batch_size=batch_size)
-    metrics = counterfact.probability_metrics(model, tokenizer, cases, batch_size=batch_size, compare=compare)
-    metrics.update(counterfact.generation_metrics(model, tokenizer, cases, references=references,
-                                                  max_new_tokens=max_new_tokens))
+        metrics = zsre.accuracy_metrics(model, tokenizer, cases, batch_size=batch_size)
+    else:
+        metrics = counterfact.probability_metrics(model, tokenizer, cases, batch_size=batch_size, compare=compare)
+        if fluency:
+            metrics.update(counterfact.generation_metrics(model, tokenizer, cases, references=references,
+                                                          max_new_tokens=max_new_tokens))
+    if strict:
+        scores = strict_metrics(model, tokenizer, cases, batch_size=batch_size)
+        metrics.update({f"strict_{name}": value for name, value in scores.as_dict().items()})
     return metrics
 
 
@@ -102,11 +138,15 @@ def _notes(cases, references, metrics: Mapping[str, float]) -> tuple[str, ...]:
 def evaluate(model, tokenizer, db, cases, *, attach_options: Mapping[str, Any] | None = None,
              references: Mapping[tuple[str, str], list[str]] | None = None,
              unrelated_texts: Sequence[str] | None = None, batch_size: int = 32, max_new_tokens: int = 100,
-             compare: str = "sequence", log: Callable[[str], None] | None = None) -> EvaluationReport:
+             compare: str = "sequence", strict: bool = True, general_data: str | Path | None = None,
+             general_limit: int | None = GENERAL_LIMIT, general_seed: int = 0,
+             log: Callable[[str], None] | None = None) -> EvaluationReport:
     """Score `cases` on the bare `model`, then with `db` attached (`attach(model, db,
     **attach_options)`, detached afterwards), then preservation on `unrelated_texts` (default: the
-    cases' own unrelated text). `compare`: see `counterfact.probability_metrics`. `log` receives
-    one progress line per phase."""
+    cases' own unrelated text). `compare`: see `counterfact.probability_metrics`; `strict`: also the
+    strict generation metrics; `general_data`: a general-data folder, whose six tasks are then
+    scored before and after on `general_limit` items each (seeded by `general_seed`). `log`
+    receives one progress line per phase."""
     from ..integration import attach
 
     if not cases:
@@ -114,13 +154,21 @@ def evaluate(model, tokenizer, db, cases, *, attach_options: Mapping[str, Any] |
     options = dict(attach_options or {})
     say = log or (lambda line: None)
     started = time.perf_counter()
-    before = model_metrics(model, tokenizer, cases, references=references, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens, compare=compare)
+    if general_data is not None and not Path(general_data).is_dir():
+        raise FileNotFoundError(f"the general-ability data folder {general_data} does not exist")
+
+    def score() -> dict[str, float]:
+        metrics = model_metrics(model, tokenizer, cases, references=references, batch_size=batch_size,
+                                max_new_tokens=max_new_tokens, compare=compare, strict=strict)
+        if general_data is not None:
+            metrics.update(general_metrics(model, tokenizer, general_data, limit=general_limit, seed=general_seed))
+        return metrics
+
+    before = score()
     say(f"unedited model scored in {time.perf_counter() - started:.1f} s")
     started = time.perf_counter()
     with attach(model, db, **options):
-        after = model_metrics(model, tokenizer, cases, references=references, batch_size=batch_size,
-                              max_new_tokens=max_new_tokens, compare=compare)
+        after = score()
     say(f"edited model scored in {time.perf_counter() - started:.1f} s")
     if unrelated_texts is None:
         module = zsre if isinstance(cases[0], ZsRECase) else counterfact

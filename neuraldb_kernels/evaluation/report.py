@@ -7,11 +7,17 @@ JSON layout (what `neuraldb eval --json` writes):
      "before": {metric: value}, "after": {metric: value}}
 
 Metrics and units (a metric is absent where the data cannot support it):
-    efficacy, generalization, specificity   percent (0-100)
+    efficacy, generalization, specificity   percent (0-100), teacher-forced probabilities
+    strict_efficacy, strict_generalization, strict_specificity
+                   percent: greedy generation starts with the expected answer (strict.py)
     fluency        ROME's weighted n-gram entropy x 100 (bits x 100, e.g. ~600 for fluent text)
     consistency    TF-IDF cosine x 100
     gate_fire_rate percent of tokens of unrelated text where a gate fires (0 before: no gates)
     kl             mean KL(bare || edited) of next-token distributions, nats per token (0 before)
+    general_<task> accuracy on one of the six general-ability tasks (general.py; mmlu, arc_challenge,
+                   sciq, commonsense_qa, wsc273, lambada), percent, on a seeded subsample
+    general_average the mean of the six task accuracies, percent
+    lambada_perplexity  exp(-mean log P(last word)) on the LAMBADA subsample
 """
 
 from __future__ import annotations
@@ -23,10 +29,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .._files import write_text_atomically
+from .general import TASKS as GENERAL_TASKS
 
-METRICS = ("efficacy", "generalization", "specificity", "fluency", "consistency", "gate_fire_rate", "kl")
+STRICT_METRIC_NAMES = ("strict_efficacy", "strict_generalization", "strict_specificity")
+GENERAL_METRICS = tuple(f"general_{task}" for task in GENERAL_TASKS) + ("general_average", "lambada_perplexity")
+METRICS = ("efficacy", "generalization", "specificity", *STRICT_METRIC_NAMES, "fluency", "consistency",
+           "gate_fire_rate", "kl", *GENERAL_METRICS)
 UNITS = {"efficacy": "%", "generalization": "%", "specificity": "%", "fluency": "bits x100",
-         "consistency": "x100", "gate_fire_rate": "% tokens", "kl": "nats/token"}
+         "consistency": "x100", "gate_fire_rate": "% tokens", "kl": "nats/token",
+         **{name: "%" for name in STRICT_METRIC_NAMES}, **{name: "%" for name in GENERAL_METRICS},
+         "lambada_perplexity": "perplexity"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +85,13 @@ class EvaluationReport:
     def table(self) -> str:
         """A fixed-width before -> after table, one metric per row, then the notes."""
         names = [name for name in METRICS if name in self.before or name in self.after]
+        width = max([16] + [len(name) + 2 for name in names])
         lines = [f"{self.n_cases} cases evaluated, {self.n_facts} facts in the database",
-                 f"{'metric':<16}{'before':>10}{'after':>10}{'change':>10}  unit"]
+                 f"{'metric':<{width}}{'before':>10}{'after':>10}{'change':>10}  unit"]
         for name in names:
             before, after = self.before.get(name, math.nan), self.after.get(name, math.nan)
-            digits = {"kl": 4, "gate_fire_rate": 2}.get(name, 1)
-            lines.append(f"{name:<16}{before:>10.{digits}f}{after:>10.{digits}f}{after - before:>+10.{digits}f}"
+            digits = {"kl": 4, "gate_fire_rate": 2, "lambada_perplexity": 2}.get(name, 1)
+            lines.append(f"{name:<{width}}{before:>10.{digits}f}{after:>10.{digits}f}{after - before:>+10.{digits}f}"
                          f"  {UNITS[name]}")
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""`neuraldb compare` and evaluation/compare.py on a tiny random Llama: the JSON's shape, the three
+methods side by side, the baselines' weight edits live only while they are scored and undone bit for
+bit, and the command's error paths."""
+
+import json
+
+import pytest
+import torch
+
+COUNTERFACT = "counterfact/counterfact-a.json"
+
+
+@pytest.fixture
+def neuraldb(capsys):
+    """Run `neuraldb ARGS` in this process; (exit code, stdout, stderr)."""
+    from neuraldb_kernels.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            code = main([str(arg) for arg in args])
+        except SystemExit as done:  # argparse usage errors
+            code = done.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_compare_writes_all_methods_sizes_timings_and_a_plot(neuraldb, tmp_path, tiny_model_dir, data_dir,
+                                                             fake_general_dir):
+    from neuraldb_kernels.evaluation import GENERAL_TASKS
+
+    out_json, png = tmp_path / "compare.json", tmp_path / "compare.png"
+    arguments = ["--threads", "1", "compare", "--model", tiny_model_dir, "--data", data_dir / COUNTERFACT,
+                 "--sizes", "3,2", "--json", out_json, "--plot", png, "--hparam", "layer=0", "--hparam", "steps=2",
+                 "--general", "--general-data", fake_general_dir, "--limit-general", "3", "--k0-tokens", "2000",
+                 "--quiet"]
+    code, out, err = neuraldb(*arguments)
+    assert code == 0, err
+    assert png.stat().st_size > 0 and "neuraldb" in out and "alphaedit" in out
+    result = json.loads(out_json.read_text())
+    assert result["settings"] == {"memit_weight": 1000.0, "alphaedit_regularisation": 1.0, "alphaedit_threshold": 0.02}
+    assert result["statistics"]["tokens"] >= 2000
+    assert [size["n_facts"] for size in result["sizes"]] == [2, 3]
+    metrics = {"efficacy", "generalization", "specificity", "strict_efficacy", "strict_generalization",
+               "strict_specificity", "general_average", *(f"general_{task}" for task in GENERAL_TASKS)}
+    for size in result["sizes"]:
+        assert size["n_cases"] == size["n_facts"]
+        assert metrics <= set(size["unedited"])
+        assert list(size["methods"]) == ["neuraldb", "memit", "alphaedit"]
+        for name, method in size["methods"].items():
+            assert metrics <= set(method["metrics"])
+            seconds = method["seconds"]
+            assert seconds["keys_and_residuals"] == size["methods"]["neuraldb"]["seconds"]["keys_and_residuals"]
+            parts = [value for stage, value in seconds.items() if stage not in ("total", "store")]
+            if name == "neuraldb":
+                assert set(seconds) == {"keys_and_residuals", "store", "total"}
+                assert seconds["total"] >= seconds["keys_and_residuals"] + seconds["store"] - 1e-9
+            else:
+                assert seconds["statistics"] == result["statistics"]["seconds"]
+                assert seconds["total"] == pytest.approx(sum(parts))
+        assert set(size["methods"]["alphaedit"]["seconds"]) >= {"statistics", "projection", "solve"}
+
+    cache = tmp_path / "compare.json.k0.safetensors"
+    assert cache.is_file()
+    code, _, err = neuraldb(*arguments[:-1], "--methods", "memit", "--sizes", "2", "--quiet")  # reuses the cache
+    assert code == 0, err
+    again = json.loads(out_json.read_text())
+    assert list(again["sizes"][0]["methods"]) == ["memit"]
+    assert again["statistics"]["tokens"] == result["statistics"]["tokens"]
+    assert again["sizes"][0]["methods"]["memit"]["metrics"] == result["sizes"][0]["methods"]["memit"]["metrics"]
+
+
+def test_baseline_edits_are_live_while_scored_and_undone_bit_for_bit(tiny_model_dir, data_dir, monkeypatch):
+    from neuraldb_kernels.baselines import collect_key_statistics
+    from neuraldb_kernels.editing import read_facts
+    from neuraldb_kernels.evaluation import compare
+    from neuraldb_kernels.workspace import load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    original = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    weight = model.model.layers[0].mlp.down_proj.weight
+    seen = []
+    scores = compare._scores
+
+    def recording(*args, **kwargs):
+        seen.append(weight.detach().clone())
+        return scores(*args, **kwargs)
+
+    monkeypatch.setattr(compare, "_scores", recording)
+    texts = [f"Some plain text number {i} about the weather and the sea." for i in range(40)]
+    statistics = collect_key_statistics(model, tokenizer, texts, 0)  # layer 0 of the two
+    second_moment = statistics.second_moment()
+    threshold = float(torch.linalg.eigvalsh(second_moment)[second_moment.shape[0] // 2])  # half the directions
+    settings = compare.BaselineSettings(alphaedit_threshold=threshold)
+    result = compare.compare_methods(model, tokenizer, read_facts(data_dir / COUNTERFACT, limit=2), [2],
+                                     statistics=statistics, settings=settings, edit_hparams={"steps": 2})
+    assert list(result.sizes[0].methods) == ["neuraldb", "memit", "alphaedit"]
+    unedited, neuraldb, memit, alphaedit = seen
+    base = original["model.layers.0.mlp.down_proj.weight"]
+    assert torch.equal(unedited, base) and torch.equal(neuraldb, base)  # NeuralDB leaves the weights alone
+    assert not torch.equal(memit, base) and not torch.equal(alphaedit, base) and not torch.equal(memit, alphaedit)
+    # AlphaEdit's Δ lies where E[k kᵀ] is below the threshold: tr(Δ E[k kᵀ] Δᵀ) <= threshold ‖Δ‖²
+    # (up to the float32 rounding of W + Δ)
+    delta = alphaedit.double() - base.double()
+    assert float(((delta @ second_moment) * delta).sum()) <= 1.01 * threshold * float(delta.pow(2).sum()) + 1e-12
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+
+
+def test_compare_rejects_bad_input(neuraldb, tmp_path, tiny_model_dir, data_dir):
+    common = ["compare", "--model", tiny_model_dir, "--data", data_dir / COUNTERFACT, "--json", tmp_path / "c.json"]
+    code, _, err = neuraldb(*common, "--sizes", "2", "--methods", "neuraldb,rome")
+    assert code == 2 and "neuraldb, memit, alphaedit" in err
+    code, _, err = neuraldb(*common, "--sizes", "0")
+    assert code == 2 and "positive integer" in err
+    code, _, err = neuraldb(*common, "--sizes", "2", "--memit-weight", "-1")
+    assert code == 2 and "positive number" in err
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps({"prompt": "{} is located in", "subject": "The Louvre", "target_new": "Berlin"}) + "\n")
+    code, _, err = neuraldb("compare", "--model", tiny_model_dir, "--data", facts, "--json", tmp_path / "c.json",
+                            "--sizes", "2", "--hparam", "layer=0", "--k0-tokens", "500", "--quiet")
+    assert code == 1 and "size 2 needs 2 facts but only 1 were given" in err
+    assert not (tmp_path / "c.json").exists()
+    code, _, err = neuraldb(*common, "--sizes", "2", "--general", "--general-data", tmp_path / "nowhere")
+    assert code == 1 and "is not a directory" in err
+
+
+def test_k0_texts_leave_out_the_scored_lambada_passages(fake_general_dir):
+    from neuraldb_kernels.baselines import general_texts
+    from neuraldb_kernels.evaluation.compare import scored_lambada_passages
+
+    lines = (fake_general_dir / "lambada" / "lambada_test.jsonl").read_text().splitlines()
+    passages = [json.loads(line)["text"] for line in lines]
+    scored = scored_lambada_passages(fake_general_dir, 2, 0)
+    assert len(scored) == 2 and set(scored) <= set(passages)  # whole passages, exactly as the file holds them
+    texts = general_texts(fake_general_dir, exclude=scored)
+    assert not set(scored) & set(texts)
+    assert set(passages) - set(scored) <= set(texts)
