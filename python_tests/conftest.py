@@ -270,3 +270,20 @@ def write_fake_general_data(directory: pathlib.Path, items: int = 4) -> pathlib.
 def fake_general_dir(tmp_path_factory):
     """`write_fake_general_data` in a session temporary folder."""
     return write_fake_general_data(tmp_path_factory.mktemp("general"))
+
+
+@pytest.fixture
+def neuraldb(capsys):
+    """Run `neuraldb ARGS` in this process; (exit code, stdout, stderr)."""
+    from neuraldb_kernels.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            code = main([str(arg) for arg in args])
+        except SystemExit as done:  # argparse: --help and usage errors
+            code = done.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -20,23 +20,6 @@ from neuraldb_kernels.workspace import Workspace
 COUNTERFACT = "counterfact/counterfact-a.json"
 
 
-@pytest.fixture
-def neuraldb(capsys):
-    """Run `neuraldb ARGS` in this process; (exit code, stdout, stderr)."""
-    from neuraldb_kernels.cli import main
-
-    def run(*args):
-        capsys.readouterr()
-        try:
-            code = main([str(arg) for arg in args])
-        except SystemExit as done:  # argparse: --help and usage errors
-            code = done.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
 def neuraldb_process(*args):
     """Run the console script `neuraldb ARGS` as a subprocess; (exit code, stdout, stderr).
     Model-running commands get `--threads 1`: on a shared 2-core machine one thread is several

@@ -10,23 +10,6 @@ import torch
 COUNTERFACT = "counterfact/counterfact-a.json"
 
 
-@pytest.fixture
-def neuraldb(capsys):
-    """Run `neuraldb ARGS` in this process; (exit code, stdout, stderr)."""
-    from neuraldb_kernels.cli import main
-
-    def run(*args):
-        capsys.readouterr()
-        try:
-            code = main([str(arg) for arg in args])
-        except SystemExit as done:  # argparse usage errors
-            code = done.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
 def test_compare_writes_all_methods_sizes_timings_and_a_plot(neuraldb, tmp_path, tiny_model_dir, data_dir,
                                                              fake_general_dir):
     from neuraldb_kernels.evaluation import GENERAL_TASKS

@@ -50,7 +50,7 @@ import torch
 from .._files import write_text_atomically
 from .general import read_task, subsample
 from .harness import GENERAL_LIMIT, cases_from_facts, general_metrics, model_metrics
-from .report import METRICS, UNITS
+from .report import METRICS, UNITS, plot_metric_panels
 
 METHODS = ("neuraldb", "memit", "alphaedit")
 MODEL_WRITTEN_TEXTS = 64  # sampled texts of 64 tokens each: K0 from what the model writes itself
@@ -289,36 +289,12 @@ def compare_methods(model, tokenizer, facts: Sequence, sizes: Sequence[int], *, 
 def plot_comparison(comparison: Comparison, path: str | Path) -> None:
     """A PNG at `path`: one panel per metric, each method's value against the number of facts
     (the unedited model dashed), as the paper's Figure 1."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install matplotlib "
-                          "(or pip install 'neuraldb_kernels[plots]')") from None
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sizes = comparison.sizes
     methods = list(dict.fromkeys(m for size in sizes for m in size.methods))
     names = [name for name in METRICS if any(name in size.methods[m].metrics for size in sizes for m in size.methods)]
-    columns = min(3, len(names))
-    rows = math.ceil(len(names) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
-    x = [size.n_facts for size in sizes]
-    for ax, name in zip(axes.flat, names):
-        for method in methods:
-            ax.plot(x, [size.methods[method].metrics.get(name, math.nan) for size in sizes], marker="o", label=method)
-        ax.plot(x, [size.unedited.get(name, math.nan) for size in sizes], linestyle="--", color="gray",
-                label="unedited")
-        if len(x) > 1 and x[-1] >= 10 * x[0]:
-            ax.set_xscale("log")
-        ax.set_title(name)
-        ax.set_xlabel("edited facts")
-        ax.set_ylabel(UNITS[name])
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    axes.flat[0].legend()
-    figure.tight_layout()
-    figure.savefig(Path(path), format="png", dpi=120)
-    plt.close(figure)
+    plot_metric_panels(names, path, "edited facts", lambda name: [
+        *[(method, [(size.n_facts, size.methods[method].metrics.get(name, math.nan)) for size in sizes],
+           {"marker": "o"}) for method in methods],
+        ("unedited", [(size.n_facts, size.unedited.get(name, math.nan)) for size in sizes],
+         {"linestyle": "--", "color": "gray"}),
+    ])

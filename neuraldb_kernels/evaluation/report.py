@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from .._files import write_text_atomically
@@ -120,11 +120,10 @@ def read_json(path: str | Path) -> EvaluationReport:
         raise ValueError(f"report {path}: {error}") from None
 
 
-def plot_scaling(reports: Sequence[EvaluationReport], path: str | Path) -> None:
-    """A PNG at `path`: one panel per metric, the after values (line) and the unedited model's
-    before values (dashed) against the number of facts in the database, in increasing order."""
-    if not reports:
-        raise ValueError("plot_scaling needs at least one report")
+def plot_metric_panels(names: Sequence[str], path: str | Path, xlabel: str,
+                       series: Callable[[str], list[tuple[str, list[tuple[float, float]], dict]]]) -> None:
+    """A PNG at `path`: one panel per metric in `names`; `series(name)` gives that panel's lines as
+    (label, [(x, y), ...], matplotlib line options); x on a log scale when it spans 10x or more."""
     try:
         import matplotlib
     except ImportError:
@@ -134,21 +133,19 @@ def plot_scaling(reports: Sequence[EvaluationReport], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    reports = sorted(reports, key=lambda r: r.n_facts)
-    names = [name for name in METRICS if any(name in r.after for r in reports)]
     columns = min(3, len(names))
     rows = math.ceil(len(names) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
-        points = [(r.n_facts, r.after[name]) for r in reports if name in r.after]
-        base = [(r.n_facts, r.before[name]) for r in reports if name in r.before]
-        ax.plot(*zip(*points), marker="o", label="edited")
-        if base:
-            ax.plot(*zip(*base), linestyle="--", color="gray", label="unedited")
-        if min(n for n, _ in points) > 0 and max(n for n, _ in points) >= 10 * min(n for n, _ in points):
+        xs = []
+        for label, points, options in series(name):
+            if points:
+                ax.plot(*zip(*points), label=label, **options)
+                xs += [x for x, _ in points]
+        if xs and min(xs) > 0 and max(xs) >= 10 * min(xs):
             ax.set_xscale("log")
         ax.set_title(name)
-        ax.set_xlabel("facts in the database")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(UNITS[name])
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
@@ -157,3 +154,17 @@ def plot_scaling(reports: Sequence[EvaluationReport], path: str | Path) -> None:
     figure.tight_layout()
     figure.savefig(Path(path), format="png", dpi=120)
     plt.close(figure)
+
+
+def plot_scaling(reports: Sequence[EvaluationReport], path: str | Path) -> None:
+    """A PNG at `path`: one panel per metric, the after values (line) and the unedited model's
+    before values (dashed) against the number of facts in the database, in increasing order."""
+    if not reports:
+        raise ValueError("plot_scaling needs at least one report")
+    reports = sorted(reports, key=lambda r: r.n_facts)
+    names = [name for name in METRICS if any(name in r.after for r in reports)]
+    plot_metric_panels(names, path, "facts in the database", lambda name: [
+        ("edited", [(r.n_facts, r.after[name]) for r in reports if name in r.after], {"marker": "o"}),
+        ("unedited", [(r.n_facts, r.before[name]) for r in reports if name in r.before],
+         {"linestyle": "--", "color": "gray"}),
+    ])
