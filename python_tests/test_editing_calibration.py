@@ -243,10 +243,19 @@ def test_db_calibrate_of_a_missing_directory_is_a_clear_error(tmp_path, capsys):
 
 
 def test_model_written_texts_are_seeded_top_k_samples_that_leave_the_global_rng_alone(model, tokenizer):
+    calibration._TEXTS.pop(model, None)  # sample afresh, whatever earlier tests cached
     state = torch.get_rng_state()
     texts = calibration.model_written_texts(model, tokenizer, count=3, length=6, seed=5)
     assert torch.equal(torch.get_rng_state(), state)
-    assert calibration.model_written_texts(model, tokenizer, count=3, length=6, seed=5) == texts
+
+    def forward_again(module, args):
+        raise AssertionError("the same texts were sampled twice")
+
+    hook = model.register_forward_pre_hook(forward_again)  # cached per model and settings
+    try:
+        assert calibration.model_written_texts(model, tokenizer, count=3, length=6, seed=5) == texts
+    finally:
+        hook.remove()
     assert calibration.model_written_texts(model, tokenizer, count=3, length=6, seed=6) != texts
     assert len(texts) == 3 and calibration.model_written_texts(model, tokenizer, count=0, length=6, seed=5) == []
     # an independent sampler: the full sequence every step (no KV cache), the same generator draws

@@ -34,6 +34,7 @@ threshold raised against a removed fact is only more selective than needed, neve
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Optional
 
 import torch
@@ -42,6 +43,8 @@ from ..integration import hf_compat
 from .prefixes import SEED_WORDS
 
 _SCORES = 1 << 24  # elements of one score matrix (64 MiB of float32): products are chunked to this
+# model -> {(count, length, seed, top_k): texts}: every edit call of an Editor asks for the same texts
+_TEXTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def _rows_per_chunk(columns: int) -> int:
@@ -52,9 +55,18 @@ def _rows_per_chunk(columns: int) -> int:
 def model_written_texts(model, tokenizer, *, count: int, length: int, seed: int, top_k: int = 5) -> list[str]:
     """`count` texts of `length` tokens the model samples (top-k, its own torch.Generator seeded
     with `seed`, the global RNG untouched) from the first token of SEED_WORDS in turn, all in one
-    batch with a KV cache: seconds where the prefixes' one-at-a-time sampler would take minutes."""
+    batch with a KV cache: seconds where the prefixes' one-at-a-time sampler would take minutes.
+    Cached per model and settings like the prefixes (the model must be unedited at the first call)."""
     if count == 0:
         return []
+    cached = _TEXTS.setdefault(model, {})
+    settings = (count, length, seed, top_k)
+    if settings not in cached:
+        cached[settings] = _sample_texts(model, tokenizer, count, length, seed, top_k)
+    return list(cached[settings])
+
+
+def _sample_texts(model, tokenizer, count: int, length: int, seed: int, top_k: int) -> tuple[str, ...]:
     device = next(model.parameters()).device
     starts = [tokenizer(SEED_WORDS[i % len(SEED_WORDS)])["input_ids"] for i in range(count)]
     width = min(len(row) for row in starts)  # the seed words' shortest encoding (one token, or BOS + one)
@@ -70,7 +82,7 @@ def model_written_texts(model, tokenizer, *, count: int, length: int, seed: int,
         step = top.indices.gather(1, choice.to(device))
         new.append(step)
     sampled = torch.cat([ids, *new], dim=1)
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in sampled.tolist()]
+    return tuple(tokenizer.decode(row, skip_special_tokens=True) for row in sampled.tolist())
 
 
 @dataclasses.dataclass(frozen=True)
