@@ -59,6 +59,8 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
+from neuraldb_kernels._files import write_text_atomically
+
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact"
 SOURCES = (DATA / "counterfact-a.json", DATA / "counterfact-b.json")
 SLOT = "{}"
@@ -408,10 +410,7 @@ def main(argv=None) -> dict:
         result = generate(read_records(args.source), read_records(args.real), args.count, args.seed)
     except (OSError, ValueError) as error:
         parser.exit(2, f"scale_facts: {error}\n")
-    out = pathlib.Path(args.out)
-    temporary = out.with_name(out.name + ".tmp")
-    temporary.write_text(json.dumps(result.records, ensure_ascii=False), encoding="utf-8")
-    temporary.replace(out)
+    write_text_atomically(args.out, json.dumps(result.records, ensure_ascii=False))
     summary = result.summary()
     json.dump(summary, sys.stdout, indent=1)
     print()
