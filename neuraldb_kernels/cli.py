@@ -192,7 +192,7 @@ def cmd_compare(args) -> None:
                                  statistics_seconds=seconds, methods=args.methods, settings=settings,
                                  general_data=general_data, general_limit=args.general_limit,
                                  general_seed=args.general_seed, batch_size=args.batch_size, edit_hparams=hparams,
-                                 log=log)
+                                 databases=args.databases, log=log)
     print(comparison.table())
     write_comparison(comparison, args.json)
     print(f"wrote {args.json}")
@@ -568,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--k0-cache", help="file caching the K0 statistics (default: next to --json, "
                                             "JSON.k0.safetensors; reused for the same model, layer and texts)")
     compare.add_argument("--batch-size", type=_positive, default=32, help="prompts per forward pass (32)")
+    compare.add_argument("--databases", metavar="DIR",
+                         help="keep NeuralDB's database of each size in DIR/facts-N.sqlite; a rerun resumes "
+                              "an interrupted size without re-editing its stored facts")
     _general_options(compare)
     compare.add_argument("--quiet", action="store_true", help="no progress lines")
 

@@ -121,3 +121,56 @@ def test_k0_texts_leave_out_the_scored_lambada_passages(fake_general_dir):
     texts = general_texts(fake_general_dir, exclude=scored)
     assert not set(scored) & set(texts)
     assert set(passages) - set(scored) <= set(texts)
+
+
+
+def test_kept_databases_resume_and_are_scored_with_their_own_thresholds(tiny_model_dir, data_dir, tmp_path,
+                                                                        monkeypatch):
+    from neuraldb_kernels.baselines import collect_key_statistics
+    from neuraldb_kernels.editing import read_facts
+    from neuraldb_kernels.evaluation import compare
+    from neuraldb_kernels.store import NeuralDB
+    from neuraldb_kernels.workspace import load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    facts = read_facts(data_dir / COUNTERFACT, limit=2)
+    probe = tokenizer([facts[0].prompt.format(facts[0].subject)], return_tensors="pt")
+    logits = []
+
+    def recording(*args, **kwargs):  # the model's logits on an edited prompt, as each state is scored
+        with torch.no_grad():
+            logits.append(model(**probe).logits)
+        return {"efficacy": 0.0}
+
+    monkeypatch.setattr(compare, "_scores", recording)
+    statistics = collect_key_statistics(model, tokenizer, [f"Plain text number {i} about the sea." for i in range(20)], 0)
+    run = lambda: compare.compare_methods(model, tokenizer, facts, [2], statistics=statistics, methods=["neuraldb"],
+                                          edit_hparams={"steps": 2}, databases=tmp_path / "dbs")
+    assert run().sizes[0].resumed_facts == 0
+    unedited, edited = logits
+    assert not torch.equal(unedited, edited)  # the edit fires on its own prompt
+    db = NeuralDB.open(tmp_path / "dbs" / "facts-2.sqlite")
+    assert len(db) == 2
+    # thresholds of 1 never open (the gate needs a cosine > 1): a rerun scores the kept database
+    # exactly as the unedited model, which it would not if the database's gamma overrode them
+    for fact in list(db.facts()):
+        extra = fact.keys[1:] if len(fact.keys) > 1 else None
+        db.upsert(fact.keys[0], fact.residual, fact.id, fact.metadata, extra_keys=extra,
+                  key_gammas=torch.ones(len(fact.keys)))
+    db.close()
+    logits.clear()
+    assert run().sizes[0].resumed_facts == 2
+    assert torch.equal(logits[0], unedited) and torch.equal(logits[1], unedited)
+    with pytest.raises(ValueError, match="fingerprint mismatch in layer"):
+        compare._size_database(tmp_path / "dbs", 2, model, 1, None)
+
+
+def test_compare_keeps_databases_from_the_command_line(neuraldb, tmp_path, tiny_model_dir, data_dir):
+    out_json = tmp_path / "compare.json"
+    code, out, err = neuraldb("--threads", "1", "compare", "--model", tiny_model_dir, "--data",
+                              data_dir / COUNTERFACT, "--sizes", "1", "--json", out_json, "--methods", "neuraldb",
+                              "--hparam", "layer=0", "--hparam", "steps=1", "--k0-tokens", "500",
+                              "--databases", tmp_path / "dbs")
+    assert code == 0, err
+    assert (tmp_path / "dbs" / "facts-1.sqlite").is_file()
+    assert json.loads(out_json.read_text())["sizes"][0]["resumed_facts"] == 0

@@ -5,8 +5,9 @@
     print(result.table()); write_comparison(result, "compare.json")
 
 For each size N, the first N facts:
-    neuraldb   a fresh in-memory NeuralDB edited through the `Editor` (keys, residual optimisation,
-               store), scored with the database attached;
+    neuraldb   a fresh NeuralDB (in memory, or `databases`/facts-N.sqlite, which a rerun resumes)
+               edited through the `Editor` (keys, residual optimisation, store), scored with the
+               database attached;
     memit      Δ = memit_delta(K1, R, E[k kᵀ], λ) added to the same layer's down-projection;
     alphaedit  Δ = alphaedit_delta(K1, R, P, λ), P the null space of E[k kᵀ] below a threshold;
 where K1 (own key of each fact) and R (its residual) are read back from that NeuralDB, so the only
@@ -89,6 +90,7 @@ class SizeResult:
     n_cases: int
     unedited: dict[str, float]
     methods: dict[str, MethodResult]
+    resumed_facts: int = 0  # facts found already edited in a kept database: their editing is not timed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +105,8 @@ class Comparison:
     def to_dict(self) -> dict:
         """The JSON object `write_comparison` writes."""
         return {"settings": dataclasses.asdict(self.settings), "statistics": dict(self.statistics),
-                "sizes": [{"n_facts": size.n_facts, "n_cases": size.n_cases, "unedited": size.unedited,
+                "sizes": [{"n_facts": size.n_facts, "n_cases": size.n_cases, "resumed_facts": size.resumed_facts,
+                           "unedited": size.unedited,
                            "methods": {name: dataclasses.asdict(result) for name, result in size.methods.items()}}
                           for size in self.sizes]}
 
@@ -115,7 +118,9 @@ class Comparison:
             names = [name for name in METRICS if name in size.unedited
                      or any(name in result.metrics for result in size.methods.values())]
             width = max([20] + [len(name) + 2 for name in names])
-            lines.append(f"{size.n_facts} facts, {size.n_cases} cases")
+            resumed = (f" ({size.resumed_facts} edited by an earlier run: not in the timings)"
+                       if size.resumed_facts else "")
+            lines.append(f"{size.n_facts} facts, {size.n_cases} cases{resumed}")
             lines.append(f"{'metric':<{width}}{'unedited':>10}" + "".join(f"{m:>11}" for m in methods) + "  unit")
             for name in names:
                 values = [size.unedited.get(name, math.nan)] + [size.methods[m].metrics.get(name, math.nan)
@@ -212,17 +217,33 @@ def _baseline(model, tokenizer, delta: torch.Tensor, layer: int, score: Callable
     return metrics
 
 
+def _size_database(databases: Path, n: int, model, layer: int, module_path: str | None):
+    """The kept database of size `n` in the directory `databases`: opened when an earlier run left
+    it (a ValueError when it was built for another model or layer), else a new one for the model."""
+    from ..integration import model_fingerprint
+    from ..store import NeuralDB
+
+    path = databases / f"facts-{n}.sqlite"
+    if not path.exists():
+        databases.mkdir(parents=True, exist_ok=True)
+        return NeuralDB.for_model(model, layer=layer, path=path, module_path=module_path)
+    return NeuralDB.open(path, fingerprint=model_fingerprint(model, layer, module_path))
+
+
 def compare_methods(model, tokenizer, facts: Sequence, sizes: Sequence[int], *, statistics,
                     statistics_seconds: float = 0.0, methods: Sequence[str] = METHODS,
                     settings: BaselineSettings = BaselineSettings(), general_data: str | Path | None = None,
                     general_limit: int | None = GENERAL_LIMIT, general_seed: int = 0, batch_size: int = 32,
                     edit_hparams: Mapping[str, Any] | None = None, module_path: str | None = None,
+                    databases: str | Path | None = None,
                     log: Callable[[str], None] | None = None) -> Comparison:
     """Each of `methods` on the first N of `facts` (as `read_facts` returns them) for every N in
     `sizes` (see the module docstring). statistics: the `KeyStatistics` of K0 at the edited layer
     (`preserved_key_statistics`), computed in `statistics_seconds`. edit_hparams: NeuralDB's editing
-    hyperparameters (`EditHParams`; the layer must match the statistics'). The model is left as it
-    was: NeuralDB detached, every baseline Δ undone."""
+    hyperparameters (`EditHParams`; the layer must match the statistics'). databases: a directory
+    keeping NeuralDB's database of each size as facts-N.sqlite; a rerun resumes an interrupted
+    size and times only the facts it edits (`SizeResult.resumed_facts` counts the others). The
+    model is left as it was: NeuralDB detached, every baseline Δ undone."""
     from ..baselines import alphaedit_delta, memit_delta, null_space_projection
     from ..editing import Editor
     from ..integration import attach
@@ -251,14 +272,16 @@ def compare_methods(model, tokenizer, facts: Sequence, sizes: Sequence[int], *, 
         started = time.perf_counter()
         unedited = score()
         say(f"{n} facts: unedited model scored in {time.perf_counter() - started:.1f} s")
-        with Editor(model, tokenizer, layer=layer, module_path=module_path, **dict(edit_hparams or {})) as editor:
+        db = None if databases is None else _size_database(Path(databases), n, model, layer, module_path)
+        with Editor(model, tokenizer, db, layer=layer, module_path=module_path,
+                    **dict(edit_hparams or {})) as editor:
             report = editor.edit(facts[:n], progress=False)
         db = editor.db
         shared = sum(report.seconds.get(stage, 0.0) for stage in ("prefixes", "keys", "residuals"))
         say(f"{n} facts: NeuralDB edited in {report.seconds['total']:.1f} s")
         by_method: dict[str, MethodResult] = {}
         if "neuraldb" in methods:
-            with attach(model, db, layer, db.gamma, module_path=module_path):
+            with attach(model, db, layer, module_path=module_path):  # each key's own threshold
                 metrics = score()
             by_method["neuraldb"] = MethodResult(metrics, {"keys_and_residuals": shared,
                                                            "store": report.seconds.get("store", 0.0),
@@ -280,7 +303,7 @@ def compare_methods(model, tokenizer, facts: Sequence, sizes: Sequence[int], *, 
             by_method[method] = MethodResult(metrics, {**seconds, "total": sum(seconds.values())})
             say(f"{n} facts: {method} solved in {solve:.1f} s and scored")
         db.close()
-        results.append(SizeResult(n, len(cases), unedited, by_method))
+        results.append(SizeResult(n, len(cases), unedited, by_method, len(report.already_stored)))
     return Comparison(tuple(results), settings,
                       {"tokens": statistics.token_count, "sources": list(statistics.sources),
                        "seconds": statistics_seconds})
