@@ -19,6 +19,10 @@ import torch
 import torch.distributed as dist
 
 
+# one rank's tensor into a slice of one output each; the older name is deprecated in torch >= 2.10
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class RankFailureError(RuntimeError):
     """A collective of the sharded NeuralDB failed: a rank died, was killed or did not answer
     within the timeout. The message names this rank, the collective and the timeout."""
@@ -89,7 +93,7 @@ class Communicator:
         """(world_size, *tensor.shape): every rank's `tensor` (same shape and dtype on every rank)."""
         local = tensor.to(self.device).contiguous()
         out = torch.empty(self.world_size * local.numel(), dtype=local.dtype, device=self.device)
-        self._run(lambda: dist.all_gather_into_tensor(out, local.flatten(), group=self.group, async_op=True), what)
+        self._run(lambda: _all_gather_single(out, local.flatten(), group=self.group, async_op=True), what)
         return out.reshape(self.world_size, *local.shape).to(tensor.device)
 
     def all_reduce_sum(self, tensor: torch.Tensor, what: str) -> torch.Tensor:

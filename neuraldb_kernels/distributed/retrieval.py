@@ -153,8 +153,8 @@ def local_candidates(queries: torch.Tensor, rows: ShardRows, gamma: Gamma, backe
     score bits and code 2 * row + fired or -1, residual rows (N, d2): that row's residual)."""
     residual, index, score = gated_retrieve(queries, rows.keys, rows.residuals, -1.0, backend=backend,
                                             return_index=True)
-    if isinstance(gamma, torch.Tensor):
-        threshold = gamma[index.clamp_min(0)]
+    if isinstance(gamma, torch.Tensor):  # read at the best row; no rows: nothing fires anyway
+        threshold = gamma[index.clamp_min(0)] if gamma.numel() else torch.zeros_like(score)
     else:
         threshold = torch.tensor(gamma, dtype=torch.float32, device=score.device)
     fired = (index >= 0) & (score > threshold)
