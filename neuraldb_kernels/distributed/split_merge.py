@@ -86,7 +86,7 @@ def _copy_into(target: NeuralDB, facts: Iterable[StoredFact]) -> int:
 
 def split_database(source: str | os.PathLike, num_shards: int, out_dir: str | os.PathLike) -> SplitReport:
     """Split the NeuralDB file `source` into `num_shards` shard files and a manifest in `out_dir`
-    (created; it must not exist or be empty). Fact f goes to shard `shard_of(f.id, num_shards)`."""
+    (created, and removed again on failure; it must not exist or be empty). Fact f goes to shard `shard_of(f.id, num_shards)`."""
     if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
         raise ValueError(f"the number of shards must be a positive int, got {num_shards!r}")
     out_dir = Path(out_dir)
@@ -96,9 +96,11 @@ def split_database(source: str | os.PathLike, num_shards: int, out_dir: str | os
     finals = [out_dir / name for name in names]
     temporaries = [_temporary(path) for path in finals]
     with NeuralDB.open(source, readonly=True) as db:
+        created = not out_dir.exists()
         out_dir.mkdir(parents=True, exist_ok=True)
-        shards = [_new_like(db, path) for path in temporaries]
+        shards: list[NeuralDB] = []
         try:
+            shards.extend(_new_like(db, path) for path in temporaries)
             pending: list[list[StoredFact]] = [[] for _ in range(num_shards)]
             counts = [0] * num_shards
             for fact in db.facts():
@@ -122,6 +124,8 @@ def split_database(source: str | os.PathLike, num_shards: int, out_dir: str | os
                 shard_db.close()
             for path in temporaries + finals:
                 remove_database_files(path)
+            if created:
+                out_dir.rmdir()
             raise
     return SplitReport(manifest, tuple(counts))
 
