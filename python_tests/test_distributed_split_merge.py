@@ -175,3 +175,24 @@ def test_opening_checks_the_world_size_and_the_shard(tmp_path, one_rank_group):
     with ShardedNeuralDB.open(one.manifest.path.parent) as sharded:
         assert (sharded.rank, sharded.num_shards, len(sharded.local)) == (0, 1, 8)
         assert sharded.get("fact-3").id == "fact-3"
+
+
+def test_cli_split_and_merge(tmp_path, neuraldb):
+    (tmp_path / "workspace").mkdir()
+    make_source(tmp_path / "workspace" / "neuraldb.sqlite", count=10)
+    code, out, err = neuraldb("db", "split", "--db", tmp_path / "workspace", "--shards", 3, "--out", tmp_path / "shards")
+    assert code == 0, err
+    assert out.startswith("split 10 facts of ") and "into 3 shards" in out and "manifest.json" in out
+    code, out, err = neuraldb("db", "merge", "--manifest", tmp_path / "shards" / "manifest.json",
+                              "--out", tmp_path / "merged.sqlite")
+    assert code == 0, err
+    assert out.strip() == f"merged 10 facts from 3 shards into {tmp_path / 'merged.sqlite'}"
+    assert all_facts(tmp_path / "merged.sqlite") == all_facts(tmp_path / "workspace" / "neuraldb.sqlite")
+    code, _, err = neuraldb("db", "merge", "--manifest", tmp_path / "shards", "--out", tmp_path / "merged.sqlite")
+    assert code == 1 and err.startswith("neuraldb: error: ") and "already exists" in err
+    code, _, err = neuraldb("db", "split", "--db", tmp_path / "workspace", "--shards", 2, "--out", tmp_path / "shards")
+    assert code == 1 and "not an empty folder" in err
+    code, _, err = neuraldb("db", "merge", "--manifest", tmp_path / "nowhere.json", "--out", tmp_path / "m2.sqlite")
+    assert code == 1 and "no shard manifest" in err
+    code, _, err = neuraldb("db", "split", "--db", tmp_path / "workspace", "--shards", 0, "--out", tmp_path / "s0")
+    assert code == 2 and "positive integer" in err
