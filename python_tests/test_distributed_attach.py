@@ -1,7 +1,8 @@
 """A tiny random Llama replicated on 2 gloo processes with a sharded NeuralDB: every rank's
 logits equal those of the same model attached to the whole database in one process (the
 reference, itself tested against independent hooks in test_integration.py), before and after
-edits made on several ranks (each routed to its owner shard, several to the other rank's); the
+edits made on several ranks (each routed to its owner shard, several to the other rank's), and
+greedy `generate(synced_gpus=True)` of different lengths per rank gives the same tokens; the
 shards then merge into exactly the facts of the reference database."""
 
 import json
@@ -79,15 +80,21 @@ def _rank_worker(rank, world_size, model_dir, folder, keys):
             _apply(sharded, method, arguments)
     after = _forward(model, ids)  # the other rank's writes may still be committing when this rank starts
     fired_after = [(f.batch, f.position, f.fact_id) for f in handle.fired()]
+    # generate: each step is a collective forward; synced_gpus keeps every rank stepping until all are done
+    generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3 + rank, do_sample=False,
+                               synced_gpus=True, pad_token_id=0)
     handle.detach()
     sharded.close()
     with attach(model, reference) as single:
         expected_after = _forward(model, ids)
         single_fired_after = [(f.batch, f.position, f.fact_id) for f in single.fired()]
+        expected_generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3 + rank,
+                                            do_sample=False, pad_token_id=0)
     reference.close()
     return {"before": torch.equal(before, expected_before), "after": torch.equal(after, expected_after),
             "edited": not torch.equal(expected_before, bare), "changed": not torch.equal(expected_after, expected_before),
-            "fired": (fired_before, fired_after), "single_fired": (single_fired_before, single_fired_after)}
+            "fired": (fired_before, fired_after), "single_fired": (single_fired_before, single_fired_after),
+            "generated": torch.equal(generated, expected_generated)}
 
 
 def _capture_keys(model):
@@ -141,6 +148,7 @@ def test_two_ranks_give_the_single_process_logits_and_edits_round_trip(tmp_path,
         assert result["edited"] and result["changed"], f"test premise: facts fire and edits matter (rank {rank})"
         assert result["before"] and result["after"], f"rank {rank}: {result}"
         assert result["fired"] == result["single_fired"], f"rank {rank}"
+        assert result["generated"], f"rank {rank}: generate differs from the single-process database's"
     assert ("planted-1-0" in str(results[1]["fired"][0])) and ("planted-1-0" not in str(results[1]["fired"][1]))
 
     merge_shards(report.manifest, tmp_path / "merged.sqlite")

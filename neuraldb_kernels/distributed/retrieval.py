@@ -60,9 +60,9 @@ class ShardRows:
 @dataclasses.dataclass(frozen=True)
 class CommunicationStats:
     """What one retrieval exchanged, as seen by this rank: the number of collectives, the bytes it
-    sent and received (logical volume: an all-gather of s bytes per rank sends s and receives
-    (W - 1) s; an all-reduce of s bytes sends and receives 2 (W - 1) / W s, a ring's), and the
-    wall seconds spent in collectives (waiting for slower ranks included)."""
+    sent and received as a ring moves them (an all-gather of s bytes per rank: (W - 1) s each way;
+    an all-reduce of s bytes: 2 (W - 1) / W s each way; nothing when W = 1), and the wall seconds
+    spent in collectives (waiting for slower ranks included)."""
 
     collectives: int
     bytes_sent: int
@@ -116,7 +116,8 @@ class _Exchanges:
         started = time.perf_counter()
         out = self.comm.all_gather(tensor, what)
         self.seconds += time.perf_counter() - started
-        self.count, self.sent, self.received = self.count + 1, self.sent + size, self.received + (self.comm.world_size - 1) * size
+        moved = (self.comm.world_size - 1) * size
+        self.count, self.sent, self.received = self.count + 1, self.sent + moved, self.received + moved
         return out
 
     def all_reduce_sum(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
@@ -212,7 +213,7 @@ def _gather_queries(exchanges: _Exchanges, q2d: torch.Tensor) -> tuple[torch.Ten
     """Every rank's queries, rank 0's first (N, d1), and each rank's count."""
     comm = exchanges.comm
     d1 = q2d.shape[1]
-    header = torch.tensor([q2d.shape[0], d1, _DTYPE_CODES.get(q2d.dtype, 0)], dtype=torch.int64)
+    header = torch.tensor([q2d.shape[0], d1, _DTYPE_CODES[q2d.dtype]], dtype=torch.int64)
     headers = exchanges.all_gather(header, "sharded retrieval (query counts)").tolist()
     if any((other_d1, code) != (d1, header[2].item()) for _, other_d1, code in headers):
         raise ValueError(f"sharded retrieval: every rank must bring queries of one d1 and dtype; got (count, d1, "
