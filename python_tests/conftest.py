@@ -356,3 +356,20 @@ def spawn_ranks():
         return [values.get(rank) for rank in range(world_size)]
 
     return run
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo process group of this process alone (world size 1), destroyed afterwards."""
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    yield
+    dist.destroy_process_group()

@@ -38,9 +38,10 @@ def _edits(keys):
     order, to its single-process reference. keys[r][b, t]: the down-projection input at rank r's token."""
     return [
         (1, "add", (_id_owned_by("new-for-rank0", 0), *_fact(keys[0][1, 4], 101))),   # rank 1 writes shard 0
-        (0, "upsert", ("planted-0-1", *_fact(keys[0][0, 2], 102, {"upserted": True}))),  # shard of the id
+        (0, "upsert", ("planted-0-1", *_fact(keys[0][0, 2], 102, {"upserted": True}), torch.tensor([0.5]))),
         (1, "delete", ("planted-1-0",)),
         (0, "add", (_id_owned_by("new-for-rank1", 0), *_fact(keys[1][0, 1], 103))),    # rank 0, its own shard
+        (1, "add", (_id_owned_by("closed", 1), *_fact(keys[1][0, 3], 104), torch.tensor([1.0]))),  # never fires
     ]
 
 
@@ -48,8 +49,8 @@ def _apply(db, method, arguments):
     if method == "delete":
         db.delete(arguments[0])
     else:
-        fact_id, key, residual, metadata = arguments
-        getattr(db, method)(key, residual, fact_id, metadata)
+        fact_id, key, residual, metadata, *key_gammas = arguments
+        getattr(db, method)(key, residual, fact_id, metadata, key_gammas=key_gammas[0] if key_gammas else None)
 
 
 def _forward(model, ids):
@@ -78,6 +79,13 @@ def _rank_worker(rank, world_size, model_dir, folder, keys):
         _apply(reference, method, arguments)
         if who == rank:
             _apply(sharded, method, arguments)
+    refused = []  # a batch with one bad id changes nothing on any shard
+    for attempt in (lambda: sharded.delete(["planted-0-0", "planted-1-1", "missing"]),
+                    lambda: sharded.add(keys[0][0, 1:3], torch.zeros(2, 32), ["fresh", "planted-1-1"])):
+        try:
+            attempt()
+        except (KeyError, ValueError) as error:
+            refused.append(type(error).__name__)
     after = _forward(model, ids)  # the other rank's writes may still be committing when this rank starts
     fired_after = [(f.batch, f.position, f.fact_id) for f in handle.fired()]
     # generate: each step is a collective forward; synced_gpus keeps every rank stepping until all are done
@@ -94,7 +102,7 @@ def _rank_worker(rank, world_size, model_dir, folder, keys):
     return {"before": torch.equal(before, expected_before), "after": torch.equal(after, expected_after),
             "edited": not torch.equal(expected_before, bare), "changed": not torch.equal(expected_after, expected_before),
             "fired": (fired_before, fired_after), "single_fired": (single_fired_before, single_fired_after),
-            "generated": torch.equal(generated, expected_generated)}
+            "generated": torch.equal(generated, expected_generated), "refused": refused}
 
 
 def _capture_keys(model):
@@ -149,6 +157,7 @@ def test_two_ranks_give_the_single_process_logits_and_edits_round_trip(tmp_path,
         assert result["before"] and result["after"], f"rank {rank}: {result}"
         assert result["fired"] == result["single_fired"], f"rank {rank}"
         assert result["generated"], f"rank {rank}: generate differs from the single-process database's"
+        assert result["refused"] == ["KeyError", "ValueError"]
     assert ("planted-1-0" in str(results[1]["fired"][0])) and ("planted-1-0" not in str(results[1]["fired"][1]))
 
     merge_shards(report.manifest, tmp_path / "merged.sqlite")
@@ -156,3 +165,33 @@ def test_two_ranks_give_the_single_process_logits_and_edits_round_trip(tmp_path,
     for path in report.manifest.shards:
         with NeuralDB.open(path, readonly=True) as shard:
             assert shard.verify().ok
+
+
+def test_one_rank_attach_equals_attach_and_bad_arguments_are_refused(tmp_path, one_rank_group):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    keys = _capture_keys(model)
+    with NeuralDB.for_model(model, layer=LAYER, gamma=GAMMA, path=tmp_path / "full.sqlite") as db:
+        db.add(keys[0][0, 1:4], torch.randn(3, 32), ["a", "b", "c"], key_gammas=[None, torch.tensor([0.2]), None])
+    report = split_database(tmp_path / "full.sqlite", 1, tmp_path / "shards")
+    ids = _inputs(0)
+    with NeuralDB.open(tmp_path / "full.sqlite", readonly=True) as db, attach(model, db) as single:
+        expected = _forward(model, ids)
+        expected_fired = single.fired()
+    with ShardedNeuralDB.open(report.manifest, timeout=10) as sharded:
+        for exchange in ("allreduce", "gather"):
+            with attach(model, sharded, exchange=exchange) as handle:
+                assert torch.equal(_forward(model, ids), expected)
+                assert handle.fired() == expected_fired and {f.fact_id for f in expected_fired} == {"a", "b", "c"}
+                assert "rank 0 of 1" in repr(handle) and handle.last_retrieval.communication.collectives == 4
+        with pytest.raises(ValueError, match="exchange must be one of"):
+            attach(model, sharded, exchange="broadcast")
+        with NeuralDB.open(tmp_path / "full.sqlite", readonly=True) as db:
+            with pytest.raises(ValueError, match="ShardedNeuralDB only"):
+                attach(model, db, exchange="gather")
+        with pytest.raises(ValueError, match="already has a NeuralDB attached"), attach(model, sharded):
+            attach(model, sharded)

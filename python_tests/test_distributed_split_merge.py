@@ -3,14 +3,11 @@ each in the shard its id hashes to (the owner recomputed here with hashlib), not
 half-written on failure, manifests checked. (Sharded writes and retrieval across processes:
 test_distributed_attach.py and test_distributed_retrieval.py.)"""
 
-import datetime
 import hashlib
 import json
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from neuraldb_kernels import NeuralDB
 from neuraldb_kernels.distributed import ShardedNeuralDB, merge_shards, read_manifest, shard_of, split_database
@@ -152,18 +149,6 @@ def test_merge_refuses_shards_that_disagree_and_bad_manifests(tmp_path):
         merge_shards(manifest, tmp_path / "merged.sqlite")
     with pytest.raises(FileNotFoundError, match="no shard manifest"):
         read_manifest(tmp_path / "missing.json")
-
-
-@pytest.fixture
-def one_rank_group():
-    """A gloo group of one process (this one), destroyed afterwards."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=30))
-    yield
-    dist.destroy_process_group()
 
 
 def test_opening_checks_the_world_size_and_the_shard(tmp_path, one_rank_group):
