@@ -45,7 +45,7 @@ from neuraldb_kernels.distributed.collectives import Communicator
 from neuraldb_kernels.distributed.retrieval import ShardRows, local_candidates
 
 GAMMA = 0.8
-CHUNK = 1 << 16  # rows generated at a time (bounds the float32 temporaries)
+CHUNK = 1 << 14  # rows generated at a time (bounds the float32 temporaries to ~100 MB at d1 = 1536)
 
 
 def shard_rows(rank: int, world: int, facts: int, d1: int, d2: int, dtype: torch.dtype):
