@@ -41,7 +41,6 @@ import torch.multiprocessing as mp
 
 from neuraldb_kernels import gated_retrieve
 from neuraldb_kernels.distributed import sharded_gated_retrieve
-from neuraldb_kernels.distributed.collectives import Communicator
 from neuraldb_kernels.distributed.retrieval import ShardRows, local_candidates
 
 GAMMA = 0.8
@@ -83,7 +82,6 @@ def rank_main(rank, world, port, options, out_path):
     facts, d1, d2 = options["facts"], options["d1"], options["d2"]
     keys, residuals = shard_rows(rank, world, facts, d1, d2, dtype)
     empty_keys, empty_residuals = keys[:0], residuals[:0]
-    comm = Communicator.of()
     rows = ShardRows(keys, residuals, GAMMA)
     records = {name: [] for name in ("total", "compute", "comm_only", "comm_only_fire_allreduce",
                                       "comm_only_fire_gather", "single", "allreduce", "gather")}

@@ -211,7 +211,6 @@ def _fired_residuals(exchanges: _Exchanges, winners: Winners, residual: torch.Te
 
 def _gather_queries(exchanges: _Exchanges, q2d: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """Every rank's queries, rank 0's first (N, d1), and each rank's count."""
-    comm = exchanges.comm
     d1 = q2d.shape[1]
     header = torch.tensor([q2d.shape[0], d1, _DTYPE_CODES[q2d.dtype]], dtype=torch.int64)
     headers = exchanges.all_gather(header, "sharded retrieval (query counts)").tolist()
