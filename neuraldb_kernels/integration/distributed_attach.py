@@ -9,7 +9,9 @@ with each rank's own queries, so every rank computes exactly what one process wi
 facts computes (bit for bit: same winner, same residual bits, same torch.where as `attach`). The
 forward is collective: every rank must run a forward at the same time (a rank with no tokens
 passes an empty batch or runs a forward on padding), with the hook attached and not paused on
-all of them. Writes from any rank (`ShardedNeuralDB.add` ...) are seen from the next forward.
+all of them; `generate(..., synced_gpus=True)` keeps ranks stepping until every rank is done.
+Writes from any rank (`ShardedNeuralDB.add` ...) are seen from the next forward. Inference only:
+no gradient reaches the residuals through the collectives.
 
 Tensor-parallel models (not implemented here). A row-parallel down-projection splits its input
 x (d1) over T ranks, x_t of d1/T values each, and all-reduces the partial outputs. A cosine
