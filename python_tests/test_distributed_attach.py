@@ -151,7 +151,7 @@ def test_two_ranks_give_the_single_process_logits_and_edits_round_trip(tmp_path,
     manifest["shards"] = [str(path) for path in reversed(report.manifest.shards)]
     (tmp_path / "swapped.json").write_text(json.dumps(manifest))
 
-    results = spawn_ranks(_rank_worker, WORLD, str(tmp_path / "model"), str(tmp_path), keys, timeout=120)
+    results = spawn_ranks(_rank_worker, WORLD, str(tmp_path / "model"), str(tmp_path), keys, timeout=240)
     for rank, result in enumerate(results):
         assert result["edited"] and result["changed"], f"test premise: facts fire and edits matter (rank {rank})"
         assert result["before"] and result["after"], f"rank {rank}: {result}"

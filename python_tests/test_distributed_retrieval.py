@@ -113,7 +113,7 @@ def _contract_worker(rank, world_size):
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_sharded_retrieval_equals_the_single_process_op_over_the_union(world_size, spawn_ranks):
-    results = spawn_ranks(_contract_worker, world_size, timeout=90)
+    results = spawn_ranks(_contract_worker, world_size, timeout=240)
     reports = [report for report, _ in results]
     for rank, report in enumerate(reports):
         for entry in report:
