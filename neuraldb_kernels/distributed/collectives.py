@@ -61,6 +61,8 @@ class Communicator:
                                "(e.g. under torchrun) before opening a sharded NeuralDB")
         backend = str(dist.get_backend(group)).lower()
         if "nccl" in backend:  # "nccl", or a "cpu:gloo,cuda:nccl" group: the CUDA path
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"the process group uses NCCL ({backend!r}) but this process sees no CUDA device")
             device = torch.device("cuda", torch.cuda.current_device())
         elif "gloo" in backend:
             device = torch.device("cpu")
