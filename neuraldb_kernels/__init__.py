@@ -3,6 +3,7 @@
 Layout, in the order data flows:
     ops          gated_retrieve (Triton, CUDA, C++ CPU, torch reference)
     store        NeuralDB: durable facts, keys and residuals with a live device view
+    distributed  ShardedNeuralDB: a NeuralDB sharded over torch.distributed ranks; split / merge
     integration  attach/detach to Hugging Face models; the embedded default model
     editing      facts in -> keys (Eq. 20) and residuals (Eq. 21) -> NeuralDB rows (Editor)
     baselines    MEMIT / AlphaEdit weight edits on the same keys and residuals
@@ -23,6 +24,8 @@ _LAZY = {
     "NeuralDB": "store",
     "StoredFact": "store",
     "Snapshot": "store",
+    "ShardedNeuralDB": "distributed",
+    "sharded_gated_retrieve": "distributed",
     "ModelFingerprint": "store",
     "FingerprintMismatchWarning": "store",
     "attach": "integration",

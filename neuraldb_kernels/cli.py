@@ -6,6 +6,7 @@
     neuraldb compare --data FILE --sizes 100,1000 --json OUT [--methods neuraldb,memit,alphaedit] [--plot PNG]
     neuraldb ask --db DIR "PROMPT"
     neuraldb db info|list|rm|check|export|import --db DIR ...
+    neuraldb db split --db DIR|FILE --shards N --out DIR;  neuraldb db merge --manifest FILE --out FILE
     neuraldb plot REPORT.json ... --out PNG
     neuraldb demo
     neuraldb backends
@@ -340,6 +341,24 @@ def cmd_db_import(args) -> None:
         print(f"imported {_count(len(workspace.db), 'fact')} into {args.db}")
 
 
+def cmd_db_split(args) -> None:
+    from .distributed import split_database
+
+    source = Path(args.db) / DB_FILE if Path(args.db).is_dir() else Path(args.db)
+    report = split_database(source, args.shards, args.out)
+    counts = ", ".join(str(count) for count in report.facts_per_shard)
+    print(f"split {_count(sum(report.facts_per_shard), 'fact')} of {source} into {_count(args.shards, 'shard')} "
+          f"({counts}); manifest {report.manifest.path}")
+
+
+def cmd_db_merge(args) -> None:
+    from .distributed import merge_shards
+
+    report = merge_shards(args.manifest, args.out)
+    print(f"merged {_count(sum(report.facts_per_shard), 'fact')} from {_count(len(report.facts_per_shard), 'shard')} "
+          f"into {report.path}")
+
+
 def cmd_plot(args) -> None:
     from .evaluation import plot_scaling, read_json
 
@@ -603,6 +622,16 @@ def build_parser() -> argparse.ArgumentParser:
     imported = db_command("import", cmd_db_import, "create a database directory from an export")
     imported.add_argument("file", help="the .safetensors file of an export")
     imported.add_argument("--model", default=DEFAULT_MODEL, help="'default' or a model directory (checked)")
+    split = db_commands.add_parser("split", help="split a database into N shard files and a manifest (one shard per "
+                                                 "rank of a torch.distributed job)")
+    split.set_defaults(handler=cmd_db_split)
+    split.add_argument("--db", required=True, help="database directory or NeuralDB file")
+    split.add_argument("--shards", type=_positive, required=True, metavar="N", help="number of shards (= ranks)")
+    split.add_argument("--out", required=True, help="new folder for the shard files and manifest.json")
+    merge = db_commands.add_parser("merge", help="merge the shards of a manifest back into one NeuralDB file")
+    merge.set_defaults(handler=cmd_db_merge)
+    merge.add_argument("--manifest", required=True, help="manifest.json written by db split (or its folder)")
+    merge.add_argument("--out", required=True, help="the NeuralDB file to write (never overwritten)")
 
     plot = command("plot", cmd_plot, "plot metrics against the number of edits from several eval --json reports")
     plot.add_argument("reports", nargs="+", help="JSON reports written by eval --json")

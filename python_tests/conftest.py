@@ -287,3 +287,89 @@ def neuraldb(capsys):
         return code, out, err
 
     return run
+
+
+def _rank_main(rank, world_size, port, target, args, results):
+    """One spawned rank: a gloo group on loopback, `target(rank, world_size, *args)`, its value
+    or traceback sent back (see `spawn_ranks`)."""
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        results.put((rank, True, target(rank, world_size, *args)))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def spawn_ranks():
+    """run(target, world_size, *args, timeout=60, exiting=()) -> [rank 0's value, ...]: start
+    world_size local processes (spawn) in one gloo group on 127.0.0.1, each running the picklable
+    module-level `target(rank, world_size, *args)`; waits at most `timeout` seconds (then kills
+    them and fails), fails with every rank's traceback if any raised. Ranks in `exiting` may end
+    without a value (their value is None)."""
+    import multiprocessing
+    import queue
+    import socket
+    import time
+
+    def run(target, world_size, *args, timeout=60.0, exiting=()):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        context = multiprocessing.get_context("spawn")
+        results = context.Queue()
+        processes = [context.Process(target=_rank_main, args=(rank, world_size, port, target, args, results),
+                                     daemon=True) for rank in range(world_size)]
+        for process in processes:
+            process.start()
+        deadline = time.monotonic() + timeout
+        values, errors = {}, {}
+        needed = set(range(world_size)) - set(exiting)
+        try:
+            while not needed <= set(values) | set(errors):
+                try:
+                    rank, ok, value = results.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    if errors:
+                        break  # the others may wait for the failed rank until the group's timeout
+                    if time.monotonic() > deadline:
+                        pytest.fail(f"{target.__name__} on {world_size} ranks did not finish within {timeout} s "
+                                    f"(finished: {sorted(values) + sorted(errors)})")
+                    continue
+                (values if ok else errors)[rank] = value
+        finally:
+            for process in processes:
+                process.join(timeout=1.0 if errors else max(1.0, deadline - time.monotonic()))
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+        if errors:
+            pytest.fail("\n".join(f"rank {rank}:\n{text}" for rank, text in sorted(errors.items())))
+        return [values.get(rank) for rank in range(world_size)]
+
+    return run
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo process group of this process alone (world size 1), destroyed afterwards."""
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    yield
+    dist.destroy_process_group()

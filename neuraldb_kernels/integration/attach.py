@@ -29,6 +29,7 @@ import torch
 from ..ops import gated_retrieve
 from ..ops.contract import check_gamma
 from ..ops.dispatch import resolve_backend
+from ..distributed import ShardedNeuralDB
 from ..store import NeuralDB, Snapshot
 from .architectures import check_layer, locate_down_proj, num_layers
 from .fingerprint import model_fingerprint
@@ -142,20 +143,29 @@ class Attachment:
         Runs eagerly under torch.compile (it takes the database lock and reads Python state), as
         one graph break per forward at the hooked layer; the rest of the model compiles.
         """
-        snapshot = keys = self.db.snapshot(hidden.device, dtype)
-        if self.key_dtype is not None and self.key_dtype != dtype:
-            keys = self.db.snapshot(hidden.device, self.key_dtype)
-            while keys.version != snapshot.version:  # a writer came between the two snapshots
-                snapshot = self.db.snapshot(hidden.device, dtype)
-                keys = self.db.snapshot(hidden.device, self.key_dtype)
-        if self._gamma is not None:
-            gamma = self._gamma
-        else:  # per-key thresholds only where some fact has them: else the number, as before they existed
-            gamma = keys.gammas if keys.has_key_gammas else keys.gamma
+        snapshot, keys = self._views(hidden.device, dtype)
         retrieved, index, score = gated_retrieve(
-            hidden, keys.keys, snapshot.residuals, gamma, backend=self.backend, return_index=True)
+            hidden, keys.keys, snapshot.residuals, self._gate(keys), backend=self.backend, return_index=True)
         self.last = ForwardRecord(index, score, snapshot)
         return retrieved, index
+
+    def _views(self, device: torch.device, dtype: torch.dtype):
+        """(snapshot with residuals in `dtype`, snapshot with keys in `key_dtype`) of one database
+        version on `device` (one snapshot twice when the dtypes agree)."""
+        snapshot = keys = self.db.snapshot(device, dtype)
+        if self.key_dtype is not None and self.key_dtype != dtype:
+            keys = self.db.snapshot(device, self.key_dtype)
+            while keys.version != snapshot.version:  # a writer came between the two snapshots
+                snapshot = self.db.snapshot(device, dtype)
+                keys = self.db.snapshot(device, self.key_dtype)
+        return snapshot, keys
+
+    def _gate(self, keys: Snapshot):
+        """The gamma argument of the retrieval over `keys`: the attach-time number, else the facts'
+        per-key thresholds where some fact has them, else the database's number."""
+        if self._gamma is not None:
+            return self._gamma
+        return keys.gammas if keys.has_key_gammas else keys.gamma
 
     def _add_retrieval(self, module, args, output):
         if self._paused:
@@ -191,7 +201,7 @@ def attachment_on(module: torch.nn.Module) -> Optional[Attachment]:
 
 def attach(
     model: torch.nn.Module,
-    db: NeuralDB,
+    db: NeuralDB | ShardedNeuralDB,
     layer: Optional[int] = None,
     gamma: Optional[float] = None,
     *,
@@ -199,6 +209,8 @@ def attach(
     backend: str = "auto",
     key_dtype: Optional[torch.dtype] = None,
     allow_weight_mismatch: bool = False,
+    process_group=None,
+    exchange: Optional[str] = None,
 ) -> Attachment:
     """Hook NeuralDB `db` into decoder layer `layer` of `model`; returns the `Attachment`.
 
@@ -212,13 +224,32 @@ def attach(
     key_dtype: dtype of the keys handed to the retrieval (float32/float16/bfloat16); default the
         model's. Residuals always take the projection output's dtype.
     allow_weight_mismatch: silence the warning when the database was built for other weights.
+    process_group, exchange: for a `ShardedNeuralDB` only (the model replicated on every rank;
+        see integration/distributed_attach.py): the group of the retrieval collectives (default:
+        the database's) and how fired residuals travel ("allreduce" or "gather").
 
     Errors: unsupported model type, bad module path, layer out of range or missing, gamma outside
     [-1, 1], a database whose d1/d2/layer/model type do not match the model (ValueError), a layer
     already attached (ValueError: detach the other attachment first).
     """
+    if isinstance(db, ShardedNeuralDB):
+        from .distributed_attach import attach_sharded  # imported here: it builds on this module
+
+        return attach_sharded(model, db, layer, gamma, module_path=module_path, backend=backend, key_dtype=key_dtype,
+                              allow_weight_mismatch=allow_weight_mismatch, process_group=process_group,
+                              exchange=exchange)
+    if process_group is not None or exchange is not None:
+        raise ValueError("process_group and exchange apply to a ShardedNeuralDB only")
     if not isinstance(db, NeuralDB):
-        raise TypeError(f"db must be a NeuralDB, got {type(db).__name__}")
+        raise TypeError(f"db must be a NeuralDB or a ShardedNeuralDB, got {type(db).__name__}")
+    layer, module, gamma = hook_target(model, db, layer, gamma, module_path=module_path, backend=backend,
+                                       key_dtype=key_dtype, allow_weight_mismatch=allow_weight_mismatch)
+    return Attachment(model, db, layer, module, gamma, backend, key_dtype)
+
+
+def hook_target(model, db, layer, gamma, *, module_path, backend, key_dtype, allow_weight_mismatch):
+    """The checks `attach` makes before hooking (see there); returns (layer, the down-projection
+    module, gamma as a float or None). `db` is a NeuralDB or a ShardedNeuralDB."""
     if layer is None:
         layer = db.layer
         if layer is None:
@@ -240,4 +271,4 @@ def attach(
         raise ValueError(
             f"layer {layer} ({type(module).__name__}) already has a NeuralDB attached ({other!r}); "
             "detach it first")
-    return Attachment(model, db, layer, module, gamma, backend, key_dtype)
+    return layer, module, gamma
