@@ -147,7 +147,7 @@ def row_problem(row: tuple, vector_slots: int, metadata_is_object: bool = False)
     if metadata_is_object:
         return None
     try:
-        parsed = json.loads(metadata)
+        parsed = json.loads(metadata, parse_constant=_no_constant)
     except (ValueError, RecursionError) as error:
         return f"fact {fact_id!r} has metadata that is not valid JSON ({type(error).__name__})"
     if not isinstance(parsed, dict):
@@ -155,7 +155,12 @@ def row_problem(row: tuple, vector_slots: int, metadata_is_object: bool = False)
     return None
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # Python reads NaN and Infinity; JSON (and SQLite) do not
+
+
 def checksum_problem(fact_id: str) -> str:
+    """Why a fact whose checksum does not match is refused."""
     return f"fact {fact_id!r} fails its checksum (the files were changed outside NeuralDB, or are damaged)"
 
 

@@ -328,7 +328,7 @@ def fact_rows(conn: sqlite3.Connection, ids: Iterable[str] | None = None) -> Ite
 def fact_rows_for_load(conn: sqlite3.Connection) -> sqlite3.Cursor:
     """The rows of `fact_rows` in insertion order, each followed by whether its metadata is a JSON
     object by SQLite's strict JSON parser (1 or 0), so that open need not parse a million objects."""
-    return conn.execute(f"SELECT {FACT_COLUMNS}, coalesce(json_valid(metadata) AND json_type(metadata) = 'object', 0) "
+    return conn.execute(f"SELECT {FACT_COLUMNS}, CASE WHEN json_valid(metadata) THEN json_type(metadata) = 'object' ELSE 0 END "
                         f"FROM facts ORDER BY seq")
 
 

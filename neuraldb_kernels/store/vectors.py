@@ -13,6 +13,7 @@ into a copy (`NeuralDB.save`).
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import struct
@@ -23,7 +24,7 @@ from typing import Iterator
 
 import torch
 
-from .schema import STORAGE_DTYPES, VECTORS_SUFFIX, CorruptDatabaseError
+from .schema import STORAGE_DTYPES, VECTORS_SUFFIX, CorruptDatabaseError, DatabaseUnavailableError
 
 MAGIC = b"NDBVECS\x00"
 FILE_VERSION = 1  # of the vector file's own layout
@@ -74,7 +75,7 @@ class VectorFile:
         try:
             header = _HEADER.pack(MAGIC, FILE_VERSION, d1, d2, DTYPE_CODES[dtype_name], bytes.fromhex(vectors_id))
             vectors._write_at(0, header.ljust(HEADER_BYTES, b"\0"))
-            os.fsync(fd)
+            vectors._sync()
         except BaseException:
             vectors.close()
             if path is not None:
@@ -107,16 +108,26 @@ class VectorFile:
 
     def _write_at(self, offset: int, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
-        while view:
-            written = os.pwrite(self._fd, view, offset)
-            view, offset = view[written:], offset + written
+        try:
+            while view:
+                written = os.pwrite(self._fd, view, offset)
+                view, offset = view[written:], offset + written
+        except OSError as error:
+            full = " (the disk is full)" if error.errno == errno.ENOSPC else ""
+            raise DatabaseUnavailableError(f"{self.where}: writing vectors failed: {error.strerror}{full}") from error
 
     def write(self, slot: int, slots: torch.Tensor) -> None:
         """Write the (n, d1 + d2) `slots` (storage dtype, CPU) from slot index `slot` on and sync
         them to disk (fdatasync) before returning."""
         data = slots.contiguous().view(torch.uint8).numpy()
         self._write_at(HEADER_BYTES + slot * self.slot_bytes, data.data)
-        os.fdatasync(self._fd)
+        self._sync()
+
+    def _sync(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as error:
+            raise DatabaseUnavailableError(f"{self.where}: syncing vectors to disk failed: {error.strerror}") from error
 
     def read_bytes(self, slot: int, count: int) -> bytes:
         """The raw bytes of `count` slots from `slot` on; CorruptDatabaseError if the file ends first."""
@@ -163,7 +174,7 @@ class VectorFile:
                 data = self.read_bytes(start, min(step, first + count - start))
                 target._write_at(offset, data)
                 offset += len(data)
-        os.fdatasync(target._fd)
+        target._sync()
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -1,0 +1,124 @@
+"""The store at SmolLM2 sizes (d1=1536, d2=576) and up to 1,000,000 facts: build, open, first
+retrieval, add / delete one fact, on-disk size, resident memory. Prints one JSON object.
+
+Keys are random unit vectors and residuals random normals (the store's costs depend on the sizes,
+not the values). Build: batched adds of 10,000 facts (one transaction each) into a new database
+(time of the `add` calls only; generating the vectors is reported apart). Then, in a fresh process
+(so that its resident memory is the opened database's alone): `NeuralDB.open`, the first
+`gated_retrieve` over the opened view (n = 1, fp32 query, the store's dtype), 200 single-fact adds
+and 200 single-fact deletes on disk (each one transaction, fsync included; no snapshot held), and
+the peak resident set size (VmHWM) and its current size (VmRSS).
+
+  python bench/store_1m.py --facts 1000000 --dir /work/tmp-store1m [--dtype float32] [--keep]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+D1, D2, BATCH = 1536, 576, 10_000
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+MEASURE = r"""
+import json, sys, time, torch
+from neuraldb_kernels import gated_retrieve
+from neuraldb_kernels.store import NeuralDB
+
+torch.set_num_threads(int(sys.argv[3]))
+def memory():
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return {name: int(fields[name].split()[0]) * 1024 for name in ("VmRSS", "VmHWM")}
+
+path, facts = sys.argv[1], int(sys.argv[2])
+started = time.perf_counter()
+db = NeuralDB.open(path)
+opened = time.perf_counter()
+keys, residuals = db.view()
+q = torch.randn(1, keys.shape[1], generator=torch.Generator().manual_seed(7))
+out, index, score = gated_retrieve(q, keys, residuals, db.gamma, return_index=True)
+retrieved = time.perf_counter()
+after_open = memory()
+del keys, residuals  # no snapshot held: single deletes run in place
+generator = torch.Generator().manual_seed(8)
+new_keys = torch.nn.functional.normalize(torch.randn(200, db.d1, generator=generator), dim=1)
+new_residuals = torch.randn(200, db.d2, generator=generator)
+adds, deletes = [], []
+for i in range(200):
+    t = time.perf_counter()
+    db.add(new_keys[i], new_residuals[i], f"single{i}")
+    adds.append(time.perf_counter() - t)
+for i in range(200):
+    t = time.perf_counter()
+    db.delete(f"f{(i * 4999) % facts}")
+    deletes.append(time.perf_counter() - t)
+adds.sort(); deletes.sort()
+print(json.dumps({"open_s": opened - started, "first_retrieval_after_open_s": retrieved - opened,
+                  "open_to_first_retrieval_s": retrieved - started, "key_rows": db.key_rows,
+                  "add_one_ms_median": adds[100] * 1e3, "add_one_ms_p95": adds[190] * 1e3,
+                  "delete_one_ms_median": deletes[100] * 1e3, "delete_one_ms_p95": deletes[190] * 1e3,
+                  "rss_after_first_retrieval_bytes": after_open["VmRSS"], "peak_rss_bytes": memory()["VmHWM"]}))
+db.close()
+"""
+
+
+def _available_memory() -> int:
+    fields = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--facts", type=int, default=100_000)
+    parser.add_argument("--dir", required=True, help="a new directory for the database (removed unless --keep)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+    from neuraldb_kernels.store import NeuralDB
+
+    dtype = DTYPES[args.dtype]
+    raw = args.facts * (D1 + D2) * torch.empty(0, dtype=dtype).element_size()
+    os.makedirs(args.dir)
+    free_disk, free_memory = shutil.disk_usage(args.dir).free, _available_memory()
+    if free_disk < 1.2 * raw or free_memory < 1.3 * raw:
+        raise SystemExit(f"{args.facts} facts in {args.dtype} need {raw / 1e9:.1f} GB of vectors: "
+                         f"{free_disk / 1e9:.1f} GB of disk and {free_memory / 1e9:.1f} GB of memory are free")
+    torch.set_num_threads(args.threads)
+    path = os.path.join(args.dir, "db.ndb")
+    generator = torch.Generator().manual_seed(0)
+    generate_s = build_s = 0.0
+    with NeuralDB(path, d1=D1, d2=D2, dtype=dtype) as db:
+        for start in range(0, args.facts, BATCH):
+            n = min(BATCH, args.facts - start)
+            t = time.perf_counter()
+            keys = torch.nn.functional.normalize(torch.randn(n, D1, generator=generator), dim=1)
+            residuals = torch.randn(n, D2, generator=generator)
+            ids = [f"f{i}" for i in range(start, start + n)]
+            metadata = [{"subject": f"subject {i}", "prompt": "{} plays for", "target_new": f"target {i}"}
+                        for i in range(start, start + n)]
+            generate_s += time.perf_counter() - t
+            t = time.perf_counter()
+            db.add(keys, residuals, ids, metadata)
+            build_s += time.perf_counter() - t
+    on_disk = sum(os.path.getsize(os.path.join(args.dir, name)) for name in os.listdir(args.dir))
+    measured = subprocess.run([sys.executable, "-c", MEASURE, path, str(args.facts), str(args.threads)],
+                              capture_output=True, text=True, check=True)
+    result = {"facts": args.facts, "dtype": args.dtype, "d1": D1, "d2": D2, "threads": args.threads,
+              "build_s": build_s, "generate_vectors_s": generate_s, "on_disk_bytes": on_disk, "raw_vector_bytes": raw,
+              "on_disk_over_raw": on_disk / raw, **json.loads(measured.stdout)}
+    result["rss_over_raw"] = result["rss_after_first_retrieval_bytes"] / raw
+    result["peak_rss_over_raw"] = result["peak_rss_bytes"] / raw
+    result["load_average"] = os.getloadavg()
+    print(json.dumps(result))
+    if not args.keep:
+        shutil.rmtree(args.dir)
+
+
+if __name__ == "__main__":
+    main()
