@@ -7,9 +7,14 @@ not the values). Build: batched adds of 10,000 facts (one transaction each) into
 (so that its resident memory is the opened database's alone): `NeuralDB.open`, the first
 `gated_retrieve` over the opened view (n = 1, fp32 query, the store's dtype), 200 single-fact adds
 and 200 single-fact deletes on disk (each one transaction, fsync included; no snapshot held), and
-the peak resident set size (VmHWM) and its current size (VmRSS).
+the peak resident set size (VmHWM) and its current size (VmRSS) after the first retrieval. The
+database is left with the facts it had (deleted facts are added again, untimed).
 
   python bench/store_1m.py --facts 1000000 --dir /work/tmp-store1m [--dtype float32] [--keep]
+  python bench/store_1m.py --facts 1000000 --dir /work/tmp-store1m --reuse   (measure a kept database again)
+
+Times are wall clock and, for open, also the process's CPU time (on a shared machine the CPU time
+is what a quiet machine's wall time would be, for one thread).
 """
 
 import argparse
@@ -36,9 +41,9 @@ def memory():
     return {name: int(fields[name].split()[0]) * 1024 for name in ("VmRSS", "VmHWM")}
 
 path, facts = sys.argv[1], int(sys.argv[2])
-started = time.perf_counter()
+started, cpu = time.perf_counter(), time.process_time()
 db = NeuralDB.open(path)
-opened = time.perf_counter()
+opened, open_cpu = time.perf_counter(), time.process_time() - cpu
 keys, residuals = db.view()
 q = torch.randn(1, keys.shape[1], generator=torch.Generator().manual_seed(7))
 out, index, score = gated_retrieve(q, keys, residuals, db.gamma, return_index=True)
@@ -54,11 +59,15 @@ for i in range(200):
     db.add(new_keys[i], new_residuals[i], f"single{i}")
     adds.append(time.perf_counter() - t)
 for i in range(200):
+    fact_id = f"f{(i * 4999) % facts}"
+    stored = db.get(fact_id)
     t = time.perf_counter()
-    db.delete(f"f{(i * 4999) % facts}")
+    db.delete(fact_id)
     deletes.append(time.perf_counter() - t)
+    db.add(stored.keys[0], stored.residual, fact_id, stored.metadata)  # as it was: --reuse measures the same facts
+db.delete([f"single{i}" for i in range(200)])
 adds.sort(); deletes.sort()
-print(json.dumps({"open_s": opened - started, "first_retrieval_after_open_s": retrieved - opened,
+print(json.dumps({"open_s": opened - started, "open_cpu_s": open_cpu, "first_retrieval_after_open_s": retrieved - opened,
                   "open_to_first_retrieval_s": retrieved - started, "key_rows": db.key_rows,
                   "add_one_ms_median": adds[100] * 1e3, "add_one_ms_p95": adds[190] * 1e3,
                   "delete_one_ms_median": deletes[100] * 1e3, "delete_one_ms_p95": deletes[190] * 1e3,
@@ -72,30 +81,16 @@ def _available_memory() -> int:
     return int(fields["MemAvailable"].split()[0]) * 1024
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--facts", type=int, default=100_000)
-    parser.add_argument("--dir", required=True, help="a new directory for the database (removed unless --keep)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--keep", action="store_true")
-    args = parser.parse_args()
+def build(path: str, facts: int, dtype: torch.dtype) -> tuple[float, float]:
+    """Write a new database of `facts` random facts in batches; (seconds generating vectors,
+    seconds in `add`)."""
     from neuraldb_kernels.store import NeuralDB
 
-    dtype = DTYPES[args.dtype]
-    raw = args.facts * (D1 + D2) * torch.empty(0, dtype=dtype).element_size()
-    os.makedirs(args.dir)
-    free_disk, free_memory = shutil.disk_usage(args.dir).free, _available_memory()
-    if free_disk < 1.2 * raw or free_memory < 1.3 * raw:
-        raise SystemExit(f"{args.facts} facts in {args.dtype} need {raw / 1e9:.1f} GB of vectors: "
-                         f"{free_disk / 1e9:.1f} GB of disk and {free_memory / 1e9:.1f} GB of memory are free")
-    torch.set_num_threads(args.threads)
-    path = os.path.join(args.dir, "db.ndb")
     generator = torch.Generator().manual_seed(0)
     generate_s = build_s = 0.0
     with NeuralDB(path, d1=D1, d2=D2, dtype=dtype) as db:
-        for start in range(0, args.facts, BATCH):
-            n = min(BATCH, args.facts - start)
+        for start in range(0, facts, BATCH):
+            n = min(BATCH, facts - start)
             t = time.perf_counter()
             keys = torch.nn.functional.normalize(torch.randn(n, D1, generator=generator), dim=1)
             residuals = torch.randn(n, D2, generator=generator)
@@ -106,6 +101,30 @@ def main() -> None:
             t = time.perf_counter()
             db.add(keys, residuals, ids, metadata)
             build_s += time.perf_counter() - t
+    return generate_s, build_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--facts", type=int, default=100_000)
+    parser.add_argument("--dir", required=True, help="a new directory for the database (removed unless --keep)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="measure the database kept in --dir by an earlier run")
+    args = parser.parse_args()
+    dtype = DTYPES[args.dtype]
+    raw = args.facts * (D1 + D2) * torch.empty(0, dtype=dtype).element_size()
+    path = os.path.join(args.dir, "db.ndb")
+    generate_s = build_s = None
+    if not args.reuse:
+        os.makedirs(args.dir)
+        free_disk, free_memory = shutil.disk_usage(args.dir).free, _available_memory()
+        if free_disk < 1.2 * raw or free_memory < 1.3 * raw:
+            raise SystemExit(f"{args.facts} facts in {args.dtype} need {raw / 1e9:.1f} GB of vectors: "
+                             f"{free_disk / 1e9:.1f} GB of disk and {free_memory / 1e9:.1f} GB of memory are free")
+        torch.set_num_threads(args.threads)
+        generate_s, build_s = build(path, args.facts, dtype)
     on_disk = sum(os.path.getsize(os.path.join(args.dir, name)) for name in os.listdir(args.dir))
     measured = subprocess.run([sys.executable, "-c", MEASURE, path, str(args.facts), str(args.threads)],
                               capture_output=True, text=True, check=True)

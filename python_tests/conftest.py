@@ -321,12 +321,13 @@ class Format4Files:
 
     @staticmethod
     def checksum(fact_id: str, metadata: str, key_gammas: bytes | None, slots: bytes) -> bytes:
-        """FORMAT.md's fact checksum: CRC-32 over the id, metadata, key_gammas (no bytes for NULL)
-        and the fact's slot bytes, each preceded by its byte length as 8-byte little-endian."""
+        """FORMAT.md's fact checksum: CRC-32 over the id, metadata and key_gammas (no bytes for
+        NULL), each preceded by its byte length in ASCII decimal and a colon, then the fact's slot bytes."""
         import zlib
 
-        parts = (fact_id.encode(), metadata.encode(), b"" if key_gammas is None else key_gammas, slots)
-        return zlib.crc32(b"".join(len(part).to_bytes(8, "little") + part for part in parts)).to_bytes(4, "little")
+        parts = (fact_id.encode(), metadata.encode(), b"" if key_gammas is None else key_gammas)
+        header = b"".join(str(len(part)).encode() + b":" + part for part in parts)
+        return zlib.crc32(header + slots).to_bytes(4, "little")
 
     def slot_bytes_of(self, keys: torch.Tensor, residual: torch.Tensor) -> bytes:
         """The slot bytes of a fact with (k, d1) keys and a (d2,) residual, in the storage dtype."""

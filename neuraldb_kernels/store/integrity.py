@@ -100,27 +100,19 @@ def decode_vectors(blob: bytes, width: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(bytearray(blob), dtype=torch.uint8).view(dtype).reshape(-1, width)
 
 
-def _prefixed(part: bytes) -> bytes:
-    return struct.pack("<Q", len(part)) + part
-
-
-def header_crc(fact_id: str, metadata: str, key_gammas: bytes | None) -> int:
-    """The CRC-32 of a fact's SQLite parts, the first parts of its checksum (see `fact_checksum`)."""
-    return zlib.crc32(b"".join((_prefixed(fact_id.encode("utf-8")), _prefixed(metadata.encode("utf-8")),
-                                _prefixed(key_gammas or b""))))
-
-
-def slots_crc(start: int, slots: bytes | memoryview) -> int:
-    """The CRC-32 `start` (from `header_crc`) continued over a fact's slots, length first."""
-    return zlib.crc32(slots, zlib.crc32(struct.pack("<Q", len(slots)), start))
+def fact_header(fact_id: str, metadata: str, key_gammas: bytes | None) -> bytes:
+    """The SQLite parts of a fact as its checksum covers them: the UTF-8 id, the UTF-8 metadata text
+    and the key_gammas BLOB (no bytes when NULL), each preceded by its length in bytes in ASCII
+    decimal and a colon (`schema.FACT_HEADER_SQL` builds the same bytes in SQLite)."""
+    parts = (fact_id.encode("utf-8"), metadata.encode("utf-8"), key_gammas or b"")
+    return b"".join(b"%d:%s" % (len(part), part) for part in parts)
 
 
 def fact_checksum(fact_id: str, metadata: str, key_gammas: bytes | None, slots: bytes | memoryview) -> bytes:
-    """The checksum of a format-4 fact: CRC-32 (zlib's) as 4 little-endian bytes over the UTF-8 id,
-    the UTF-8 metadata text, the key_gammas BLOB (no bytes when NULL) and the bytes of the fact's
-    slots in the vector file, each preceded by its length in bytes (8-byte little-endian). It
-    detects damage (bit flips, truncation, a row pointing at the wrong slots), not forgery."""
-    return struct.pack("<I", slots_crc(header_crc(fact_id, metadata, key_gammas), slots))
+    """The checksum of a format-4 fact: CRC-32 (zlib's) as 4 little-endian bytes over its
+    `fact_header` followed by the bytes of its slots in the vector file. It detects damage (bit
+    flips, truncation, a row pointing at other slots), not forgery."""
+    return struct.pack("<I", zlib.crc32(slots, zlib.crc32(fact_header(fact_id, metadata, key_gammas))))
 
 
 def row_problem(row: tuple, vector_slots: int, metadata_is_object: bool = False) -> str | None:

@@ -325,11 +325,25 @@ def fact_rows(conn: sqlite3.Connection, ids: Iterable[str] | None = None) -> Ite
         yield from conn.execute(f"SELECT {FACT_COLUMNS} FROM facts WHERE id IN ({marks})", part)
 
 
-def fact_rows_for_load(conn: sqlite3.Connection) -> sqlite3.Cursor:
-    """The rows of `fact_rows` in insertion order, each followed by whether its metadata is a JSON
-    object by SQLite's strict JSON parser (1 or 0), so that open need not parse a million objects."""
-    return conn.execute(f"SELECT {FACT_COLUMNS}, CASE WHEN json_valid(metadata) THEN json_type(metadata) = 'object' ELSE 0 END "
-                        f"FROM facts ORDER BY seq")
+# `integrity.fact_header` built by SQLite, and whether a row is sound on its own (column types, slots
+# within the :vector_slots in use, the key_gammas length, metadata a JSON object by SQLite's strict
+# parser): open checks a million rows in C and explains only a row that fails (`integrity.row_problem`).
+FACT_HEADER_SQL = ("CAST(length(CAST(id AS BLOB)) || ':' || CAST(id AS BLOB) || length(CAST(metadata AS BLOB)) || ':' "
+                   "|| CAST(metadata AS BLOB) || coalesce(length(key_gammas), 0) || ':' || coalesce(key_gammas, x'') "
+                   "AS BLOB)")
+SOUND_ROW_SQL = ("typeof(id) = 'text' AND typeof(rev) = 'integer' AND typeof(slot) = 'integer' "
+                  "AND typeof(key_count) = 'integer' AND typeof(metadata) = 'text' AND typeof(checksum) = 'blob' "
+                  "AND length(checksum) = 4 AND slot >= 0 AND key_count >= 1 AND slot + key_count <= :vector_slots "
+                  "AND (key_gammas IS NULL OR (typeof(key_gammas) = 'blob' AND length(key_gammas) = 4 * key_count)) "
+                  "AND CASE WHEN json_valid(metadata) THEN json_type(metadata) = 'object' ELSE 0 END")
+
+
+def fact_rows_for_load(conn: sqlite3.Connection, vector_slots: int) -> sqlite3.Cursor:
+    """(id, rev, slot, key_count, key_gammas, fact header, checksum, sound) of every fact in
+    insertion order: the header as `integrity.fact_header`, sound 1 when the row passes every check
+    that needs no slots (see `SOUND_ROW_SQL`) and its key_gammas values are still to be checked."""
+    return conn.execute(f"SELECT id, rev, slot, key_count, key_gammas, {FACT_HEADER_SQL}, checksum, "
+                        f"coalesce({SOUND_ROW_SQL}, 0) FROM facts ORDER BY seq", {"vector_slots": vector_slots})
 
 
 def write_facts(conn: sqlite3.Connection, rows: Iterable[tuple], *, replace: bool) -> None:

@@ -7,16 +7,19 @@ that what is read is one committed state (the vector slots committed rows use ne
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import sqlite3
+import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from . import schema
-from .integrity import checksum_problem, header_crc, row_problem, slots_crc, vector_rows_problem, verified_fact
+from .integrity import checksum_problem, row_problem, vector_rows_problem, verified_fact
 from .schema import CorruptDatabaseError
-from .vectors import HEADER_BYTES, VectorFile
+from .vectors import VectorFile
 from .view import MIN_CAPACITY
 
 
@@ -37,14 +40,14 @@ class Loaded:
     with_key_gammas: list[str]
 
 
-CHUNK_ROWS = 4096  # facts checked and copied per task of the bulk load
+CHUNK_FACTS = 256  # facts read, checked and copied per task of the bulk load (~2 MB at SmolLM2 sizes)
 
 
 @dataclasses.dataclass
 class _Facts:
-    """The SQLite side of every fact, read row by row: ids, revs, slots and key counts, the CRC of
-    each row's SQLite parts and its stored checksum (ints), and the key thresholds of the facts
-    with their own (view row of the first key, BLOB)."""
+    """The SQLite side of every fact, read row by row: ids, revs, slots and key counts, the CRC-32
+    of each fact's header and its stored checksum (ints), the key_gammas BLOBs of the facts with
+    thresholds of their own with their first view row, and their ids."""
 
     ids: list[str] = dataclasses.field(default_factory=list)
     revs: list[int] = dataclasses.field(default_factory=list)
@@ -56,82 +59,111 @@ class _Facts:
     with_key_gammas: list[str] = dataclasses.field(default_factory=list)
 
 
-def _read_rows(conn: sqlite3.Connection, vector_slots: int, where: str) -> _Facts:
-    """Every fact row, checked on its own (`row_problem`; metadata judged by SQLite's JSON parser)."""
-    facts, rows = _Facts(), 0
-    for row in schema.fact_rows_for_load(conn):
-        fact_id, rev, slot, key_count, key_gammas, metadata, checksum, metadata_is_object = row
-        problem = row_problem(row[:7], vector_slots, bool(metadata_is_object))
+def _first_row_problem(conn: sqlite3.Connection, vector_slots: int, where: str) -> CorruptDatabaseError:
+    """The error for the first row (insertion order) that fails `row_problem`, after SQLite's checks
+    found one (or, where Python's parser accepts what SQLite's refused, that row by its id)."""
+    for row in schema.fact_rows(conn):
+        problem = row_problem(row, vector_slots)
         if problem:
-            raise CorruptDatabaseError(f"{where}: {problem}")
+            return CorruptDatabaseError(f"{where}: {problem}")
+    unsound = conn.execute(f"SELECT id FROM facts WHERE NOT coalesce({schema.SOUND_ROW_SQL}, 0) ORDER BY seq",
+                           {"vector_slots": vector_slots}).fetchone()
+    return CorruptDatabaseError(f"{where}: fact {unsound and unsound[0]!r} fails the checks of its row")
+
+
+def _read_rows(conn: sqlite3.Connection, vector_slots: int, where: str) -> _Facts:
+    """Every fact row, checked by SQLite (`schema.fact_rows_for_load`) and its key thresholds here."""
+    facts, rows = _Facts(), 0
+    for fact_id, rev, slot, key_count, key_gammas, header, checksum, sound in schema.fact_rows_for_load(
+            conn, vector_slots):
+        if not sound:
+            raise _first_row_problem(conn, vector_slots, where)
         facts.ids.append(fact_id)
         facts.revs.append(rev)
         facts.slots.append(slot)
         facts.counts.append(key_count)
-        facts.header_crcs.append(header_crc(fact_id, metadata, key_gammas))
+        facts.header_crcs.append(zlib.crc32(header))
         facts.checksums.append(int.from_bytes(checksum, "little"))
         if key_gammas is not None:
             facts.key_gammas.append((rows, key_gammas))
             facts.with_key_gammas.append(fact_id)
         rows += key_count
+    if facts.key_gammas:
+        values = torch.frombuffer(bytearray(b"".join(blob for _, blob in facts.key_gammas)), dtype=torch.float32)
+        if not bool(((values >= -1.0) & (values <= 1.0)).all()):  # False for NaN too
+            raise _first_row_problem(conn, vector_slots, where)
     return facts
 
 
+def _empty(rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised (rows, width) CPU buffer; a large one in transparent huge pages where the
+    system allows them on request, so that filling it costs 512x fewer page faults."""
+    size = rows * width * torch.empty(0, dtype=dtype).element_size()
+    if size < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty((rows, width), dtype=dtype)
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(region, dtype=torch.uint8).view(dtype).reshape(rows, width)  # keeps `region` alive
+
+
+HUGE_PAGE_BYTES = 2 << 20
+
+
 def load_all(conn: sqlite3.Connection, vectors: VectorFile, vector_slots: int, where: str) -> Loaded:
-    """Read and check every fact: the SQLite rows one by one (`_read_rows`), then the slots in bulk
-    from the mapped vector file, in chunks of view rows spread over threads (zlib and torch release
-    the GIL): each fact's checksum, the copy into the view buffers, finite values and key norms.
-    A refused fact is the first in insertion order that fails."""
+    """Read and check every fact: the SQLite rows (`_read_rows`), then the slots in chunks of facts
+    spread over torch.get_num_threads() threads (reads, zlib and torch release the GIL): each chunk
+    read into a small buffer, each fact's checksum, the copy into the view buffers, finite values
+    and key norms. A refused fact is the first in insertion order that fails."""
     d1, d2, dtype = vectors.d1, vectors.d2, vectors.dtype
     facts = _read_rows(conn, vector_slots, where)
     counts = torch.tensor(facts.counts, dtype=torch.int64)
     count = int(counts.sum())
     capacity = max(MIN_CAPACITY, 2 * count)  # untouched rows cost no memory until used
-    keys = torch.empty((capacity, d1), dtype=dtype)
-    residuals = torch.empty((capacity, d2), dtype=dtype)
+    keys, residuals = _empty(capacity, d1, dtype), _empty(capacity, d2, dtype)
     key_gammas = torch.full((capacity,), float("nan"))
     for row, blob in facts.key_gammas:
         key_gammas[row : row + len(blob) // 4] = torch.frombuffer(bytearray(blob), dtype=torch.float32)
-    first_rows = torch.cumsum(counts, 0) - counts
-    # the slot of every view row: its fact's first slot plus the key's position in the fact
-    slot_of_row = (torch.tensor(facts.slots, dtype=torch.int64).repeat_interleave(counts)
-                   + torch.arange(count) - first_rows.repeat_interleave(counts))
+    first_rows = (torch.cumsum(counts, 0) - counts).tolist()
     row_ids = facts.ids if count == len(facts.ids) else [
         fact_id for fact_id, k in zip(facts.ids, facts.counts) for _ in range(k)]
-    fact_starts = list(range(0, len(facts.ids), CHUNK_ROWS))
-    if not fact_starts:
-        return Loaded(keys, residuals, key_gammas, 0, [], {}, [])
-    with vectors.mapped(vector_slots) as (mapping, slots):
-        raw = memoryview(mapping)
-        slot_bytes = vectors.slot_bytes
+    slots = torch.tensor(facts.slots, dtype=torch.int64)
+    follows = (slots[1:] == slots[:-1] + counts[:-1]).tolist()  # fact f + 1's slots right after fact f's
+    slot_bytes, scratch = vectors.slot_bytes, threading.local()
 
-        def load(start: int) -> tuple[int, str] | None:
-            """Check and copy facts start.. start + CHUNK_ROWS: (first bad fact, why) or None."""
-            stop = min(start + CHUNK_ROWS, len(facts.ids))
+    def load(start: int) -> tuple[int, str] | None:
+        """Check and copy facts start.. start + CHUNK_FACTS: (first bad fact, why) or None."""
+        stop = min(start + CHUNK_FACTS, len(facts.ids))
+        rows = slice(first_rows[start], first_rows[stop - 1] + facts.counts[stop - 1])
+        size = (rows.stop - rows.start) * slot_bytes
+        if len(getattr(scratch, "buffer", b"")) < size:
+            scratch.buffer = bytearray(size)
+        view = memoryview(scratch.buffer)[:size]
+        if all(follows[start : stop - 1]):
+            vectors.read_into(facts.slots[start], rows.stop - rows.start, view)
+        else:
             for f in range(start, stop):
-                begin = HEADER_BYTES + facts.slots[f] * slot_bytes
-                if slots_crc(facts.header_crcs[f], raw[begin : begin + facts.counts[f] * slot_bytes]) != \
-                        facts.checksums[f]:
-                    return f, checksum_problem(facts.ids[f])
-            rows = slice(int(first_rows[start]), int(first_rows[stop - 1] + counts[stop - 1]))
-            chunk_slots = slot_of_row[rows]
-            first = int(chunk_slots[0])
-            if int(chunk_slots[-1]) - first == len(chunk_slots) - 1 and bool((chunk_slots.diff() == 1).all()):
-                chunk = slots[first : first + len(chunk_slots)]  # stored in view order: no gather
-            else:
-                chunk = slots.index_select(0, chunk_slots)
-            keys[rows].copy_(chunk[:, :d1])
-            residuals[rows].copy_(chunk[:, d1:])
-            found = vector_rows_problem(keys[rows], residuals[rows], row_ids[rows])
-            return None if found is None else (facts.ids.index(found[0], start), found[1])
+                offset = (first_rows[f] - rows.start) * slot_bytes
+                vectors.read_into(facts.slots[f], facts.counts[f], view[offset : offset + facts.counts[f] * slot_bytes])
+        offset = 0
+        for f in range(start, stop):
+            end = offset + facts.counts[f] * slot_bytes
+            if zlib.crc32(view[offset:end], facts.header_crcs[f]) != facts.checksums[f]:
+                return f, checksum_problem(facts.ids[f])
+            offset = end
+        chunk = torch.frombuffer(scratch.buffer, dtype=torch.uint8, count=size).view(dtype).reshape(-1, d1 + d2)
+        keys[rows].copy_(chunk[:, :d1])
+        residuals[rows].copy_(chunk[:, d1:])
+        found = vector_rows_problem(keys[rows], residuals[rows], row_ids[rows])
+        return None if found is None else (facts.ids.index(found[0], start), found[1])
 
+    try:
         with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:
-            problems = [problem for problem in pool.map(load, fact_starts) if problem is not None]
-        del raw, slots
+            problems = [problem for problem in pool.map(load, range(0, len(facts.ids), CHUNK_FACTS)) if problem]
+    except CorruptDatabaseError as error:
+        raise CorruptDatabaseError(f"{where}: {error}") from None
     if problems:
         raise CorruptDatabaseError(f"{where}: {min(problems)[1]}")
-    return Loaded(keys, residuals, key_gammas, count, list(row_ids), dict(zip(facts.ids, facts.revs)),
-                  facts.with_key_gammas)
+    return Loaded(keys, residuals, key_gammas, count, row_ids, dict(zip(facts.ids, facts.revs)), facts.with_key_gammas)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,14 +14,10 @@ into a copy (`NeuralDB.save`).
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import struct
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
-
 import torch
 
 from .schema import STORAGE_DTYPES, VECTORS_SUFFIX, CorruptDatabaseError, DatabaseUnavailableError
@@ -137,6 +133,12 @@ class VectorFile:
             raise CorruptDatabaseError(f"{self.where} is truncated: slots {slot} to {slot + count - 1} are missing")
         return data
 
+    def read_into(self, slot: int, count: int, buffer: memoryview) -> None:
+        """Fill `buffer` (count slots' bytes) with the slots from `slot` on; CorruptDatabaseError
+        if the file ends first."""
+        if os.preadv(self._fd, [buffer], HEADER_BYTES + slot * self.slot_bytes) != count * self.slot_bytes:
+            raise CorruptDatabaseError(f"{self.where} is truncated: slots {slot} to {slot + count - 1} are missing")
+
     def decode(self, data: bytes) -> torch.Tensor:
         """The (n, d1 + d2) slots held by `data` (raw bytes of whole slots)."""
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(self.dtype).reshape(-1, self.d1 + self.d2)
@@ -144,26 +146,6 @@ class VectorFile:
     def slot_count(self) -> int:
         """The number of whole slots the file holds now (committed or not)."""
         return max(0, os.fstat(self._fd).st_size - HEADER_BYTES) // self.slot_bytes
-
-    @contextmanager
-    def mapped(self, count: int) -> Iterator[tuple[mmap.mmap, torch.Tensor]]:
-        """The first `count` slots mapped into memory: (the map, a (count, d1 + d2) tensor over it).
-        Private mapping: nothing is ever written back. Every tensor and memoryview taken from them
-        must be dropped before the block ends."""
-        if self.slot_count() < count:
-            raise CorruptDatabaseError(f"{self.where} is truncated: it holds {self.slot_count()} slots, the "
-                                       f"database uses {count}")
-        length = HEADER_BYTES + count * self.slot_bytes
-        mapping = mmap.mmap(self._fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        try:
-            slots = torch.frombuffer(mapping, dtype=torch.uint8, offset=HEADER_BYTES, count=count * self.slot_bytes)
-            yield mapping, slots.view(self.dtype).reshape(count, self.d1 + self.d2)
-            del slots
-        finally:
-            try:
-                mapping.close()
-            except BufferError:
-                pass  # a tensor over it is still referenced: unmapped when that one is freed
 
     def copy_to(self, target: "VectorFile", runs: list[tuple[int, int]]) -> None:
         """Append the slot runs [(first slot, count), ...] of this file, in turn, to the empty file
