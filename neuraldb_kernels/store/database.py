@@ -50,6 +50,7 @@ from .memory import LiveFacts
 from .rows import ids_at
 from .search import top_facts
 from .vectors import VectorFile, fact_slots, new_vectors_id, vectors_path
+from .view import KeyRowsListener
 
 _T = TypeVar("_T")
 
@@ -572,6 +573,21 @@ class NeuralDB:
         and thresholds (`snapshot().gammas` are the per-key thresholds aligned with K)."""
         snap = self.snapshot(device, dtype)
         return snap.keys, snap.residuals
+
+    def add_key_listener(self, listener: KeyRowsListener) -> None:
+        """Keep `listener` in sync with the key rows of the views (see `KeyRowsListener`): it is
+        first given the current rows (`rows_appended` with all m keys, CPU, storage dtype), then
+        every append, replacement and swap-remove as it happens (adds, upserts, deletes, refresh).
+        The hook for a structure indexed by view row, such as a compressed key index."""
+        with self._lock:
+            self._check_open()
+            listener.rows_appended(self.snapshot().keys)
+            self._live.views.listeners.append(listener)
+
+    def remove_key_listener(self, listener: KeyRowsListener) -> None:
+        """Stop telling `listener` of changes (ValueError if it was not added)."""
+        with self._lock:
+            self._live.views.listeners.remove(listener)
 
     def clear_views(self) -> None:
         """Free every cached view except the CPU one in the storage dtype (snapshots stay valid)."""

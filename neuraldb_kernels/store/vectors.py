@@ -92,9 +92,8 @@ class VectorFile:
                                        f"copy with NeuralDB.save)") from None
         vectors = cls(fd, os.fspath(path), d1, d2, dtype_name)
         try:
-            header = os.pread(fd, _HEADER.size, 0)
-            expected = (MAGIC, FILE_VERSION, d1, d2, DTYPE_CODES[dtype_name], bytes.fromhex(vectors_id))
-            if len(header) != _HEADER.size or _HEADER.unpack(header) != expected:
+            expected = _HEADER.pack(MAGIC, FILE_VERSION, d1, d2, DTYPE_CODES[dtype_name], bytes.fromhex(vectors_id))
+            if os.pread(fd, HEADER_BYTES, 0) != expected.ljust(HEADER_BYTES, b"\0"):
                 raise CorruptDatabaseError(f"{database}: {path} is not its vector file (the header does not name "
                                            f"this database: another database's file, or a damaged one)")
         except BaseException:
