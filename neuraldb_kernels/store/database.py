@@ -7,12 +7,15 @@ a fact with k keys is k rows of every view, each with the fact's residual. Each 
 gate threshold: the fact's own for that key (`key_gammas`), or the database's `gamma` when the
 fact has none; snapshots carry them as `Snapshot.gammas`, aligned with K.
 
-SQLite (schema.py, format in FORMAT.md, older versions migrated by migrations.py) is the source of
-truth: every add / upsert / delete call is one transaction, committed before memory changes
+The files are the source of truth (format in FORMAT.md): SQLite (schema.py; older versions migrated
+by migrations.py) holds ids, settings, metadata, thresholds and pointers into the vector file
+(vectors.py: `NAME-vectors`, append-only slots of key + residual, synced before the rows that use
+them commit). Every add / upsert / delete call is one transaction, committed before memory changes
 (memory.py): the row order (rows.py: row i of every view is a key row of fact `ids[i]`,
-swap-remove on delete) and one view per (device, dtype) (view.py), the (CPU, storage dtype) one
-loaded in one pass at open (sync.py, which also reads what `refresh` applies). Every row read from
-the file is checked (integrity.py); `search` is search.py, export / import exchange.py.
+swap-remove on delete) and one view per (device, dtype) (view.py, which also tells key-row
+listeners such as a compressed key index of every change), the (CPU, storage dtype) one loaded in
+bulk at open (sync.py, which also reads what `refresh` applies). Every fact read from the files is
+checked (integrity.py); `search` is search.py, export / import exchange.py, `save` copies.py.
 
 Snapshot semantics: `view()` / `snapshot()` return tensors that never change afterwards, however
 the database is mutated later (see view.py). A snapshot is taken under the database lock, so it
@@ -22,8 +25,9 @@ Thread safety: every public method takes one re-entrant lock; several threads ma
 Several processes may open the same file: each sees the committed state at open, and `refresh()`
 picks up what other processes committed since. One writing process at a time is the intended use.
 
-A database file is untrusted input: `open` checks the schema is exactly ours, every meta value and
-every row (checksum, BLOB lengths, finite values, key norms) and refuses a corrupt fact by its id.
+A database is untrusted input: `open` checks the schema is exactly ours, every meta value, the
+vector file's header and every fact (checksum, slot ranges, finite values, key norms) and refuses a
+corrupt fact by its id.
 """
 
 from __future__ import annotations

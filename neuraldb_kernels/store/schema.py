@@ -1,7 +1,7 @@
-"""The on-disk format of a NeuralDB (documented in FORMAT.md): SQLite tables, pragmas, meta rows,
-vector BLOBs, and the checks that a file is exactly ours before anything is read from it.
-
-Everything that knows SQL or byte layouts lives here (and in migrations.py for older versions).
+"""The SQLite side of a NeuralDB (documented in FORMAT.md): tables, pragmas, meta rows, the SQL
+that reads and writes fact rows, and the checks that a file is exactly ours before anything is read
+from it. Everything that knows SQL lives here (and in migrations.py for older versions); the vector
+file's byte layout is vectors.py.
 """
 
 from __future__ import annotations
