@@ -7,7 +7,7 @@ not the values). Build: batched adds of 10,000 facts (one transaction each) into
 (so that its resident memory is the opened database's alone): `NeuralDB.open`, the first
 `gated_retrieve` over the opened view (n = 1, fp32 query, the store's dtype), 200 single-fact adds
 and 200 single-fact deletes on disk (each one transaction, fsync included; no snapshot held), and
-the peak resident set size (VmHWM) and its current size (VmRSS) after the first retrieval. The
+the resident set size (VmRSS) and its peak (VmHWM) after open and after the first retrieval. The
 database is left with the facts it had (deleted facts are added again, untimed).
 
   python bench/store_1m.py --facts 1000000 --dir /work/tmp-store1m [--dtype float32] [--keep]
@@ -44,11 +44,12 @@ path, facts = sys.argv[1], int(sys.argv[2])
 started, cpu = time.perf_counter(), time.process_time()
 db = NeuralDB.open(path)
 opened, open_cpu = time.perf_counter(), time.process_time() - cpu
+after_open = memory()
 keys, residuals = db.view()
 q = torch.randn(1, keys.shape[1], generator=torch.Generator().manual_seed(7))
 out, index, score = gated_retrieve(q, keys, residuals, db.gamma, return_index=True)
 retrieved = time.perf_counter()
-after_open = memory()
+after_retrieval = memory()
 del keys, residuals  # no snapshot held: single deletes run in place
 generator = torch.Generator().manual_seed(8)
 new_keys = torch.nn.functional.normalize(torch.randn(200, db.d1, generator=generator), dim=1)
@@ -71,7 +72,8 @@ print(json.dumps({"open_s": opened - started, "open_cpu_s": open_cpu, "first_ret
                   "open_to_first_retrieval_s": retrieved - started, "key_rows": db.key_rows,
                   "add_one_ms_median": adds[100] * 1e3, "add_one_ms_p95": adds[190] * 1e3,
                   "delete_one_ms_median": deletes[100] * 1e3, "delete_one_ms_p95": deletes[190] * 1e3,
-                  "rss_after_first_retrieval_bytes": after_open["VmRSS"], "peak_rss_bytes": memory()["VmHWM"]}))
+                  "rss_after_open_bytes": after_open["VmRSS"], "peak_rss_during_open_bytes": after_open["VmHWM"],
+                  "rss_after_first_retrieval_bytes": after_retrieval["VmRSS"], "peak_rss_bytes": memory()["VmHWM"]}))
 db.close()
 """
 
@@ -131,6 +133,8 @@ def main() -> None:
     result = {"facts": args.facts, "dtype": args.dtype, "d1": D1, "d2": D2, "threads": args.threads,
               "build_s": build_s, "generate_vectors_s": generate_s, "on_disk_bytes": on_disk, "raw_vector_bytes": raw,
               "on_disk_over_raw": on_disk / raw, **json.loads(measured.stdout)}
+    result["rss_after_open_over_raw"] = result["rss_after_open_bytes"] / raw
+    result["peak_rss_during_open_over_raw"] = result["peak_rss_during_open_bytes"] / raw
     result["rss_over_raw"] = result["rss_after_first_retrieval_bytes"] / raw
     result["peak_rss_over_raw"] = result["peak_rss_bytes"] / raw
     result["load_average"] = os.getloadavg()

@@ -11,7 +11,7 @@ import mmap
 import sqlite3
 import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -45,9 +45,9 @@ CHUNK_FACTS = 256  # facts read, checked and copied per task of the bulk load (~
 
 @dataclasses.dataclass
 class _Facts:
-    """The SQLite side of every fact, read row by row: ids, revs, slots and key counts, the CRC-32
-    of each fact's header and its stored checksum (ints), the key_gammas BLOBs of the facts with
-    thresholds of their own with their first view row, and their ids."""
+    """The SQLite side of every fact, as `load_all` reads the rows: ids, revs, slots and key
+    counts, the CRC-32 of each fact's header and its stored checksum (ints), the key_gammas BLOBs of
+    the facts with thresholds of their own with their first view row, and their ids."""
 
     ids: list[str] = dataclasses.field(default_factory=list)
     revs: list[int] = dataclasses.field(default_factory=list)
@@ -59,40 +59,19 @@ class _Facts:
     with_key_gammas: list[str] = dataclasses.field(default_factory=list)
 
 
-def _first_row_problem(conn: sqlite3.Connection, vector_slots: int, where: str) -> CorruptDatabaseError:
-    """The error for the first row (insertion order) that fails `row_problem`, after SQLite's checks
-    found one (or, where Python's parser accepts what SQLite's refused, that row by its id)."""
-    for row in schema.fact_rows(conn):
+def _first_row_problem(conn: sqlite3.Connection, vector_slots: int) -> tuple[int, str]:
+    """(position in insertion order, why) of the first row that fails `row_problem`, once SQLite's
+    checks or the threshold values found one (or, where Python's JSON parser accepts what SQLite's
+    refused, the first row SQLite refused)."""
+    for position, row in enumerate(schema.fact_rows(conn)):
         problem = row_problem(row, vector_slots)
         if problem:
-            return CorruptDatabaseError(f"{where}: {problem}")
-    unsound = conn.execute(f"SELECT id FROM facts WHERE NOT coalesce({schema.SOUND_ROW_SQL}, 0) ORDER BY seq",
-                           {"vector_slots": vector_slots}).fetchone()
-    return CorruptDatabaseError(f"{where}: fact {unsound and unsound[0]!r} fails the checks of its row")
-
-
-def _read_rows(conn: sqlite3.Connection, vector_slots: int, where: str) -> _Facts:
-    """Every fact row, checked by SQLite (`schema.fact_rows_for_load`) and its key thresholds here."""
-    facts, rows = _Facts(), 0
-    for fact_id, rev, slot, key_count, key_gammas, header, checksum, sound in schema.fact_rows_for_load(
-            conn, vector_slots):
+            return position, problem
+    for position, (fact_id, sound) in enumerate(conn.execute(
+            f"SELECT id, coalesce({schema.SOUND_ROW_SQL}, 0) FROM facts ORDER BY seq", {"vector_slots": vector_slots})):
         if not sound:
-            raise _first_row_problem(conn, vector_slots, where)
-        facts.ids.append(fact_id)
-        facts.revs.append(rev)
-        facts.slots.append(slot)
-        facts.counts.append(key_count)
-        facts.header_crcs.append(zlib.crc32(header))
-        facts.checksums.append(int.from_bytes(checksum, "little"))
-        if key_gammas is not None:
-            facts.key_gammas.append((rows, key_gammas))
-            facts.with_key_gammas.append(fact_id)
-        rows += key_count
-    if facts.key_gammas:
-        values = torch.frombuffer(bytearray(b"".join(blob for _, blob in facts.key_gammas)), dtype=torch.float32)
-        if not bool(((values >= -1.0) & (values <= 1.0)).all()):  # False for NaN too
-            raise _first_row_problem(conn, vector_slots, where)
-    return facts
+            return position, f"fact {fact_id!r} fails the checks of its row"
+    return 0, "the database changed while it was read"
 
 
 def _empty(rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -110,36 +89,27 @@ HUGE_PAGE_BYTES = 2 << 20
 
 
 def load_all(conn: sqlite3.Connection, vectors: VectorFile, vector_slots: int, where: str) -> Loaded:
-    """Read and check every fact: the SQLite rows (`_read_rows`), then the slots in chunks of facts
-    spread over torch.get_num_threads() threads (reads, zlib and torch release the GIL): each chunk
-    read into a small buffer, each fact's checksum, the copy into the view buffers, finite values
-    and key norms. A refused fact is the first in insertion order that fails."""
+    """Read and check every fact. The SQLite rows are read one by one here, checked by SQLite
+    (`schema.fact_rows_for_load`; key threshold values here); every CHUNK_FACTS of them, a task on
+    one of torch.get_num_threads() threads (reads, zlib and torch release the GIL) reads their slots
+    into a small buffer, checks each fact's checksum, copies the slots into the view buffers and
+    checks finite values and key norms, while the rows that follow are read. A refused fact is the
+    first in insertion order that fails."""
     d1, d2, dtype = vectors.d1, vectors.d2, vectors.dtype
-    facts = _read_rows(conn, vector_slots, where)
-    counts = torch.tensor(facts.counts, dtype=torch.int64)
-    count = int(counts.sum())
+    count = schema.count_key_rows(conn)
     capacity = max(MIN_CAPACITY, 2 * count)  # untouched rows cost no memory until used
     keys, residuals = _empty(capacity, d1, dtype), _empty(capacity, d2, dtype)
-    key_gammas = torch.full((capacity,), float("nan"))
-    for row, blob in facts.key_gammas:
-        key_gammas[row : row + len(blob) // 4] = torch.frombuffer(bytearray(blob), dtype=torch.float32)
-    first_rows = (torch.cumsum(counts, 0) - counts).tolist()
-    row_ids = facts.ids if count == len(facts.ids) else [
-        fact_id for fact_id, k in zip(facts.ids, facts.counts) for _ in range(k)]
-    slots = torch.tensor(facts.slots, dtype=torch.int64)
-    follows = (slots[1:] == slots[:-1] + counts[:-1]).tolist()  # fact f + 1's slots right after fact f's
-    slot_bytes, scratch = vectors.slot_bytes, threading.local()
+    facts, first_rows, row_ids, slot_bytes, scratch = _Facts(), [], [], vectors.slot_bytes, threading.local()
 
-    def load(start: int) -> tuple[int, str] | None:
-        """Check and copy facts start.. start + CHUNK_FACTS: (first bad fact, why) or None."""
-        stop = min(start + CHUNK_FACTS, len(facts.ids))
+    def load(start: int, stop: int) -> tuple[int, str] | None:
+        """Check and copy facts start .. stop - 1: (first bad fact, why) or None."""
         rows = slice(first_rows[start], first_rows[stop - 1] + facts.counts[stop - 1])
         size = (rows.stop - rows.start) * slot_bytes
         if len(getattr(scratch, "buffer", b"")) < size:
             scratch.buffer = bytearray(size)
         view = memoryview(scratch.buffer)[:size]
-        if all(follows[start : stop - 1]):
-            vectors.read_into(facts.slots[start], rows.stop - rows.start, view)
+        if all(facts.slots[f + 1] == facts.slots[f] + facts.counts[f] for f in range(start, stop - 1)):
+            vectors.read_into(facts.slots[start], rows.stop - rows.start, view)  # stored in insertion order
         else:
             for f in range(start, stop):
                 offset = (first_rows[f] - rows.start) * slot_bytes
@@ -156,14 +126,45 @@ def load_all(conn: sqlite3.Connection, vectors: VectorFile, vector_slots: int, w
         found = vector_rows_problem(keys[rows], residuals[rows], row_ids[rows])
         return None if found is None else (facts.ids.index(found[0], start), found[1])
 
-    try:
-        with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:
-            problems = [problem for problem in pool.map(load, range(0, len(facts.ids), CHUNK_FACTS)) if problem]
-    except CorruptDatabaseError as error:
-        raise CorruptDatabaseError(f"{where}: {error}") from None
-    if problems:
-        raise CorruptDatabaseError(f"{where}: {min(problems)[1]}")
-    return Loaded(keys, residuals, key_gammas, count, row_ids, dict(zip(facts.ids, facts.revs)), facts.with_key_gammas)
+    def first_problem(tasks: list[Future], *more: tuple[int, str]) -> CorruptDatabaseError:
+        found = [problem for problem in (task.result() for task in tasks) if problem] + list(more)
+        return CorruptDatabaseError(f"{where}: {min(found)[1]}")
+
+    tasks: list[Future] = []
+    with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:
+        try:
+            for fact_id, rev, slot, key_count, key_gammas, header, checksum, sound in schema.fact_rows_for_load(
+                    conn, vector_slots):
+                if not sound or len(row_ids) + key_count > count:
+                    raise first_problem(tasks, _first_row_problem(conn, vector_slots))
+                first_rows.append(len(row_ids))
+                facts.ids.append(fact_id)
+                facts.revs.append(rev)
+                facts.slots.append(slot)
+                facts.counts.append(key_count)
+                facts.header_crcs.append(zlib.crc32(header))
+                facts.checksums.append(int.from_bytes(checksum, "little"))
+                if key_gammas is not None:
+                    facts.key_gammas.append((len(row_ids), key_gammas))
+                    facts.with_key_gammas.append(fact_id)
+                row_ids += [fact_id] * key_count
+                if len(facts.ids) % CHUNK_FACTS == 0:
+                    tasks.append(pool.submit(load, len(facts.ids) - CHUNK_FACTS, len(facts.ids)))
+            if len(facts.ids) % CHUNK_FACTS:
+                tasks.append(pool.submit(load, len(facts.ids) - len(facts.ids) % CHUNK_FACTS, len(facts.ids)))
+            if any(task.result() for task in tasks):
+                raise first_problem(tasks)
+        except CorruptDatabaseError as error:
+            raise CorruptDatabaseError(str(error) if str(error).startswith(where) else f"{where}: {error}") from None
+    key_gammas = torch.full((capacity,), float("nan"))
+    if facts.key_gammas:
+        values = torch.frombuffer(bytearray(b"".join(blob for _, blob in facts.key_gammas)), dtype=torch.float32)
+        if not bool(((values >= -1.0) & (values <= 1.0)).all()):  # False for NaN too
+            raise CorruptDatabaseError(f"{where}: {_first_row_problem(conn, vector_slots)[1]}")
+        for row, blob in facts.key_gammas:
+            key_gammas[row : row + len(blob) // 4] = torch.frombuffer(bytearray(blob), dtype=torch.float32)
+    return Loaded(keys, residuals, key_gammas, len(row_ids), row_ids, dict(zip(facts.ids, facts.revs)),
+                  facts.with_key_gammas)
 
 
 @dataclasses.dataclass(frozen=True)
