@@ -1,5 +1,6 @@
 """The neural KV database: facts (id, key, residual, metadata) stored durably in SQLite and its
-vector file, with live (K, R) views for `gated_retrieve`. See `database.py` for the semantics and FORMAT.md for the file format."""
+vector file, with live (K, R) views for `gated_retrieve`. See `database.py` for the semantics and
+FORMAT.md for the file format."""
 
 from .database import NeuralDB, SearchHit, Snapshot
 from .facts import StoredFact

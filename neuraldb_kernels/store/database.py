@@ -136,9 +136,9 @@ class NeuralDB:
                 try:
                     if path is not None:
                         schema.configure_file(conn)
+                    fingerprint_json = None if fingerprint is None else dataclasses.asdict(fingerprint)
                     schema.create(conn, {"d1": d1, "d2": d2, "layer": layer, "gamma": float(gamma), "dtype": name,
-                                         "fingerprint": None if fingerprint is None else dataclasses.asdict(fingerprint),
-                                         "vectors_id": vectors_id, "vector_slots": 0})
+                                         "fingerprint": fingerprint_json, "vectors_id": vectors_id, "vector_slots": 0})
                 except BaseException:
                     conn.close()
                     if path is not None:

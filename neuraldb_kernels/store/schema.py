@@ -11,7 +11,6 @@ import json
 import math
 import os
 import sqlite3
-import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -61,7 +60,8 @@ _FACT_COLUMNS = {1: _FACT_COLUMNS_V2, 2: _FACT_COLUMNS_V2,
 _META_NAMES_V3 = frozenset({"format", "format_version", "d1", "d2", "layer", "gamma", "dtype", "fingerprint",
                             "revision", "created_at", "updated_at"})
 # format 4 adds the vector file's id (binds the pair of files) and the slots in use (the next write's first slot)
-META_NAMES = {1: _META_NAMES_V3, 2: _META_NAMES_V3, 3: _META_NAMES_V3, 4: _META_NAMES_V3 | {"vectors_id", "vector_slots"}}
+META_NAMES = {1: _META_NAMES_V3, 2: _META_NAMES_V3, 3: _META_NAMES_V3,
+              4: _META_NAMES_V3 | {"vectors_id", "vector_slots"}}
 
 
 BUSY_TIMEOUT_S = 30.0  # how long a connection waits for another one's write lock
