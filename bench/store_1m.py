@@ -41,6 +41,8 @@ def memory():
     return {name: int(fields[name].split()[0]) * 1024 for name in ("VmRSS", "VmHWM")}
 
 path, facts = sys.argv[1], int(sys.argv[2])
+with NeuralDB.open(path) as db:  # a run killed before it finished (out of memory, say) may have left its facts
+    db.delete([fact_id for fact_id in db if fact_id.startswith("single")])
 started, cpu = time.perf_counter(), time.process_time()
 db = NeuralDB.open(path)
 opened, open_cpu = time.perf_counter(), time.process_time() - cpu
@@ -59,8 +61,8 @@ for i in range(200):
     t = time.perf_counter()
     db.add(new_keys[i], new_residuals[i], f"single{i}")
     adds.append(time.perf_counter() - t)
-for i in range(200):
-    fact_id = f"f{(i * 4999) % facts}"
+spread = [f"f{(i * 4999) % facts}" for i in range(400)]
+for fact_id in [fact_id for fact_id in spread if fact_id in db][:200]:
     stored = db.get(fact_id)
     t = time.perf_counter()
     db.delete(fact_id)

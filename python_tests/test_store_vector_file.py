@@ -194,3 +194,20 @@ def test_key_row_listeners_follow_adds_upserts_deletes_and_refresh(saved):
         writer.remove_key_listener(mirror)
     writer.close()
     reader.close()
+
+
+def test_an_opened_database_deletes_in_place_once_its_snapshots_are_dropped(tmp_path):
+    """Open's view buffers (large: advised into huge pages) must count as unshared when no snapshot
+    uses them, or every delete after a retrieval would copy the whole view."""
+    generator = torch.Generator().manual_seed(3)
+    keys, residuals = torch.randn(1200, 1024, generator=generator), torch.randn(1200, 256, generator=generator)
+    with NeuralDB(tmp_path / "big.ndb", d1=1024, d2=256) as db:
+        db.add(keys, residuals, [f"f{i}" for i in range(1200)])
+    with NeuralDB.open(tmp_path / "big.ndb") as db:
+        snap_keys, _ = db.view()
+        pointer = snap_keys.data_ptr()
+        del snap_keys
+        db.delete("f0")
+        after, _ = db.view()
+        assert after.data_ptr() == pointer  # rewritten in place, no copy-on-write
+        assert torch.equal(after[0], keys[1199]) and after.shape[0] == 1199  # the last row moved into the hole

@@ -6,9 +6,10 @@ that what is read is one committed state (the vector slots committed rows use ne
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
-import mmap
 import sqlite3
+import sys
 import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -75,17 +76,19 @@ def _first_row_problem(conn: sqlite3.Connection, vector_slots: int) -> tuple[int
 
 
 def _empty(rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised (rows, width) CPU buffer; a large one in transparent huge pages where the
-    system allows them on request, so that filling it costs 512x fewer page faults."""
-    size = rows * width * torch.empty(0, dtype=dtype).element_size()
-    if size < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty((rows, width), dtype=dtype)
-    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    region.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(region, dtype=torch.uint8).view(dtype).reshape(rows, width)  # keeps `region` alive
+    """An uninitialised (rows, width) CPU buffer (torch.empty), advised into transparent huge pages
+    where the system grants them on request, so that filling it takes 512x fewer page faults."""
+    buffer = torch.empty((rows, width), dtype=dtype)
+    start = -buffer.data_ptr() % HUGE_PAGE_BYTES  # the whole huge pages inside the buffer
+    length = (buffer.numel() * buffer.element_size() - start) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    if length > 0 and _madvise is not None:
+        _madvise(ctypes.c_void_p(buffer.data_ptr() + start), ctypes.c_size_t(length), MADV_HUGEPAGE)  # a hint only
+    return buffer
 
 
 HUGE_PAGE_BYTES = 2 << 20
+MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
+_madvise = getattr(ctypes.CDLL(None), "madvise", None) if sys.platform.startswith("linux") else None
 
 
 def load_all(conn: sqlite3.Connection, vectors: VectorFile, vector_slots: int, where: str) -> Loaded:
