@@ -123,10 +123,11 @@ def main() -> None:
     generate_s = build_s = None
     if not args.reuse:
         os.makedirs(args.dir)
-        free_disk, free_memory = shutil.disk_usage(args.dir).free, _available_memory()
-        if free_disk < 1.2 * raw or free_memory < 1.3 * raw:
-            raise SystemExit(f"{args.facts} facts in {args.dtype} need {raw / 1e9:.1f} GB of vectors: "
-                             f"{free_disk / 1e9:.1f} GB of disk and {free_memory / 1e9:.1f} GB of memory are free")
+    free_disk, free_memory = shutil.disk_usage(args.dir).free, _available_memory()
+    if (not args.reuse and free_disk < 1.2 * raw) or free_memory < 1.5 * raw:  # never push others out of memory
+        raise SystemExit(f"{args.facts} facts in {args.dtype} need {raw / 1e9:.1f} GB of vectors: "
+                         f"{free_disk / 1e9:.1f} GB of disk and {free_memory / 1e9:.1f} GB of memory are free")
+    if not args.reuse:
         torch.set_num_threads(args.threads)
         generate_s, build_s = build(path, args.facts, dtype)
     on_disk = sum(os.path.getsize(os.path.join(args.dir, name)) for name in os.listdir(args.dir))
