@@ -133,32 +133,29 @@ def load_all(conn: sqlite3.Connection, vectors: VectorFile, vector_slots: int, w
         found = [problem for problem in (task.result() for task in tasks) if problem] + list(more)
         return CorruptDatabaseError(f"{where}: {min(found)[1]}")
 
-    tasks: list[Future] = []
+    tasks: list[Future] = []  # a task's own error (a truncated vector file) names the file itself
     with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:
-        try:
-            for fact_id, rev, slot, key_count, key_gammas, header, checksum, sound in schema.fact_rows_for_load(
-                    conn, vector_slots):
-                if not sound or len(row_ids) + key_count > count:
-                    raise first_problem(tasks, _first_row_problem(conn, vector_slots))
-                first_rows.append(len(row_ids))
-                facts.ids.append(fact_id)
-                facts.revs.append(rev)
-                facts.slots.append(slot)
-                facts.counts.append(key_count)
-                facts.header_crcs.append(zlib.crc32(header))
-                facts.checksums.append(int.from_bytes(checksum, "little"))
-                if key_gammas is not None:
-                    facts.key_gammas.append((len(row_ids), key_gammas))
-                    facts.with_key_gammas.append(fact_id)
-                row_ids += [fact_id] * key_count
-                if len(facts.ids) % CHUNK_FACTS == 0:
-                    tasks.append(pool.submit(load, len(facts.ids) - CHUNK_FACTS, len(facts.ids)))
-            if len(facts.ids) % CHUNK_FACTS:
-                tasks.append(pool.submit(load, len(facts.ids) - len(facts.ids) % CHUNK_FACTS, len(facts.ids)))
-            if any(task.result() for task in tasks):
-                raise first_problem(tasks)
-        except CorruptDatabaseError as error:
-            raise CorruptDatabaseError(str(error) if str(error).startswith(where) else f"{where}: {error}") from None
+        for fact_id, rev, slot, key_count, key_gammas, header, checksum, sound in schema.fact_rows_for_load(
+                conn, vector_slots):
+            if not sound or len(row_ids) + key_count > count:
+                raise first_problem(tasks, _first_row_problem(conn, vector_slots))
+            first_rows.append(len(row_ids))
+            facts.ids.append(fact_id)
+            facts.revs.append(rev)
+            facts.slots.append(slot)
+            facts.counts.append(key_count)
+            facts.header_crcs.append(zlib.crc32(header))
+            facts.checksums.append(int.from_bytes(checksum, "little"))
+            if key_gammas is not None:
+                facts.key_gammas.append((len(row_ids), key_gammas))
+                facts.with_key_gammas.append(fact_id)
+            row_ids += [fact_id] * key_count
+            if len(facts.ids) % CHUNK_FACTS == 0:
+                tasks.append(pool.submit(load, len(facts.ids) - CHUNK_FACTS, len(facts.ids)))
+        if len(facts.ids) % CHUNK_FACTS:
+            tasks.append(pool.submit(load, len(facts.ids) - len(facts.ids) % CHUNK_FACTS, len(facts.ids)))
+        if any(task.result() for task in tasks):
+            raise first_problem(tasks)
     key_gammas = torch.full((capacity,), float("nan"))
     if facts.key_gammas:
         values = torch.frombuffer(bytearray(b"".join(blob for _, blob in facts.key_gammas)), dtype=torch.float32)
