@@ -143,14 +143,14 @@ class Mirror:
     def __init__(self):
         self.rows = []
 
-    def rows_appended(self, keys):
+    def append(self, keys):
         self.rows += [row.clone() for row in keys]
 
-    def rows_replaced(self, rows, keys):
+    def overwrite(self, rows, keys):
         for row, key in zip(rows.tolist(), keys):
             self.rows[row] = key.clone()
 
-    def rows_moved(self, sources, targets, count):
+    def move_and_truncate(self, sources, targets, count):
         for source, target in zip(sources.tolist(), targets.tolist()):
             self.rows[target] = self.rows[source]
         del self.rows[count:]

@@ -579,13 +579,14 @@ class NeuralDB:
         return snap.keys, snap.residuals
 
     def add_key_listener(self, listener: KeyRowsListener) -> None:
-        """Keep `listener` in sync with the key rows of the views (see `KeyRowsListener`): it is
-        first given the current rows (`rows_appended` with all m keys, CPU, storage dtype), then
-        every append, replacement and swap-remove as it happens (adds, upserts, deletes, refresh).
-        The hook for a structure indexed by view row, such as a compressed key index."""
+        """Keep `listener`, which starts with no rows, in sync with the key rows of the views (see
+        `KeyRowsListener`): it is first given the current rows (`append` of all m keys, CPU, storage
+        dtype), then every append, replacement and swap-remove as it happens (adds, upserts,
+        deletes, refresh). The hook for a structure indexed by view row, such as a compressed key
+        index with the same append / overwrite / move_and_truncate semantics."""
         with self._lock:
             self._check_open()
-            listener.rows_appended(self.snapshot().keys)
+            listener.append(self.snapshot().keys)
             self._live.views.listeners.append(listener)
 
     def remove_key_listener(self, listener: KeyRowsListener) -> None:

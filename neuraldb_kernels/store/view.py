@@ -156,16 +156,17 @@ class ViewBuffers:
 class KeyRowsListener(Protocol):
     """Told of every change to the key rows of a database's views, right after it is applied, so
     that a structure indexed by view row (a compressed key index, e.g.) stays in sync incrementally:
-    row i is the same key row in every view. Keys are CPU tensors in the storage dtype. Calls come
-    under the database's lock, in the order of the changes; a listener must not call the database."""
+    row i is the same key row in every view. The methods are those of `ViewBuffers` (and of a key
+    index with the same row semantics). Keys are CPU tensors in the storage dtype. Calls come under
+    the database's lock, in the order of the changes; a listener must not call the database."""
 
-    def rows_appended(self, keys: torch.Tensor) -> None:
+    def append(self, keys: torch.Tensor) -> None:
         """(n, d1) `keys` became rows m .. m + n - 1 (m: the row count before)."""
 
-    def rows_replaced(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
+    def overwrite(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
         """The rows at int64 indices `rows` (all < m) now hold (len(rows), d1) `keys`."""
 
-    def rows_moved(self, sources: torch.Tensor, targets: torch.Tensor, count: int) -> None:
+    def move_and_truncate(self, sources: torch.Tensor, targets: torch.Tensor, count: int) -> None:
         """Swap-remove: row sources[i] was copied onto row targets[i] (int64, equal lengths), then
         the rows were truncated to the first `count`."""
 
@@ -203,14 +204,14 @@ class ViewSet:
         for buffers in self.buffers.values():
             buffers.append(keys, residuals, key_gammas, self.gamma)
         for listener in self.listeners:
-            listener.rows_appended(keys)
+            listener.append(keys)
 
     def overwrite(self, rows: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor,
                   key_gammas: torch.Tensor) -> None:
         for buffers in self.buffers.values():
             buffers.overwrite(rows, keys, residuals, key_gammas, self.gamma)
         for listener in self.listeners:
-            listener.rows_replaced(rows, keys)
+            listener.overwrite(rows, keys)
 
     def set_default_gamma(self, gamma: float) -> None:
         """The database's gamma changed: rewrite the thresholds of the rows that use it."""
@@ -222,7 +223,7 @@ class ViewSet:
         for buffers in self.buffers.values():
             buffers.move_and_truncate(sources, targets, count)
         for listener in self.listeners:
-            listener.rows_moved(sources, targets, count)
+            listener.move_and_truncate(sources, targets, count)
 
     def clear(self) -> None:
         """Free every view but the CPU one in the storage dtype."""
