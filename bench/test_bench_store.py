@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from neuraldb_kernels.store import NeuralDB
+from neuraldb_kernels.store.schema import database_files
 
 D1, D2 = 1536, 576  # SmolLM2-135M: FFN intermediate size, hidden size
 
@@ -68,7 +69,7 @@ def test_100k_fact_database(benchmark, tmp_path):
     started = time.perf_counter()
     build()
     results["build_s"] = time.perf_counter() - started
-    results["disk_bytes"] = sum(os.path.getsize(f"{path}{s}") for s in ("", "-wal", "-shm") if os.path.exists(f"{path}{s}"))
+    results["disk_bytes"] = sum(os.path.getsize(file) for file in database_files(path) if file.exists())
     results["raw_vector_bytes"] = 100_000 * (D1 + D2) * 4
 
     def open_db():

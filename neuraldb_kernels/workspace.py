@@ -370,5 +370,5 @@ def _remove_database_files(directory: Path, made_directory: bool) -> None:
     if made_directory:
         shutil.rmtree(directory, ignore_errors=True)
         return
-    for name in (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal", MODEL_FILE):
+    for name in (DB_FILE, f"{DB_FILE}-vectors", f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal", MODEL_FILE):
         (directory / name).unlink(missing_ok=True)

@@ -146,31 +146,41 @@ def assert_matches_reference():
 
 
 @pytest.fixture
-def legacy_database():
-    """A writer of NeuralDB files in format version 1 or 2, built by hand with SQL as those versions
-    wrote them (no checksum column): `write(path, version, rows, d1=, d2=, dtype="float32", gamma=0.65,
-    layer=None)`, rows given as (id, keys (k, d1) or (d1,), residual (d2,), metadata dict)."""
+def legacy_database(row_checksum):
+    """A writer of NeuralDB files in format version 1, 2 or 3, built by hand with SQL as those versions
+    wrote them (vector BLOBs in the rows; no checksum column before version 3): `write(path, version,
+    rows, d1=, d2=, dtype="float32", gamma=0.65, layer=None)`, rows given as (id, keys (k, d1) or (d1,),
+    residual (d2,), metadata dict) and, for version 3, optionally a fifth entry: the k key thresholds."""
     import json
     import sqlite3
 
     def write(path, version, rows, *, d1, d2, dtype="float32", gamma=0.65, layer=None):
         storage = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+        version_3 = "key_gammas BLOB, " if version == 3 else ""
+        checksum = ", checksum BLOB NOT NULL" if version == 3 else ""
         conn = sqlite3.connect(path)
         conn.executescript(f"""
             PRAGMA application_id={0x4E44424B}; PRAGMA user_version={version}; PRAGMA journal_mode=WAL;
             CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
             CREATE TABLE facts (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
-                                rev INTEGER NOT NULL, key BLOB NOT NULL, residual BLOB NOT NULL,
-                                metadata TEXT NOT NULL);""")
+                                rev INTEGER NOT NULL, key BLOB NOT NULL, {version_3}residual BLOB NOT NULL,
+                                metadata TEXT NOT NULL{checksum});""")
         meta = {"format": "neuraldb", "format_version": version, "d1": d1, "d2": d2, "layer": layer,
                 "gamma": gamma, "dtype": dtype, "fingerprint": None, "revision": len(rows),
                 "created_at": "2026-01-01T00:00:00+00:00", "updated_at": "2026-01-01T00:00:00+00:00"}
         conn.executemany("INSERT INTO meta VALUES (?, ?)", [(name, json.dumps(value)) for name, value in meta.items()])
-        for rev, (fact_id, keys, residual, metadata) in enumerate(rows, start=1):
+        for rev, (fact_id, keys, residual, metadata, *key_gammas) in enumerate(rows, start=1):
             key_blob = keys.reshape(-1, d1).to(storage).contiguous().view(torch.uint8).numpy().tobytes()
             residual_blob = residual.to(storage).contiguous().view(torch.uint8).numpy().tobytes()
-            conn.execute("INSERT INTO facts(id, rev, key, residual, metadata) VALUES (?, ?, ?, ?, ?)",
-                         (fact_id, rev, key_blob, residual_blob, json.dumps(metadata)))
+            text = json.dumps(metadata)
+            if version < 3:
+                conn.execute("INSERT INTO facts(id, rev, key, residual, metadata) VALUES (?, ?, ?, ?, ?)",
+                             (fact_id, rev, key_blob, residual_blob, text))
+                continue
+            gammas = torch.tensor(key_gammas[0], dtype=torch.float32).numpy().tobytes() if key_gammas else None
+            crc = row_checksum(fact_id, key_blob, residual_blob, text, gammas)
+            conn.execute("INSERT INTO facts(id, rev, key, key_gammas, residual, metadata, checksum) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (fact_id, rev, key_blob, gammas, residual_blob, text, crc))
         conn.commit()
         conn.close()
 
@@ -373,3 +383,93 @@ def one_rank_group():
                             timeout=datetime.timedelta(seconds=30))
     yield
     dist.destroy_process_group()
+
+class Format4Files:
+    """A format-4 NeuralDB's two files read and rewritten by hand, as FORMAT.md describes them and
+    independently of the store's code: the SQLite file at `path` and the vector file `path-vectors`
+    (a 64-byte header, then slots of d1 + d2 values: one key and its fact's residual)."""
+
+    HEADER = 64
+
+    def __init__(self, path):
+        import json
+        import sqlite3
+
+        self.path = pathlib.Path(path)
+        self.vectors = pathlib.Path(f"{path}-vectors")
+        conn = sqlite3.connect(self.path)
+        meta = {name: json.loads(value) for name, value in conn.execute("SELECT name, value FROM meta")}
+        conn.close()
+        self.d1, self.d2 = meta["d1"], meta["d2"]
+        self.dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[meta["dtype"]]
+        self.slot_bytes = (self.d1 + self.d2) * torch.empty(0, dtype=self.dtype).element_size()
+
+    @staticmethod
+    def checksum(fact_id: str, metadata: str, key_gammas: bytes | None, slots: bytes) -> bytes:
+        """FORMAT.md's fact checksum: CRC-32 over the id, metadata and key_gammas (no bytes for
+        NULL), each preceded by its byte length in ASCII decimal and a colon, then the fact's slot bytes."""
+        import zlib
+
+        parts = (fact_id.encode(), metadata.encode(), b"" if key_gammas is None else key_gammas)
+        header = b"".join(str(len(part)).encode() + b":" + part for part in parts)
+        return zlib.crc32(header + slots).to_bytes(4, "little")
+
+    def slot_bytes_of(self, keys: torch.Tensor, residual: torch.Tensor) -> bytes:
+        """The slot bytes of a fact with (k, d1) keys and a (d2,) residual, in the storage dtype."""
+        keys = keys.reshape(-1, self.d1).to(self.dtype)
+        slots = torch.cat([keys, residual.to(self.dtype).reshape(1, -1).expand(len(keys), -1)], dim=1)
+        return slots.contiguous().view(torch.uint8).numpy().tobytes()
+
+    def row(self, fact_id: str) -> dict:
+        import sqlite3
+
+        conn = sqlite3.connect(self.path)
+        names = ("slot", "key_count", "key_gammas", "metadata", "checksum")
+        found = conn.execute(f"SELECT {', '.join(names)} FROM facts WHERE id = ?", (fact_id,)).fetchone()
+        conn.close()
+        return dict(zip(names, found))
+
+    def read_slots(self, slot: int, count: int) -> bytes:
+        with open(self.vectors, "rb") as stream:
+            stream.seek(self.HEADER + slot * self.slot_bytes)
+            return stream.read(count * self.slot_bytes)
+
+    def vectors_of(self, fact_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, d1) keys and (d2,) residual of a fact as its slots hold them."""
+        row = self.row(fact_id)
+        data = bytearray(self.read_slots(row["slot"], row["key_count"]))
+        slots = torch.frombuffer(data, dtype=torch.uint8).view(self.dtype).reshape(-1, self.d1 + self.d2)
+        return slots[:, : self.d1].clone(), slots[0, self.d1 :].clone()
+
+    def rewrite(self, fact_id: str, *, slots: bytes | None = None, reseal: bool = True, **columns) -> None:
+        """Give a fact new `slots` bytes (appended to the vector file, vector_slots moved past them)
+        and/or new column values (slot, key_count, key_gammas, metadata); reseal: with the checksum
+        the rewritten fact matches (as a careful forger would), else the old one is kept."""
+        import json
+        import sqlite3
+
+        row, data = self.row(fact_id), slots
+        conn = sqlite3.connect(self.path)
+        if slots is not None:
+            used = json.loads(conn.execute("SELECT value FROM meta WHERE name = 'vector_slots'").fetchone()[0])
+            with open(self.vectors, "r+b") as stream:
+                stream.seek(self.HEADER + used * self.slot_bytes)
+                stream.write(slots)
+            count = -(-len(slots) // self.slot_bytes)
+            row.update(slot=used, key_count=count)
+            conn.execute("UPDATE meta SET value = ? WHERE name = 'vector_slots'", (json.dumps(used + count),))
+        row.update(columns)
+        if reseal:
+            if data is None:
+                data = self.read_slots(row["slot"], row["key_count"])
+            row["checksum"] = self.checksum(fact_id, row["metadata"], row["key_gammas"], data)
+        conn.execute("UPDATE facts SET slot = ?, key_count = ?, key_gammas = ?, metadata = ?, checksum = ? WHERE id = ?",
+                     (row["slot"], row["key_count"], row["key_gammas"], row["metadata"], row["checksum"], fact_id))
+        conn.commit()
+        conn.close()
+
+
+@pytest.fixture
+def format4_files():
+    """`format4_files(path)`: a `Format4Files` over the database at `path` (closed)."""
+    return Format4Files

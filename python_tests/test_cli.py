@@ -624,15 +624,15 @@ def test_demo_changes_the_edited_answers_and_nothing_else():
     assert "4 of 4 unrelated prompts unchanged" in out
 
 
-def test_db_check_passes_an_intact_database_and_names_a_corrupt_fact(neuraldb, tmp_path):
+def test_db_check_passes_an_intact_database_and_names_a_corrupt_fact(neuraldb, tmp_path, format4_files):
     foreign = ModelFingerprint(model_type="llama", layer=1, d1=48, d2=32, weights_sha256="0" * 64)
     directory = _db_dir(tmp_path / "db", "default", foreign, facts=3)
     code, out, err = neuraldb("db", "check", "--db", directory)
     assert code == 0 and "all 3 facts intact" in out, err
-    with sqlite3.connect(directory / "neuraldb.sqlite") as conn:  # one residual value changed behind its back
-        blob = bytearray(conn.execute("SELECT residual FROM facts WHERE id = 'fact1'").fetchone()[0])
-        blob[5] ^= 0x40
-        conn.execute("UPDATE facts SET residual = ? WHERE id = 'fact1'", (bytes(blob),))
+    files = format4_files(directory / "neuraldb.sqlite")  # one residual value changed behind its back
+    vectors = bytearray(files.vectors.read_bytes())
+    vectors[files.HEADER + files.row("fact1")["slot"] * files.slot_bytes + files.d1 * files.dtype.itemsize + 5] ^= 0x40
+    files.vectors.write_bytes(bytes(vectors))
     code, _, err = neuraldb("db", "check", "--db", directory)
     assert_one_line_error(code, err, 1, "fact1")
 

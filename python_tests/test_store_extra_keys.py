@@ -122,8 +122,8 @@ def test_version_1_bare_key_rows_become_extra_keys_on_open(tmp_path, legacy_data
         out, index, _ = gated_retrieve(keys[1:2].float(), snap.keys, snap.residuals, 0.999, return_index=True)
         assert snap.ids_at(index) == ["a"]
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION == 3
-    assert json.loads(conn.execute("SELECT value FROM meta WHERE name = 'format_version'").fetchone()[0]) == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION == 4
+    assert json.loads(conn.execute("SELECT value FROM meta WHERE name = 'format_version'").fetchone()[0]) == 4
     conn.close()
 
 
@@ -138,12 +138,13 @@ def test_a_failed_migration_changes_nothing(tmp_path, monkeypatch, legacy_databa
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setitem(migrations._MIGRATIONS, 1, failing)
-    with pytest.raises(ValueError, match=r"format version 1 and must be migrated to version 3 on open"):
+    with pytest.raises(ValueError, match=r"format version 1 and must be migrated to version 4 on open"):
         NeuralDB.open(path)
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT count(*) FROM facts").fetchone()[0] == 2  # rolled back
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
     conn.close()
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["v1.ndb"]  # no vector file left behind
 
 
 def test_an_old_database_another_connection_is_writing_is_not_migrated(tmp_path, monkeypatch, legacy_database):
@@ -183,38 +184,43 @@ def test_bad_extra_keys_are_refused_and_nothing_is_stored(extra, error, message)
     assert len(db) == 0 and db.key_rows == 0
 
 
-def test_corrupt_vector_blobs_are_refused_on_open(tmp_path, row_checksum):
+def test_corrupt_slot_pointers_and_vector_files_are_refused_on_open(tmp_path, format4_files):
     keys, residuals = _facts(2, seed=8)
     path = tmp_path / "db.ndb"
     NeuralDB(path, d1=D1, d2=D2).add(keys, residuals, ["a", "b"])
-    width = D1 * 4
+    files = format4_files(path)
+    original_row, original_vectors = files.row("b"), files.vectors.read_bytes()
 
-    def opened_with(column, blob, *, reseal=True):
-        """Open after rewriting fact b's `column`; reseal: with the checksum of the rewritten row."""
-        conn = sqlite3.connect(path)
-        original = conn.execute("SELECT key, residual, metadata, checksum FROM facts WHERE id = 'b'").fetchone()
-        changed = dict(zip(("key", "residual", "metadata"), original[:3]))
-        changed[column] = blob(changed[column])
-        checksum = row_checksum("b", *changed.values()) if reseal else original[3]
-        conn.execute(f"UPDATE facts SET {column} = ?, checksum = ? WHERE id = 'b'", (changed[column], checksum))
-        conn.commit()
-        conn.close()
+    def opened_with(**change):
+        """Open after rewriting fact b (see `Format4Files.rewrite`), then restore both files."""
+        files.rewrite("b", **change)
         try:
             return NeuralDB.open(path)
         finally:
+            files.rewrite("b", reseal=False, **{name: original_row[name] for name in ("slot", "key_count", "checksum")})
+            files.vectors.write_bytes(original_vectors)
             conn = sqlite3.connect(path)
-            conn.execute("UPDATE facts SET key = ?, residual = ?, metadata = ?, checksum = ? WHERE id = 'b'", original)
+            conn.execute("UPDATE meta SET value = '2' WHERE name = 'vector_slots'")
             conn.commit()
             conn.close()
 
-    for column, blob in (("key", lambda b: b[:-1]), ("key", lambda b: b""), ("residual", lambda b: b + b"\0")):
-        with pytest.raises(ValueError, match=f"corrupt vector BLOBs of fact 'b'.* expected a positive multiple of {width}"):
-            opened_with(column, blob)
+    for change, message in (({"key_count": 0}, "points at slots 1 to 0"), ({"slot": -1}, "points at slots -1 to -1"),
+                            ({"slot": 2}, "points at slots 2 to 2 of the vector file, outside the 2 slots in use"),
+                            ({"key_count": "one"}, "has columns of the wrong types")):
+        with pytest.raises(ValueError, match=rf"db.ndb: fact 'b' {message}"):
+            opened_with(reseal=False, **change)
     with pytest.raises(ValueError, match=r"db.ndb: fact 'b' fails its checksum"):
-        opened_with("key", lambda b: b + b, reseal=False)
-    with opened_with("key", lambda b: b + b) as db:  # two whole keys, checksum matching: a fact with an extra key
+        opened_with(slot=0, reseal=False)  # a's slot: the checksum binds a fact to its own vectors
+    two_keys = files.slot_bytes_of(keys[1].repeat(2, 1), residuals[1])
+    with pytest.raises(ValueError, match=r"db.ndb: fact 'b' fails its checksum"):
+        opened_with(slots=two_keys, reseal=False)
+    with opened_with(slots=two_keys) as db:  # two whole keys, checksum matching: a fact with an extra key
         snap = db.snapshot()
         assert db.key_rows == 3 and snap.ids_at(range(3)) == ["a", "b", "b"]
         assert torch.equal(snap.keys[1:], keys[1].float().repeat(2, 1))
-    with NeuralDB.open(path) as db:  # restored: the original row opens again
-        assert db.key_rows == 2
+    files.vectors.write_bytes(original_vectors[:-1])  # the last slot cut short
+    with pytest.raises(ValueError, match=r"db.ndb-vectors is truncated"):
+        NeuralDB.open(path)
+    files.vectors.write_bytes(original_vectors)
+    with NeuralDB.open(path) as db:  # restored: the original rows open again
+        assert db.key_rows == 2 and torch.equal(db.snapshot().keys, keys.float())

@@ -107,12 +107,13 @@ def _saved(tmp_path):
     return path
 
 
-def test_the_checksum_covers_the_thresholds(tmp_path, row_checksum):
+def test_the_checksum_covers_the_thresholds(tmp_path, format4_files):
     path = _saved(tmp_path)
+    files = format4_files(path)
     conn = sqlite3.connect(path)
-    for fact_id, key, residual, metadata, key_gammas, checksum in conn.execute(
-            "SELECT id, key, residual, metadata, key_gammas, checksum FROM facts"):
-        assert checksum == row_checksum(fact_id, key, residual, metadata, key_gammas)
+    for fact_id, slot, key_count, metadata, key_gammas, checksum in conn.execute(
+            "SELECT id, slot, key_count, metadata, key_gammas, checksum FROM facts"):
+        assert checksum == files.checksum(fact_id, metadata, key_gammas, files.read_slots(slot, key_count))
     assert conn.execute("SELECT key_gammas FROM facts WHERE id = 'b'").fetchone()[0] == _blob([0.75])
     flipped = bytearray(_blob([0.75]))
     flipped[0] ^= 1  # 0.75 + one ulp: a valid threshold, caught by the checksum alone
@@ -135,16 +136,14 @@ def _blob(values):
     (b"", r"fact 'a' has a corrupt key_gammas BLOB: 0 bytes"),
     ("0.5", r"fact 'a' has a corrupt key_gammas BLOB: a str"),
 ])
-def test_bad_stored_thresholds_are_refused_by_name_even_with_a_valid_checksum(tmp_path, row_checksum, key_gammas,
+def test_bad_stored_thresholds_are_refused_by_name_even_with_a_valid_checksum(tmp_path, format4_files, key_gammas,
                                                                               message):
     path = _saved(tmp_path)
-    conn = sqlite3.connect(path)
-    key, residual, metadata = conn.execute("SELECT key, residual, metadata FROM facts WHERE id = 'a'").fetchone()
-    resealed = row_checksum("a", key, residual, metadata, key_gammas.encode() if isinstance(key_gammas, str)
-                            else key_gammas)
-    conn.execute("UPDATE facts SET key_gammas = ?, checksum = ? WHERE id = 'a'", (key_gammas, resealed))
-    conn.commit()
-    conn.close()
+    files = format4_files(path)
+    row = files.row("a")
+    resealed = files.checksum("a", row["metadata"], key_gammas.encode() if isinstance(key_gammas, str) else key_gammas,
+                              files.read_slots(row["slot"], row["key_count"]))
+    files.rewrite("a", reseal=False, key_gammas=key_gammas, checksum=resealed)
     with pytest.raises(CorruptDatabaseError, match=rf"db.ndb: {message}"):
         NeuralDB.open(path)
 

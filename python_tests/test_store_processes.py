@@ -28,6 +28,15 @@ def encoded(numbers, d1, d2):
     return (numbers + 1) + torch.arange(d1) / 8, -(numbers + 1) - torch.arange(d2) / 8
 
 path, small, big, d1, d2 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+if sys.argv[6] == "pause":  # the big batch stops once its vectors are written and synced, before its rows commit
+    from neuraldb_kernels.store.vectors import VectorFile
+    write = VectorFile.write
+    def paused(self, slot, slots):
+        write(self, slot, slots)
+        if len(slots) > 1:
+            print("vectors written", flush=True)
+            time.sleep(600)
+    VectorFile.write = paused
 db = NeuralDB.open(path)
 for i in range(small):
     print(f"begin s{i}", flush=True)
@@ -56,13 +65,14 @@ def _encoded(numbers):
 class Writer:
     """The writer process and what it reported: begun batches and committed ids, in order."""
 
-    def __init__(self, path, small, big):
+    def __init__(self, path, small, big, *, pause=False):
         source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {**os.environ, "PYTHONPATH": source + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "PYTHONWARNINGS": "ignore"}
-        self.process = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(small), str(big), str(D1), str(D2)],
-                                        stdout=subprocess.PIPE, text=True, env=env)
+        self.process = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(small), str(big), str(D1), str(D2),
+                                         "pause" if pause else "run"], stdout=subprocess.PIPE, text=True, env=env)
         self.begun, self.committed, self.lock = [], set(), threading.Lock()
+        self.vectors_written = threading.Event()
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -73,6 +83,8 @@ class Writer:
                     self.begun.append(line.split()[1].split(","))
                 elif line.strip() == "commit":
                     self.committed.update(self.begun[-1])
+                elif line.strip() == "vectors written":
+                    self.vectors_written.set()
 
     def state(self):
         with self.lock:
@@ -171,6 +183,31 @@ def test_kill_in_the_middle_of_a_big_batch_keeps_exactly_the_committed_facts(pat
     assert _integrity_ok(path)
     with NeuralDB.open(path) as db:
         assert set(db) == committed  # the killed transaction left nothing behind
+        _assert_consistent(db)
+
+
+def test_kill_after_a_batch_wrote_its_vectors_and_before_its_rows_commit_keeps_the_committed_facts(path):
+    vectors, slot_bytes = f"{path}-vectors", (D1 + D2) * 4
+    writer = Writer(path, small=30, big=60_000, pause=True)
+    try:
+        assert writer.vectors_written.wait(timeout=180), "the writer process is too slow"
+    finally:
+        writer.kill()
+    committed, begun = writer.state()
+    assert len(committed) == 30 and len(begun[-1]) == 60_000
+    # the batch's slots are on disk past the 30 committed facts' ones, referenced by no committed row
+    assert _integrity_ok(path) and os.path.getsize(vectors) == 64 + (30 + 60_000) * slot_bytes
+    with NeuralDB.open(path) as db:
+        assert set(db) == committed  # slots past vector_slots are never read
+        _assert_consistent(db)
+        db.add(*_encoded([999]), ["s999"])
+    conn = sqlite3.connect(path)
+    # the next write overwrote the unreferenced slots: its fact is the 31st slot
+    assert conn.execute("SELECT slot FROM facts WHERE id = 's999'").fetchone()[0] == 30
+    assert conn.execute("SELECT value FROM meta WHERE name = 'vector_slots'").fetchone()[0] == "31"
+    conn.close()
+    with NeuralDB.open(path) as db:
+        assert set(db) == committed | {"s999"}
         _assert_consistent(db)
 
 

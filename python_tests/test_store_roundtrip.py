@@ -85,7 +85,7 @@ def test_export_import_round_trip(tmp_path, dtype):
         sidecar = db.export(tmp_path / "share.safetensors")
     assert sidecar == tmp_path / "share.json"
     document = json.loads(sidecar.read_text())
-    assert document["format_version"] == FORMAT_VERSION and document["ids"] == ids
+    assert document["format_version"] == 3 and document["ids"] == ids  # the export pair's version (FORMAT.md)
     for target in (None, tmp_path / "imported.ndb"):
         with NeuralDB.import_(tmp_path / "share.safetensors", target) as imported:
             assert (imported.layer, imported.gamma, imported.dtype) == (1, 0.5, dtype)
@@ -105,7 +105,7 @@ def test_empty_database_round_trip(tmp_path):
         assert len(db) == 0 and db.d1 == D1
 
 
-def test_file_is_a_versioned_wal_sqlite_database(tmp_path):
+def test_file_is_a_versioned_wal_sqlite_database_and_a_vector_file(tmp_path):
     keys, residuals, ids, metadata = _facts(3)
     with NeuralDB(tmp_path / "f.ndb", d1=D1, d2=D2, dtype=torch.bfloat16) as db:
         db.add(keys, residuals, ids, metadata)
@@ -113,12 +113,18 @@ def test_file_is_a_versioned_wal_sqlite_database(tmp_path):
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION
         meta = {name: json.loads(value) for name, value in conn.execute("SELECT name, value FROM meta")}
-        assert meta["format_version"] == FORMAT_VERSION and meta["dtype"] == "bfloat16"
-        blob = conn.execute("SELECT key FROM facts WHERE id = 'fact-1'").fetchone()[0]
-        # bfloat16 BLOB = the raw little-endian 2-byte words: the top half of each float32
-        words = keys[1].to(torch.float32).to(torch.bfloat16).view(torch.int16).tolist()
-        assert blob == b"".join((w & 0xFFFF).to_bytes(2, "little") for w in words)
+        assert meta["format_version"] == FORMAT_VERSION and meta["dtype"] == "bfloat16" and meta["vector_slots"] == 3
+        slot, key_count = conn.execute("SELECT slot, key_count FROM facts WHERE id = 'fact-1'").fetchone()
         conn.close()
+        vectors = (tmp_path / "f.ndb-vectors").read_bytes()
+        # header: magic, file version 1, d1, d2, dtype code 3 (bfloat16), the vectors_id; 64 bytes in all
+        assert vectors[:24] == b"NDBVECS\0" + b"".join(v.to_bytes(4, "little") for v in (1, D1, D2, 3))
+        assert vectors[24:40] == bytes.fromhex(meta["vectors_id"]) and vectors[40:64] == bytes(24)
+        assert len(vectors) == 64 + 3 * (D1 + D2) * 2 and key_count == 1
+        slot_bytes = vectors[64 + slot * (D1 + D2) * 2 : 64 + (slot + 1) * (D1 + D2) * 2]
+        # bfloat16 slot = the raw little-endian 2-byte words (the top half of each float32): key, then residual
+        words = torch.cat([keys[1], residuals[1]]).to(torch.float32).to(torch.bfloat16).view(torch.int16).tolist()
+        assert slot_bytes == b"".join((w & 0xFFFF).to_bytes(2, "little") for w in words)
 
 
 def test_upsert_replaces_in_place_and_persists(tmp_path):

@@ -114,48 +114,49 @@ def test_unknown_missing_or_unparsable_meta_rows_are_refused(saved):
     with pytest.raises(CorruptDatabaseError, match="corrupt meta table"):
         NeuralDB.open(path)
     _sql(path, ("UPDATE meta SET value = '0.5' WHERE name = 'gamma'",), ("PRAGMA user_version=2",))
-    with pytest.raises(CorruptDatabaseError, match="user_version 2 disagrees with meta.format_version 3"):
+    with pytest.raises(CorruptDatabaseError, match="user_version 2 disagrees with meta.format_version 4"):
         NeuralDB.open(path)
 
 
-def _reseal(path, fact_id, row_checksum, **columns):
-    """Rewrite a fact's columns and give the row a matching checksum (as a careful forger would)."""
-    conn = sqlite3.connect(path)
-    row = dict(zip(("key", "residual", "metadata"), conn.execute(
-        "SELECT key, residual, metadata FROM facts WHERE id = ?", (fact_id,)).fetchone()))
-    row.update(columns)
-    conn.execute("UPDATE facts SET key = ?, residual = ?, metadata = ?, checksum = ? WHERE id = ?",
-                 (*row.values(), row_checksum(fact_id, *row.values()), fact_id))
-    conn.commit()
-    conn.close()
-
-
-def _blob(values):
-    return torch.as_tensor(values, dtype=torch.float32).numpy().tobytes()
+def _reseal(path, fact_id, format4_files, key=None, residual=None, metadata=None):
+    """Rewrite a fact's keys (a list of d1 values per key), residual (d2 values) or metadata text
+    and give it a matching checksum (as a careful forger would)."""
+    files = format4_files(path)
+    keys, stored_residual = files.vectors_of(fact_id)
+    if key is not None:
+        keys = torch.tensor(key, dtype=torch.float32).reshape(-1, D1)
+    slots = files.slot_bytes_of(keys, stored_residual if residual is None else torch.tensor(residual))
+    files.rewrite(fact_id, slots=slots, **({} if metadata is None else {"metadata": metadata}))
 
 
 @pytest.mark.parametrize("columns, message", [
-    ({"residual": _blob([1.0, float("nan"), 0.0, 0.0])}, "fact 'b' has a residual that contains NaN or Inf"),
-    ({"key": _blob([float("inf")] + [1.0] * (D1 - 1))}, "fact 'b' has a key that contains NaN or Inf"),
-    ({"key": _blob([1.0] * D1 + [1e-30] * D1)}, "fact 'b' has a key that has a norm that under- or overflows float32"),
-    ({"key": _blob([1e25] * D1)}, "fact 'b' has a key that has a norm that under- or overflows float32"),
-    ({"key": _blob([0.0] * D1)}, "fact 'b' has a key that has zero norm"),
+    ({"residual": [1.0, float("nan"), 0.0, 0.0]}, "fact 'b' has a residual that contains NaN or Inf"),
+    ({"key": [float("inf")] + [1.0] * (D1 - 1)}, "fact 'b' has a key that contains NaN or Inf"),
+    ({"key": [1.0] * D1 + [1e-30] * D1}, "fact 'b' has a key that has a norm that under- or overflows float32"),
+    ({"key": [1e25] * D1}, "fact 'b' has a key that has a norm that under- or overflows float32"),
+    ({"key": [0.0] * D1}, "fact 'b' has a key that has zero norm"),
     ({"metadata": "[1, 2]"}, "fact 'b' has metadata that is a JSON list, not an object"),
     ({"metadata": "{"}, "fact 'b' has metadata that is not valid JSON"),
+    ({"metadata": '{"a": NaN}'}, "fact 'b' has metadata that is not valid JSON"),  # JSON has no NaN
 ])
-def test_rows_with_bad_values_are_refused_by_name_even_with_a_valid_checksum(saved, row_checksum, columns, message):
+def test_rows_with_bad_values_are_refused_by_name_even_with_a_valid_checksum(saved, format4_files, columns, message):
     path, _ = saved
-    _reseal(path, "b", row_checksum, **columns)
+    _reseal(path, "b", format4_files, **columns)
     with pytest.raises(CorruptDatabaseError, match=rf"db.ndb: {message}"):
         NeuralDB.open(path)
 
 
-def test_a_row_changed_after_open_is_refused_by_get_refresh_and_verify(saved):
+def test_a_row_changed_after_open_is_refused_by_get_refresh_and_verify(saved, format4_files):
     path, facts = saved
+    files = format4_files(path)
     with NeuralDB.open(path) as db, NeuralDB(path.with_name("other.ndb"), d1=D1, d2=D2) as unrelated:
         assert db.verify().checked == 3 and db.verify().corrupt == () and unrelated.verify().checked == 0
-        _sql(path, ("UPDATE facts SET residual = ? WHERE id = 'c'", (_blob([9.0] * D2),)),
-             ("UPDATE meta SET value = '99' WHERE name = 'revision'",))
+        keys, _ = files.vectors_of("c")
+        damaged = files.slot_bytes_of(keys, torch.full((D2,), 9.0))
+        with open(files.vectors, "r+b") as stream:  # c's slot overwritten in place
+            stream.seek(files.HEADER + files.row("c")["slot"] * files.slot_bytes)
+            stream.write(damaged)
+        _sql(path, ("UPDATE meta SET value = '99' WHERE name = 'revision'",))
         assert db.verify().corrupt == ("c",)
         with pytest.raises(CorruptDatabaseError, match="fact 'c' fails its checksum"):
             db.get("c")
@@ -362,7 +363,7 @@ def test_a_database_on_a_read_only_mount_opens_read_only(mount_point):
                       lambda: setattr(db, "gamma", 0.1)):
             with pytest.raises(PermissionError, match="ro.ndb was opened with readonly=True"):
                 write()
-    assert sorted(os.listdir(mount_point)) == ["ro.ndb"]
+    assert sorted(os.listdir(mount_point)) == ["ro.ndb", "ro.ndb-vectors"]  # no -wal / -shm made
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes regardless of permissions")

@@ -7,12 +7,15 @@ a fact with k keys is k rows of every view, each with the fact's residual. Each 
 gate threshold: the fact's own for that key (`key_gammas`), or the database's `gamma` when the
 fact has none; snapshots carry them as `Snapshot.gammas`, aligned with K.
 
-SQLite (schema.py, format in FORMAT.md, older versions migrated by migrations.py) is the source of
-truth: every add / upsert / delete call is one transaction, committed before memory changes
+The files are the source of truth (format in FORMAT.md): SQLite (schema.py; older versions migrated
+by migrations.py) holds ids, settings, metadata, thresholds and pointers into the vector file
+(vectors.py: `NAME-vectors`, append-only slots of key + residual, synced before the rows that use
+them commit). Every add / upsert / delete call is one transaction, committed before memory changes
 (memory.py): the row order (rows.py: row i of every view is a key row of fact `ids[i]`,
-swap-remove on delete) and one view per (device, dtype) (view.py), the (CPU, storage dtype) one
-loaded in one pass at open (sync.py, which also reads what `refresh` applies). Every row read from
-the file is checked (integrity.py); `search` is search.py, export / import exchange.py.
+swap-remove on delete) and one view per (device, dtype) (view.py, which also tells key-row
+listeners such as a compressed key index of every change), the (CPU, storage dtype) one loaded in
+bulk at open (sync.py, which also reads what `refresh` applies). Every fact read from the files is
+checked (integrity.py); `search` is search.py, export / import exchange.py, `save` copies.py.
 
 Snapshot semantics: `view()` / `snapshot()` return tensors that never change afterwards, however
 the database is mutated later (see view.py). A snapshot is taken under the database lock, so it
@@ -22,8 +25,9 @@ Thread safety: every public method takes one re-entrant lock; several threads ma
 Several processes may open the same file: each sees the committed state at open, and `refresh()`
 picks up what other processes committed since. One writing process at a time is the intended use.
 
-A database file is untrusted input: `open` checks the schema is exactly ours, every meta value and
-every row (checksum, BLOB lengths, finite values, key norms) and refuses a corrupt fact by its id.
+A database is untrusted input: `open` checks the schema is exactly ours, every meta value, the
+vector file's header and every fact (checksum, slot ranges, finite values, key norms) and refuses a
+corrupt fact by its id.
 """
 
 from __future__ import annotations
@@ -40,14 +44,17 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from . import schema, sync
+from .copies import copy_database
 from .exchange import read_import, write_export
 from .facts import FactBatch, StoredFact, prepare_batch
 from .fingerprint import ModelFingerprint, check_compatible
-from .integrity import IntegrityReport, row_checksum, verified_vectors, verify_rows
+from .integrity import IntegrityReport, fact_checksum, verified_fact, verify_rows
 from .migrations import migrate
 from .memory import LiveFacts
 from .rows import ids_at
 from .search import top_facts
+from .vectors import VectorFile, fact_slots, new_vectors_id, vectors_path
+from .view import KeyRowsListener
 
 _T = TypeVar("_T")
 
@@ -117,17 +124,30 @@ class NeuralDB:
             layer = self._fingerprint_layer(fingerprint, d1, d2, layer)
         if path is not None and os.path.lexists(path):
             raise FileExistsError(f"{os.fspath(path)} already exists; open an existing database with NeuralDB.open")
-        with schema.sqlite_errors("database" if path is None else os.fspath(path)):
-            conn = schema.connect(path)
-            try:
-                if path is not None:
-                    schema.configure_file(conn)
-                schema.create(conn, {"d1": d1, "d2": d2, "layer": layer, "gamma": float(gamma), "dtype": name,
-                                     "fingerprint": None if fingerprint is None else dataclasses.asdict(fingerprint)})
-            except BaseException:
-                conn.close()
-                raise
-        self._attach(conn, path, readonly=False)
+        if path is not None and os.path.lexists(vectors_path(path)):
+            raise FileExistsError(f"{vectors_path(path)} already exists (the vector file of another database, or "
+                                  f"one left behind): move it away to create a database at {os.fspath(path)}")
+        vectors_id = new_vectors_id()
+        vectors = VectorFile.create(None if path is None else vectors_path(path), d1=d1, d2=d2, dtype_name=name,
+                                    vectors_id=vectors_id)
+        try:
+            with schema.sqlite_errors("database" if path is None else os.fspath(path)):
+                conn = schema.connect(path)
+                try:
+                    if path is not None:
+                        schema.configure_file(conn)
+                    fingerprint_json = None if fingerprint is None else dataclasses.asdict(fingerprint)
+                    schema.create(conn, {"d1": d1, "d2": d2, "layer": layer, "gamma": float(gamma), "dtype": name,
+                                         "fingerprint": fingerprint_json, "vectors_id": vectors_id, "vector_slots": 0})
+                except BaseException:
+                    conn.close()
+                    if path is not None:
+                        schema.remove_database_files(path)
+                    raise
+        except BaseException:
+            vectors.close()
+            raise
+        self._attach(conn, path, readonly=False, vectors=vectors)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, readonly: bool = False, fingerprint: ModelFingerprint | None = None,
@@ -163,7 +183,7 @@ class NeuralDB:
                 else:
                     schema.configure_file(conn)
                     if meta["format_version"] < schema.FORMAT_VERSION:
-                        migrate(conn, where)
+                        migrate(conn, Path(path))
             except BaseException:
                 conn.close()
                 raise
@@ -199,25 +219,35 @@ class NeuralDB:
 
     # -- state ---------------------------------------------------------------------------------
 
-    def _attach(self, conn: sqlite3.Connection, path: str | os.PathLike | None, *, readonly: bool) -> None:
-        """Read settings and all rows of `conn` in one read transaction and build the CPU view."""
+    def _attach(self, conn: sqlite3.Connection, path: str | os.PathLike | None, *, readonly: bool,
+                vectors: VectorFile | None = None) -> None:
+        """Read settings and all facts in one read transaction and build the CPU view; `vectors`:
+        the vector file of a database just created (else the one beside `path` is opened)."""
         self._conn = conn
         self._path = None if path is None else Path(path)
         self._where = "database" if path is None else os.fspath(path)
         self._readonly = readonly
         self._lock = threading.RLock()
         self._closed = False
+        self._vectors = vectors
         try:
             with schema.sqlite_errors(self._where):
                 conn.execute("BEGIN")
                 try:
-                    self._load_meta(schema.read_meta(conn, self._where))
-                    loaded = sync.load_all(conn, self._d1, self._d2, self._dtype, self._where)
+                    meta = schema.read_meta(conn, self._where)
+                    self._load_meta(meta)
+                    if self._vectors is None:
+                        self._vectors = VectorFile.open(vectors_path(path), d1=self._d1, d2=self._d2,
+                                                        dtype_name=meta["dtype"], vectors_id=meta["vectors_id"],
+                                                        readonly=readonly, database=self._where)
+                    loaded = sync.load_all(conn, self._vectors, meta["vector_slots"], self._where)
                     self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
                 finally:
                     conn.execute("COMMIT")
         except BaseException:
             conn.close()
+            if self._vectors is not None:
+                self._vectors.close()
             raise
         self._live = LiveFacts(loaded, self._dtype, self._gamma)
 
@@ -360,14 +390,31 @@ class NeuralDB:
         return result
 
     def _insert_rows(self, batch: FactBatch, fact_keys: list[torch.Tensor], *, upsert: bool) -> int:
+        """Write the batch's rows (inside the write transaction): new slots appended to the vector
+        file at `vector_slots` and synced before the rows that point at them; a replaced fact whose
+        slots would be byte for byte the same keeps its slots."""
         revision = schema.next_revision(self._conn)
-        key_blobs = [schema.encode_keys(keys) for keys in fact_keys]
-        residual_blobs = schema.encode_rows(batch.residuals)
+        first = json.loads(self._conn.execute("SELECT value FROM meta WHERE name = 'vector_slots'").fetchone()[0])
+        stored = schema.slots_of(self._conn, batch.ids) if upsert else {}
+        slots = [fact_slots(keys, batch.residuals[i]) for i, keys in enumerate(fact_keys)]
+        data = [fact.contiguous().view(torch.uint8).numpy().tobytes() for fact in slots]
+        positions, appended, end = [], [], first
+        for fact_id, fact, blob in zip(batch.ids, slots, data):
+            slot, count = stored.get(fact_id, (None, 0))
+            if slot is not None and count == len(fact) and self._vectors.read_bytes(slot, count) == blob:
+                positions.append(slot)
+            else:
+                positions.append(end)
+                appended.append(fact)
+                end += len(fact)
+        if appended:
+            self._vectors.write(first, torch.cat(appended))
+            schema.write_meta(self._conn, {"vector_slots": end})
         gamma_blobs = [schema.encode_key_gammas(gammas) for gammas in batch.key_gammas]
-        checksums = [row_checksum(*row) for row in zip(batch.ids, key_blobs, residual_blobs, batch.metadata_json,
-                                                       gamma_blobs)]
-        schema.write_facts(self._conn, zip(batch.ids, [revision] * len(batch), key_blobs, residual_blobs,
-                                           batch.metadata_json, checksums, gamma_blobs), replace=upsert)
+        checksums = [fact_checksum(*row) for row in zip(batch.ids, batch.metadata_json, gamma_blobs, data)]
+        schema.write_facts(self._conn, zip(batch.ids, [revision] * len(batch), positions,
+                                           [len(keys) for keys in fact_keys], gamma_blobs, batch.metadata_json,
+                                           checksums), replace=upsert)
         return revision
 
     def add(self, keys: torch.Tensor, residuals: torch.Tensor, ids: str | Sequence[str] | None = None,
@@ -490,10 +537,10 @@ class NeuralDB:
                 raise KeyError(f"no fact with id {fact_id!r}")
             with schema.sqlite_errors(self._where):
                 row = next(schema.fact_rows(self._conn, [fact_id]), None)
-        if row is None:
-            raise KeyError(f"fact {fact_id!r} was deleted by another connection; call refresh()")
-        keys, residual, key_gammas = verified_vectors(row, self._d1, self._d2, self._dtype, self._where)
-        return StoredFact(fact_id, keys, residual[0], json.loads(row[4]), key_gammas)
+            if row is None:
+                raise KeyError(f"fact {fact_id!r} was deleted by another connection; call refresh()")
+            keys, residual, key_gammas = verified_fact(row, self._vectors, self._vectors.slot_count(), self._where)
+        return StoredFact(fact_id, keys, residual[0], json.loads(row[5]), key_gammas)
 
     def facts(self) -> Iterator[StoredFact]:
         """Every fact (see `get`), as of the start of the iteration."""
@@ -530,6 +577,22 @@ class NeuralDB:
         and thresholds (`snapshot().gammas` are the per-key thresholds aligned with K)."""
         snap = self.snapshot(device, dtype)
         return snap.keys, snap.residuals
+
+    def add_key_listener(self, listener: KeyRowsListener) -> None:
+        """Keep `listener`, which starts with no rows, in sync with the key rows of the views (see
+        `KeyRowsListener`): it is first given the current rows (`append` of all m keys, CPU, storage
+        dtype), then every append, replacement and swap-remove as it happens (adds, upserts,
+        deletes, refresh). The hook for a structure indexed by view row, such as a compressed key
+        index with the same append / overwrite / move_and_truncate semantics."""
+        with self._lock:
+            self._check_open()
+            listener.append(self.snapshot().keys)
+            self._live.views.listeners.append(listener)
+
+    def remove_key_listener(self, listener: KeyRowsListener) -> None:
+        """Stop telling `listener` of changes (ValueError if it was not added)."""
+        with self._lock:
+            self._live.views.listeners.remove(listener)
 
     def clear_views(self) -> None:
         """Free every cached view except the CPU one in the storage dtype (snapshots stay valid)."""
@@ -585,7 +648,8 @@ class NeuralDB:
             self._check_open()
             self._conn.execute("BEGIN")
             try:
-                return verify_rows(schema.fact_rows(self._conn), self._d1, self._d2, self._dtype)
+                vector_slots = schema.read_meta(self._conn, self._where)["vector_slots"]
+                return verify_rows(schema.fact_rows(self._conn), self._vectors, vector_slots)
             finally:
                 self._conn.execute("COMMIT")
 
@@ -601,8 +665,7 @@ class NeuralDB:
                 data_version = self._conn.execute("PRAGMA data_version").fetchone()[0]
                 if data_version == self._data_version:
                     return False
-                changes = sync.read_changes(self._conn, self._live.rows.rev_of, self._d1, self._d2, self._dtype,
-                                            self._where)
+                changes = sync.read_changes(self._conn, self._live.rows.rev_of, self._vectors, self._where)
             finally:
                 self._conn.execute("COMMIT")
             self._data_version = data_version
@@ -622,10 +685,12 @@ class NeuralDB:
     # -- copies --------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a complete, consistent copy of the database to `path` (FileExistsError if it exists)."""
+        """Write a complete, consistent copy of the database to `path` and its vector file
+        (FileExistsError if either exists); the copy's vector file holds only the facts in effect
+        (compacted)."""
         with self._lock:
             self._check_open()
-            schema.copy_database(self._conn, Path(path))
+            copy_database(self._conn, self._vectors, Path(path), self._where)
 
     def export(self, file: str | os.PathLike) -> Path:
         """Write `file` (.safetensors: "keys" (r, d1), every fact's keys in turn, and "residuals"
@@ -674,6 +739,7 @@ class NeuralDB:
         with self._lock:
             if not self._closed:
                 self._conn.close()
+                self._vectors.close()
                 self._live.views.close()
                 self._closed = True
 

@@ -21,9 +21,12 @@ from safetensors.torch import save_file
 
 from .facts import FactBatch, prepare_batch
 from .migrations import versioned_edit_record
-from .schema import FORMAT_VERSION, STORAGE_DTYPES, settings_problem
+from .schema import STORAGE_DTYPES, settings_problem
 
 EXPORT_FORMAT = "neuraldb-export"
+# The export pair's own version: 3 since per-key thresholds; the database's format 4 (the vector
+# file) changed nothing in it.
+EXPORT_VERSION = 3
 _SETTINGS = ("d1", "d2", "layer", "gamma", "dtype", "fingerprint")
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -53,8 +56,8 @@ def write_export(file: Path, keys: torch.Tensor, residuals: torch.Tensor, key_co
         if target.exists():
             raise FileExistsError(f"{target} already exists; export never overwrites")
     save_file({"keys": keys.contiguous(), "residuals": residuals.contiguous()}, str(file),
-              metadata={"format": EXPORT_FORMAT, "format_version": str(FORMAT_VERSION), "count": str(len(ids))})
-    document = {"format": EXPORT_FORMAT, "format_version": FORMAT_VERSION, **settings,
+              metadata={"format": EXPORT_FORMAT, "format_version": str(EXPORT_VERSION), "count": str(len(ids))})
+    document = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, **settings,
                 "safetensors_sha256": _sha256(file), "ids": ids, "key_counts": key_counts, "key_gammas": key_gammas,
                 "metadata": metadata}
     with open(sidecar, "x", encoding="utf-8") as stream:
@@ -66,7 +69,7 @@ def read_export(file: Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor,
                                      list[torch.Tensor | None]]:
     """Read and check an export: (settings, keys, residuals, key_counts, ids, metadata, key_gammas).
 
-    Checks format and version (1 to FORMAT_VERSION), the settings, the checksum, tensor names, and
+    Checks format and version (1 to EXPORT_VERSION), the settings, the checksum, tensor names, and
     the shapes and dtype the safetensors header declares before reading any tensor, that ids and
     metadata are lists of the fact count and the key counts positive ints summing to the key
     rows (a version 1 export has one key per fact), and the key thresholds a list of the fact
@@ -87,9 +90,9 @@ def read_export(file: Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor,
     if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{sidecar} is not a NeuralDB export sidecar (no \"format\": \"{EXPORT_FORMAT}\")")
     version = document.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= EXPORT_VERSION:
         raise ValueError(f"{sidecar} has format_version {version!r}; this neuraldb_kernels reads up to "
-                         f"{FORMAT_VERSION} (from 1)")
+                         f"{EXPORT_VERSION} (from 1)")
     missing = [name for name in (*_SETTINGS, "safetensors_sha256", "ids", "metadata") if name not in document]
     if missing:
         raise ValueError(f"{sidecar} lacks the fields {missing}")

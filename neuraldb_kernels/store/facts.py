@@ -89,7 +89,8 @@ def vector_problem(rows: torch.Tensor, *, keys: bool) -> tuple[int, str, int] | 
     rows share that problem; None when all are fine. Every row must be finite; a key row must also
     have a squared norm that is a normal float32 number (the op's cosines are taken in float32:
     a zero norm, or one that under- or overflows there, makes the cosine undefined)."""
-    squared = rows.float().square().sum(dim=1)  # one pass; NaN or Inf in a row makes its sum non-finite
+    values = rows.float()
+    squared = torch.linalg.vecdot(values, values)  # one pass; NaN or Inf in a row makes its sum non-finite
     tiny = torch.finfo(torch.float32).tiny
     if torch.isfinite(squared).all() and (not keys or bool((squared >= tiny).all())):
         return None

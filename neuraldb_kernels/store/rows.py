@@ -35,9 +35,12 @@ class RowMap:
         """Adopt the fact id of every row (a fact's rows in key order) and {fact id: rev}."""
         self.ids = row_ids
         self.rev_of = revs
-        self.rows_of: dict[str, list[int]] = {}
-        for row, fact_id in enumerate(row_ids):
-            self.rows_of.setdefault(fact_id, []).append(row)
+        if len(revs) == len(row_ids):  # one key per fact: one comprehension, a million facts in a blink
+            self.rows_of: dict[str, list[int]] = {fact_id: [row] for row, fact_id in enumerate(row_ids)}
+        else:
+            self.rows_of = {}
+            for row, fact_id in enumerate(row_ids):
+                self.rows_of.setdefault(fact_id, []).append(row)
         self._readers: weakref.WeakSet[Any] = weakref.WeakSet()  # live snapshots sharing self.ids
 
     def __len__(self) -> int:

@@ -1,7 +1,7 @@
-"""The on-disk format of a NeuralDB (documented in FORMAT.md): SQLite tables, pragmas, meta rows,
-vector BLOBs, and the checks that a file is exactly ours before anything is read from it.
-
-Everything that knows SQL or byte layouts lives here (and in migrations.py for older versions).
+"""The SQLite side of a NeuralDB (documented in FORMAT.md): tables, pragmas, meta rows, the SQL
+that reads and writes fact rows, and the checks that a file is exactly ours before anything is read
+from it. Everything that knows SQL lives here (and in migrations.py for older versions); the vector
+file's byte layout is vectors.py.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import math
 import os
 import sqlite3
-import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -20,7 +19,7 @@ import torch
 
 from .fingerprint import ModelFingerprint
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 APPLICATION_ID = 0x4E44424B  # "NDBK" in the SQLite header: marks the file as a NeuralDB.
 MAX_DIM = 1 << 20  # largest d1 / d2 accepted: bounds what a crafted file can make us allocate
 
@@ -35,11 +34,11 @@ CREATE TABLE facts (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,  -- insertion order: the row order of a freshly opened view
     id       TEXT NOT NULL UNIQUE,
     rev      INTEGER NOT NULL,        -- meta.revision of the transaction that last wrote this row
-    key      BLOB NOT NULL,           -- k >= 1 keys of d1 values (the fact's own key first), storage dtype, LE
+    slot     INTEGER NOT NULL,        -- first of the fact's slots in the vector file (vectors.py)
+    key_count INTEGER NOT NULL,       -- k >= 1: its keys, one slot each (the fact's own key first)
     key_gammas BLOB,                  -- NULL (every key uses meta.gamma) or k float32 LE thresholds, one per key
-    residual BLOB NOT NULL,           -- d2 values, storage dtype, little-endian
     metadata TEXT NOT NULL,           -- JSON object
-    checksum BLOB NOT NULL            -- integrity.row_checksum of (id, key, residual, metadata, key_gammas)
+    checksum BLOB NOT NULL            -- integrity.fact_checksum of (id, metadata, key_gammas, the fact's slots)
 );
 """
 
@@ -54,9 +53,15 @@ _FACT_COLUMNS_V2 = [("seq", "INTEGER", 0, None, 1, 0), ("id", "TEXT", 1, None, 0
                     ("metadata", "TEXT", 1, None, 0, 0)]
 _FACT_COLUMNS = {1: _FACT_COLUMNS_V2, 2: _FACT_COLUMNS_V2,
                  3: [*_FACT_COLUMNS_V2[:4], ("key_gammas", "BLOB", 0, None, 0, 0), *_FACT_COLUMNS_V2[4:],
+                     ("checksum", "BLOB", 1, None, 0, 0)],
+                 4: [*_FACT_COLUMNS_V2[:3], ("slot", "INTEGER", 1, None, 0, 0), ("key_count", "INTEGER", 1, None, 0, 0),
+                     ("key_gammas", "BLOB", 0, None, 0, 0), ("metadata", "TEXT", 1, None, 0, 0),
                      ("checksum", "BLOB", 1, None, 0, 0)]}
-META_NAMES = frozenset({"format", "format_version", "d1", "d2", "layer", "gamma", "dtype", "fingerprint", "revision",
-                        "created_at", "updated_at"})
+_META_NAMES_V3 = frozenset({"format", "format_version", "d1", "d2", "layer", "gamma", "dtype", "fingerprint",
+                            "revision", "created_at", "updated_at"})
+# format 4 adds the vector file's id (binds the pair of files) and the slots in use (the next write's first slot)
+META_NAMES = {1: _META_NAMES_V3, 2: _META_NAMES_V3, 3: _META_NAMES_V3,
+              4: _META_NAMES_V3 | {"vectors_id", "vector_slots"}}
 
 
 BUSY_TIMEOUT_S = 30.0  # how long a connection waits for another one's write lock
@@ -198,10 +203,11 @@ def _check_columns(conn: sqlite3.Connection, where: str, table: str, expected: l
                                    f"version {version} has {expected}")
 
 
-def _meta_problem(meta: dict[str, Any]) -> str | None:
-    """Why the settings in `meta` are invalid, or None."""
-    if set(meta) != META_NAMES:
-        return (f"meta rows {sorted(set(meta) - META_NAMES)} are unknown / {sorted(META_NAMES - set(meta))} "
+def _meta_problem(meta: dict[str, Any], version: int) -> str | None:
+    """Why the settings in `meta` (of a file of format `version`) are invalid, or None."""
+    names = META_NAMES[version]
+    if set(meta) != names:
+        return (f"meta rows {sorted(set(meta) - names)} are unknown / {sorted(names - set(meta))} "
                 f"are missing")
     problem = settings_problem(meta["d1"], meta["d2"], meta["layer"], meta["gamma"])
     if problem:
@@ -214,6 +220,12 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
     for name in ("created_at", "updated_at"):
         if not isinstance(meta[name], str):
             return f"{name} must be an ISO-8601 string, got {meta[name]!r}"
+    if version >= 4:
+        slots, vectors_id = meta["vector_slots"], meta["vectors_id"]
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
+            return f"vector_slots must be a non-negative int, got {slots!r}"
+        if not isinstance(vectors_id, str) or len(vectors_id) != 32 or vectors_id.strip("0123456789abcdef"):
+            return f"vectors_id must be 32 lowercase hex digits, got {vectors_id!r}"
     fingerprint = meta["fingerprint"]
     if fingerprint is not None:
         try:
@@ -260,7 +272,7 @@ def read_meta(conn: sqlite3.Connection, where: str) -> dict[str, Any]:
         raise CorruptDatabaseError(f"{where}: the SQLite user_version {user_version} disagrees with "
                                    f"meta.format_version {version}")
     _check_columns(conn, where, "facts", _FACT_COLUMNS[version], version)
-    problem = _meta_problem(meta)
+    problem = _meta_problem(meta, version)
     if problem:
         raise CorruptDatabaseError(f"{where} has an invalid meta table: {problem}")
     return meta
@@ -279,17 +291,6 @@ def next_revision(conn: sqlite3.Connection) -> int:
     return revision
 
 
-def encode_rows(rows: torch.Tensor) -> list[bytes]:
-    """One little-endian BLOB per row of a 2-D CPU tensor already in the storage dtype."""
-    raw = rows.contiguous().view(torch.uint8).numpy()
-    return [row.tobytes() for row in raw]
-
-
-def encode_keys(keys: torch.Tensor) -> bytes:
-    """One key BLOB: the rows of a (k, d1) CPU tensor in the storage dtype, one after the other."""
-    return keys.contiguous().view(torch.uint8).numpy().tobytes()
-
-
 def encode_key_gammas(key_gammas: torch.Tensor | None) -> bytes | None:
     """The key_gammas BLOB of a fact: None (NULL) or its (k,) float32 thresholds, little-endian."""
     if key_gammas is None:
@@ -297,13 +298,13 @@ def encode_key_gammas(key_gammas: torch.Tensor | None) -> bytes | None:
     return key_gammas.to(torch.float32).contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def count_key_bytes(conn: sqlite3.Connection) -> int:
-    """The total size of all key BLOBs (key rows = this / bytes per key)."""
-    return conn.execute("SELECT coalesce(sum(length(key)), 0) FROM facts").fetchone()[0]
+def count_key_rows(conn: sqlite3.Connection) -> int:
+    """The number of key rows of all facts (the rows of a view)."""
+    return conn.execute("SELECT coalesce(sum(key_count), 0) FROM facts").fetchone()[0]
 
 
-
-FACT_COLUMNS = "id, rev, key, residual, metadata, checksum, key_gammas"  # the row tuple `integrity` checks
+# The row tuple `integrity` checks: (id, rev, slot, key_count, key_gammas, metadata, checksum).
+FACT_COLUMNS = "id, rev, slot, key_count, key_gammas, metadata, checksum"
 SQL_CHUNK = 500  # values per "IN (...)" query, below SQLite's bound-parameter limit
 
 
@@ -315,8 +316,8 @@ def _chunks(values: list[Any]) -> Iterator[tuple[list[Any], str]]:
 
 
 def fact_rows(conn: sqlite3.Connection, ids: Iterable[str] | None = None) -> Iterator[tuple]:
-    """(id, rev, key, residual, metadata, checksum, key_gammas) of every fact in insertion order, or of the
-    facts `ids`."""
+    """(id, rev, slot, key_count, key_gammas, metadata, checksum) of every fact in insertion order,
+    or of the facts `ids`."""
     if ids is None:
         yield from conn.execute(f"SELECT {FACT_COLUMNS} FROM facts ORDER BY seq")
         return
@@ -324,13 +325,43 @@ def fact_rows(conn: sqlite3.Connection, ids: Iterable[str] | None = None) -> Ite
         yield from conn.execute(f"SELECT {FACT_COLUMNS} FROM facts WHERE id IN ({marks})", part)
 
 
+# `integrity.fact_header` built by SQLite, and whether a row is sound on its own (column types, slots
+# within the :vector_slots in use, the key_gammas length, metadata a JSON object by SQLite's strict
+# parser): open checks a million rows in C and explains only a row that fails (`integrity.row_problem`).
+FACT_HEADER_SQL = ("CAST(length(CAST(id AS BLOB)) || ':' || CAST(id AS BLOB) || length(CAST(metadata AS BLOB)) || ':' "
+                   "|| CAST(metadata AS BLOB) || coalesce(length(key_gammas), 0) || ':' || coalesce(key_gammas, x'') "
+                   "AS BLOB)")
+SOUND_ROW_SQL = ("typeof(id) = 'text' AND typeof(rev) = 'integer' AND typeof(slot) = 'integer' "
+                  "AND typeof(key_count) = 'integer' AND typeof(metadata) = 'text' AND typeof(checksum) = 'blob' "
+                  "AND length(checksum) = 4 AND slot >= 0 AND key_count >= 1 AND slot + key_count <= :vector_slots "
+                  "AND (key_gammas IS NULL OR (typeof(key_gammas) = 'blob' AND length(key_gammas) = 4 * key_count)) "
+                  "AND CASE WHEN json_valid(metadata) THEN json_type(metadata) = 'object' ELSE 0 END")
+
+
+def fact_rows_for_load(conn: sqlite3.Connection, vector_slots: int) -> sqlite3.Cursor:
+    """(id, rev, slot, key_count, key_gammas, fact header, checksum, sound) of every fact in
+    insertion order: the header as `integrity.fact_header`, sound 1 when the row passes every check
+    that needs no slots (see `SOUND_ROW_SQL`) and its key_gammas values are still to be checked."""
+    return conn.execute(f"SELECT id, rev, slot, key_count, key_gammas, {FACT_HEADER_SQL}, checksum, "
+                        f"coalesce({SOUND_ROW_SQL}, 0) FROM facts ORDER BY seq", {"vector_slots": vector_slots})
+
+
 def write_facts(conn: sqlite3.Connection, rows: Iterable[tuple], *, replace: bool) -> None:
-    """Insert (id, rev, key, residual, metadata, checksum, key_gammas) rows (inside the caller's transaction);
-    replace: a row whose id exists is rewritten, keeping its seq (else that is an IntegrityError)."""
-    conflict = (" ON CONFLICT(id) DO UPDATE SET rev = excluded.rev, key = excluded.key, residual = excluded.residual, "
-                "metadata = excluded.metadata, checksum = excluded.checksum, key_gammas = excluded.key_gammas"
-                ) if replace else ""
+    """Insert (id, rev, slot, key_count, key_gammas, metadata, checksum) rows (inside the caller's
+    transaction); replace: a row whose id exists is rewritten, keeping its seq (else that is an IntegrityError)."""
+    conflict = (" ON CONFLICT(id) DO UPDATE SET rev = excluded.rev, slot = excluded.slot, "
+                "key_count = excluded.key_count, key_gammas = excluded.key_gammas, metadata = excluded.metadata, "
+                "checksum = excluded.checksum") if replace else ""
     conn.executemany(f"INSERT INTO facts({FACT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?){conflict}", rows)
+
+
+def slots_of(conn: sqlite3.Connection, ids: list[str]) -> dict[str, tuple[int, int]]:
+    """{id: (slot, key_count)} of the facts `ids` that exist."""
+    found: dict[str, tuple[int, int]] = {}
+    for part, marks in _chunks(ids):
+        found.update((fact_id, (slot, count)) for fact_id, slot, count in conn.execute(
+            f"SELECT id, slot, key_count FROM facts WHERE id IN ({marks})", part))
+    return found
 
 
 def delete_facts(conn: sqlite3.Connection, ids: list[str]) -> None:
@@ -353,27 +384,17 @@ def metadata_where(conn: sqlite3.Connection, field: str, values: list[Any]) -> I
                                 f"ORDER BY seq", [f'$."{field}"', *part])
 
 
+def database_files(path: str | os.PathLike) -> list[Path]:
+    """Every file that belongs to the database at `path`: the SQLite file, its vector file
+    (`-vectors`, format 4) and SQLite's write-ahead log and shared-memory index (`-wal`, `-shm`).
+    A copy or a rename must take the first two together (or use `NeuralDB.save`)."""
+    return [Path(f"{os.fspath(path)}{suffix}") for suffix in ("", VECTORS_SUFFIX, "-wal", "-shm")]
+
+
+VECTORS_SUFFIX = "-vectors"
+
+
 def remove_database_files(path: str | os.PathLike) -> None:
-    """Delete a database file and its -wal / -shm companions, where present."""
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{os.fspath(path)}{suffix}").unlink(missing_ok=True)
-
-
-def copy_database(conn: sqlite3.Connection, path: Path) -> None:
-    """Write a consistent copy of the database of `conn` to `path` (FileExistsError if it exists):
-    SQLite's online backup into a temporary file beside it, hard-linked into place so that a file
-    created meanwhile is never overwritten."""
-    if os.path.lexists(path):
-        raise FileExistsError(f"{path} already exists; NeuralDB.save never overwrites")
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with sqlite_errors(os.fspath(path)):
-            target = sqlite3.connect(temporary, isolation_level=None)
-            try:
-                conn.backup(target)
-                target.execute("PRAGMA journal_mode=WAL")
-            finally:
-                target.close()
-        os.link(temporary, path)
-    finally:
-        remove_database_files(temporary)
+    """Delete a database file and its companions (see `database_files`), where present."""
+    for file in database_files(path):
+        file.unlink(missing_ok=True)

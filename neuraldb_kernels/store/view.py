@@ -20,6 +20,8 @@ Not thread-safe by itself: the owning NeuralDB serialises every call under its l
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 MIN_CAPACITY = 16
@@ -151,15 +153,35 @@ class ViewBuffers:
         self.count = count
 
 
+class KeyRowsListener(Protocol):
+    """Told of every change to the key rows of a database's views, right after it is applied, so
+    that a structure indexed by view row (a compressed key index, e.g.) stays in sync incrementally:
+    row i is the same key row in every view. The methods are those of `ViewBuffers` (and of a key
+    index with the same row semantics). Keys are CPU tensors in the storage dtype. Calls come under
+    the database's lock, in the order of the changes; a listener must not call the database."""
+
+    def append(self, keys: torch.Tensor) -> None:
+        """(n, d1) `keys` became rows m .. m + n - 1 (m: the row count before)."""
+
+    def overwrite(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
+        """The rows at int64 indices `rows` (all < m) now hold (len(rows), d1) `keys`."""
+
+    def move_and_truncate(self, sources: torch.Tensor, targets: torch.Tensor, count: int) -> None:
+        """Swap-remove: row sources[i] was copied onto row targets[i] (int64, equal lengths), then
+        the rows were truncated to the first `count`."""
+
+
 class ViewSet:
     """One `ViewBuffers` per (device, dtype): the (CPU, storage dtype) one, from which the others
-    are built on first request, always present; every change is applied to all of them. `gamma`:
-    the database's gamma, the threshold of the rows whose fact has none of its own."""
+    are built on first request, always present; every change is applied to all of them and then
+    told to the `listeners` (see `KeyRowsListener`). `gamma`: the database's gamma, the threshold of
+    the rows whose fact has none of its own."""
 
     def __init__(self, master: ViewBuffers, dtype: torch.dtype, gamma: float):
         self.master_key = (torch.device("cpu"), dtype)
         self.buffers: dict[tuple[torch.device, torch.dtype], ViewBuffers] = {self.master_key: master}
         self.gamma = gamma
+        self.listeners: list[KeyRowsListener] = []
 
     def snapshot(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(K[:m], R[:m] on `device` in `dtype`, float32 thresholds (m,) on `device`), building those
@@ -181,11 +203,15 @@ class ViewSet:
     def append(self, keys: torch.Tensor, residuals: torch.Tensor, key_gammas: torch.Tensor) -> None:
         for buffers in self.buffers.values():
             buffers.append(keys, residuals, key_gammas, self.gamma)
+        for listener in self.listeners:
+            listener.append(keys)
 
     def overwrite(self, rows: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor,
                   key_gammas: torch.Tensor) -> None:
         for buffers in self.buffers.values():
             buffers.overwrite(rows, keys, residuals, key_gammas, self.gamma)
+        for listener in self.listeners:
+            listener.overwrite(rows, keys)
 
     def set_default_gamma(self, gamma: float) -> None:
         """The database's gamma changed: rewrite the thresholds of the rows that use it."""
@@ -196,6 +222,8 @@ class ViewSet:
     def move_and_truncate(self, sources: torch.Tensor, targets: torch.Tensor, count: int) -> None:
         for buffers in self.buffers.values():
             buffers.move_and_truncate(sources, targets, count)
+        for listener in self.listeners:
+            listener.move_and_truncate(sources, targets, count)
 
     def clear(self) -> None:
         """Free every view but the CPU one in the storage dtype."""
