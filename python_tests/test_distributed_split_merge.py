@@ -85,7 +85,10 @@ def test_split_then_merge_gives_back_every_fact_bit_for_bit(tmp_path, shards):
     # the merged file lists shard 0's facts first, then shard 1's, ...: the sharded global row order
     with NeuralDB.open(tmp_path / "merged.sqlite", readonly=True) as db:
         assert [owner(i, shards) for i in db] == sorted(owner(i, shards) for i in db)
-    assert sorted(files(tmp_path)) == ["merged.sqlite", "shards", "source.sqlite"]
+    assert sorted(files(tmp_path)) == ["merged.sqlite", "merged.sqlite-vectors", "shards", "source.sqlite",
+                                       "source.sqlite-vectors"]
+    assert sorted(files(tmp_path / "shards")) == sorted(
+        ["manifest.json", *(name for path in report.manifest.shards for name in (path.name, path.name + "-vectors"))])
 
 
 def test_split_and_merge_never_overwrite_and_leave_nothing_half_written(tmp_path, monkeypatch):
@@ -118,11 +121,17 @@ def test_split_and_merge_never_overwrite_and_leave_nothing_half_written(tmp_path
     with pytest.raises(FileExistsError, match="already exists"):
         merge_shards(tmp_path / "shards", tmp_path / "exists.sqlite")
     assert (tmp_path / "exists.sqlite").read_bytes() == b"mine"
+    (tmp_path / "orphan.sqlite-vectors").write_bytes(b"mine too")  # a vector file is a database's file too
+    with pytest.raises(FileExistsError):
+        merge_shards(tmp_path / "shards", tmp_path / "orphan.sqlite")
+    assert (tmp_path / "orphan.sqlite-vectors").read_bytes() == b"mine too"
+    assert not (tmp_path / "orphan.sqlite").exists()
+    (tmp_path / "orphan.sqlite-vectors").unlink()
     calls.clear()
     monkeypatch.setattr(NeuralDB, "add", failing_add)
     with pytest.raises(OSError, match="disk full"):
         merge_shards(tmp_path / "shards", tmp_path / "merged.sqlite")
-    assert sorted(files(tmp_path)) == ["exists.sqlite", "full", "shards", "source.sqlite"]
+    assert sorted(files(tmp_path)) == ["exists.sqlite", "full", "shards", "source.sqlite", "source.sqlite-vectors"]
 
 
 def test_merge_refuses_shards_that_disagree_and_bad_manifests(tmp_path):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..store import NeuralDB, StoredFact
-from ..store.schema import dtype_name, remove_database_files
+from ..store.schema import database_files, dtype_name, remove_database_files
 from .manifest import MANIFEST_FILE, ShardManifest, check_shard_settings, read_manifest, shard_file_name, write_manifest
 from .ownership import shard_of
 
@@ -66,8 +66,19 @@ def _temporary(path: Path) -> Path:
 
 
 def _link_into_place(temporary: Path, path: Path) -> None:
-    """Move the closed database `temporary` to `path`, never overwriting (FileExistsError)."""
-    os.link(temporary, path)
+    """Move the closed database `temporary` (its SQLite file and vector file) to `path`, never
+    overwriting (FileExistsError); the SQLite file is linked last, so `path` never names a
+    database without its vectors."""
+    linked = []
+    try:
+        for source, target in reversed(list(zip(database_files(temporary), database_files(path)))[:2]):
+            if source.exists():
+                os.link(source, target)
+                linked.append(target)
+    except BaseException:
+        for target in linked:
+            target.unlink(missing_ok=True)
+        raise
     remove_database_files(temporary)
 
 
