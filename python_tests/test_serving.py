@@ -178,14 +178,14 @@ def test_engine_arguments_name_the_model_the_database_and_no_prefix_caching(serv
                                          "neuraldb_backend": "auto", "neuraldb_gamma": 0.7}
 
 
-def test_serve_command_binds_loopback_and_passes_the_overrides(served_dir, monkeypatch):
+def test_serve_command_binds_loopback_and_passes_the_overrides(served_dir, tiny_model_dir, monkeypatch):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: object() if name == "vllm" else real_find_spec(name, *args))
     command = serve_command(served_dir, port=8123, vllm_args=["--max-num-seqs=4"])
-    assert command[1:4] == ["-m", "vllm.entrypoints.cli.main", "serve"]
+    assert command[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir.resolve())]
     assert command[command.index("--host") + 1] == "127.0.0.1"
     assert command[command.index("--port") + 1] == "8123"
     assert command[command.index("--served-model-name") + 1] == "edits"

