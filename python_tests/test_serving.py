@@ -151,12 +151,16 @@ def test_check_model_compares_the_fingerprint(tmp_path):
         retrieval.close()
 
 
-def test_refuses_a_database_without_layer_or_file(tmp_path):
+def test_refuses_a_database_without_layer_or_file_and_bad_settings(tmp_path):
     NeuralDB(tmp_path / "neuraldb.sqlite", d1=D1, d2=D2).close()
     with pytest.raises(ValueError, match="records no layer"):
         LiveRetrieval(tmp_path)
     with pytest.raises(FileNotFoundError):
         LiveRetrieval(tmp_path / "missing")
+    with pytest.raises(ValueError, match="gamma"):
+        LiveRetrieval(tmp_path, gamma=1.5)
+    with pytest.raises(ValueError, match="backend"):
+        LiveRetrieval(tmp_path, backend="gpu-please")
 
 
 # ---------------------------------------------------------------- database directories to serve
@@ -216,6 +220,8 @@ def test_neuraldb_serve_errors(neuraldb, tmp_path, served_dir):
     assert code == 2 and "port number" in err
     code, _, err = neuraldb("serve", "--db", served_dir, "--gamma", "1.5")
     assert code == 2 and "[-1, 1]" in err
+    code, _, err = neuraldb("serve", "--db", served_dir, "--backend", "gpu-please")
+    assert code == 1 and "unknown backend 'gpu-please'" in err
 
 
 def test_neuraldb_serve_without_vllm_names_the_extra(neuraldb, served_dir, monkeypatch):

@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..ops.contract import check_gamma
+from ..ops.dispatch import check_backend_name
 from ..workspace import Workspace, WorkspaceError
 from .plugin import ARCHITECTURES
 
@@ -73,7 +75,10 @@ def served_database(directory: os.PathLike | str) -> ServedDatabase:
 
 def engine_overrides(served: ServedDatabase, *, gamma: Optional[float] = None, backend: str = "auto") -> dict:
     """The `hf_overrides` that make vLLM build the NeuralDB class reading `served.database`
-    (gamma: one threshold for every key instead of the database's; backend: gated_retrieve's)."""
+    (gamma: one threshold for every key instead of the database's; backend: gated_retrieve's).
+    ValueError for an unknown backend or a gamma outside [-1, 1]."""
+    check_backend_name(backend)
+    gamma = None if gamma is None else check_gamma(gamma)
     overrides = {"architectures": [served.architecture], "neuraldb_database": str(served.database),
                  "neuraldb_backend": backend}
     if gamma is not None:

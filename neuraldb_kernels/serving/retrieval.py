@@ -33,6 +33,7 @@ import torch
 from ..integration.fingerprint import down_proj_sha256
 from ..ops import gated_retrieve
 from ..ops.contract import check_gamma
+from ..ops.dispatch import check_backend_name
 from ..store import ModelFingerprint, NeuralDB
 from ..workspace import DB_FILE
 
@@ -66,6 +67,8 @@ class LiveRetrieval:
     """
 
     def __init__(self, path: os.PathLike | str, *, gamma: Optional[float] = None, backend: str = "auto"):
+        check_backend_name(backend)
+        gamma = None if gamma is None else check_gamma(gamma)
         path = Path(path)
         if path.is_dir():
             path = path / DB_FILE
@@ -74,7 +77,7 @@ class LiveRetrieval:
             self.db.close()
             raise ValueError(f"{path} records no layer: serving needs the layer its facts were edited into")
         self.layer = self.db.layer
-        self.gamma = None if gamma is None else check_gamma(gamma)
+        self.gamma = gamma
         self.backend = backend
         self.last_index: Optional[torch.Tensor] = None
         self.last_snapshot = None
