@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-model-len", type=int, default=256)
     parser.add_argument("--start-seconds", type=float, default=900)
-    parser.add_argument("--server-log", default="serving_throughput.server.log", help="the server's output (kept)")
+    parser.add_argument("--server-log", default=None, help="keep the server's output in this file (default: dropped)")
     args = parser.parse_args(argv)
     sizes = [int(part) for part in args.facts.split(",")]
     generator = torch.Generator().manual_seed(0)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        log = open(args.server_log, "w")
+        log = open(args.server_log or Path(scratch) / "server.log", "w")
         server = subprocess.Popen([sys.executable, "-m", "neuraldb_kernels.cli", "serve", "--db",
                                    str(workspace.directory), "--port", str(port), "--served-model-name", "bench",
                                    f"--vllm-arg=--max-model-len={args.max_model_len}"],
