@@ -5,6 +5,7 @@
                   [--general [--general-data DIR] [--general-limit N]]
     neuraldb compare --data FILE --sizes 100,1000 --json OUT [--methods neuraldb,memit,alphaedit] [--plot PNG]
     neuraldb ask --db DIR "PROMPT"
+    neuraldb serve --db DIR [--host 127.0.0.1] [--port 8000]   (vLLM's OpenAI server; needs the vllm extra)
     neuraldb db info|list|rm|check|export|import --db DIR ...
     neuraldb db split --db DIR|FILE --shards N --out DIR;  neuraldb db merge --manifest FILE --out FILE
     neuraldb plot REPORT.json ... --out PNG
@@ -258,6 +259,21 @@ def cmd_ask(args) -> None:
         _print_firings(workspace.db, firings)
 
 
+def cmd_serve(args) -> None:
+    from .serving import serve_command
+    from .serving.launch import serve
+
+    command = serve_command(args.db, host=args.host, port=args.port, gamma=args.gamma, backend=args.backend,
+                            served_model_name=args.served_model_name, compile=args.compile,
+                            vllm_args=args.vllm_arg)
+    with Workspace.open(args.db, for_reading=True) as workspace:
+        facts = len(workspace.db)
+    print(f"serving {args.db} ({_count(facts, 'fact')}) at http://{args.host}:{args.port}/v1 with vLLM; facts that "
+          f"neuraldb edit / db rm commit to {args.db} apply to requests submitted afterwards", file=sys.stderr)
+    print(" ".join(command), file=sys.stderr, flush=True)
+    serve(command)
+
+
 def cmd_db_info(args) -> None:
     with Workspace.open(args.db, for_reading=True) as workspace:
         db = workspace.db
@@ -442,6 +458,23 @@ def _threads(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1..65535, got {text}")
+    return value
+
+
+def _gamma(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a gate threshold in [-1, 1], got {text!r}") from None
+    if not -1 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a gate threshold in [-1, 1], got {text!r}")
+    return value
+
+
 def _positive_list(text: str) -> list[int]:
     """"100,1000" -> [100, 1000]."""
     return [_positive(part.strip()) for part in text.split(",")]
@@ -597,6 +630,20 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--db", required=True, help="database directory")
     ask.add_argument("prompt", help="the prompt to complete")
     ask.add_argument("--max-new-tokens", type=_positive, default=12, help="tokens to generate (12)")
+
+    serving = command("serve", cmd_serve, "serve the database's model with its facts through vLLM's OpenAI-compatible "
+                                          "server; edit the database meanwhile to change answers live")
+    serving.add_argument("--db", required=True, help="database directory")
+    serving.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    serving.add_argument("--port", type=_port, default=8000, help="port (8000)")
+    serving.add_argument("--gamma", type=_gamma, default=None,
+                         help="one gate threshold for every key (default: the database's, per-key where set)")
+    serving.add_argument("--backend", default="auto", help="gated_retrieve backend (auto)")
+    serving.add_argument("--served-model-name", default=None, help="model name in the API (the directory's name)")
+    serving.add_argument("--compile", action="store_true",
+                         help="let vLLM torch.compile the model (default: eager; on a CPU compiling takes minutes)")
+    serving.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                         help="an option passed to `vllm serve` as is, e.g. --vllm-arg=--max-num-seqs=8; repeatable")
 
     db = command("db", None, "inspect and manage a database directory")
     db_commands = db.add_subparsers(dest="db_command", required=True, parser_class=_Parser)

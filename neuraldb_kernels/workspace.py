@@ -296,6 +296,16 @@ class Workspace:
         self._load()
         return self._model
 
+    def model_directory(self) -> Path:
+        """The local Hugging Face model directory of the recorded model, for engines that load one
+        (the default model's cache directory, built on first use); checked as a load is."""
+        spec = _recorded_spec(self.model_spec, self.directory / MODEL_FILE)
+        if spec == DEFAULT_MODEL:
+            from .integration.default_model import default_model_directory
+
+            return default_model_directory()
+        return Path(spec)
+
     @property
     def tokenizer(self):
         """The model's tokenizer (loaded with the model)."""

@@ -114,6 +114,12 @@ def _cached_model_dir(cache_dir: Optional[os.PathLike]) -> Path:
     return directory
 
 
+def default_model_directory(cache_dir: Optional[os.PathLike] = None) -> Path:
+    """The local Hugging Face model directory (safetensors, config, tokenizer) of the default model,
+    for engines that load a directory (vLLM); built on first use like `load_default_model`."""
+    return _cached_model_dir(cache_dir)
+
+
 def load_default_tokenizer(cache_dir: Optional[os.PathLike] = None):
     """The tokenizer of the default model alone (builds the cache on first use, like `load_default_model`)."""
     from transformers import AutoTokenizer
