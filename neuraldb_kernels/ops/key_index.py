@@ -109,8 +109,9 @@ def _round_up_f32(x: torch.Tensor) -> torch.Tensor:
 def _decode(codes: torch.Tensor, fmt: str, d_pad: int) -> torch.Tensor:
     """Codes rows -> their integer/fp8 values as float64 (rows, d_pad)."""
     if fmt == "int4":
-        low = (codes.to(torch.int16) << 12) >> 12  # sign-extend each nibble
-        high = codes.to(torch.int16) >> 4
+        wide = codes.to(torch.int16)
+        low = (wide << 12) >> 12  # sign-extend each nibble
+        high = ((wide >> 4) << 12) >> 12
         return torch.stack((low, high), dim=-1).reshape(codes.shape[0], d_pad).to(torch.float64)
     return codes.to(torch.float64)
 
