@@ -73,7 +73,8 @@ def compressed_candidates(queries, index, budget: int):
     """The reference certified candidate pass (key_index.py): float64 products of the decoded
     codes (exact for integer codes), two passes over the codes in chunks: the best lower bound L
     per query, then every key with upper bound >= L; a query stops collecting once it has more
-    than `budget`. Returns key_index.CandidateSets."""
+    than `budget`. NaN/Inf keys and queries (bounds -inf) give no candidates. Returns
+    key_index.CandidateSets."""
     from .key_index import candidate_sets, certified_slack
 
     n, m = queries.codes.shape[0], index.m
@@ -88,7 +89,7 @@ def compressed_candidates(queries, index, budget: int):
     query_rows, key_rows = [], []
     for start in range(0, m, chunk):
         _, upper = _approximate_bounds(query_dots, queries, index, start, min(m, start + chunk), slack)
-        keep = (upper >= best_lower[:, None]) & (counts <= budget)[:, None]
+        keep = (upper >= best_lower[:, None]) & (upper > float("-inf")) & (counts <= budget)[:, None]
         rows, cols = torch.nonzero(keep, as_tuple=True)
         counts += torch.bincount(rows, minlength=n)
         query_rows.append(rows)
