@@ -26,9 +26,10 @@ from typing import Iterator, List, Optional
 
 import torch
 
-from ..ops import gated_retrieve
+from ..ops import KeyIndex, gated_retrieve
 from ..ops.contract import check_gamma
 from ..ops.dispatch import resolve_backend
+from ..ops.key_index import format_name
 from ..store import NeuralDB, Snapshot
 from .architectures import check_layer, locate_down_proj, num_layers
 from .fingerprint import model_fingerprint
@@ -79,8 +80,10 @@ class Attachment:
     runs the bare model for the duration of the block.
     """
 
-    def __init__(self, model, db, layer, module, gamma, backend, key_dtype):
+    def __init__(self, model, db, layer, module, gamma, backend, key_dtype, key_format=None):
         self.model = model
+        self.key_format = key_format
+        self._key_index: Optional[tuple] = None  # (snapshot version, device, dtype, KeyIndex)
         self.db = db
         self.layer = layer
         self.module = module
@@ -153,9 +156,19 @@ class Attachment:
         else:  # per-key thresholds only where some fact has them: else the number, as before they existed
             gamma = keys.gammas if keys.has_key_gammas else keys.gamma
         retrieved, index, score = gated_retrieve(
-            hidden, keys.keys, snapshot.residuals, gamma, backend=self.backend, return_index=True)
+            hidden, self._keys_for(keys), snapshot.residuals, gamma, backend=self.backend, return_index=True)
         self.last = ForwardRecord(index, score, snapshot)
         return retrieved, index
+
+    def _keys_for(self, keys: Snapshot):
+        """The snapshot's keys, or with key_format set a KeyIndex of them, rebuilt (O(m)) when the
+        database version, device or dtype changed since the last forward."""
+        if self.key_format is None:
+            return keys.keys
+        stamp = (keys.version, keys.keys.device, keys.keys.dtype)
+        if self._key_index is None or self._key_index[:3] != stamp:
+            self._key_index = (*stamp, KeyIndex.from_keys(keys.keys, codes=self.key_format))
+        return self._key_index[3]
 
     def _add_retrieval(self, module, args, output):
         if self._paused:
@@ -198,6 +211,7 @@ def attach(
     module_path: Optional[str] = None,
     backend: str = "auto",
     key_dtype: Optional[torch.dtype] = None,
+    key_format: Optional[str] = None,
     allow_weight_mismatch: bool = False,
 ) -> Attachment:
     """Hook NeuralDB `db` into decoder layer `layer` of `model`; returns the `Attachment`.
@@ -211,6 +225,9 @@ def attach(
     backend: `gated_retrieve` backend ("auto", "cpu", "torch", "triton", "cuda").
     key_dtype: dtype of the keys handed to the retrieval (float32/float16/bfloat16); default the
         model's. Residuals always take the projection output's dtype.
+    key_format: None (scan the full-precision keys) or a KeyIndex code format ("int8", "int4",
+        "fp8_e4m3"; ops/key_index.py): the retrieval scans the codes and rescores certified
+        candidates exactly, so every output is the same; the index is rebuilt after a change.
     allow_weight_mismatch: silence the warning when the database was built for other weights.
 
     Errors: unsupported model type, bad module path, layer out of range or missing, gamma outside
@@ -230,6 +247,8 @@ def attach(
         gamma = check_gamma(gamma)
     if key_dtype is not None and key_dtype not in _KEY_DTYPES:
         raise TypeError(f"key_dtype must be one of {_KEY_DTYPES} or None, got {key_dtype!r}")
+    if key_format is not None:
+        format_name(key_format)  # ValueError naming the formats
     module = locate_down_proj(model, layer, module_path)
     weight = next(module.parameters(), None)
     if weight is not None:
@@ -240,4 +259,4 @@ def attach(
         raise ValueError(
             f"layer {layer} ({type(module).__name__}) already has a NeuralDB attached ({other!r}); "
             "detach it first")
-    return Attachment(model, db, layer, module, gamma, backend, key_dtype)
+    return Attachment(model, db, layer, module, gamma, backend, key_dtype, key_format)
