@@ -2,8 +2,10 @@
 backend on full-precision keys, decode shape (n = 1), in one run.
 
     PYTHONPATH=$PWD python bench/key_index_speed.py [--m 100000 1000000] [--rounds 9] [--threads 1]
+        [--d2 576]
 
-Per m (keys of width d1 = 1536, residuals of width 576, float32):
+Per m (keys of width d1 = 1536, residuals of width --d2, float32; the residual width only sets
+how many bytes the one fired row copies, so a narrow one saves memory at large m):
 - "fp32":  gated_retrieve(q, K, R, gamma, backend="cpu"), the full-precision op;
 - "int8":  gated_retrieve(q, index, R, gamma, backend="cpu") with index = KeyIndex.from_keys(K),
            the whole call (query quantisation, the C++ candidate pass, the rescoring);
@@ -27,7 +29,7 @@ import neuraldb_kernels as nk
 from neuraldb_kernels import _cpu
 from neuraldb_kernels.ops import key_index as ki
 
-D1, D2, GAMMA = 1536, 576, 0.5
+D1, GAMMA = 1536, 0.5
 
 
 def clustered_keys(m: int, gen: torch.Generator) -> torch.Tensor:
@@ -46,10 +48,10 @@ def timed(call) -> float:
     return time.perf_counter() - start
 
 
-def bench(m: int, rounds: int) -> None:
+def bench(m: int, rounds: int, d2: int) -> None:
     gen = torch.Generator().manual_seed(m)
     K = clustered_keys(m, gen)
-    R = torch.randn(m, D2, generator=gen)
+    R = torch.randn(m, d2, generator=gen)
     started = time.perf_counter()
     index = nk.KeyIndex.from_keys(K)
     build = time.perf_counter() - started
@@ -80,11 +82,12 @@ def main() -> None:
     parser.add_argument("--m", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--d2", type=int, default=576)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"threads {args.threads}, load average {os.getloadavg()}, ISAs {_cpu.available_int8_isas()}")
+    print(f"d2 {args.d2}, threads {args.threads}, load average {os.getloadavg()}, ISAs {_cpu.available_int8_isas()}")
     for m in args.m:
-        bench(m, args.rounds)
+        bench(m, args.rounds, args.d2)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def blas_rounded(target: Target, n: int) -> bool:
     return target.name == "torch" or (target.name == "triton" and triton_backend._interpreting() and n > 8)
 
 
-def assert_identical(q, K, R, gamma, target, key_format, budget=ki.DEFAULT_CANDIDATE_BUDGET):
+def assert_identical(q, K, R, gamma, target, key_format, budget=None):
     """gated_retrieve through a KeyIndex of K == the full op on K (same backend); returns the
     CompressedRetrieval."""
     index = nk.KeyIndex.from_keys(K, codes=key_format, candidate_budget=budget)
@@ -127,7 +127,7 @@ def test_candidate_sets_keep_every_key_that_can_win(backend, key_format, float64
     K[100:110] = q[0]  # exact duplicates of a query: ties
     index = nk.KeyIndex.from_keys(K, codes=key_format, candidate_budget=3000)
     find = nk.ops.get_backend(backend.name).candidates if key_format in nk.ops.get_backend(backend.name).candidate_formats else torch_backend.compressed_candidates
-    sets = find(ki.quantise_queries(q, key_format), index, index.candidate_budget)
+    sets = find(ki.quantise_queries(q, key_format), index, index.budget())
     cos = float64_cosines(q, K)
     tol = cosine_tolerance(96, torch.float32, torch.float32)
     for row in range(q.shape[0]):
@@ -276,6 +276,14 @@ def test_cpu_candidate_pass_is_the_same_on_every_isa_and_thread_count():
 
 
 # ----------------------------------------------------------------------------- updates
+
+
+def test_default_budget_follows_the_number_of_keys():
+    index = nk.KeyIndex.from_keys(torch.randn(100, 8))
+    assert index.budget() == 1024
+    index.append(torch.randn(40000, 8))
+    assert index.budget() == 40100 // 32
+    assert nk.KeyIndex.from_keys(torch.randn(100, 8), candidate_budget=7).budget() == 7
 
 
 def test_incremental_updates_equal_a_fresh_index(key_format):

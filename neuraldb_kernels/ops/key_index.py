@@ -48,8 +48,11 @@ does "triton" on a GPU (the launch plan depends on n and d1 only; keys are split
 "torch" reference multiplies with BLAS, whose rounding of one dot product depends on the matrix
 shape (up to 1 ulp here), so through "torch" the result equals the full op except when two keys'
 float32 cosines lie within that ulp.
-Overflow: a query whose set exceeds `candidate_budget` keys is scored by the full op over all
-keys (the keys move to the query's device for that call), and counted in `CompressedRetrieval`.
+Overflow: a query whose set exceeds the candidate budget is scored by the full op over all keys
+(the keys move to the query's device for that call), and counted in `CompressedRetrieval`. The
+default budget, max(1024, m / 32) keys, keeps rescoring under 1/8 of the int8 scan's bytes; on
+SmolLM2's realistic keys a fixed 1024 overflowed a quarter of the queries at m = 1e5
+(bench/RESULTS.md, "Compressed keys").
 """
 
 from dataclasses import dataclass
@@ -66,7 +69,8 @@ _LEVELS = {"int8": 127.0, "int4": 7.0, "fp8_e4m3": 448.0}  # largest code magnit
 _FEATURE_ALIGN = 64  # codes rows are padded with zeros to a multiple of this many features
 _ENCODE_ROWS = 8192  # rows encoded at once (float64 scratch: rows x d1 x 8 bytes)
 _UNIT_ROUNDOFF = 2.0**-24
-DEFAULT_CANDIDATE_BUDGET = 1024
+MIN_CANDIDATE_BUDGET = 1024
+CANDIDATE_BUDGET_FRACTION = 32  # default budget: max(MIN_CANDIDATE_BUDGET, m // this)
 
 
 def certified_slack(d1: int) -> float:
@@ -218,10 +222,11 @@ class KeyIndex:
     Build with `KeyIndex.from_keys(K, codes=torch.int8)`; keep in sync with `append`, `overwrite`,
     `move_and_truncate` and `swap_remove` (capacity doubles on growth: amortised O(d1) per row).
     Attributes: m, d1, format ("int8" | "int4" | "fp8_e4m3"), device (of the codes: queries must be
-    there), key_device (of the full-precision keys), key_dtype, candidate_budget.
+    there), key_device (of the full-precision keys), key_dtype, candidate_budget (None: the default,
+    max(1024, m // 32), follows m; `budget()` gives the number in force).
     """
 
-    def __init__(self, keys: torch.Tensor, encoded: EncodedRows, fmt: str, device: torch.device, candidate_budget: int):
+    def __init__(self, keys: torch.Tensor, encoded: EncodedRows, fmt: str, device: torch.device, candidate_budget: Optional[int]):
         self.format = fmt
         self.device = device
         self.d1 = keys.shape[1]
@@ -238,7 +243,7 @@ class KeyIndex:
         codes: Union[str, torch.dtype] = torch.int8,
         *,
         device=None,
-        candidate_budget: int = DEFAULT_CANDIDATE_BUDGET,
+        candidate_budget: Optional[int] = None,
     ) -> "KeyIndex":
         """Index the keys K (m, d1) (float32/float16/bfloat16/float64, any device; m may be 0).
 
@@ -246,14 +251,14 @@ class KeyIndex:
         GPUs with compute capability >= 8.9 only). device: where the codes live and queries must
         be (default K's device); K stays where it is. The index references K itself (no copy)
         until the first append: do not modify K in place meanwhile. candidate_budget: the most
-        candidates a query may have before it is scored over all keys (>= 1)."""
+        candidates a query may have before it is scored over all keys (>= 1); None: max(1024, m // 32)."""
         if not isinstance(K, torch.Tensor):
             raise TypeError(f"KeyIndex.from_keys: K must be a torch.Tensor, got {type(K).__name__}")
         if K.dtype not in FLOAT_DTYPES:
             raise TypeError(f"KeyIndex.from_keys: K has dtype {K.dtype}; supported dtypes are float32, float16, bfloat16 and float64")
         if K.dim() != 2 or K.shape[1] == 0:
             raise ValueError(f"KeyIndex.from_keys: K must be 2-D (m, d1) with d1 >= 1, got shape {tuple(K.shape)}")
-        if isinstance(candidate_budget, bool) or not isinstance(candidate_budget, int) or candidate_budget < 1:
+        if candidate_budget is not None and (isinstance(candidate_budget, bool) or not isinstance(candidate_budget, int) or candidate_budget < 1):
             raise ValueError(f"KeyIndex.from_keys: candidate_budget must be an int >= 1, got {candidate_budget!r}")
         fmt = format_name(codes)
         device = torch.device(device) if device is not None else K.device
@@ -299,6 +304,12 @@ class KeyIndex:
     @property
     def row_norm(self) -> torch.Tensor:
         return self._norm[: self._m]
+
+    def budget(self) -> int:
+        """The candidate budget in force: candidate_budget, or max(1024, m // 32) when it is None."""
+        if self.candidate_budget is not None:
+            return self.candidate_budget
+        return max(MIN_CANDIDATE_BUDGET, self._m // CANDIDATE_BUDGET_FRACTION)
 
     def code_bytes_per_key(self) -> int:
         """Bytes one key costs in the scan: its codes row plus scale, error and norm (float32)."""
@@ -443,7 +454,7 @@ def retrieve(q: torch.Tensor, index: KeyIndex, R: torch.Tensor, gamma, *, backen
     record = get_backend(name)
     q2d = q.reshape(n, index.d1).contiguous()
     find = record.candidates if index.format in record.candidate_formats else reference_candidates
-    sets = find(quantise_queries(q2d, index.format), index, index.candidate_budget)
+    sets = find(quantise_queries(q2d, index.format), index, index.budget())
     overflowed = sets.overflowed
     union = torch.unique(sets.keys)  # sorted: the lowest-index tie rule carries over
     if union.numel() == 0:  # every key or every query row has NaN/Inf: any key gives that answer
