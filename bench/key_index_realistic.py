@@ -2,16 +2,15 @@
 the candidate counts.
 
     PYTHONPATH=$PWD python bench/key_index_realistic.py [--keys 100000] [--prompts 400]
-        [--formats int8 int4] [--int4-queries 500] [--cache /tmp/realistic_keys.pt]
+        [--queries 7770] [--cache /tmp/realistic_keys.pt]
 
 Keys: SmolLM2-135M-Instruct's (the default model's) down-projection inputs at layer 4 at EVERY
 token of LAMBADA test passages (../shared/data/general/lambada), passage after passage until
 --keys keys. Queries: the same layer's inputs at every token of CounterFact prompts and their
 rephrasings (../shared/data/counterfact), which is what the attached hook sees. Residuals are
-random (they are only gathered). For each code format: gated_retrieve through a KeyIndex vs the
-float32 op on the same keys, backend "cpu" (int8 candidates from the C++ pass, int4 from the
-torch reference pass; both rescored by the C++ kernel), gamma 0.5; every query's index, score and
-out must be identical. Prints the candidate count distribution and the overflows.
+random (they are only gathered). gated_retrieve through an int8 KeyIndex (the C++ candidate pass,
+the C++ rescoring) vs the float32 op on the same keys, backend "cpu", gamma 0.5: every query's
+index, score and out must be identical. Prints the candidate count distribution and the overflows.
 """
 
 from __future__ import annotations
@@ -65,10 +64,10 @@ def realistic_keys_and_queries(keys: int, prompts: int, cache: pathlib.Path | No
     return K, Q
 
 
-def compare(K: torch.Tensor, Q: torch.Tensor, fmt: str, queries: int, batch: int = 64) -> dict:
+def compare(K: torch.Tensor, Q: torch.Tensor, queries: int, batch: int = 64) -> dict:
     R = torch.randn(K.shape[0], 8, generator=torch.Generator().manual_seed(0))
     started = time.perf_counter()
-    index = nk.KeyIndex.from_keys(K, codes=fmt)
+    index = nk.KeyIndex.from_keys(K, codes="int8")
     build = time.perf_counter() - started
     disagreements, counts, overflows, fired = 0, [], 0, 0
     for start in range(0, min(queries, Q.shape[0]), batch):
@@ -82,7 +81,7 @@ def compare(K: torch.Tensor, Q: torch.Tensor, fmt: str, queries: int, batch: int
         fired += int((found >= 0).sum())
     counts = torch.cat(counts).double()
     return {
-        "format": fmt, "keys": K.shape[0], "queries": counts.numel(), "disagreements": disagreements,
+        "keys": K.shape[0], "budget": index.budget(), "queries": counts.numel(), "disagreements": disagreements,
         "fired": fired, "overflowed": overflows, "candidates_median": counts.median().item(),
         "candidates_p99": counts.quantile(0.99).item(), "candidates_max": counts.max().item(),
         "candidates_mean": counts.mean().item(), "mean_row_error": index.row_error.mean().item(),
@@ -94,15 +93,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keys", type=int, default=100_000)
     parser.add_argument("--prompts", type=int, default=400)
-    parser.add_argument("--formats", nargs="+", default=["int8", "int4"])
-    parser.add_argument("--int4-queries", type=int, default=500, help="queries for int4 (its reference pass is slow)")
+    parser.add_argument("--queries", type=int, default=10**9, help="at most this many queries")
     parser.add_argument("--cache", type=pathlib.Path, default=None, help="save/reuse the computed keys and queries here")
     args = parser.parse_args()
     print(f"load average {os.getloadavg()}, threads {torch.get_num_threads()}", flush=True)
     K, Q = realistic_keys_and_queries(args.keys, args.prompts, args.cache)
-    for fmt in args.formats:
-        queries = args.int4_queries if fmt == "int4" else Q.shape[0]
-        print(json.dumps(compare(K, Q, fmt, queries)), flush=True)
+    print(json.dumps(compare(K, Q, min(args.queries, Q.shape[0]))), flush=True)
 
 
 if __name__ == "__main__":

@@ -225,8 +225,8 @@ def attach(
     backend: `gated_retrieve` backend ("auto", "cpu", "torch", "triton", "cuda").
     key_dtype: dtype of the keys handed to the retrieval (float32/float16/bfloat16); default the
         model's. Residuals always take the projection output's dtype.
-    key_format: None (scan the full-precision keys) or a KeyIndex code format ("int8", "int4",
-        "fp8_e4m3"; ops/key_index.py): the retrieval scans the codes and rescores certified
+    key_format: None (scan the full-precision keys) or a KeyIndex code format ("int8", or
+        "fp8_e4m3" on GPUs with fp8; ops/key_index.py): the retrieval scans the codes and rescores certified
         candidates exactly, so every output is the same; the index is rebuilt after a change.
     allow_weight_mismatch: silence the warning when the database was built for other weights.
 

@@ -10,10 +10,11 @@ with the full-precision backend, and so returns `out`, `index` and `score` ident
 Code formats (one scale per row, symmetric, round to nearest; rows padded with zero codes to a
 multiple of 64 features so SIMD loops need no tail):
 - "int8": codes c in [-127, 127], s = max|k_hat| / 127. 1 byte per feature (+12 bytes per row).
-- "int4": codes in [-7, 7], s = max|k_hat| / 7, two codes per byte (low nibble = even feature).
-  Half the bytes of int8, but its bound is about 18x wider (bench/RESULTS.md, "Compressed keys").
 - "fp8_e4m3": float8 e4m3 codes, s = max|k_hat| / 448; only on CUDA GPUs with fp8 support
-  (compute capability >= 8.9), where the codes feed fp8 tensor cores.
+  (compute capability >= 8.9). 1 byte per feature; the Triton pass multiplies them in fp32.
+Narrower codes were measured and dropped: packed int4 (s = max|k_hat| / 7) has a bound about 18x
+wider; on 100k realistic SmolLM2 keys its mean row error was 0.40 and 499 of 500 CounterFact
+queries overflowed (bench/RESULTS.md, "Compressed keys"): a scan that only added to the full one.
 
 The certified bound. Notation: k_hat = K_i / |K_i| (0 for a zero row), q_hat = q / |q|; the row's
 dequantised key k~ = s * decode(c) and the query's q~ = t * decode(c_q) (queries are quantised
@@ -62,10 +63,10 @@ import torch
 
 from .contract import FLOAT_DTYPES
 
-FORMATS = ("int8", "int4", "fp8_e4m3")
+FORMATS = ("int8", "fp8_e4m3")
 # codes= may name a format by torch dtype
-_DTYPE_FORMATS = {torch.int8: "int8", torch.int4: "int4", torch.float8_e4m3fn: "fp8_e4m3"}
-_LEVELS = {"int8": 127.0, "int4": 7.0, "fp8_e4m3": 448.0}  # largest code magnitude
+_DTYPE_FORMATS = {torch.int8: "int8", torch.float8_e4m3fn: "fp8_e4m3"}
+_LEVELS = {"int8": 127.0, "fp8_e4m3": 448.0}  # largest code magnitude
 _FEATURE_ALIGN = 64  # codes rows are padded with zeros to a multiple of this many features
 _ENCODE_ROWS = 8192  # rows encoded at once (float64 scratch: rows x d1 x 8 bytes)
 _UNIT_ROUNDOFF = 2.0**-24
@@ -80,10 +81,10 @@ def certified_slack(d1: int) -> float:
 
 
 def format_name(codes: Union[str, torch.dtype]) -> str:
-    """"int8", "int4" or "fp8_e4m3" for a format name or torch.int8 / torch.int4 / torch.float8_e4m3fn."""
+    """"int8" or "fp8_e4m3" for a format name or torch.int8 / torch.float8_e4m3fn."""
     name = _DTYPE_FORMATS.get(codes, codes) if isinstance(codes, torch.dtype) else codes
     if name not in FORMATS:
-        raise ValueError(f"KeyIndex: unknown code format {codes!r}; choose one of {FORMATS} (or torch.int8, torch.int4, torch.float8_e4m3fn)")
+        raise ValueError(f"KeyIndex: unknown code format {codes!r}; choose one of {FORMATS} (or torch.int8, torch.float8_e4m3fn)")
     return name
 
 
@@ -110,29 +111,15 @@ def _round_up_f32(x: torch.Tensor) -> torch.Tensor:
     return torch.where(narrow.to(torch.float64) < x, torch.nextafter(narrow, torch.full_like(narrow, float("inf"))), narrow)
 
 
-def _decode(codes: torch.Tensor, fmt: str, d_pad: int) -> torch.Tensor:
-    """Codes rows -> their integer/fp8 values as float64 (rows, d_pad)."""
-    if fmt == "int4":
-        wide = codes.to(torch.int16)
-        low = (wide << 12) >> 12  # sign-extend each nibble
-        high = ((wide >> 4) << 12) >> 12
-        return torch.stack((low, high), dim=-1).reshape(codes.shape[0], d_pad).to(torch.float64)
-    return codes.to(torch.float64)
-
-
 def _encode(unit: torch.Tensor, fmt: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Unit rows (rows, d_pad) float64 -> (codes, scale float32 (rows,)); codes are int8 (rows, d_pad),
-    packed uint8 (rows, d_pad / 2) for int4, or float8_e4m3fn (rows, d_pad)."""
+    """Unit rows (rows, d_pad) float64 -> (codes, scale float32 (rows,)); codes are int8 or
+    float8_e4m3fn (rows, d_pad)."""
     scale = (unit.abs().amax(dim=1) / _LEVELS[fmt]).to(torch.float32)
     s = scale.to(torch.float64)[:, None]
     scaled = torch.where(s > 0, unit / torch.where(s > 0, s, 1.0), 0.0)
     if fmt == "fp8_e4m3":
         return scaled.clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
-    levels = torch.round(scaled).clamp(-_LEVELS[fmt], _LEVELS[fmt]).to(torch.int8)
-    if fmt == "int4":
-        pairs = levels.reshape(levels.shape[0], -1, 2).to(torch.int16) & 0xF
-        return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8), scale
-    return levels, scale
+    return torch.round(scaled).clamp(-_LEVELS[fmt], _LEVELS[fmt]).to(torch.int8), scale
 
 
 @dataclass(frozen=True)
@@ -159,22 +146,21 @@ def encode_rows(x: torch.Tensor, fmt: str) -> EncodedRows:
         norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
         unit = torch.nn.functional.pad(torch.where(norms > 0, rows / torch.where(norms > 0, norms, 1.0), 0.0), (0, d_pad - x.shape[1]))
         codes, scale = _encode(unit, fmt)
-        dequantised = _decode(codes, fmt, d_pad) * scale.to(torch.float64)[:, None]
+        dequantised = codes.to(torch.float64) * scale.to(torch.float64)[:, None]  # exact
         error = _round_up_f32(torch.linalg.vector_norm(unit - dequantised, dim=1))
         norm = _round_up_f32(torch.linalg.vector_norm(dequantised, dim=1))
         scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
         parts.append(EncodedRows(codes, scale, error, norm))
     if not parts:
-        width = d_pad // 2 if fmt == "int4" else d_pad
-        dtype = {"int8": torch.int8, "int4": torch.uint8, "fp8_e4m3": torch.float8_e4m3fn}[fmt]
+        dtype = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}[fmt]
         empty = torch.empty(0, dtype=torch.float32, device=x.device)
-        return EncodedRows(torch.empty(0, width, dtype=dtype, device=x.device), empty, empty, empty)
+        return EncodedRows(torch.empty(0, d_pad, dtype=dtype, device=x.device), empty, empty, empty)
     return EncodedRows(*(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "scale", "error", "norm")))
 
 
 @dataclass(frozen=True)
 class QueryCodes:
-    """Per-call query codes: codes (n, d_pad) int8 (int8 and int4 indexes) or float8_e4m3fn;
+    """Per-call query codes: codes (n, d_pad) in the index's format (int8 or float8_e4m3fn);
     scale (n,) float32 t (NaN for a NaN/Inf query row: it gets no candidates); error (n,) float32
     >= |q_hat - q~|."""
 
@@ -184,8 +170,8 @@ class QueryCodes:
 
 
 def quantise_queries(q2d: torch.Tensor, fmt: str) -> QueryCodes:
-    """Queries (n, d1) -> their codes: int8 for the int8 and int4 formats, fp8_e4m3 for fp8."""
-    rows = encode_rows(q2d, "fp8_e4m3" if fmt == "fp8_e4m3" else "int8")
+    """Queries (n, d1) -> their codes in `fmt`."""
+    rows = encode_rows(q2d, fmt)
     return QueryCodes(rows.codes, rows.scale, rows.error)
 
 
@@ -221,7 +207,7 @@ class KeyIndex:
 
     Build with `KeyIndex.from_keys(K, codes=torch.int8)`; keep in sync with `append`, `overwrite`,
     `move_and_truncate` and `swap_remove` (capacity doubles on growth: amortised O(d1) per row).
-    Attributes: m, d1, format ("int8" | "int4" | "fp8_e4m3"), device (of the codes: queries must be
+    Attributes: m, d1, format ("int8" | "fp8_e4m3"), device (of the codes: queries must be
     there), key_device (of the full-precision keys), key_dtype, candidate_budget (None: the default,
     max(1024, m // 32), follows m; `budget()` gives the number in force).
     """
@@ -247,7 +233,7 @@ class KeyIndex:
     ) -> "KeyIndex":
         """Index the keys K (m, d1) (float32/float16/bfloat16/float64, any device; m may be 0).
 
-        codes: "int8" (torch.int8), "int4" (torch.int4) or "fp8_e4m3" (torch.float8_e4m3fn; CUDA
+        codes: "int8" (torch.int8) or "fp8_e4m3" (torch.float8_e4m3fn; CUDA
         GPUs with compute capability >= 8.9 only). device: where the codes live and queries must
         be (default K's device); K stays where it is. The index references K itself (no copy)
         until the first append: do not modify K in place meanwhile. candidate_budget: the most
@@ -290,7 +276,7 @@ class KeyIndex:
 
     @property
     def codes(self) -> torch.Tensor:
-        """(m, code bytes per row): int8, packed-int4 uint8 or float8_e4m3fn codes on `device`."""
+        """(m, d1 padded to a multiple of 64): int8 or float8_e4m3fn codes on `device`."""
         return self._codes[: self._m]
 
     @property

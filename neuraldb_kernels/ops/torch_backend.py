@@ -58,9 +58,7 @@ def _run(q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: Gamma) -> T
 def _approximate_bounds(query_dots: torch.Tensor, queries, index, start: int, stop: int, slack: float):
     """(lower, upper) (n, stop - start) float64: a -/+ eps of keys [start, stop) (key_index.py);
     NaN bounds (NaN/Inf keys or queries) become -inf so they never count."""
-    from .key_index import _decode, padded_features
-
-    codes = _decode(index.codes[start:stop], index.format, padded_features(index.d1))
+    codes = index.codes[start:stop].to(torch.float64)
     scale = index.row_scale[start:stop].to(torch.float64)
     approx = (query_dots @ codes.T) * queries.scale.to(torch.float64)[:, None] * scale[None, :]
     eps = index.row_error[start:stop].to(torch.float64)[None, :] + queries.error.to(torch.float64)[:, None] * index.row_norm[
@@ -98,5 +96,5 @@ def compressed_candidates(queries, index, budget: int):
 
 
 BACKEND = Backend(
-    "torch", FLOAT_DTYPES, None, _run, candidates=compressed_candidates, candidate_formats=("int8", "int4", "fp8_e4m3")
+    "torch", FLOAT_DTYPES, None, _run, candidates=compressed_candidates, candidate_formats=("int8", "fp8_e4m3")
 )  # every device torch runs on
