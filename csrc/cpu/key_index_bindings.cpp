@@ -14,7 +14,7 @@ using neuraldb::cpu::Int8Isa;
 
 Int8Isa int8_isa_from_name(const std::string& name) {
   const bool vnni = neuraldb::cpu::cpu_has_avx512_vnni();
-  const bool avx2 = __builtin_cpu_supports("avx2");
+  const bool avx2 = neuraldb::cpu::cpu_has_int8_avx2();
   if (name == "auto") return vnni ? Int8Isa::avx512_vnni : (avx2 ? Int8Isa::avx2 : Int8Isa::generic);
   if (name == "generic") return Int8Isa::generic;
   if (name == "avx2") {
@@ -77,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_candidates(
 std::vector<std::string> available_int8_isas() {
   std::vector<std::string> names;
   if (neuraldb::cpu::cpu_has_avx512_vnni()) names.push_back("avx512_vnni");
-  if (__builtin_cpu_supports("avx2")) names.push_back("avx2");
+  if (neuraldb::cpu::cpu_has_int8_avx2()) names.push_back("avx2");
   names.push_back("generic");
   return names;
 }

@@ -104,6 +104,15 @@ bool cpu_has_avx512_vnni() {
 #endif
 }
 
+bool cpu_has_int8_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2");
+#else
+  return false;
+#endif
+}
+
 void int8_candidates(const Int8CandidateInputs& in, int num_threads, Int8Isa isa,
                      std::vector<int64_t>& keys_out, int64_t* offsets, uint8_t* overflowed) {
   const int64_t n = in.n, dim = in.dim;

@@ -36,6 +36,8 @@ NEURALDB_DECLARE_INT8_DOTS(int8_avx512_vnni)
 
 // True when this CPU has AVX-512F, AVX-512BW and AVX-512 VNNI.
 bool cpu_has_avx512_vnni();
+// True when this CPU has AVX2 (false on non-x86 machines).
+bool cpu_has_int8_avx2();
 
 // Inputs of one candidate pass: n queries against m keys, as key_index.py defines them.
 struct Int8CandidateInputs {
