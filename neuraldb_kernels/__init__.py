@@ -15,7 +15,7 @@ Heavy parts (transformers) are imported on first use.
 
 import importlib
 
-from .ops import BACKENDS, BackendStatus, BackendUnavailableError, available_backends, gated_retrieve
+from .ops import BACKENDS, BackendStatus, BackendUnavailableError, KeyIndex, available_backends, gated_retrieve
 
 __version__ = "0.1.0"
 
@@ -48,6 +48,7 @@ __all__ = [
     "BACKENDS",
     "BackendStatus",
     "BackendUnavailableError",
+    "KeyIndex",
     "available_backends",
     "gated_retrieve",
     *_LAZY,

@@ -404,6 +404,23 @@ def test_key_dtype_option_keeps_results(tokenizer):
         attach(model, db, key_dtype=torch.int8)
 
 
+def test_key_format_option_keeps_results_and_follows_the_database(tokenizer):
+    """attach(key_format="int8"): the retrieval scans codes and rescores exactly (ops/key_index.py),
+    so the logits are those of the full-precision keys, before and after the database changes."""
+    model = tiny_model("llama", tokenizer)
+    db, inputs, bare, x, residual = plant(model, "llama", 1, tokenizer)
+    expected = with_addition(model, down_proj(model, "llama", 1), {PLANTED: residual}, **inputs)
+    with attach(model, db, key_format="int8") as handle, torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected)
+        db.delete("planted")
+        assert torch.equal(model(**inputs).logits, bare)
+        db.add(x[PLANTED], residual, ids="late")
+        assert torch.equal(model(**inputs).logits, expected)
+        assert [f.fact_id for f in handle.fired() if inputs["attention_mask"][f.batch, f.position]] == ["late"]
+    with pytest.raises(ValueError, match="unknown code format"):
+        attach(model, db, key_format="int3")
+
+
 def test_torch_compile(tokenizer):
     """The hook's database read and retrieval run eagerly (torch.compiler.disable: they take the
     database lock and read Python state), so the hooked layer splits the graph once; the rest of the

@@ -133,6 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieve(const at::Tensor& 
 
 }  // namespace
 
+void register_key_index(pybind11::module_& m);  // key_index_bindings.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "C++ CPU kernels of neuraldb_kernels (OpenMP, AVX-512 or AVX2/FMA/F16C with a portable fallback).";
   m.def("gated_retrieve", &gated_retrieve,
@@ -146,4 +148,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("key_gamma") = pybind11::none());
   m.def("available_isas", &available_isas,
         "Instruction sets the kernel can use on this CPU, best first.");
+  register_key_index(m);
 }

@@ -26,10 +26,11 @@ from typing import Iterator, List, Optional
 
 import torch
 
-from ..ops import gated_retrieve
+from ..ops import KeyIndex, gated_retrieve
 from ..ops.contract import check_gamma
 from ..ops.dispatch import resolve_backend
 from ..distributed import ShardedNeuralDB
+from ..ops.key_index import format_name
 from ..store import NeuralDB, Snapshot
 from .architectures import check_layer, locate_down_proj, num_layers
 from .fingerprint import model_fingerprint
@@ -80,8 +81,10 @@ class Attachment:
     runs the bare model for the duration of the block.
     """
 
-    def __init__(self, model, db, layer, module, gamma, backend, key_dtype):
+    def __init__(self, model, db, layer, module, gamma, backend, key_dtype, key_format=None):
         self.model = model
+        self.key_format = key_format
+        self._key_index: Optional[tuple] = None  # (snapshot version, device, dtype, KeyIndex)
         self.db = db
         self.layer = layer
         self.module = module
@@ -145,7 +148,8 @@ class Attachment:
         """
         snapshot, keys = self._views(hidden.device, dtype)
         retrieved, index, score = gated_retrieve(
-            hidden, keys.keys, snapshot.residuals, self._gate(keys), backend=self.backend, return_index=True)
+            hidden, self._keys_for(keys), snapshot.residuals, self._gate(keys), backend=self.backend,
+            return_index=True)
         self.last = ForwardRecord(index, score, snapshot)
         return retrieved, index
 
@@ -166,6 +170,16 @@ class Attachment:
         if self._gamma is not None:
             return self._gamma
         return keys.gammas if keys.has_key_gammas else keys.gamma
+
+    def _keys_for(self, keys: Snapshot):
+        """The snapshot's keys, or with key_format set a KeyIndex of them, rebuilt (O(m)) when the
+        database version, device or dtype changed since the last forward."""
+        if self.key_format is None:
+            return keys.keys
+        stamp = (keys.version, keys.keys.device, keys.keys.dtype)
+        if self._key_index is None or self._key_index[:3] != stamp:
+            self._key_index = (*stamp, KeyIndex.from_keys(keys.keys, codes=self.key_format))
+        return self._key_index[3]
 
     def _add_retrieval(self, module, args, output):
         if self._paused:
@@ -208,6 +222,7 @@ def attach(
     module_path: Optional[str] = None,
     backend: str = "auto",
     key_dtype: Optional[torch.dtype] = None,
+    key_format: Optional[str] = None,
     allow_weight_mismatch: bool = False,
     process_group=None,
     exchange: Optional[str] = None,
@@ -223,6 +238,9 @@ def attach(
     backend: `gated_retrieve` backend ("auto", "cpu", "torch", "triton", "cuda").
     key_dtype: dtype of the keys handed to the retrieval (float32/float16/bfloat16); default the
         model's. Residuals always take the projection output's dtype.
+    key_format: None (scan the full-precision keys) or a KeyIndex code format ("int8", or
+        "fp8_e4m3" on GPUs with fp8; ops/key_index.py): the retrieval scans the codes and rescores certified
+        candidates exactly, so every output is the same; the index is rebuilt after a change.
     allow_weight_mismatch: silence the warning when the database was built for other weights.
     process_group, exchange: for a `ShardedNeuralDB` only (the model replicated on every rank;
         see integration/distributed_attach.py): the group of the retrieval collectives (default:
@@ -233,6 +251,8 @@ def attach(
     already attached (ValueError: detach the other attachment first).
     """
     if isinstance(db, ShardedNeuralDB):
+        if key_format is not None:
+            raise ValueError("key_format applies to a NeuralDB, not to a ShardedNeuralDB")
         from .distributed_attach import attach_sharded  # imported here: it builds on this module
 
         return attach_sharded(model, db, layer, gamma, module_path=module_path, backend=backend, key_dtype=key_dtype,
@@ -243,11 +263,13 @@ def attach(
     if not isinstance(db, NeuralDB):
         raise TypeError(f"db must be a NeuralDB or a ShardedNeuralDB, got {type(db).__name__}")
     layer, module, gamma = hook_target(model, db, layer, gamma, module_path=module_path, backend=backend,
-                                       key_dtype=key_dtype, allow_weight_mismatch=allow_weight_mismatch)
-    return Attachment(model, db, layer, module, gamma, backend, key_dtype)
+                                       key_dtype=key_dtype, key_format=key_format,
+                                       allow_weight_mismatch=allow_weight_mismatch)
+    return Attachment(model, db, layer, module, gamma, backend, key_dtype, key_format)
 
 
-def hook_target(model, db, layer, gamma, *, module_path, backend, key_dtype, allow_weight_mismatch):
+def hook_target(model, db, layer, gamma, *, module_path, backend, key_dtype, allow_weight_mismatch,
+                key_format=None):
     """The checks `attach` makes before hooking (see there); returns (layer, the down-projection
     module, gamma as a float or None). `db` is a NeuralDB or a ShardedNeuralDB."""
     if layer is None:
@@ -261,6 +283,8 @@ def hook_target(model, db, layer, gamma, *, module_path, backend, key_dtype, all
         gamma = check_gamma(gamma)
     if key_dtype is not None and key_dtype not in _KEY_DTYPES:
         raise TypeError(f"key_dtype must be one of {_KEY_DTYPES} or None, got {key_dtype!r}")
+    if key_format is not None:
+        format_name(key_format)  # ValueError naming the formats
     module = locate_down_proj(model, layer, module_path)
     weight = next(module.parameters(), None)
     if weight is not None:

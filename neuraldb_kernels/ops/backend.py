@@ -12,6 +12,8 @@ import torch
 from .contract import Gamma
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Gamma], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# (query codes, KeyIndex, candidate budget) -> CandidateSets; see key_index.py
+CandidateKernel = Callable[..., object]
 
 
 def _always_ready(device: torch.device) -> Optional[str]:
@@ -30,6 +32,9 @@ class Backend:
     q2d (n >= 1, d1), K (m >= 1, d1), R (m, d2), contiguous, one device, dtypes in `dtypes`;
     gamma a float, or a contiguous (m,) float32 tensor of per-key thresholds in [-1, 1] on the
     same device -> out (n, d2) R.dtype, index (n,) int64, score (n,) float32.
+    candidates(query_codes, key_index, budget): the certified candidate pass over a KeyIndex's
+    codes for the formats in candidate_formats (key_index.py); None where the backend has none
+    (the torch reference pass then finds the candidates, and `run` rescores them).
     """
 
     name: str
@@ -37,6 +42,8 @@ class Backend:
     device_types: Optional[Tuple[str, ...]]
     run: Kernel
     requirement: Callable[[torch.device], Optional[str]] = _always_ready
+    candidates: Optional[CandidateKernel] = None
+    candidate_formats: Tuple[str, ...] = ()
 
     def unavailable_reason(self, device) -> Optional[str]:
         """None when this backend runs on tensors of `device`, else a sentence saying why not."""

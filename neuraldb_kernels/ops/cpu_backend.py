@@ -38,4 +38,19 @@ def _run(q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: Gamma) -> T
     return _cpu.gated_retrieve(q2d, K, R, float(gamma), torch.get_num_threads())
 
 
-BACKEND = Backend("cpu", FLOAT_DTYPES, ("cpu",), _run, _requirement)
+def compressed_candidates(queries, index, budget: int):
+    """The certified candidate pass over an int8 KeyIndex (key_index.py) in C++: AVX-512 VNNI,
+    AVX2 or portable integer dot products, chosen at run time; torch.get_num_threads() threads.
+    Returns key_index.CandidateSets."""
+    from .key_index import CandidateSets, certified_slack
+
+    keys, offsets, overflowed = _cpu.int8_candidates(
+        queries.codes, queries.scale, queries.error, index.codes, index.row_scale, index.row_error, index.row_norm,
+        certified_slack(index.d1), budget, torch.get_num_threads(),
+    )  # fmt: skip
+    return CandidateSets(keys, offsets, overflowed)
+
+
+BACKEND = Backend(
+    "cpu", FLOAT_DTYPES, ("cpu",), _run, _requirement, candidates=compressed_candidates, candidate_formats=("int8",)
+)

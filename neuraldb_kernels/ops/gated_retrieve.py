@@ -19,6 +19,8 @@ import torch
 
 from .contract import Gamma, check_inputs, check_key_gamma_values
 from .dispatch import check_backend_name, get_backend, resolve_backend
+from .key_index import KeyIndex
+from .key_index import retrieve as retrieve_through_index
 
 _OP = "neuraldb::gated_retrieve"
 
@@ -97,12 +99,30 @@ def _backward(ctx, grad_out, grad_index, grad_score):
 _gated_retrieve_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _retrieve_through_index(q, index: KeyIndex, R, gamma, backend: str):
+    """The compressed path (key_index.py), with the gradient to R of the full op: out is re-gathered
+    from R differentiably (the same rows bit for bit) when R requires grad."""
+    with torch.no_grad():
+        result = retrieve_through_index(q, index, R, gamma, backend=backend)
+    out = result.out
+    if torch.is_grad_enabled() and R.requires_grad:
+        fired = (result.index >= 0)[..., None]
+        rows = R.index_select(0, result.index.reshape(-1).clamp_min(0)).reshape(out.shape)
+        out = torch.where(fired, rows, torch.zeros((), dtype=R.dtype, device=R.device))
+    return out, result.index, result.score
+
+
 def gated_retrieve(q, K, R, gamma, *, backend: str = "auto", return_index: bool = False):
     """Gated nearest-key retrieval (NeuralDB, Eq. 11-12).
 
     q: (..., d1) float tensor of queries (any leading dims, any strides).
     K: (m, d1) keys; R: (m, d2) residuals; m may be 0. float32/float16/bfloat16 (float64 on the
     "cpu" and "torch" backends); q, K and R may differ in dtype but share one device.
+    K may instead be a `KeyIndex` of the keys (compressed codes, key_index.py): the same out,
+    index and score, from a scan of the codes and an exact rescoring of certified candidates;
+    q, R and a per-key gamma must then be on the index's device (its full-precision keys may be
+    elsewhere). Candidate counts: `key_index.retrieve`. That path runs eagerly (no custom op,
+    not traceable by torch.compile); the gradient to R is the full op's.
     gamma: gate threshold: a finite number in [-1, 1], or a float32 tensor (m,) on K's device
     holding one threshold in [-1, 1] per key row. A row fires when its best cosine > the threshold
     of its best key (index = argmax, lowest index on exact ties, then that key's threshold). The
@@ -118,6 +138,9 @@ def gated_retrieve(q, K, R, gamma, *, backend: str = "auto", return_index: bool 
     Under autograd (an input requires grad) or torch.compile this calls the custom op
     `torch.ops.neuraldb.gated_retrieve`; in eager inference it runs the same code directly.
     """
+    if isinstance(K, KeyIndex):
+        out, index, score = _retrieve_through_index(q, K, R, gamma, backend)
+        return (out, index, score) if return_index else out
     gamma = check_inputs(q, K, R, gamma)
     check_backend_name(backend)
     needs_graph = torch.is_grad_enabled() and (q.requires_grad or K.requires_grad or R.requires_grad)

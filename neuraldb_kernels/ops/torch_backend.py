@@ -55,4 +55,46 @@ def _run(q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: Gamma) -> T
     return out, index, score
 
 
-BACKEND = Backend("torch", FLOAT_DTYPES, None, _run)  # every device torch runs on
+def _approximate_bounds(query_dots: torch.Tensor, queries, index, start: int, stop: int, slack: float):
+    """(lower, upper) (n, stop - start) float64: a -/+ eps of keys [start, stop) (key_index.py);
+    NaN bounds (NaN/Inf keys or queries) become -inf so they never count."""
+    codes = index.codes[start:stop].to(torch.float64)
+    scale = index.row_scale[start:stop].to(torch.float64)
+    approx = (query_dots @ codes.T) * queries.scale.to(torch.float64)[:, None] * scale[None, :]
+    eps = index.row_error[start:stop].to(torch.float64)[None, :] + queries.error.to(torch.float64)[:, None] * index.row_norm[
+        start:stop
+    ].to(torch.float64)[None, :] + slack
+    return (approx - eps).nan_to_num(nan=float("-inf")), (approx + eps).nan_to_num(nan=float("-inf"))
+
+
+def compressed_candidates(queries, index, budget: int):
+    """The reference certified candidate pass (key_index.py): float64 products of the decoded
+    codes (exact for integer codes), two passes over the codes in chunks: the best lower bound L
+    per query, then every key with upper bound >= L; a query stops collecting once it has more
+    than `budget`. NaN/Inf keys and queries (bounds -inf) give no candidates. Returns
+    key_index.CandidateSets."""
+    from .key_index import candidate_sets, certified_slack
+
+    n, m = queries.codes.shape[0], index.m
+    slack = certified_slack(index.d1)
+    query_dots = queries.codes.to(torch.float64)
+    chunk = max(1, _CHUNK_ELEMENTS // max(n, query_dots.shape[1]))
+    best_lower = torch.full((n,), float("-inf"), dtype=torch.float64, device=query_dots.device)
+    for start in range(0, m, chunk):
+        lower, _ = _approximate_bounds(query_dots, queries, index, start, min(m, start + chunk), slack)
+        best_lower = torch.maximum(best_lower, lower.amax(dim=1))
+    counts = torch.zeros(n, dtype=torch.int64, device=query_dots.device)
+    query_rows, key_rows = [], []
+    for start in range(0, m, chunk):
+        _, upper = _approximate_bounds(query_dots, queries, index, start, min(m, start + chunk), slack)
+        keep = (upper >= best_lower[:, None]) & (upper > float("-inf")) & (counts <= budget)[:, None]
+        rows, cols = torch.nonzero(keep, as_tuple=True)
+        counts += torch.bincount(rows, minlength=n)
+        query_rows.append(rows)
+        key_rows.append(cols + start)
+    return candidate_sets(torch.cat(query_rows), torch.cat(key_rows), n, counts > budget)
+
+
+BACKEND = Backend(
+    "torch", FLOAT_DTYPES, None, _run, candidates=compressed_candidates, candidate_formats=("int8", "fp8_e4m3")
+)  # every device torch runs on

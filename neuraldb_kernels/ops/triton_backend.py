@@ -174,6 +174,77 @@ if triton is not None:
             bits = tl.load(src + cols, mask=col_ok, other=0)  # row 0 when closed (m >= 1)
             tl.store(dst + cols, tl.where(fired, bits, 0), mask=col_ok)
 
+    @triton.jit
+    def _approximate_bounds_kernel(
+        q_codes_ptr,  # (n, d_pad) int8 or float8_e4m3fn query codes
+        q_scale_ptr,  # (n,) fp32 t (NaN: no candidates)
+        q_error_ptr,  # (n,) fp32
+        k_codes_ptr,  # (m, d_pad) codes of the same kind
+        k_scale_ptr,  # (m,) fp32 s (NaN: never a candidate)
+        k_error_ptr,  # (m,) fp32
+        k_norm_ptr,  # (m,) fp32
+        upper_ptr,  # (n, m) fp32 out: a + eps (-inf where NaN)
+        part_lower_ptr,  # (n, num_splits) fp32 out: the split's best a - eps
+        n,
+        m,
+        d_pad,
+        keys_per_split,
+        num_splits,
+        slack,
+        BLOCK_N: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        USE_DOT: tl.constexpr,
+        INTEGER_CODES: tl.constexpr,
+    ):
+        """The certified bounds of key_index.py for one query block and one split of the keys:
+        integer codes multiply exactly in int32, fp8 codes in fp32 (within the bound's slack)."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n
+        q_rows = q_codes_ptr + rows.to(tl.int64)[:, None] * d_pad
+        t = tl.load(q_scale_ptr + rows, mask=row_ok, other=0.0)
+        t_error = tl.load(q_error_ptr + rows, mask=row_ok, other=0.0)
+        best_lower = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        split_start = pid_s * keys_per_split
+        split_end = tl.minimum(split_start + keys_per_split, m)
+        for block_start in range(split_start, split_end, BLOCK_M):
+            keys = block_start + tl.arange(0, BLOCK_M)
+            key_ok = keys < split_end
+            k_rows = k_codes_ptr + keys.to(tl.int64)[:, None] * d_pad
+            if INTEGER_CODES:
+                dots = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+            else:
+                dots = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for d0 in range(0, d_pad, BLOCK_D):
+                cols = d0 + tl.arange(0, BLOCK_D)
+                k = tl.load(k_rows + cols[None, :], mask=key_ok[:, None], other=0)
+                x = tl.load(q_rows + cols[None, :], mask=row_ok[:, None], other=0)
+                if INTEGER_CODES:
+                    if USE_DOT:
+                        dots = tl.dot(x, tl.trans(k), dots)
+                    else:
+                        dots += tl.sum(x.to(tl.int32)[:, None, :] * k.to(tl.int32)[None, :, :], axis=2)
+                else:
+                    if USE_DOT:
+                        dots = tl.dot(x.to(tl.float32), tl.trans(k.to(tl.float32)), dots, input_precision="ieee")
+                    else:
+                        dots += tl.sum(x.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+            s = tl.load(k_scale_ptr + keys, mask=key_ok, other=float("nan"))
+            approx = dots.to(tl.float32) * (t[:, None] * s[None, :])
+            eps = tl.load(k_error_ptr + keys, mask=key_ok, other=0.0)[None, :] + t_error[:, None] * tl.load(
+                k_norm_ptr + keys, mask=key_ok, other=0.0
+            )[None, :] + slack
+            lower = approx - eps
+            upper = approx + eps
+            lower = tl.where(lower == lower, lower, float("-inf"))  # NaN (NaN/Inf rows, padding)
+            upper = tl.where(upper == upper, upper, float("-inf"))
+            best_lower = tl.maximum(best_lower, tl.max(lower, axis=1))
+            out = upper_ptr + rows.to(tl.int64)[:, None] * m + keys[None, :]
+            tl.store(out, upper, mask=row_ok[:, None] & key_ok[None, :])
+        tl.store(part_lower_ptr + rows.to(tl.int64) * num_splits + pid_s, best_lower, mask=row_ok)
+
 
 @functools.lru_cache(maxsize=None)  # fixed when triton is imported
 def _interpreting() -> bool:
@@ -297,4 +368,44 @@ def _run(q2d: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: Gamma) -> T
     return launch(q2d, K, R, gamma, plan_launch(q2d.shape[0], K.shape[0], q2d.shape[1], q2d.device))
 
 
-BACKEND = Backend("triton", (torch.float32, torch.float16, torch.bfloat16), ("cuda", "cpu"), _run, _requirement)
+_CANDIDATE_QUERY_GROUP = 16  # queries per bounds launch: bounds memory n x m x 4 bytes stays small
+
+
+def compressed_candidates(queries, index, budget: int):
+    """The certified candidate pass over a KeyIndex's int8 or fp8 codes (key_index.py): one read of
+    the codes per group of up to 16 queries writes every key's upper bound and each split's best
+    lower bound; the keys whose upper bound reaches the best lower bound are then selected in
+    torch. Tiles as for the full op's decode/prefill plans. Returns key_index.CandidateSets."""
+    from .key_index import candidate_sets, certified_slack
+
+    n, m, d_pad = queries.codes.shape[0], index.m, queries.codes.shape[1]
+    slack = certified_slack(index.d1)
+    query_rows, key_rows = [], []
+    for g0 in range(0, n, _CANDIDATE_QUERY_GROUP):
+        g = min(_CANDIDATE_QUERY_GROUP, n - g0)
+        config = plan_launch(g, m, d_pad, queries.codes.device)
+        block_d = min(config.block_d, d_pad & -d_pad)  # a power of two dividing d_pad: no column mask
+        key_blocks = -(-m // config.block_m)
+        keys_per_split = -(-key_blocks // config.num_splits) * config.block_m
+        num_splits = -(-m // keys_per_split)
+        upper = torch.empty((g, m), dtype=torch.float32, device=queries.codes.device)
+        part_lower = torch.empty((g, num_splits), dtype=torch.float32, device=queries.codes.device)
+        _approximate_bounds_kernel[(-(-g // config.block_n), num_splits)](
+            queries.codes[g0 : g0 + g], queries.scale[g0 : g0 + g], queries.error[g0 : g0 + g], index.codes,
+            index.row_scale, index.row_error, index.row_norm, upper, part_lower, g, m, d_pad, keys_per_split,
+            num_splits, slack, BLOCK_N=config.block_n, BLOCK_M=config.block_m, BLOCK_D=block_d,
+            USE_DOT=config.use_dot, INTEGER_CODES=index.format == "int8", num_warps=config.num_warps,
+        )  # fmt: skip
+        keep = (upper >= part_lower.amax(dim=1)[:, None]) & (upper > float("-inf"))  # -inf: NaN/Inf rows
+        rows, cols = torch.nonzero(keep, as_tuple=True)
+        query_rows.append(rows + g0)
+        key_rows.append(cols)
+    query_rows, key_rows = torch.cat(query_rows), torch.cat(key_rows)
+    overflowed = torch.bincount(query_rows, minlength=n) > budget
+    return candidate_sets(query_rows, key_rows, n, overflowed)
+
+
+BACKEND = Backend(
+    "triton", (torch.float32, torch.float16, torch.bfloat16), ("cuda", "cpu"), _run, _requirement,
+    candidates=compressed_candidates, candidate_formats=("int8", "fp8_e4m3"),
+)  # fmt: skip
