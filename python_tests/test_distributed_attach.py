@@ -6,7 +6,6 @@ greedy `generate(synced_gpus=True)` of different lengths per rank gives the same
 shards then merge into exactly the facts of the reference database."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -141,11 +140,11 @@ def test_two_ranks_give_the_single_process_logits_and_edits_round_trip(tmp_path,
     generator = torch.Generator().manual_seed(5)
     db.add(torch.randn(6, 48, generator=generator), torch.randn(6, 32, generator=generator),
            [f"distractor-{i}" for i in range(6)], [{"created_at": "2026-01-01T00:00:00+00:00"}] * 6)
+    for rank in range(WORLD):
+        db.save(tmp_path / f"reference-{rank}.sqlite")
     db.close()
     owners = {f"planted-{r}-{j}": shard_of(f"planted-{r}-{j}", WORLD) for r in range(WORLD) for j in range(2)}
     assert set(owners.values()) == {0, 1}, f"test premise: planted facts on both shards {owners}"
-    for rank in range(WORLD):
-        shutil.copy(tmp_path / "full.sqlite", tmp_path / f"reference-{rank}.sqlite")
     report = split_database(tmp_path / "full.sqlite", WORLD, tmp_path / "shards")
     manifest = json.loads(report.manifest.path.read_text())
     manifest["shards"] = [str(path) for path in reversed(report.manifest.shards)]
