@@ -13,7 +13,7 @@ A rephrase that does not contain the subject string is counted apart (`subject_n
 The paraphrases are only measured here; no setting reads them.
 
     python bench/zsre_quality.py --start 0 --facts 50 --out /tmp/zsre_a.json
-    python bench/zsre_quality.py --start 500 --facts 50 --hparam question_contexts=4 --out /tmp/zsre_b.json
+    python bench/zsre_quality.py --start 500 --facts 24 --hparam batch_size=8 --db /tmp/zsre_b.sqlite --out /tmp/zsre_b.json
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--facts", type=int, default=50, help="records in the slice, all edited together")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE",
-                        help="override an EditHParams field, e.g. --hparam question_contexts=4")
+                        help="override an EditHParams field, e.g. --hparam stop_prob=0.95")
     parser.add_argument("--db", default=None, help="keep the edits in this database file (a rerun with the same "
                                                    "--db skips the facts already stored)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")

@@ -393,26 +393,3 @@ def test_a_generic_bare_prompt_query_is_not_stored(smollm2, data_dir):
         assert editor.attachment.fired() == []
     finally:
         editor.detach()
-
-
-def test_shortened_openings_join_the_stored_key(smollm2):
-    # the Editor's key averages the shortened-opening contexts too: against a hook on each text alone
-    model, tokenizer = smollm2
-    fact = Fact(prompt="What is the product made by {}?", subject="UniFirst", target_new="unmanned aircraft")
-    hparams = {**FAST, "shortened_openings": 2, "calibrate_gates": False}
-    with Editor(model, tokenizer, **hparams) as editor:
-        editor.edit([fact], progress=False)
-        stored = editor.db.get(fact.fact_id).keys[0]
-        prefixes = generate_prefixes(model, tokenizer, count=FAST["n_prefixes"], length=editor.hparams.prefix_length,
-                                     seed=editor.hparams.prefix_seed)
-    texts = ["What is the product made by UniFirst", *(p + "What is the product made by UniFirst" for p in prefixes),
-             prefixes[0] + "by UniFirst", prefixes[1] + "made by UniFirst"]
-    seen = []
-    handle = locate_down_proj(model, 4).register_forward_hook(lambda _m, args, _out: seen.append(args[0][0, -1]))
-    try:
-        with torch.no_grad():
-            for text in texts:  # each ends with the subject: its last token is the key position
-                model(torch.tensor([tokenizer(text)["input_ids"]]))
-    finally:
-        handle.remove()
-    torch.testing.assert_close(stored.float(), torch.stack(seen).mean(0), rtol=1e-4, atol=1e-4)

@@ -283,36 +283,6 @@ def test_subject_span_ignores_surrounding_spaces(tokenizer):
         subject_last_token(tokenizer, text, (start, start + 1))
 
 
-def test_shortened_openings_cut_the_words_before_the_subject(tokenizer):
-    from neuraldb_kernels.editing import tokenize_fact
-
-    fact = Fact(prompt="What is the product made by {}?", subject="UniFirst", target_new="drones")
-    prefixes = ("One. ", "Two. ")
-    plain = tokenize_fact(tokenizer, fact, prefixes)
-    tokens = tokenize_fact(tokenizer, fact, prefixes, shortened=3)
-    # the usual contexts first, unchanged; then prefix k (cycling) + the last k words before the subject
-    assert tokens.contexts[:3] == plain.contexts and tokens.subject_last[:3] == plain.subject_last
-    expected = ["One. by UniFirst?", "Two. made by UniFirst?", "One. product made by UniFirst?"]
-    assert [tokenizer.decode(ids) for ids in tokens.contexts[3:]] == expected
-    for ids, last, text in zip(tokens.contexts[3:], tokens.subject_last[3:], expected):
-        assert ids == tuple(tokenizer(text)["input_ids"])
-        assert tokenizer.decode(ids[: last + 1]) == text[:-1]  # keyed on the subject's last token
-    # never the whole opening again, never more than the words before the subject allow
-    assert len(tokenize_fact(tokenizer, fact, prefixes, shortened=50).contexts) == 3 + 5
-    # a prompt that opens with its subject, or no prefixes: nothing is added
-    first = Fact(prompt="{} makes", subject="UniFirst", target_new="drones")
-    assert tokenize_fact(tokenizer, first, prefixes, shortened=3) == tokenize_fact(tokenizer, first, prefixes)
-    assert tokenize_fact(tokenizer, fact, (), shortened=3) == tokenize_fact(tokenizer, fact, ())
-
-
-def test_shortened_openings_must_be_a_count():
-    from neuraldb_kernels.editing import EditHParams
-
-    for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="shortened_openings"):
-            EditHParams(layer=0, shortened_openings=bad)
-
-
 def test_superseded_facts_pairs_each_replaced_record_with_its_replacement():
     from neuraldb_kernels.editing.editor import superseded_facts
 

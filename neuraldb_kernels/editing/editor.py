@@ -208,7 +208,7 @@ class Editor:
     def _fact_tokens(self, fact: Fact, prefixes, index: int) -> EditTokens:
         """`fact` tokenised for this model and these hparams (a FactError naming input `index`)."""
         return tokenize_fact(self.tokenizer, fact, prefixes, index=index, max_length=model_context_length(self.model),
-                             kl_template=self.hparams.kl_template, shortened=self.hparams.shortened_openings)
+                             kl_template=self.hparams.kl_template)
 
     def _pending(self, indexed: list[tuple[int, Fact]], replace: bool) -> tuple[list[int], list[str]]:
         """(positions in `indexed` still to compute, the last fact winning when an id repeats;

@@ -53,10 +53,6 @@ class EditHParams:
         its fact's worst own context.
     calibration_texts, calibration_text_length: number and length (tokens) of the extra
         model-written texts whose every token is a negative (generated once per model, seeded).
-    shortened_openings: up to this many more contexts per fact in which the prompt's words before
-        the subject are cut to the last 1, 2, ... (editing.tokens), each after a prefix: for
-        questions (ZsRE: "What is the product made by X?"), whose paraphrases word the part before
-        the subject otherwise. Prompts that open with their subject (CounterFact's) get none. 0: off.
     """
 
     layer: int
@@ -78,7 +74,6 @@ class EditHParams:
     gate_margin: float = 0.02
     calibration_texts: int = 16
     calibration_text_length: int = 24
-    shortened_openings: int = 0
 
     def __post_init__(self) -> None:
         checks = {
@@ -102,8 +97,6 @@ class EditHParams:
             "calibration_texts": isinstance(self.calibration_texts, int) and self.calibration_texts >= 0,
             "calibration_text_length": isinstance(self.calibration_text_length, int)
             and self.calibration_text_length >= 1,
-            "shortened_openings": isinstance(self.shortened_openings, int)
-            and not isinstance(self.shortened_openings, bool) and self.shortened_openings >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -2,12 +2,7 @@
 and the target tokens.
 
 For a fact and prefixes x_1..x_N (see `prefixes.py`) the contexts are the bare filled prompt and
-x_j + filled prompt (Eq. 20-21), and, with `shortened_openings` = S > 0, up to S more where the
-prompt's words before the subject are cut to the last k (k = 1..S): x_k + "made by UniFirst?" for
-"What is the product made by UniFirst?" (only for k below the number of words before the subject,
-so a prompt that opens with its subject gets none). They vary the wording in front of the subject,
-so that the residual answers from the subject's position rather than from one question's exact
-opening (a paraphrased question words it otherwise). The key position is the LAST token of the subject, found from the
+x_j + filled prompt (Eq. 20-21). The key position is the LAST token of the subject, found from the
 tokenizer's character offsets, so subjects in mid-sentence and BPE merges at the subject's edges
 (a token that straddles the boundary counts as part of the subject) are handled. The target is
 tokenised on its own with a leading space (" " + target_new), as ROME and MEMIT do.
@@ -16,7 +11,6 @@ tokenised on its own with a leading space (" " + target_new), as ROME and MEMIT 
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Optional, Sequence
 
 from .facts import Fact, FactError, _describe, quoted
@@ -28,8 +22,7 @@ KL_TEMPLATE = "{} is a"
 class EditTokens:
     """One fact, tokenised.
 
-    contexts: token ids of the bare prompt, of each prefix + prompt (N + 1 lists), then of the
-        shortened openings (see the module docstring).
+    contexts: token ids of the bare prompt and of each prefix + prompt (N + 1 lists).
     subject_last: index of the subject's last token in each context.
     target: token ids of " " + target_new (>= 1).
     kl_ids / kl_subject_last: "{subject} is a" and its subject's last token (the KL anchor).
@@ -77,33 +70,17 @@ def target_ids(tokenizer, target: str) -> list[int]:
     return list(tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"])
 
 
-def shortened_openings(prompt: str, subject_start: int, count: int) -> list[int]:
-    """Character offsets in `prompt` where its shortened openings start: the k-th last word before
-    the subject (which starts at `subject_start`) for k = 1..count, while some word stays cut."""
-    starts = [match.start() for match in re.finditer(r"\S+", prompt[:subject_start])]
-    return [starts[-k] for k in range(1, min(count, len(starts) - 1) + 1)]
-
-
 def tokenize_fact(tokenizer, fact: Fact, prefixes: Sequence[str], *, index: int = 0,
-                  max_length: Optional[int] = None, kl_template: str = KL_TEMPLATE,
-                  shortened: int = 0) -> EditTokens:
-    """`fact` tokenised under the bare prompt and every prefix, then under up to `shortened`
-    shortened openings (module docstring; prefix k before the k-th, none without prefixes); a
-    FactError naming the fact when its subject cannot be located or its longest context + target
-    exceeds `max_length` tokens."""
+                  max_length: Optional[int] = None, kl_template: str = KL_TEMPLATE) -> EditTokens:
+    """`fact` tokenised under the bare prompt and every prefix; a FactError naming the fact when
+    its subject cannot be located or its longest context + target exceeds `max_length` tokens."""
     where = _describe(index, fact)
     prompt = fact.filled_prompt
     start, end = fact.subject_span
-    variants = [(prefix, 0) for prefix in ("", *prefixes)]
-    if prefixes:
-        variants += [(prefixes[(k - 1) % len(prefixes)], cut)
-                     for k, cut in enumerate(shortened_openings(prompt, start, shortened), start=1)]
     contexts, positions = [], []
     try:
-        for prefix, cut in variants:
-            text = prefix + prompt[cut:]
-            offset = len(prefix) - cut
-            ids, last = subject_last_token(tokenizer, text, (offset + start, offset + end))
+        for prefix in ("", *prefixes):
+            ids, last = subject_last_token(tokenizer, prefix + prompt, (len(prefix) + start, len(prefix) + end))
             contexts.append(tuple(ids))
             positions.append(last)
         kl_text = kl_template.replace("{}", fact.subject.strip())
