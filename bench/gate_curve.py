@@ -77,16 +77,17 @@ def plot_curve(report: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     figure, ax = plt.subplots(figsize=(5.6, 4.4))
-    for name, label, setting, options in (("global", "global gamma", "gamma", {"marker": "o"}),
-                                          ("per_key", "per-key (calibrated + shift)", "shift",
-                                           {"marker": "s", "color": "tab:red"})):
+    # labels of the global curve above its points, the per-key ones below (they often coincide)
+    for name, label, setting, offset, options in (
+            ("global", "global gamma", "gamma", (4, 4), {"marker": "o"}),
+            ("per_key", "per-key (calibrated + shift)", "shift", (4, -10), {"marker": "s", "color": "tab:red"})):
         points = sorted(report[name], key=lambda p: p["generalization"])
         if not points:
             continue
         ax.plot([p["generalization"] for p in points], [p["specificity"] for p in points], label=label, **options)
         for p in points:
             ax.annotate(f"{p[setting]:+.2f}" if setting == "shift" else f"{p[setting]:.2f}",
-                        (p["generalization"], p["specificity"]), textcoords="offset points", xytext=(4, 4),
+                        (p["generalization"], p["specificity"]), textcoords="offset points", xytext=offset,
                         fontsize=7)
     if "unedited" in report:
         ax.axhline(report["unedited"]["specificity"], linestyle="--", color="gray", label="unedited specificity")
