@@ -10,7 +10,8 @@ measured on the edited model (NeuralDB attached, live gated retrieval) and on th
 
 Throughput: facts/s of the batched Editor vs the per-fact loop of existing tools (ROME/MEMIT
 style: one fact at a time, the full model over every context and all logits at every step), same
-hyperparameters, same machine, same run.
+hyperparameters, same machine, same run. Each run also records the seconds of each editing stage
+of this invocation (`stage_seconds`) and the process's peak RSS in MB.
 
 Examples (from the repository root; the data is read from ../shared/data):
   python bench/edit_quality.py --facts 1000 --out /tmp/edit_1k.json
@@ -116,6 +117,13 @@ def percent_metrics(scores: dict[str, torch.Tensor], positions: list[int]) -> di
     from neuraldb_kernels.evaluation import metrics_from_case_scores
 
     return metrics_from_case_scores({metric: values[positions] for metric, values in scores.items()})
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ------------------------------------------------------------------------- per-fact baseline loop
@@ -285,7 +293,8 @@ def main(argv=None) -> dict:
                 db = NeuralDB(args.db, d1=d1, d2=d2, layer=layer, gamma=preset.gamma, fingerprint=fingerprint)
             report["resumed_with_facts"] = len(db)
         editor = Editor(model, tokenizer, db=db, **{**overrides, "layer": layer})
-        ids = editor.edit(facts, progress=True, callback=progress.start_edit_segment()).ids
+        edited = editor.edit(facts, progress=True, callback=progress.start_edit_segment())
+        ids = edited.ids
         segments = progress.data["edit_segments"]  # every invocation's, with --db
         edit_s = sum(segment["seconds"] for segment in segments)
         edited_facts = sum(segment["facts"] for segment in segments)
@@ -298,7 +307,8 @@ def main(argv=None) -> dict:
                                          db_rows=len(editor.db), **evaluate)
             run = {"layer": layer, "gamma": gamma, "edit_s": edit_s, "edited_facts": edited_facts,
                    "facts_per_s": edited_facts / edit_s if edit_s else None, "edit_segments": segments,
-                   "converged": converged, "mean_steps": mean_steps, **percent_metrics(scores, everything)}
+                   "converged": converged, "mean_steps": mean_steps, "peak_rss_mb": peak_rss_mb(),
+                   "stage_seconds": edited.seconds, **percent_metrics(scores, everything)}
             if report["superseded_records"]:
                 run["in_effect"] = percent_metrics(scores, effective)
             report["runs"].append(run)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tiny_models import ARCHS, tiny_model
 
 from neuraldb_kernels.editing import EditHParams, Fact, optimize_residuals, tokenize_fact
+from neuraldb_kernels.editing.residuals import unit_passes
 
 PREFIXES = ["A short text about something. ", "Other words before it. "]
 FACTS = [
@@ -119,11 +120,14 @@ def stop_prob_reached_midway(model, tokens, hparams):
     return math.sqrt(top[middle - 1] * top[middle])
 
 
+@pytest.mark.parametrize("pass_tokens", [1024, 1], ids=["one pass", "a pass per unit"])
 @pytest.mark.parametrize("stopping", ["never", "early"])
 @pytest.mark.parametrize("prefixes", [PREFIXES, ()], ids=["prefixes", "bare prompts only"])
-def test_shared_units_match_the_plain_loop(setup, tokenizer, prefixes, stopping):
+def test_shared_units_match_the_plain_loop(setup, tokenizer, prefixes, stopping, pass_tokens):
     model, hparams = setup
+    hparams = dataclasses.replace(hparams, pass_tokens=pass_tokens)
     tokens = [tokenize_fact(tokenizer, fact, prefixes, index=i) for i, fact in enumerate(FACTS)]
+    assert len(unit_passes(tokens, UNITS, pass_tokens)) == (1 if pass_tokens == 1024 else len(UNITS))
     assert tokens[4].subject_last[0] == 0 and tokens[5].subject_last[0] > 0
     if stopping == "early":  # units stop at different steps: the batch drops them as they do
         hparams = dataclasses.replace(hparams, steps=6, lr=0.5)
@@ -151,3 +155,21 @@ def test_units_must_partition_the_facts(setup, tokenizer):
     for units in ([[0, 1], [2, 3, 4]], [[0, 1, 5], [1, 2, 3, 4]], [[0, 1, 2, 3, 4, 5], []], [[0, 1, 2, 3, 4, 5, 6]]):
         with pytest.raises(ValueError, match="partition"):
             optimize_residuals(model, tokens, hparams, pad_id=0, units=units)
+
+
+def test_passes_hold_at_most_pass_tokens_and_group_similar_lengths(tokenizer):
+    facts = [Fact("{} is a member of", f"Subject number {i}" + " word" * (i % 4), "Hamas") for i in range(12)]
+    tokens = [tokenize_fact(tokenizer, fact, PREFIXES, index=i) for i, fact in enumerate(facts)]
+    units = [[i] for i in range(12)]
+    rows = [len(PREFIXES) + 2 for _ in units]  # the prompt, each prefix and the KL prompt
+    widths = [max(len(c) - s + len(t.target) - 1 for c, s in zip(t.contexts, t.subject_last)) for t in tokens]
+    widths = [max(w, len(t.kl_ids) - t.kl_subject_last) for w, t in zip(widths, tokens)]
+    for budget in (1, 60, 100, 10_000):
+        passes = unit_passes(tokens, units, budget)
+        assert sorted(u for group in passes for u in group) == list(range(12))
+        for group in passes:
+            padded = sum(rows[u] for u in group) * max(widths[u] for u in group)
+            assert len(group) == 1 or padded <= budget
+        order = [widths[u] for group in passes for u in group]
+        assert order == sorted(order)  # similar lengths share a pass
+    assert len(unit_passes(tokens, units, 10_000)) == 1

@@ -31,7 +31,12 @@ class EditHParams:
     clamp_norm_factor: after every step ||r|| is clamped to clamp_norm_factor * ||v||.
     stop_prob: a fact stops early once exp(-mean NLL of target_new), averaged over contexts and
         target tokens, reaches this probability.
-    batch_size: facts optimised together in one forward/backward (and committed together).
+    batch_size: facts computed and committed together (one transaction per batch).
+    pass_tokens: the residual optimisation runs a batch's facts in passes of at most this many
+        padded suffix tokens (sequences x longest suffix) per forward/backward, their gradients
+        summed into one step: it bounds the autograd memory (about 1.5 MB per token on
+        SmolLM2-135M at layer 4) whatever batch_size is, and groups facts of similar length.
+        The residuals do not depend on it beyond float rounding.
     kl_template: the prompt of the KL term, "{}" standing for the subject.
     bare_key_below: a fact whose bare-prompt query (no prefix) has cosine < this with its averaged
         key also gets that query as an extra key (same fact, same residual). Prompts that
@@ -67,6 +72,7 @@ class EditHParams:
     clamp_norm_factor: float = 4.0
     stop_prob: float = 0.9
     batch_size: int = 64
+    pass_tokens: int = 1024
     kl_template: str = "{} is a"
     bare_key_below: float = 0.8
     share_subject_residual: bool = True
@@ -89,6 +95,7 @@ class EditHParams:
             "clamp_norm_factor": isinstance(self.clamp_norm_factor, (int, float)) and self.clamp_norm_factor > 0,
             "stop_prob": isinstance(self.stop_prob, (int, float)) and 0 < self.stop_prob <= 1,
             "batch_size": isinstance(self.batch_size, int) and self.batch_size >= 1,
+            "pass_tokens": isinstance(self.pass_tokens, int) and self.pass_tokens >= 1,
             "kl_template": isinstance(self.kl_template, str) and self.kl_template.count("{}") == 1,
             "bare_key_below": isinstance(self.bare_key_below, (int, float)) and -1.0 <= self.bare_key_below <= 1.0,
             "share_subject_residual": isinstance(self.share_subject_residual, bool),

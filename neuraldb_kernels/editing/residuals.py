@@ -23,8 +23,8 @@ Facts may share one r (`units`: facts about one subject whose keys coincide, see
 loss then sums the members' NLL terms, with the KL and decay terms once (from the first member), and
 the unit stops once every member's exp(-mean NLL) >= stop_prob. A unit of one fact is the above.
 
-Batched: many units (all their contexts and KL prompts) go through one forward/backward per step,
-each unit's r injected only at its own sequences' subject position. What does not depend on r is
+Batched: many units (all their contexts and KL prompts) go through one forward/backward per step
+(in passes of bounded size, `unit_passes`, whose gradients are summed), each unit's r injected only at its own sequences' subject position. What does not depend on r is
 computed once: every token BEFORE the subject's last token is unaffected by r at every layer (the
 model is causal), so those tokens run once through the whole model and their keys/values are kept
 as a KV cache; each step runs only the tokens from the subject's last token on, and the LM head
@@ -205,6 +205,7 @@ class _Batch:
         self.target_id = seq.target_id[keep]
         self.target_weight = seq.target_weight[keep]
         self.target_fact = seq.target_fact[keep]
+        self.target_facts = torch.unique(self.target_fact)
         self.target_unit = self.owner[self.target_rows]
         self.kl_rows = row_of[seq.kl_seq[units]]
         self.kl_pos = seq.kl_pos[units]
@@ -268,13 +269,47 @@ class _Batch:
         return target_logp, kl_logp
 
 
+def _suffix_shape(fact: EditTokens) -> tuple[int, int]:
+    """(sequences, longest suffix in tokens) that `fact` adds to a batch, its KL prompt included."""
+    trained = _trained_contexts(fact)
+    width = max(len(context) - s + len(fact.target) - 1 for context, s in trained)
+    return len(trained) + 1, max(width, len(fact.kl_ids) - fact.kl_subject_last)
+
+
+def unit_passes(tokens: Sequence[EditTokens], units: Sequence[Sequence[int]], pass_tokens: int) -> list[list[int]]:
+    """The units (indices into `units`) grouped into passes: in order of their longest suffix,
+    consecutive units while the pass's padded suffix tokens (sequences x longest suffix) stay
+    within `pass_tokens` (a unit larger than that alone)."""
+    shapes = []
+    for members in units:
+        sizes = [_suffix_shape(tokens[f]) for f in members]
+        # the KL prompt is the first member's only: the others add their trained contexts
+        shapes.append((sum(rows for rows, _ in sizes) - len(members) + 1, max(width for _, width in sizes)))
+    passes: list[list[int]] = []
+    rows = width = 0
+    for u in sorted(range(len(units)), key=lambda u: shapes[u][1]):
+        unit_rows, unit_width = shapes[u]
+        if passes and (rows + unit_rows) * max(width, unit_width) <= pass_tokens:
+            passes[-1].append(u)
+            rows, width = rows + unit_rows, max(width, unit_width)
+        else:
+            passes.append([u])
+            rows, width = unit_rows, unit_width
+    return passes
+
+
 def optimize_residuals(model, tokens: Sequence[EditTokens], hparams: EditHParams, *, pad_id: int,
                        module_path: Optional[str] = None,
                        units: Optional[Sequence[Sequence[int]]] = None) -> ResidualResult:
-    """Residuals of the tokenised facts, optimised together as one batch (see the module doc).
+    """Residuals of the tokenised facts, optimised together (see the module doc).
 
     units: a partition of range(len(tokens)) into facts that share one residual (same subject);
         None: every fact alone.
+    The units run in passes of at most `hparams.pass_tokens` padded suffix tokens (`unit_passes`),
+    each pass's forward and backward in turn, their gradients summed into one Adam step: the
+    autograd memory is one pass's, whatever the number of facts, and units of similar length
+    share a pass (less padding). Units never interact, so the passes change nothing but float
+    rounding.
     The model must be unedited (no NeuralDB attached); its parameters are not changed and get no
     gradients.
     """
@@ -294,50 +329,63 @@ def optimize_residuals(model, tokens: Sequence[EditTokens], hparams: EditHParams
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        batch = _Batch(model, _build_sequences(tokens, units, pad_id, device), hparams.layer, module_path)
-        d2 = batch.lm_head.weight.shape[1]
+        passes = []
+        for group in unit_passes(tokens, units, hparams.pass_tokens):
+            sequences = _build_sequences(tokens, [units[u] for u in group], pad_id, device)
+            passes.append((torch.tensor(group, device=device), _Batch(model, sequences, hparams.layer, module_path)))
+        d2 = passes[0][1].lm_head.weight.shape[1]
         r = torch.zeros(len(units), d2, device=device, requires_grad=True)
         optimizer = torch.optim.Adam([r], lr=hparams.lr)
         final = torch.zeros(len(units), d2, device=device)  # each unit's r when it stopped
-        kl_reference = v_norm = None
-        target_prob = torch.zeros(count)
-        steps = torch.zeros(len(units), dtype=torch.long)
+        kl_reference = [None] * len(passes)
+        v_norm = torch.zeros(len(units), device=device)
+        fact_nll = torch.zeros(count, device=device)  # at each unit's last forward
+        steps = torch.zeros(len(units), dtype=torch.long, device=device)
         stop_nll = -math.log(hparams.stop_prob)
+        running = list(range(len(passes)))
         for step in range(hparams.steps):
-            active = batch.units
-            delta = r[active]
-            target_logp, kl_logp, v = batch.forward(module, delta)
-            if step == 0:
-                kl_reference = kl_logp.detach()
-                v_norm = v[batch.norm_rows].float().norm(dim=1).clamp_min(1e-6)
-            terms = -target_logp * batch.target_weight
-            nll = torch.zeros(len(active), device=device).index_add(0, batch.target_unit, terms)
-            fact_nll = torch.zeros(count, device=device).index_add(0, batch.target_fact, terms.detach())
-            kl = F.kl_div(kl_reference[active], kl_logp, log_target=True, reduction="none").sum(1)
-            decay = hparams.weight_decay * delta.pow(2).sum(1) / v_norm[active].pow(2)
-            loss = nll + hparams.kl_factor * kl + decay
-            in_active = torch.isin(unit_of_device, active)
-            target_prob[in_active.cpu()] = torch.exp(-fact_nll[in_active]).cpu()
-            steps[active.cpu()] = step + 1
-            worst = torch.zeros(len(units), device=device).scatter_reduce(
-                0, unit_of_device[in_active], fact_nll[in_active], reduce="amax", include_self=False)
-            done = worst[active] <= stop_nll
-            if bool(done.all()) or step == hparams.steps - 1:
-                final[active] = delta.detach()
-                break
-            final[active[done]] = delta.detach()[done]
-            # units that stopped get no further steps; the others take one Adam step, then the clamp
             optimizer.zero_grad()
-            loss.sum().backward()
+            still = []
+            for number in running:
+                group, batch = passes[number]
+                local = batch.units
+                active = group[local]
+                delta = r[active]
+                target_logp, kl_logp, v = batch.forward(module, delta)
+                if step == 0:
+                    kl_reference[number] = kl_logp.detach()
+                    v_norm[active] = v[batch.norm_rows].float().norm(dim=1).clamp_min(1e-6)
+                terms = -target_logp * batch.target_weight
+                nll = torch.zeros(len(local), device=device).index_add(0, batch.target_unit, terms)
+                facts_here = batch.target_facts
+                fact_nll[facts_here] = torch.zeros(count, device=device).index_add(
+                    0, batch.target_fact, terms.detach())[facts_here]
+                kl = F.kl_div(kl_reference[number][local], kl_logp, log_target=True, reduction="none").sum(1)
+                decay = hparams.weight_decay * delta.pow(2).sum(1) / v_norm[active].pow(2)
+                loss = nll + hparams.kl_factor * kl + decay
+                steps[active] = step + 1
+                worst = torch.full((len(units),), -math.inf, device=device).scatter_reduce(
+                    0, unit_of_device[facts_here], fact_nll[facts_here], reduce="amax")
+                done = worst[active] <= stop_nll
+                # a unit stops once every member reaches stop_prob, or at the last step
+                final[active] = delta.detach()
+                if step == hparams.steps - 1 or bool(done.all()):
+                    continue
+                loss.sum().backward()  # summed into r.grad with the other passes'
+                if bool(done.any()):
+                    batch.select(local[~done])
+                still.append(number)
+            if not still:
+                break
             optimizer.step()
             with torch.no_grad():
                 limit = hparams.clamp_norm_factor * v_norm
                 r.mul_((limit / r.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0).unsqueeze(1))
-            if bool(done.any()):
-                batch.select(active[~done])
+            running = still
     finally:
         for p, flag in zip(model.parameters(), requires):
             p.requires_grad_(flag)
         model.train(was_training)
+    target_prob = torch.exp(-fact_nll).cpu()
     return ResidualResult(residuals=final.float().cpu()[unit_of], target_prob=target_prob,
-                          steps=steps[unit_of], converged=target_prob >= hparams.stop_prob)
+                          steps=steps.cpu()[unit_of], converged=target_prob >= hparams.stop_prob)
