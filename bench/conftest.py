@@ -1,6 +1,7 @@
 """Benchmark session setup: every suite runs torch with BENCH_THREADS threads (2, the CI machine's
 cores, unless NEURALDB_BENCH_THREADS says otherwise), restored afterwards; the SmolLM2 suites
-share one loaded model and the CounterFact file of ../shared/data."""
+share one loaded model and the CounterFact file of ../shared/data; the script tests share one tiny
+random Llama."""
 
 import os
 import pathlib
@@ -34,3 +35,21 @@ def counterfact_path():
     if not COUNTERFACT.is_file():
         pytest.skip(f"{COUNTERFACT} is not present")
     return COUNTERFACT
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama (2 layers, hidden 32) saved with SmolLM2's tokenizer as a model directory
+    (the same model as python_tests' fixture of that name)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from neuraldb_kernels.integration.default_model import load_default_tokenizer
+
+    tokenizer = load_default_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
+    directory = tmp_path_factory.mktemp("tiny") / "model"
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

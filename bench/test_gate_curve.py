@@ -13,23 +13,6 @@ from gate_curve import main
 CASES = 3
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random Llama (2 layers, hidden 32) with SmolLM2's tokenizer, saved as a model directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from neuraldb_kernels.integration.default_model import load_default_tokenizer
-
-    tokenizer = load_default_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
-    directory = tmp_path_factory.mktemp("tiny") / "model"
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 def _database(path, model_dir, own_threshold):
     """4 random facts at layer 1 of the tiny model, every key with threshold `own_threshold`,
     database gamma 0.0."""
@@ -51,13 +34,13 @@ def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_global_gammas_override_and_per_key_thresholds_are_honoured(tmp_path, tiny_dir, counterfact_path):
+def test_global_gammas_override_and_per_key_thresholds_are_honoured(tmp_path, tiny_model_dir, counterfact_path):
     db_path = tmp_path / "facts.sqlite"
-    _database(db_path, tiny_dir, own_threshold=1.0)  # as stored, no key can fire
+    _database(db_path, tiny_model_dir, own_threshold=1.0)  # as stored, no key can fire
     before = _digest(db_path)
     out, plot = tmp_path / "curve.json", tmp_path / "curve.png"
     report = main(["--db", str(db_path), "--data", str(counterfact_path), "--cases", str(CASES),
-                   "--model-dir", str(tiny_dir), "--gammas", "-1", "1", "--shifts", "0", "-2",
+                   "--model-dir", str(tiny_model_dir), "--gammas", "-1", "1", "--shifts", "0", "-2",
                    "--out", str(out), "--plot", str(plot), "--threads", "1"])
     assert _digest(db_path) == before  # read only
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
@@ -77,15 +60,15 @@ def test_global_gammas_override_and_per_key_thresholds_are_honoured(tmp_path, ti
     assert by_shift[-2.0]["mean_threshold"] == -1.0 and by_shift[-2.0]["gate_fire_rate"] == 100.0
 
 
-def test_bad_arguments_are_refused(tmp_path, tiny_dir, counterfact_path):
+def test_bad_arguments_are_refused(tmp_path, tiny_model_dir, counterfact_path):
     db_path = tmp_path / "facts.sqlite"
-    _database(db_path, tiny_dir, own_threshold=0.5)
-    common = ["--db", str(db_path), "--data", str(counterfact_path), "--model-dir", str(tiny_dir),
+    _database(db_path, tiny_model_dir, own_threshold=0.5)
+    common = ["--db", str(db_path), "--data", str(counterfact_path), "--model-dir", str(tiny_model_dir),
               "--out", str(tmp_path / "out.json")]
     for bad in (["--cases", "0"], ["--gammas", "1.5"], ["--gammas", "--shifts"]):
         with pytest.raises(SystemExit):
             main(common + bad)
     with pytest.raises(FileNotFoundError):
         main(["--db", str(tmp_path / "missing.sqlite"), "--data", str(counterfact_path), "--model-dir",
-              str(tiny_dir), "--out", str(tmp_path / "out.json")])
+              str(tiny_model_dir), "--out", str(tmp_path / "out.json")])
     assert not (tmp_path / "out.json").exists()

@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 import scale_curve
 from neuraldb_kernels.editing import read_counterfact
@@ -20,23 +19,6 @@ SCRIPT = pathlib.Path(__file__).resolve().parent / "scale_curve.py"
 REPO = SCRIPT.parents[1]
 FACTS = 24
 TIMEOUT = 600
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama (2 layers, hidden 32) saved with SmolLM2's tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from neuraldb_kernels.integration.default_model import load_default_tokenizer
-
-    tokenizer = load_default_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
-    directory = tmp_path_factory.mktemp("tiny") / "model"
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def write_facts(path: pathlib.Path, count: int, offset: int = 0) -> pathlib.Path:
