@@ -4,6 +4,7 @@ Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; TRI
 must be set before triton is first imported, so it is set here, before any test module loads.
 """
 
+import math
 import os
 import pathlib
 
@@ -473,3 +474,42 @@ class Format4Files:
 def format4_files():
     """`format4_files(path)`: a `Format4Files` over the database at `path` (closed)."""
     return Format4Files
+
+
+def _train_residual(model, layer, inputs, position, target_id, steps, min_logprob=-math.inf):
+    """(key (d1,), residual (d2,)) found by the test alone (no neuraldb_kernels code): a vector
+    added to layer `layer`'s down-projection output at token `position` of `inputs` (a dict of
+    (1, t) tensors), Adam-optimised until the next token after `inputs` is `target_id` with a
+    log-probability above `min_logprob`; the key is the down-projection input there. The model is
+    left unhooked; pytest.fail if `steps` steps do not get there."""
+    module = model.model.layers[layer].mlp.down_proj
+    delta = torch.zeros(module.out_features, requires_grad=True)
+    seen = {}
+
+    def add_delta(_, args, output):
+        seen["key"] = args[0][0, position].detach().clone()
+        output = output.clone()
+        output[0, position] = output[0, position] + delta
+        return output
+
+    handle = module.register_forward_hook(add_delta)
+    optimiser = torch.optim.Adam([delta], lr=1.0)
+    try:
+        for _ in range(steps):
+            log_probs = model(**inputs).logits[0, -1].log_softmax(-1)
+            if log_probs.argmax().item() == target_id and log_probs[target_id] > min_logprob:
+                break
+            optimiser.zero_grad()
+            (-log_probs[target_id]).backward()
+            optimiser.step()
+        else:
+            pytest.fail(f"no residual found in {steps} steps that makes the model answer token {target_id}")
+    finally:
+        handle.remove()
+    return seen["key"], delta.detach().clone()
+
+
+@pytest.fixture(scope="session")
+def train_residual():
+    """The function `_train_residual` (a planted fact's key and residual, found without the package)."""
+    return _train_residual

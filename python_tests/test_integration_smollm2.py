@@ -33,40 +33,16 @@ def encode(tokenizer, text):
 
 
 @pytest.fixture(scope="module")
-def planted(smollm2):
+def planted(smollm2, train_residual):
     """(key, residual, subject position, target id): a residual that makes the model say Rome."""
     model, tokenizer = smollm2
     inputs = encode(tokenizer, PROMPT)
     position = len(tokenizer(SUBJECT)["input_ids"]) - 1
     paris, rome = (tokenizer(word)["input_ids"][0] for word in (" Paris", " Rome"))
-    module = model.model.layers[LAYER].mlp.down_proj
-    delta = torch.zeros(module.out_features, requires_grad=True)
-    seen = {}
-
-    def add_delta(_, args, output):
-        seen["key"] = args[0][0, position].detach().clone()
-        output = output.clone()
-        output[0, position] = output[0, position] + delta
-        return output
-
-    handle = module.register_forward_hook(add_delta)
-    optimiser = torch.optim.Adam([delta], lr=1.0)
-    try:
-        with torch.no_grad():
-            assert model(**inputs).logits[0, -1].argmax().item() == paris, "test premise: the model knows"
-        for _ in range(10):
-            logits = model(**inputs).logits[0, -1]
-            if logits.argmax().item() == rome:
-                break
-            loss = -logits.log_softmax(-1)[rome]
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-        else:
-            pytest.fail("could not find a residual that makes the model answer Rome")
-    finally:
-        handle.remove()
-    return seen["key"], delta.detach().clone(), position, rome
+    with torch.no_grad():
+        assert model(**inputs).logits[0, -1].argmax().item() == paris, "test premise: the model knows"
+    key, residual = train_residual(model, LAYER, inputs, position, rome, steps=10)
+    return key, residual, position, rome
 
 
 def test_planted_fact_changes_the_answer_and_fires_only_on_its_prompt(smollm2, planted):

@@ -52,46 +52,22 @@ def smollm2():
 
 
 @pytest.fixture(scope="module")
-def planted(smollm2, tmp_path_factory):
+def planted(smollm2, tmp_path_factory, train_residual):
     """{name: (key, residual)} for EIFFEL and WALL at the default database layer."""
     model, tokenizer = smollm2
     with Workspace.create(tmp_path_factory.mktemp("layer") / "probe", model="default") as workspace:
         layer = workspace.db.layer
-    return layer, {"eiffel": _plant(model, tokenizer, layer, *EIFFEL), "wall": _plant(model, tokenizer, layer, *WALL)}
+    return layer, {"eiffel": _plant(train_residual, model, tokenizer, layer, *EIFFEL),
+                   "wall": _plant(train_residual, model, tokenizer, layer, *WALL)}
 
 
-def _plant(model, tokenizer, layer, subject, prompt, target):
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-    position = len(tokenizer(subject)["input_ids"]) - 1
+def _plant(train_residual, model, tokenizer, layer, subject, prompt, target):
+    inputs = {"input_ids": torch.tensor([tokenizer(prompt)["input_ids"]])}
     target_id = tokenizer(target)["input_ids"][0]
-    module = model.model.layers[layer].mlp.down_proj
-    delta = torch.zeros(module.out_features, requires_grad=True)
-    seen = {}
-
-    def add_delta(_, args, output):
-        seen["key"] = args[0][0, position].detach().clone()
-        output = output.clone()
-        output[0, position] = output[0, position] + delta
-        return output
-
-    handle = module.register_forward_hook(add_delta)
-    optimiser = torch.optim.Adam([delta], lr=1.0)
-    try:
-        with torch.no_grad():
-            assert model(ids).logits[0, -1].argmax().item() != target_id, "test premise: a new answer"
-        for _ in range(20):
-            logits = model(ids).logits[0, -1]
-            if logits.argmax().item() == target_id and logits.log_softmax(-1)[target_id] > -0.5:
-                break
-            loss = -logits.log_softmax(-1)[target_id]
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-        else:
-            pytest.fail(f"could not plant {prompt!r} -> {target!r}")
-    finally:
-        handle.remove()
-    return seen["key"], delta.detach().clone()
+    with torch.no_grad():
+        assert model(**inputs).logits[0, -1].argmax().item() != target_id, "test premise: a new answer"
+    position = len(tokenizer(subject)["input_ids"]) - 1
+    return train_residual(model, layer, inputs, position, target_id, steps=20, min_logprob=-0.5)
 
 
 def _database(directory, planted, names):
