@@ -31,6 +31,7 @@ import time
 import torch
 
 from neuraldb_kernels._files import write_text_atomically
+from neuraldb_kernels.workspace import load_model, model_spec
 
 
 def shifted_thresholds(db, shift: float):
@@ -101,16 +102,6 @@ def plot_curve(report: dict, path) -> None:
     plt.close(figure)
 
 
-def load_model(model_dir):
-    if model_dir is None:
-        from neuraldb_kernels.integration import load_default_model
-
-        return load_default_model()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", required=True, help="the edited NeuralDB file (opened read-only)")
@@ -141,7 +132,7 @@ def main(argv=None) -> dict:
     from neuraldb_kernels.evaluation import counterfact, load_cases, zsre
 
     db = NeuralDB.open(args.db, readonly=True)
-    model, tokenizer = load_model(args.model_dir)
+    model, tokenizer = load_model(model_spec(args.model_dir or "default"))
     cases = load_cases(args.data, limit=args.cases)
     texts = (zsre if isinstance(cases[0], zsre.ZsRECase) else counterfact).preservation_texts(cases)
     report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
