@@ -465,14 +465,19 @@ def _port(text: str) -> int:
     return value
 
 
-def _gamma(text: str) -> float:
+def _float_where(text: str, accepts, expected: str) -> float:
+    """`text` as a float that `accepts(value)`; else an argparse error "expected <expected>"."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a gate threshold in [-1, 1], got {text!r}") from None
-    if not -1 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a gate threshold in [-1, 1], got {text!r}")
+        value = float("nan")  # accepted by no range check
+    if not accepts(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def _gamma(text: str) -> float:
+    return _float_where(text, lambda value: -1 <= value <= 1, "a gate threshold in [-1, 1]")
 
 
 def _positive_list(text: str) -> list[int]:
@@ -491,13 +496,7 @@ def _methods(text: str) -> list[str]:
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+    return _float_where(text, lambda value: 0 < value < float("inf"), "a positive number")
 
 
 def _hparam(text: str) -> tuple[str, object]:
