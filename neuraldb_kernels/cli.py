@@ -8,7 +8,7 @@
     neuraldb serve --db DIR [--host 127.0.0.1] [--port 8000]   (vLLM's OpenAI server; needs the vllm extra)
     neuraldb db info|list|rm|check|export|import --db DIR ...
     neuraldb db split --db DIR|FILE --shards N --out DIR;  neuraldb db merge --manifest FILE --out FILE
-    neuraldb plot REPORT.json ... --out PNG
+    neuraldb plot REPORT.json ... --out PNG        (eval --json reports, or compare --json runs)
     neuraldb demo
     neuraldb backends
     (global option, before the command: --threads N)
@@ -376,9 +376,18 @@ def cmd_db_merge(args) -> None:
 
 
 def cmd_plot(args) -> None:
-    from .evaluation import plot_scaling, read_json
+    from .evaluation import merge_comparisons, plot_comparison, plot_scaling, read_comparison, read_json
+    from .evaluation.report import load_json_file
 
-    plot_scaling([read_json(path) for path in args.reports], args.out)
+    kinds = {path: "comparison" if isinstance(data := load_json_file(path), dict) and "sizes" in data else "report"
+             for path in args.reports}
+    if len(set(kinds.values())) > 1:
+        raise CommandError("plot takes either `eval --json` reports or `compare --json` comparisons, not both: "
+                           + ", ".join(f"{path} is a {kind}" for path, kind in kinds.items()))
+    if "comparison" in kinds.values():
+        plot_comparison(merge_comparisons([read_comparison(path) for path in args.reports]), args.out)
+    else:
+        plot_scaling([read_json(path) for path in args.reports], args.out)
     print(f"wrote {args.out}")
 
 
@@ -679,8 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--manifest", required=True, help="manifest.json written by db split (or its folder)")
     merge.add_argument("--out", required=True, help="the NeuralDB file to write (never overwritten)")
 
-    plot = command("plot", cmd_plot, "plot metrics against the number of edits from several eval --json reports")
-    plot.add_argument("reports", nargs="+", help="JSON reports written by eval --json")
+    plot = command("plot", cmd_plot, "plot metrics against the number of edits from several eval --json reports, "
+                                     "or from compare --json runs (their sizes in one figure)")
+    plot.add_argument("reports", nargs="+", help="JSON reports written by eval --json, or comparisons by compare --json")
     plot.add_argument("--out", required=True, help="PNG file to write")
 
     demo = command("demo", cmd_demo, "edit a few well-known facts into the default model and show before/after")

@@ -174,3 +174,52 @@ def test_compare_keeps_databases_from_the_command_line(neuraldb, tmp_path, tiny_
     assert code == 0, err
     assert (tmp_path / "dbs" / "facts-1.sqlite").is_file()
     assert json.loads(out_json.read_text())["sizes"][0]["resumed_facts"] == 0
+
+
+def _comparison_json(path, n_facts, efficacy, settings=None):
+    """A file shaped like `compare --json`'s output, one size, NeuralDB and MEMIT."""
+    size = {"n_facts": n_facts, "n_cases": n_facts, "resumed_facts": 0,
+            "unedited": {"efficacy": 30.0, "general_average": 40.0},
+            "methods": {name: {"metrics": {"efficacy": value, "general_average": 40.0},
+                               "seconds": {"solve": 0.5, "total": 1.5}}
+                        for name, value in (("neuraldb", efficacy), ("memit", efficacy - 20))}}
+    settings = settings or {"memit_weight": 1000.0, "alphaedit_regularisation": 1.0, "alphaedit_threshold": 0.02}
+    path.write_text(json.dumps({"settings": settings, "statistics": {"tokens": 10, "sources": ["x"]},
+                                "sizes": [size]}))
+    return path
+
+
+def test_plot_draws_several_comparison_runs_in_one_figure(neuraldb, tmp_path):
+    from neuraldb_kernels.evaluation import merge_comparisons, read_comparison
+
+    runs = [_comparison_json(tmp_path / "c1000.json", 1000, 99.0), _comparison_json(tmp_path / "c100.json", 100, 100.0)]
+    merged = merge_comparisons([read_comparison(path) for path in runs])
+    assert [size.n_facts for size in merged.sizes] == [100, 1000]
+    assert [size.methods["memit"].metrics["efficacy"] for size in merged.sizes] == [80.0, 79.0]
+    assert merged.sizes[0].methods["neuraldb"].seconds == {"solve": 0.5, "total": 1.5}
+    code, out, err = neuraldb("plot", *runs, "--out", tmp_path / "runs.png")
+    assert code == 0, err
+    assert (tmp_path / "runs.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_refuses_mixed_repeated_and_malformed_comparisons(neuraldb, tmp_path):
+    from test_cli import assert_one_line_error
+
+    run = _comparison_json(tmp_path / "c100.json", 100, 100.0)
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"n_facts": 10, "before": {"efficacy": 10.0}, "after": {"efficacy": 90.0}}))
+    code, _, err = neuraldb("plot", run, report, "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, 1, "not both", "c100.json is a comparison", "r.json is a report")
+    again = _comparison_json(tmp_path / "again.json", 100, 98.0)
+    code, _, err = neuraldb("plot", run, again, "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, 1, "more than one run measured [100] facts")
+    other = _comparison_json(tmp_path / "other.json", 1000, 98.0, {"memit_weight": 15000.0,
+                                                                  "alphaedit_regularisation": 1.0,
+                                                                  "alphaedit_threshold": 0.02})
+    code, _, err = neuraldb("plot", run, other, "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, 1, "different baseline settings")
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"sizes": [{"n_facts": 5}]}))
+    code, _, err = neuraldb("plot", broken, "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, 1, "broken.json", "not a comparison")
+    assert not (tmp_path / "x.png").exists()

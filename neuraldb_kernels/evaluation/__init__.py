@@ -8,8 +8,8 @@ by side with MEMIT and AlphaEdit on the same keys and residuals (compare.py, `ne
     report = evaluate(model, tokenizer, db, load_cases(path, "counterfact", limit=100))
 """
 
-from .compare import (BaselineSettings, Comparison, compare_methods, plot_comparison, preserved_key_statistics,
-                      write_comparison)
+from .compare import (BaselineSettings, Comparison, compare_methods, merge_comparisons, plot_comparison,
+                      preserved_key_statistics, read_comparison, write_comparison)
 from .consistency import TfidfModel, read_attribute_snippets
 from .counterfact import (CounterFactCase, case_scores, generation_metrics, metrics_from_case_scores,
                           probability_metrics)
@@ -26,7 +26,7 @@ from .zsre import ZsRECase, accuracy_metrics
 
 __all__ = [
     "BaselineSettings", "Comparison", "compare_methods", "default_general_data", "general_metrics",
-    "plot_comparison", "preserved_key_statistics", "write_comparison",
+    "merge_comparisons", "plot_comparison", "read_comparison", "preserved_key_statistics", "write_comparison",
     "FORMATS", "GENERAL_TASKS", "METRICS", "UNITS", "CounterFactCase", "EvaluationReport", "StrictScores",
     "TargetScores", "TaskScore", "TfidfModel", "ZsRECase", "accuracy_metrics", "case_scores", "cases_from_facts",
     "evaluate", "fluency", "general_abilities", "generate_texts", "generation_metrics", "load_cases",

@@ -51,7 +51,7 @@ import torch
 from .._files import write_text_atomically
 from .general import read_task, subsample
 from .harness import GENERAL_LIMIT, cases_from_facts, general_metrics, model_metrics
-from .report import METRICS, UNITS, plot_metric_panels
+from .report import METRICS, UNEDITED_LINE, UNITS, load_json_file, plot_metric_panels
 
 METHODS = ("neuraldb", "memit", "alphaedit")
 MODEL_WRITTEN_TEXTS = 64  # sampled texts of 64 tokens each: K0 from what the model writes itself
@@ -110,6 +110,23 @@ class Comparison:
                            "methods": {name: dataclasses.asdict(result) for name, result in size.methods.items()}}
                           for size in self.sizes]}
 
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Comparison":
+        """A comparison from `to_dict`'s JSON object; ValueError naming what is wrong otherwise."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("sizes"), list):
+            raise ValueError("a comparison must be a JSON object with a list 'sizes'")
+        try:
+            settings = BaselineSettings(**data["settings"])
+            sizes = tuple(SizeResult(int(size["n_facts"]), int(size["n_cases"]), _metrics(size["unedited"]),
+                                     {name: MethodResult(_metrics(result["metrics"]), _numbers(result["seconds"]))
+                                      for name, result in size["methods"].items()},
+                                     int(size.get("resumed_facts", 0)))
+                          for size in data["sizes"])
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"not a comparison written by `neuraldb compare --json` ({type(error).__name__}: "
+                             f"{error})") from None
+        return cls(sizes, settings, dict(data.get("statistics", {})))
+
     def table(self) -> str:
         """Per size: one row per metric (unedited, then each method), then the timings."""
         lines = []
@@ -135,6 +152,43 @@ class Comparison:
             lines.append("")
         lines.append(f"K0: {self.statistics['tokens']} tokens from {'; '.join(self.statistics['sources'])}")
         return "\n".join(lines)
+
+
+def _numbers(values: Mapping) -> dict[str, float]:
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
+        raise TypeError(f"expected numbers, got {dict(values)!r}")
+    return {str(name): float(v) for name, v in values.items()}
+
+
+def _metrics(values: Mapping) -> dict[str, float]:
+    unknown = [name for name in values if name not in METRICS]
+    if unknown:
+        raise KeyError(f"unknown metrics {unknown}")
+    return _numbers(values)
+
+
+def read_comparison(path: str | Path) -> Comparison:
+    """A comparison written by `write_comparison`; FileNotFoundError / ValueError naming the file."""
+    try:
+        return Comparison.from_dict(load_json_file(path))
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def merge_comparisons(comparisons: Sequence[Comparison]) -> Comparison:
+    """The sizes of several comparison runs in one Comparison (increasing number of facts), e.g. to
+    plot a 100-fact run and a later 1,000-fact run together; ValueError if two runs measured the
+    same size or used other baseline settings. K0 statistics: the first run's."""
+    if not comparisons:
+        raise ValueError("merge_comparisons needs at least one comparison")
+    settings = {c.settings for c in comparisons}
+    if len(settings) > 1:
+        raise ValueError(f"the runs used different baseline settings: {sorted(map(str, settings))}")
+    sizes = sorted((size for c in comparisons for size in c.sizes), key=lambda size: size.n_facts)
+    repeated = sorted({a.n_facts for a, b in zip(sizes, sizes[1:]) if a.n_facts == b.n_facts})
+    if repeated:
+        raise ValueError(f"more than one run measured {repeated} facts: plot them separately")
+    return Comparison(tuple(sizes), comparisons[0].settings, comparisons[0].statistics)
 
 
 def write_comparison(comparison: Comparison, path: str | Path) -> None:
@@ -318,6 +372,5 @@ def plot_comparison(comparison: Comparison, path: str | Path) -> None:
     plot_metric_panels(names, path, "edited facts", lambda name: [
         *[(method, [(size.n_facts, size.methods[method].metrics.get(name, math.nan)) for size in sizes],
            {"marker": "o"}) for method in methods],
-        ("unedited", [(size.n_facts, size.unedited.get(name, math.nan)) for size in sizes],
-         {"linestyle": "--", "color": "gray"}),
+        ("unedited", [(size.n_facts, size.unedited.get(name, math.nan)) for size in sizes], UNEDITED_LINE),
     ])

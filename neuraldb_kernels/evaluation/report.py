@@ -27,6 +27,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from .._files import write_text_atomically
 from .general import TASKS as GENERAL_TASKS
@@ -103,21 +104,29 @@ def write_json(report: EvaluationReport, path: str | Path) -> None:
     write_text_atomically(path, json.dumps(report.to_dict(), indent=2) + "\n")
 
 
-def read_json(path: str | Path) -> EvaluationReport:
-    """A report written by `write_json`."""
+def load_json_file(path: str | Path) -> Any:
+    """The JSON value in the file at `path`; FileNotFoundError / ValueError naming the file."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"report {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"report {path} is not valid JSON: {error}") from None
     except RecursionError:
         raise ValueError(f"report {path}: JSON nested too deeply to read") from None
+
+
+def read_json(path: str | Path) -> EvaluationReport:
+    """A report written by `write_json`."""
+    data = load_json_file(path)
     try:
         return EvaluationReport.from_dict(data)
     except ValueError as error:
         raise ValueError(f"report {path}: {error}") from None
+
+
+UNEDITED_LINE = {"linestyle": "--", "color": "gray", "marker": "x"}  # marked: one size is a point, not a line
 
 
 def plot_metric_panels(names: Sequence[str], path: str | Path, xlabel: str,
@@ -165,6 +174,5 @@ def plot_scaling(reports: Sequence[EvaluationReport], path: str | Path) -> None:
     names = [name for name in METRICS if any(name in r.after for r in reports)]
     plot_metric_panels(names, path, "facts in the database", lambda name: [
         ("edited", [(r.n_facts, r.after[name]) for r in reports if name in r.after], {"marker": "o"}),
-        ("unedited", [(r.n_facts, r.before[name]) for r in reports if name in r.before],
-         {"linestyle": "--", "color": "gray"}),
+        ("unedited", [(r.n_facts, r.before[name]) for r in reports if name in r.before], UNEDITED_LINE),
     ])
