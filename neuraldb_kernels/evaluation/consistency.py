@@ -15,12 +15,13 @@ two vectors (0 when either text has no known word).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from .report import load_json_file
 
 _TERM = re.compile(r"\b\w\w+\b")
 
@@ -58,14 +59,7 @@ class TfidfModel:
 def read_attribute_snippets(path: str | Path) -> dict[tuple[str, str], list[str]]:
     """(relation_id, target_id) -> snippet texts, from a ROME `attribute_snippets.json` file."""
     path = Path(path)
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"reference file {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"reference file {path} is not valid JSON: {error}") from None
-    except RecursionError:
-        raise ValueError(f"reference file {path}: JSON nested too deeply to read") from None
+    records = load_json_file(path, "reference file")
     if not isinstance(records, list):
         raise ValueError(f"reference file {path} must hold a JSON list of snippet records")
     snippets: dict[tuple[str, str], list[str]] = {}

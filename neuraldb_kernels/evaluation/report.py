@@ -104,17 +104,18 @@ def write_json(report: EvaluationReport, path: str | Path) -> None:
     write_text_atomically(path, json.dumps(report.to_dict(), indent=2) + "\n")
 
 
-def load_json_file(path: str | Path) -> Any:
-    """The JSON value in the file at `path`; FileNotFoundError / ValueError naming the file."""
+def load_json_file(path: str | Path, what: str = "report") -> Any:
+    """The JSON value in the file at `path`; FileNotFoundError / ValueError naming the file as
+    `what` ("report {path} does not exist")."""
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"report {path} does not exist") from None
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"report {path} is not valid JSON: {error}") from None
+        raise ValueError(f"{what} {path} is not valid JSON: {error}") from None
     except RecursionError:
-        raise ValueError(f"report {path}: JSON nested too deeply to read") from None
+        raise ValueError(f"{what} {path}: JSON nested too deeply to read") from None
 
 
 def read_json(path: str | Path) -> EvaluationReport:
