@@ -5,9 +5,13 @@ random Llama."""
 
 import os
 import pathlib
+import sys
 
 import pytest
 import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "python_tests"))
+from tiny_models import save_tiny_llama  # noqa: E402  (python_tests' tiny models, shared)
 
 BENCH_THREADS = int(os.environ.get("NEURALDB_BENCH_THREADS", "2"))
 COUNTERFACT = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact" / "counterfact-a.json"
@@ -41,15 +45,6 @@ def counterfact_path():
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama (2 layers, hidden 32) saved with SmolLM2's tokenizer as a model directory
     (the same model as python_tests' fixture of that name)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from neuraldb_kernels.integration.default_model import load_default_tokenizer
 
-    tokenizer = load_default_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
-    directory = tmp_path_factory.mktemp("tiny") / "model"
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", load_default_tokenizer())

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from neuraldb_kernels.threads import default_threads  # noqa: E402
+from tiny_models import save_tiny_llama  # noqa: E402
 
 # one thread per core oversubscribes a shared machine (bench/RESULTS.md, "Thread default")
 torch.set_num_threads(default_threads())
@@ -221,18 +222,9 @@ def tokenizer():
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama (2 layers, hidden 32) saved as a Hugging Face model directory, with
     SmolLM2's tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from neuraldb_kernels.integration.default_model import load_default_tokenizer
 
-    tokenizer = load_default_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
-    directory = tmp_path_factory.mktemp("tiny") / "model"
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", load_default_tokenizer())
 
 
 def write_fake_general_data(directory: pathlib.Path, items: int = 4) -> pathlib.Path:

@@ -45,3 +45,16 @@ def tiny_model(kind, tokenizer, dtype=torch.float32, seed=0, layers=2):
     config.num_hidden_layers = layers
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).to(dtype).eval()
+
+
+def save_tiny_llama(directory, tokenizer):
+    """Save a tiny random Llama (2 layers, hidden 32, seed 0) with `tokenizer` as a Hugging Face
+    model directory at `directory` (the `tiny_model_dir` fixtures of python_tests and bench)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
