@@ -34,7 +34,10 @@ Pass `capacity=` to `attach` to reserve rows up front.
 When to sync: facts written after the last `sync()` are invisible to the model until the next.
 Call it before each `generate` (or each decode step of your own loop), on the stream that runs
 the model, never while a graph is being captured and never concurrently with a forward pass.
-It costs one integer comparison when nothing changed.
+It costs one integer comparison when nothing changed. `paused()` is a Python flag as in
+`Attachment`: torch.compile guards on it (one more compilation per state), a graph captured by
+hand keeps the state it was captured in. The layer must compute in its weights' dtype (no
+autocast around it): the buffers take the dtype of the down-projection's weights.
 """
 
 from __future__ import annotations
@@ -188,7 +191,8 @@ class GraphSafeAttachment(Attachment):
         if output.dtype != buffers.residuals.dtype or output.device != buffers.residuals.device:
             raise RuntimeError(
                 f"the layer's output is {output.dtype} on {output.device}, the synced buffers are "
-                f"{buffers.residuals.dtype} on {buffers.residuals.device}: call sync() after moving the model")
+                f"{buffers.residuals.dtype} on {buffers.residuals.device}: call sync() after moving the model "
+                "(under autocast, which computes in another dtype than the weights, use attach without graph_safe)")
         retrieved, index, _ = gated_retrieve_prechecked(args[0], buffers.keys, buffers.residuals, buffers.thresholds,
                                                         backend=self.backend)
         return torch.where((index >= 0).unsqueeze(-1), output + retrieved, output)
