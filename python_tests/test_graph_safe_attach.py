@@ -129,7 +129,7 @@ def test_fullgraph_compile_equals_eager_and_follows_every_sync(planted):
         db.gamma = 0.99  # moves "plain" only; not seen before sync
         assert handle.stale and torch.equal(run(compiled, p), eager)
         report = handle.sync()
-        assert (report.copied, report.reallocated, report.facts, report.capacity) == (True, False, 3, 4)
+        assert (report.copied, report.reallocated, report.rows, report.capacity) == (True, False, 3, 4)
         assert not handle.stale
         after_gamma = run(compiled, p)
         assert torch.equal(after_gamma, expected_logits(p, db, handle)) and not torch.equal(after_gamma, eager)
@@ -146,7 +146,7 @@ def test_fullgraph_compile_equals_eager_and_follows_every_sync(planted):
                key_gammas=[None if o is None else torch.tensor([o]) for o in p["own"].values()])
         db.add(torch.randn(3, p["x"].shape[-1]), torch.randn(3, HIDDEN), ["r1", "r2", "r3"])  # 6 rows > 4
         report = handle.sync()
-        assert (report.reallocated, report.facts, report.capacity) == (True, 6, 8)
+        assert (report.reallocated, report.rows, report.capacity) == (True, 6, 8)
         db.gamma = GAMMA
         assert handle.sync().reallocated is False
         assert torch.equal(run(compiled, p), expected_logits(p, db, handle))
@@ -170,7 +170,7 @@ def test_all_padding_buffers_leave_the_model_bit_identical(planted):
     p = planted
     db = NeuralDB(d1=p["x"].shape[-1], d2=HIDDEN, layer=LAYER, gamma=-1.0)  # any real key would fire
     with attach(p["model"], db, graph_safe=True, capacity=8) as handle:
-        assert handle.synced.facts == 0 and handle.buffers.capacity == 8
+        assert handle.synced.rows == 0 and handle.buffers.capacity == 8
         assert torch.equal(run(p["model"], p), p["bare"])
         out, index, score = gated_retrieve(p["x"], handle.buffers.keys, handle.buffers.residuals,
                                            handle.buffers.thresholds, return_index=True)

@@ -29,7 +29,9 @@ from the same memory, without re-capturing or recompiling. When m outgrows the c
 buffers are reallocated at double the capacity (until m fits; `SyncReport.reallocated`): a CUDA
 graph captured by hand must then be re-captured; torch.compile re-traces by itself (the buffers
 are marked as static addresses, guarded by identity) and "reduce-overhead" records new graphs.
-Pass `capacity=` to `attach` to reserve rows up front.
+Pass `capacity=` to `attach` to reserve rows up front. Memory: the buffers are a second device
+copy of the facts next to the store's device view (which the store keeps up to date row by row,
+so that a sync is one device-to-device copy).
 
 When to sync: facts written after the last `sync()` are invisible to the model until the next.
 Call it before each `generate` (or each decode step of your own loop), on the stream that runs
@@ -58,15 +60,15 @@ PADDING_THRESHOLD = 1.0  # any valid threshold would do: padding keys never win 
 class SyncReport:
     """What one `GraphSafeAttachment.sync()` did.
 
-    version: the database version the buffers now hold. facts: m, the key rows copied (the live
-    rows; rows past m are padding). capacity: rows of the buffers. copied: whether the buffers
+    version: the database version the buffers now hold. rows: m, the database's key rows the
+    buffers hold (a fact has one or more; rows past m are padding). capacity: rows of the buffers. copied: whether the buffers
     were rewritten (False when the database and the layer were unchanged). reallocated: whether
     new buffers replaced the old ones (first sync, capacity growth, a new device or dtype):
     captured CUDA graphs must then be re-captured.
     """
 
     version: int
-    facts: int
+    rows: int
     capacity: int
     copied: bool
     reallocated: bool
@@ -118,6 +120,17 @@ def grown_capacity(capacity: int, rows: int) -> int:
     return capacity
 
 
+def layer_layout(module: torch.nn.Module, key_dtype: Optional[torch.dtype]) -> Tuple[torch.device, torch.dtype, torch.dtype]:
+    """(device, residual dtype, key dtype) of the buffers for the down-projection `module`: its
+    first floating-point parameter's device and dtype, keys in `key_dtype` when set; ValueError
+    for a module without one."""
+    weight = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if weight is None:
+        raise ValueError(f"graph_safe=True needs the down-projection ({type(module).__name__}) to have "
+                         "floating-point parameters: their device and dtype are the buffers'")
+    return weight.device, weight.dtype, key_dtype or weight.dtype
+
+
 class GraphSafeAttachment(Attachment):
     """An `Attachment` whose hook is CUDA-graph safe; returned by `attach(..., graph_safe=True)`.
 
@@ -134,10 +147,7 @@ class GraphSafeAttachment(Attachment):
         self.synced: Optional[SyncReport] = None
         self._reserved = capacity or 1
         self._layout: Optional[Tuple[torch.device, torch.dtype, torch.dtype]] = None
-        weight = next((p for p in module.parameters() if p.is_floating_point()), None)
-        if weight is None:
-            raise ValueError(f"graph_safe=True needs the down-projection ({type(module).__name__}) to have "
-                             "floating-point parameters: their device and dtype are the buffers'")
+        layer_layout(module, key_dtype)  # ValueError before hooking
         super().__init__(model, db, layer, module, gamma, backend, key_dtype)
         try:
             self.sync()
@@ -150,19 +160,13 @@ class GraphSafeAttachment(Attachment):
         """True when the database changed since the last sync (the model does not see it yet)."""
         return self.synced is None or self.db.version != self.synced.version
 
-    def _layer_layout(self) -> Tuple[torch.device, torch.dtype, torch.dtype]:
-        """(device, residual dtype, key dtype) of the buffers: the down-projection's first
-        floating-point parameter's device and dtype, keys in key_dtype when set."""
-        weight = next(p for p in self.module.parameters() if p.is_floating_point())
-        return weight.device, weight.dtype, self.key_dtype or weight.dtype
-
     def sync(self) -> SyncReport:
         """Copy the database's current state into the buffers when it or the layer changed since
         the last sync (see the module docstring); ValueError, leaving the buffers as they were,
         when a threshold is outside [-1, 1]. Call it outside any graph capture."""
         if not self.attached:
             raise RuntimeError("sync() on a detached attachment: attach again")
-        layout = self._layer_layout()
+        layout = layer_layout(self.module, self.key_dtype)
         if not self.stale and layout == self._layout:
             self.synced = dataclasses.replace(self.synced, copied=False, reallocated=False)
             return self.synced
@@ -178,7 +182,7 @@ class GraphSafeAttachment(Attachment):
             self.buffers = RetrievalBuffers.allocate(capacity, self.db.d1, self.db.d2, device, key_dtype, dtype)
             live_before = 0
         else:
-            live_before = self.synced.facts
+            live_before = self.synced.rows
         self.buffers.fill(keys.keys, snapshot.residuals, thresholds, padded_from=live_before)
         self._layout = layout
         self.synced = SyncReport(snapshot.version, m, capacity, True, reallocated)
