@@ -166,6 +166,32 @@ def test_gamma_given_to_attach_is_every_keys_threshold(planted):
         assert torch.equal(run(compiled, p), overridden)
 
 
+def test_generate_with_cache_equals_attach(planted, tokenizer):
+    """Cached decoding steps (one token each) through the graph-safe hook give attach's tokens and
+    logits; a fact keyed on the prompt's last token changes them (premise: LAYER is the last layer,
+    so only a firing at the last token reaches the next-token logits)."""
+    p = planted
+    db = database(p)
+    last = int(p["mask"][1].sum()) - 1
+    db.add(p["x"][1, last], torch.randn(HIDDEN, generator=torch.Generator().manual_seed(5)) * 8, ids="last")
+    prompt = tokenizer(PROMPTS[1], return_tensors="pt")["input_ids"]
+
+    def generate():
+        with torch.no_grad():
+            out = p["model"].generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5,
+                                      do_sample=False, use_cache=True, return_dict_in_generate=True,
+                                      output_logits=True)
+        return out.sequences, torch.stack(out.logits, 1)
+
+    bare = generate()
+    with attach(p["model"], db):
+        expected = generate()
+    with attach(p["model"], db, graph_safe=True):
+        sequences, logits = generate()
+    assert not torch.equal(expected[1], bare[1]), "test premise: a fact fires"
+    assert torch.equal(sequences, expected[0]) and torch.equal(logits, expected[1])
+
+
 def test_all_padding_buffers_leave_the_model_bit_identical(planted):
     p = planted
     db = NeuralDB(d1=p["x"].shape[-1], d2=HIDDEN, layer=LAYER, gamma=-1.0)  # any real key would fire
