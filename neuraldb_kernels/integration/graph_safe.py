@@ -211,5 +211,8 @@ class GraphSafeAttachment(Attachment):
                            "the host at every step); attach without graph_safe=True to see which facts fire")
 
     def __repr__(self) -> str:
+        state = ("paused" if self._paused else "attached") if self.attached else "detached"
+        synced = "never" if self.synced is None else f"{self.synced.rows} rows of version {self.synced.version}"
         capacity = None if self.buffers is None else self.buffers.capacity
-        return f"Graph{super().__repr__()} with capacity={capacity}"
+        return (f"GraphSafeAttachment({state}, layer={self.layer}, module={type(self.module).__name__}, "
+                f"synced={synced}, stale={self.stale}, capacity={capacity}, backend={self.backend!r})")
