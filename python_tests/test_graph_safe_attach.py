@@ -12,8 +12,8 @@ import sys
 
 import pytest
 import torch
-from test_integration import GAMMA, PROMPTS, batch, capture, cosines, tilted, with_addition
-from tiny_models import HIDDEN, tiny_model
+from test_integration import GAMMA, PLANTED, PROMPTS, batch, capture, cosines, down_proj, plant, tilted, with_addition
+from tiny_models import ARCHS, HIDDEN, tiny_model
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -164,6 +164,17 @@ def test_gamma_given_to_attach_is_every_keys_threshold(planted):
         db.gamma = 0.5  # the attach-time gamma still rules
         handle.sync()
         assert torch.equal(run(compiled, p), overridden)
+
+
+@pytest.mark.parametrize("kind", sorted(ARCHS))
+def test_every_architecture_adds_the_planted_residual_at_its_token(kind, tokenizer):
+    model = tiny_model(kind, tokenizer)
+    db, inputs, bare, _, residual = plant(model, kind, 1, tokenizer)
+    expected = with_addition(model, down_proj(model, kind, 1), {PLANTED: residual}, **inputs)
+    with attach(model, db, graph_safe=True), torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected)
+        db.delete("planted")
+        assert torch.equal(model(**inputs).logits, expected), "not synced: the buffers keep the fact"
 
 
 def test_generate_with_cache_equals_attach(planted, tokenizer):
