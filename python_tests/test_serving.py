@@ -201,6 +201,23 @@ def test_serve_command_binds_loopback_and_passes_the_overrides(served_dir, tiny_
     assert environment["HF_HUB_OFFLINE"] == "1" and environment["VLLM_CPU_KVCACHE_SPACE"] == "3"
 
 
+def test_compiled_serving_asks_for_piecewise_cuda_graphs(served_dir, monkeypatch):
+    """Full CUDA graphs would capture the live retrieval (model.keep_retrieval_eager refuses them)."""
+    import importlib.util
+
+    assert "compilation_config" not in engine_arguments(served_dir)
+    arguments = engine_arguments(served_dir, enforce_eager=False)
+    assert arguments["enforce_eager"] is False
+    assert arguments["compilation_config"] == {"cudagraph_mode": "PIECEWISE"}
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: object() if name == "vllm" else real_find_spec(name, *args))
+    command = serve_command(served_dir, compile=True)
+    assert "--enforce-eager" not in command
+    assert json.loads(command[command.index("--compilation-config") + 1]) == {"cudagraph_mode": "PIECEWISE"}
+    assert "--compilation-config" not in serve_command(served_dir)
+
+
 def test_serve_refuses_an_unsupported_architecture(tmp_path, tiny_model_dir):
     model = tmp_path / "gpt2"
     model.mkdir()

@@ -269,8 +269,9 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(
       }
     }
     const bool finite = indices[0] != -1;  // stage 1 marks NaN/Inf query rows with index -1
-    // a finite query row's best index is a valid key (NaN/Inf keys only score -inf)
-    const bool fired = finite && score > (key_gamma != nullptr ? key_gamma[index] : gamma);
+    // index stays kNoKey when every key is NaN/Inf (they never win, not even at -inf): no key to
+    // gate with, and key_gamma must not be read there
+    const bool fired = finite && index != kNoKey && score > (key_gamma != nullptr ? key_gamma[index] : gamma);
     score_out[row] = finite ? score : CUDART_NAN_F;
     index_out[row] = fired ? index : -1;
     chosen = fired ? index : -1;

@@ -10,12 +10,15 @@ from .architectures import SUPPORTED_MODEL_TYPES, down_proj_dims, locate_down_pr
 from .attach import Attachment, Firing, ForwardRecord, attach
 from .default_model import load_default_model, load_default_tokenizer
 from .fingerprint import model_fingerprint
+from .graph_safe import GraphSafeAttachment, SyncReport
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "Attachment",
     "Firing",
     "ForwardRecord",
+    "GraphSafeAttachment",
+    "SyncReport",
     "attach",
     "load_default_model",
     "load_default_tokenizer",

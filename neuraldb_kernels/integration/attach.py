@@ -226,6 +226,8 @@ def attach(
     allow_weight_mismatch: bool = False,
     process_group=None,
     exchange: Optional[str] = None,
+    graph_safe: bool = False,
+    capacity: Optional[int] = None,
 ) -> Attachment:
     """Hook NeuralDB `db` into decoder layer `layer` of `model`; returns the `Attachment`.
 
@@ -245,11 +247,20 @@ def attach(
     process_group, exchange: for a `ShardedNeuralDB` only (the model replicated on every rank;
         see integration/distributed_attach.py): the group of the retrieval collectives (default:
         the database's) and how fired residuals travel ("allreduce" or "gather").
+    graph_safe: return a `GraphSafeAttachment` (integration/graph_safe.py): the hook retrieves from
+        fixed device buffers that `sync()` refills from the database, so torch.compile(fullgraph=True)
+        and CUDA graphs capture it; capacity: the key rows those buffers reserve (they grow by
+        doubling). Not with key_format or a ShardedNeuralDB.
 
     Errors: unsupported model type, bad module path, layer out of range or missing, gamma outside
     [-1, 1], a database whose d1/d2/layer/model type do not match the model (ValueError), a layer
     already attached (ValueError: detach the other attachment first).
     """
+    if graph_safe and (key_format is not None or isinstance(db, ShardedNeuralDB)):
+        raise ValueError("graph_safe=True scans the full-precision keys of a NeuralDB: not with key_format "
+                         "or a ShardedNeuralDB")
+    if capacity is not None and not graph_safe:
+        raise ValueError("capacity applies to graph_safe=True only")
     if isinstance(db, ShardedNeuralDB):
         if key_format is not None:
             raise ValueError("key_format applies to a NeuralDB, not to a ShardedNeuralDB")
@@ -265,6 +276,10 @@ def attach(
     layer, module, gamma = hook_target(model, db, layer, gamma, module_path=module_path, backend=backend,
                                        key_dtype=key_dtype, key_format=key_format,
                                        allow_weight_mismatch=allow_weight_mismatch)
+    if graph_safe:
+        from .graph_safe import GraphSafeAttachment  # imported here: it builds on this module
+
+        return GraphSafeAttachment(model, db, layer, module, gamma, backend, key_dtype, capacity)
     return Attachment(model, db, layer, module, gamma, backend, key_dtype, key_format)
 
 

@@ -64,7 +64,8 @@ def check_key_gamma(gamma: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
 
 def check_key_gamma_values(gamma: torch.Tensor) -> None:
     """Raise unless every per-key threshold is in [-1, 1] (NaN fails too): one reduction over the
-    m thresholds per call and, on a GPU, one synchronisation.
+    m thresholds per call and, on a GPU, one synchronisation (so never inside a CUDA graph
+    capture: the graph-safe attachment calls it once per sync, not per step).
 
     On CPU tensors the reduction runs in numpy, on one thread: a torch reduction wakes torch's
     OpenMP threads, which keep spinning on the cores while the C++ kernel's own OpenMP threads

@@ -26,13 +26,13 @@ _OP = "neuraldb::gated_retrieve"
 
 
 def _retrieve(
-    q: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: Gamma, backend: str
+    q: torch.Tensor, K: torch.Tensor, R: torch.Tensor, gamma: Gamma, backend: str, check_values: bool = True
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validated inputs -> (out (..., d2), index (...), score (...)): check per-key threshold
-    values, resolve the backend, handle empty inputs, flatten the query rows and run the
-    backend's kernel."""
+    values (unless check_values is False: the caller checked them), resolve the backend, handle
+    empty inputs, flatten the query rows and run the backend's kernel."""
     per_key = isinstance(gamma, torch.Tensor)
-    if per_key:
+    if per_key and check_values:
         check_key_gamma_values(gamma)
     name = resolve_backend(backend, q.device, (q.dtype, K.dtype, R.dtype))
     lead = q.shape[:-1]
@@ -59,15 +59,17 @@ def _gated_retrieve_op(
     gamma: float,
     backend: str,
     key_gamma: Optional[torch.Tensor] = None,
+    check_key_gamma: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`_retrieve` as the custom op: the threshold is key_gamma (m,) float32 when given (gamma is
-    then ignored), else gamma. The backend is resolved and the per-key values checked inside, so
-    that torch.compile treats the whole dispatch as one opaque call (no graph break on them)."""
-    return _retrieve(q, K, R, gamma if key_gamma is None else key_gamma, backend)
+    then ignored), else gamma. The backend is resolved and the per-key values checked inside
+    (unless check_key_gamma is False), so that torch.compile treats the whole dispatch as one
+    opaque call (no graph break on them)."""
+    return _retrieve(q, K, R, gamma if key_gamma is None else key_gamma, backend, check_key_gamma)
 
 
 @_gated_retrieve_op.register_fake
-def _(q, K, R, gamma, backend, key_gamma=None):
+def _(q, K, R, gamma, backend, key_gamma=None, check_key_gamma=True):
     lead = q.shape[:-1]
     return (
         q.new_empty((*lead, R.shape[1]), dtype=R.dtype),
@@ -77,7 +79,7 @@ def _(q, K, R, gamma, backend, key_gamma=None):
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, R, _, _, _ = inputs
+    R = inputs[2]
     ctx.save_for_backward(output[1])
     ctx.residual_shape = R.shape
     ctx.residual_dtype = R.dtype
@@ -93,7 +95,7 @@ def _backward(ctx, grad_out, grad_index, grad_score):
         rows = torch.where(fired, grad_out.reshape(-1, d2), torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
         grad_R = torch.zeros(ctx.residual_shape, dtype=ctx.residual_dtype, device=grad_out.device)
         grad_R.index_add_(0, flat_index.clamp_min(0), rows.to(ctx.residual_dtype))
-    return None, None, grad_R, None, None, None
+    return None, None, grad_R, None, None, None, None
 
 
 _gated_retrieve_op.register_autograd(_backward, setup_context=_setup_context)
@@ -127,7 +129,7 @@ def gated_retrieve(q, K, R, gamma, *, backend: str = "auto", return_index: bool 
     holding one threshold in [-1, 1] per key row. A row fires when its best cosine > the threshold
     of its best key (index = argmax, lowest index on exact ties, then that key's threshold). The
     per-key values are checked on every call: one reduction over the m thresholds (and, on a GPU,
-    a synchronisation).
+    a synchronisation; `gated_retrieve_prechecked` skips it for thresholds checked beforehand).
     backend: "auto", "triton", "cuda", "cpu" or "torch".
 
     Returns out (..., d2) in R.dtype: the best key's residual row (bit for bit) where the gate
@@ -141,14 +143,32 @@ def gated_retrieve(q, K, R, gamma, *, backend: str = "auto", return_index: bool 
     if isinstance(K, KeyIndex):
         out, index, score = _retrieve_through_index(q, K, R, gamma, backend)
         return (out, index, score) if return_index else out
-    gamma = check_inputs(q, K, R, gamma)
+    out, index, score = _dispatch(q, K, R, check_inputs(q, K, R, gamma), backend, check_values=True)
+    return (out, index, score) if return_index else out
+
+
+def gated_retrieve_prechecked(q, K, R, key_gamma: torch.Tensor, *, backend: str = "auto"):
+    """`gated_retrieve(q, K, R, key_gamma, backend=backend, return_index=True)` for per-key
+    thresholds whose values the caller has already checked (every one in [-1, 1]), when it wrote
+    them: the per-call check of the m values, a host synchronisation on a GPU, is skipped, so the
+    call can be captured in a CUDA graph. Everything else is checked as by `gated_retrieve`
+    (types, shapes, devices: metadata only, read on the host without touching the values).
+    Thresholds outside [-1, 1] are not detected here; the graph-safe attachment checks them at
+    its sync (integration/graph_safe.py). Returns (out, index, score)."""
+    key_gamma = check_inputs(q, K, R, key_gamma)
+    if not isinstance(key_gamma, torch.Tensor):
+        raise TypeError(f"gated_retrieve_prechecked: key_gamma must be a (m,) float32 tensor, got {type(key_gamma).__name__}")
+    return _dispatch(q, K, R, key_gamma, backend, check_values=False)
+
+
+def _dispatch(q, K, R, gamma: Gamma, backend: str, check_values: bool):
+    """Checked inputs -> (out, index, score) through the custom op (autograd, torch.compile) or
+    directly (eager inference)."""
     check_backend_name(backend)
     needs_graph = torch.is_grad_enabled() and (q.requires_grad or K.requires_grad or R.requires_grad)
     if needs_graph or torch.compiler.is_compiling():
         per_key = isinstance(gamma, torch.Tensor)
-        out, index, score = _gated_retrieve_op(
-            q, K, R, 0.0 if per_key else gamma, backend, gamma if per_key else None
-        )
-    else:  # eager inference (decode): the same computation, without the custom-op dispatch cost
-        out, index, score = _retrieve(q, K, R, gamma, backend)
-    return (out, index, score) if return_index else out
+        return _gated_retrieve_op(q, K, R, 0.0 if per_key else gamma, backend, gamma if per_key else None,
+                                  check_values)
+    # eager inference (decode): the same computation, without the custom-op dispatch cost
+    return _retrieve(q, K, R, gamma, backend, check_values)

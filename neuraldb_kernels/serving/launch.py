@@ -35,6 +35,9 @@ DEFAULT_PORT = 8000
 SERVER_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
                       "DO_NOT_TRACK": "1"}
 DEFAULT_KV_CACHE_GIB = "1"
+# compiled serving: piecewise CUDA graphs, the retrieval op running eagerly between the pieces
+# (model.keep_retrieval_eager); full graphs would capture it with one database snapshot
+COMPILATION_CONFIG = {"cudagraph_mode": "PIECEWISE"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +94,15 @@ def engine_arguments(directory: os.PathLike | str, *, gamma: Optional[float] = N
     """Keyword arguments for `vllm.LLM` / engine args serving the database directory: the model
     directory, the overrides, prefix caching off (required, see retrieval.py), the weights' dtype
     (see `ServedDatabase`). enforce_eager: skip torch.compile (on a CPU it
-    compiles for minutes at start-up)."""
+    compiles for minutes at start-up); when False, COMPILATION_CONFIG (piecewise CUDA graphs on a
+    GPU) is among the arguments."""
     served = served_database(directory)
-    return {"model": str(served.model), "tokenizer": str(served.model),
-            "hf_overrides": engine_overrides(served, gamma=gamma, backend=backend),
-            "dtype": served.dtype, "enable_prefix_caching": False, "enforce_eager": enforce_eager}
+    arguments = {"model": str(served.model), "tokenizer": str(served.model),
+                 "hf_overrides": engine_overrides(served, gamma=gamma, backend=backend),
+                 "dtype": served.dtype, "enable_prefix_caching": False, "enforce_eager": enforce_eager}
+    if not enforce_eager:
+        arguments["compilation_config"] = dict(COMPILATION_CONFIG)
+    return arguments
 
 
 def serve_command(directory: os.PathLike | str, *, host: str = LOOPBACK, port: int = DEFAULT_PORT,
@@ -117,6 +124,8 @@ def serve_command(directory: os.PathLike | str, *, host: str = LOOPBACK, port: i
                "--dtype", arguments["dtype"], "--no-enable-prefix-caching", "--host", host, "--port", str(port), "--served-model-name", name]
     if arguments["enforce_eager"]:
         command.append("--enforce-eager")
+    else:
+        command += ["--compilation-config", json.dumps(arguments["compilation_config"])]
     return command + list(vllm_args)
 
 

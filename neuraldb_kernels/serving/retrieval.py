@@ -15,9 +15,16 @@ submitted is seen by every token of that request; a request already running sees
 step on (tokens it already produced, and their KV cache, stay as they were). Prefix caching must
 be off: a cached prefix would carry hidden states computed before a write.
 
-The retrieval runs as the custom op `neuraldb_serving::add_live_retrieval`, opaque to
-torch.compile (it reads the database, which a traced graph cannot), so a compiled model calls it
-on every step. It is not CUDA-graph safe: a captured graph would replay one snapshot.
+The retrieval runs as the custom op `neuraldb_serving::add_live_retrieval` (SPLITTING_OP), opaque
+to torch.compile (it reads the database, which a traced graph cannot), so a compiled model calls
+it on every step. CUDA graphs: the op must run eagerly, never inside a captured graph (which would
+replay the snapshot of its capture). Under vLLM's piecewise CUDA graphs it is a splitting op
+(model.py adds it to `compilation_config.splitting_ops`): vLLM captures the pieces between such
+ops and runs the ops themselves eagerly at every step, between the replays, so the live rule
+above holds with CUDA graphs on. The op adds to the down-projection's output in place, because the
+next captured piece reads the buffer whose address it was captured with; full CUDA graphs
+(cudagraph_mode FULL, FULL_DECODE_ONLY, FULL_AND_PIECEWISE, vLLM's default on GPUs) would capture
+it, and model.py refuses them.
 """
 
 from __future__ import annotations
@@ -42,16 +49,19 @@ _NEXT_ID = itertools.count(1)
 _REGISTRY_LOCK = threading.Lock()
 
 
-@torch.library.custom_op("neuraldb_serving::add_live_retrieval", mutates_args=())
-def add_live_retrieval(hidden: torch.Tensor, output: torch.Tensor, retrieval_id: int) -> torch.Tensor:
-    """`output` (..., d2) with the gated retrieval for `hidden` (..., d1) added where a gate fires,
-    read from the live database of the `LiveRetrieval` numbered `retrieval_id`."""
-    return _LIVE[retrieval_id].retrieve_into(hidden, output)
+SPLITTING_OP = "neuraldb_serving::add_live_retrieval"
+
+
+@torch.library.custom_op(SPLITTING_OP, mutates_args=("output",))
+def add_live_retrieval(hidden: torch.Tensor, output: torch.Tensor, retrieval_id: int) -> None:
+    """Add to `output` (..., d2), in place, the gated retrieval for `hidden` (..., d1) where a gate
+    fires, read from the live database of the `LiveRetrieval` numbered `retrieval_id`."""
+    output.copy_(_LIVE[retrieval_id].retrieve_into(hidden, output))
 
 
 @add_live_retrieval.register_fake
-def _(hidden: torch.Tensor, output: torch.Tensor, retrieval_id: int) -> torch.Tensor:
-    return torch.empty_like(output)
+def _(hidden: torch.Tensor, output: torch.Tensor, retrieval_id: int) -> None:
+    return None
 
 
 class LiveRetrieval:
@@ -113,10 +123,9 @@ class LiveRetrieval:
         return torch.where((index >= 0).unsqueeze(-1), output + retrieved, output)
 
     def hook(self, module: torch.nn.Module, args: tuple, output):
-        """A forward hook for the down-projection: its output is a tensor or (tensor, bias)."""
-        if isinstance(output, tuple):
-            return (add_live_retrieval(args[0], output[0], self.id), *output[1:])
-        return add_live_retrieval(args[0], output, self.id)
+        """A forward hook for the down-projection: its output, a tensor or (tensor, bias), gets the
+        retrieval added in place (the hook returns None: the output object stays the module's)."""
+        add_live_retrieval(args[0], output[0] if isinstance(output, tuple) else output, self.id)
 
     def close(self) -> None:
         """Forget this retrieval and close the database (idempotent)."""
