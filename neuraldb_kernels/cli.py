@@ -649,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--backend", default="auto", help="gated_retrieve backend (auto)")
     serving.add_argument("--served-model-name", default=None, help="model name in the API (the directory's name)")
     serving.add_argument("--compile", action="store_true",
-                         help="let vLLM torch.compile the model (default: eager; on a CPU compiling takes minutes)")
+                         help="let vLLM torch.compile the model, with piecewise CUDA graphs on a GPU (the retrieval runs "
+                              "eagerly between the captured pieces); default: eager; on a CPU compiling takes minutes")
     serving.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
                          help="an option passed to `vllm serve` as is, e.g. --vllm-arg=--max-num-seqs=8; repeatable")
 
