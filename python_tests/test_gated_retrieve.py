@@ -226,6 +226,7 @@ def test_zero_keys_have_cosine_zero(backend):
     [
         (lambda: (torch.randn(3, 8), torch.randn(5, 7), torch.randn(5, 2), 0.5), ValueError, "d1 mismatch"),
         (lambda: (torch.randn(3, 8), torch.randn(5, 8), torch.randn(4, 2), 0.5), ValueError, "m mismatch"),
+        (lambda: (torch.randn(3, 0), torch.randn(5, 0), torch.randn(5, 2), 0.5), ValueError, "d1 must be at least 1"),
         (lambda: (torch.randn(3, 8), torch.randn(5, 8, 1), torch.randn(5, 2), 0.5), ValueError, "K must be 2-D"),
         (lambda: (torch.randn(3, 8), torch.randn(5, 8), torch.randn(5), 0.5), ValueError, "R must be 2-D"),
         (lambda: (torch.tensor(1.0), torch.randn(5, 8), torch.randn(5, 2), 0.5), ValueError, "0-d"),

@@ -13,6 +13,7 @@ onto the selected rows. The gate and the argmax are piecewise constant in q and 
 gradient is zero almost everywhere: no gradient flows to q or K (they receive None).
 """
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -30,13 +31,14 @@ def _retrieve(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validated inputs -> (out (..., d2), index (...), score (...)): check per-key threshold
     values (unless check_values is False: the caller checked them), resolve the backend, handle
-    empty inputs, flatten the query rows and run the backend's kernel."""
+    empty inputs, flatten the query rows and run the backend's kernel. A 2-D q, the decode case,
+    goes to the kernel as it is: no reshapes (each costs microseconds of host time)."""
     per_key = isinstance(gamma, torch.Tensor)
     if per_key and check_values:
         check_key_gamma_values(gamma)
     name = resolve_backend(backend, q.device, (q.dtype, K.dtype, R.dtype))
     lead = q.shape[:-1]
-    n, m, d2 = q[..., 0].numel(), K.shape[0], R.shape[1]
+    n, m, d2 = math.prod(lead), K.shape[0], R.shape[1]
     if n == 0 or m == 0:
         out = torch.zeros(*lead, d2, dtype=R.dtype, device=q.device)
         index = torch.full(lead, -1, dtype=torch.int64, device=q.device)
@@ -45,10 +47,15 @@ def _retrieve(
             nonfinite = ~torch.isfinite(q).all(dim=-1)
             score = score.masked_fill(nonfinite, float("nan"))
         return out, index, score
-    q2d = q.reshape(n, q.shape[-1]).contiguous()
+    rows = q.dim() == 2
+    q2d = q.contiguous() if rows else q.reshape(n, q.shape[-1]).contiguous()
     gamma = gamma.contiguous() if per_key else gamma
     out, index, score = get_backend(name).run(q2d, K.contiguous(), R.contiguous(), gamma)
-    return out.reshape(*lead, d2), index.reshape(lead), score.reshape(lead)
+    if rows:
+        return out, index, score
+    if not lead:  # q was one (d1,) row
+        return out.reshape(d2), index.reshape(()), score.reshape(())
+    return out.reshape(*lead, d2), index.reshape(*lead), score.reshape(*lead)
 
 
 @torch.library.custom_op(_OP, mutates_args=())
