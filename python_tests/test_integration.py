@@ -573,13 +573,16 @@ def test_without_thresholds_the_hook_passes_the_number_and_equal_thresholds_chan
     db, inputs, _, x, residual = plant(model, "llama", 1, tokenizer)
     db.add(tilted(x[0, 2], 0.96, seed=5), -residual, ids="second")
     seen = []
-    real = attach_module.gated_retrieve
 
-    def spy(q, K, R, gamma, **options):
-        seen.append(gamma)
-        return real(q, K, R, gamma, **options)
+    def spy(real):
+        def call(q, K, R, gamma, **options):
+            seen.append(gamma)
+            return real(q, K, R, gamma, **options)
+        return call
 
-    monkeypatch.setattr(attach_module, "gated_retrieve", spy)
+    # per-key thresholds go to gated_retrieve_prechecked (the hook checks them once per snapshot)
+    for name in ("gated_retrieve", "gated_retrieve_prechecked"):
+        monkeypatch.setattr(attach_module, name, spy(getattr(attach_module, name)))
     with attach(model, db), torch.no_grad():
         scalar = model(**inputs).logits
     assert seen == [GAMMA] and isinstance(seen[0], float)  # as before per-key thresholds existed

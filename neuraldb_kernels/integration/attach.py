@@ -12,10 +12,14 @@ exactly what it was. Where no gate fires the projection's output is returned as 
 `torch.where`, not by adding zeros), so an empty database or a closed gate is bit-identical to the
 bare model.
 
-Live database: every forward takes a fresh `db.snapshot(device, dtype)` (the store keeps one
-buffer per device and dtype in sync and a snapshot is a slice of it, so this costs microseconds),
-so adds, deletes, threshold and gamma changes apply at the next forward. The snapshot follows the layer:
-the projection input's device, and the projection output's dtype (keys may use `key_dtype`).
+Live database: every forward reads the database's version and, when it changed since the last
+forward (or the device or dtype did), takes a fresh `db.snapshot(device, dtype)` (the store keeps
+one buffer per device and dtype in sync and a snapshot is a slice of it, so this costs
+microseconds); otherwise it reuses the last one, which is immutable and still shows the database.
+So adds, deletes, threshold and gamma changes apply at the next forward. Per-key thresholds are
+checked once per snapshot (ValueError at the forward when one is outside [-1, 1]). The snapshot
+follows the layer: the projection input's device, and the projection output's dtype (keys may use
+`key_dtype`).
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from typing import Iterator, List, Optional
 import torch
 
 from ..ops import KeyIndex, gated_retrieve
-from ..ops.contract import check_gamma
+from ..ops.contract import check_gamma, check_key_gamma_values
 from ..ops.dispatch import resolve_backend
+from ..ops.gated_retrieve import gated_retrieve_prechecked
 from ..distributed import ShardedNeuralDB
 from ..ops.key_index import format_name
 from ..store import NeuralDB, Snapshot
@@ -68,6 +73,22 @@ class ForwardRecord:
     snapshot: Snapshot
 
 
+@dataclasses.dataclass(frozen=True)
+class ForwardViews:
+    """What the hook retrieves from, for one database version, device and residual dtype.
+
+    snapshot: the view with residuals in `dtype` on `device`; keys: the view with the keys in the
+    attachment's key_dtype (`snapshot` itself when the dtypes agree); gate: the gamma argument of
+    the retrieval (a number, or keys.gammas, checked to lie in [-1, 1]).
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    snapshot: Snapshot
+    keys: Snapshot
+    gate: float | torch.Tensor
+
+
 class Attachment:
     """A NeuralDB hooked into one layer of a model; returned by `attach`.
 
@@ -93,6 +114,7 @@ class Attachment:
         self._gamma = gamma
         self._paused = False
         self.last: Optional[ForwardRecord] = None
+        self._current: Optional[ForwardViews] = None  # the last forward's views, reused while the database is unchanged
         self._hook = module.register_forward_hook(self._add_retrieval)
 
     @property
@@ -110,6 +132,7 @@ class Attachment:
         self._hook.remove()
         self._hook = None
         self.last = None
+        self._current = None
 
     @property
     def is_paused(self) -> bool:
@@ -146,12 +169,33 @@ class Attachment:
         Runs eagerly under torch.compile (it takes the database lock and reads Python state), as
         one graph break per forward at the hooked layer; the rest of the model compiles.
         """
-        snapshot, keys = self._views(hidden.device, dtype)
-        retrieved, index, score = gated_retrieve(
-            hidden, self._keys_for(keys), snapshot.residuals, self._gate(keys), backend=self.backend,
-            return_index=True)
-        self.last = ForwardRecord(index, score, snapshot)
+        views = self._forward_views(hidden.device, dtype)
+        keys = self._keys_for(views.keys)
+        if isinstance(views.gate, torch.Tensor) and not isinstance(keys, KeyIndex):
+            # per-key thresholds of an immutable snapshot: checked once, when it was taken
+            retrieved, index, score = gated_retrieve_prechecked(hidden, keys, views.snapshot.residuals, views.gate,
+                                                                backend=self.backend)
+        else:
+            retrieved, index, score = gated_retrieve(hidden, keys, views.snapshot.residuals, views.gate,
+                                                     backend=self.backend, return_index=True)
+        self.last = ForwardRecord(index, score, views.snapshot)
         return retrieved, index
+
+    def _forward_views(self, device: torch.device, dtype: torch.dtype) -> ForwardViews:
+        """The `ForwardViews` of the database's current version on `device` with residuals in
+        `dtype`: the last forward's while the database version, device and dtype are unchanged
+        (snapshots are immutable, so they still show the database), else new ones from `_views`,
+        their per-key thresholds checked (ValueError outside [-1, 1]) before they are kept."""
+        views = self._current
+        if (views is not None and views.snapshot.version == self.db.version and views.device == device
+                and views.dtype == dtype and not self.db.closed):
+            return views
+        snapshot, keys = self._views(device, dtype)
+        gate = self._gate(keys)
+        if isinstance(gate, torch.Tensor):
+            check_key_gamma_values(gate)
+        self._current = ForwardViews(device, dtype, snapshot, keys, gate)
+        return self._current
 
     def _views(self, device: torch.device, dtype: torch.dtype):
         """(snapshot with residuals in `dtype`, snapshot with keys in `key_dtype`) of one database
