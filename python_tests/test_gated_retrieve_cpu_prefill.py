@@ -157,19 +157,21 @@ def test_binding_rejects_a_filtered_call_it_cannot_run(q_dtype, k_dtype, isa, pa
         cpu_backend._cpu.gated_retrieve(q.to(q_dtype), K, R, 0.5, 1, isa, None, path)
 
 
-@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 512])
-@pytest.mark.parametrize("k_dtype", KEY_DTYPES + [torch.float64])
-def test_auto_picks_the_cpu_backend_and_the_path_by_shape(n, k_dtype):
-    # "auto" on CPU tensors is the cpu backend; it scans for decode (n < 16) and float64, and filters
-    # prefill where the CPU can (bench/RESULTS.md, "CPU prefill": the filtered path is at least as
-    # fast as naive torch there; below 16 rows the scan is the faster of the two).
+@pytest.mark.parametrize(
+    "k_dtype, filtered_from", [(torch.float32, 16), (torch.bfloat16, 16), (torch.float16, 32), (torch.float64, None)]
+)
+def test_auto_picks_the_cpu_backend_and_the_path_by_shape(k_dtype, filtered_from):
+    # "auto" on CPU tensors is the cpu backend; it scans for decode and float64, and filters prefill
+    # where the CPU can, from the row counts where the filtered path measured faster than the scan
+    # (bench/RESULTS.md, "CPU prefill": there it is also at least as fast as naive torch).
     assert resolve_backend("auto", torch.device("cpu"), (torch.float32, k_dtype, torch.float32)) == "cpu"
-    path = cpu_backend.match_path(n, torch.float32, k_dtype)
-    if n < cpu_backend.FILTERED_MIN_QUERIES or k_dtype == torch.float64 or not FILTERED:
-        assert path == "scan"
-    else:
-        assert path == "filtered"
-    assert cpu_backend.match_path(n, torch.float64, torch.float32) == "scan"
+    for n in (1, 2, 15, 16, 17, 31, 32, 512):
+        path = cpu_backend.match_path(n, torch.float32, k_dtype)
+        if filtered_from is None or n < filtered_from or not FILTERED:
+            assert path == "scan", n
+        else:
+            assert path == "filtered", n
+        assert cpu_backend.match_path(n, torch.float64, k_dtype) == "scan"
 
 
 @needs_filtered

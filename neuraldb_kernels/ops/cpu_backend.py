@@ -37,17 +37,19 @@ def _requirement(device: torch.device) -> Optional[str]:
     return None
 
 
-# Queries per call from which the filtered path is faster than the scan: below it the keys are
-# read for too few queries to pay for the tile staging and bound checks (bench/RESULTS.md, "CPU
-# prefill"), and at n = 1 (decode) the scan reads keys at full memory speed.
-FILTERED_MIN_QUERIES = 16
+# Query rows per call from which the filtered path is faster than the scan, per key dtype: below
+# it the keys are read for too few queries to pay for the bf16 staging and the bound checks, and at
+# n = 1 (decode) the scan reads the keys at full memory speed. float16 keys cost a conversion to
+# bf16 per tile that the scan does not need: at n = 16 the scan was faster, at 64 the filtered path
+# (bench/RESULTS.md, "CPU prefill").
+FILTERED_MIN_QUERIES = {torch.float32: 16, torch.bfloat16: 16, torch.float16: 32}
 
 
 def match_path(n: int, q_dtype: torch.dtype, k_dtype: torch.dtype) -> str:
-    """The kernel path for n query rows: "filtered" from FILTERED_MIN_QUERIES rows on, when this CPU
-    has AVX512-BF16 and the scores accumulate in float32 (neither q nor K is float64); else "scan".
-    Both give the same result bit for bit."""
-    if n < FILTERED_MIN_QUERIES or torch.float64 in (q_dtype, k_dtype):
+    """The kernel path for n query rows against keys of k_dtype: "filtered" from
+    FILTERED_MIN_QUERIES[k_dtype] rows on, when this CPU has AVX512-BF16 and the scores accumulate in
+    float32 (neither q nor K is float64); else "scan". Both give the same result bit for bit."""
+    if torch.float64 in (q_dtype, k_dtype) or n < FILTERED_MIN_QUERIES[k_dtype]:
         return "scan"
     return "filtered" if _cpu is not None and _cpu.filtered_path_available() else "scan"
 
