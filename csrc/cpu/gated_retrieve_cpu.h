@@ -6,6 +6,8 @@
 //   gated_retrieve_cpu_avx512.cpp  ... with AVX-512F (+ AVX2, FMA, F16C), 16-float vectors,
 //   gated_retrieve_cpu_avx2.cpp    ... with AVX2 + FMA + F16C enabled (namespace avx2),
 //   gated_retrieve_cpu_generic.cpp ... with the compiler's baseline flags (namespace generic);
+//   gated_retrieve_cpu_filter.h    the filtered prefill scan (bf16 bound, exact rescoring), built in
+//   gated_retrieve_cpu_avx512bf16.cpp with AVX512-BF16 over the 16-float exact arithmetic;
 //   gated_retrieve_cpu.cpp         planning, OpenMP work split, deterministic reduction and the
 //                                  runtime choice of instruction set (__builtin_cpu_supports);
 //   bindings.cpp                   the torch/pybind entry point (dtypes, gate, gather).
