@@ -8,6 +8,8 @@ Gates only:
     python -m pytest bench/test_bench_gated_retrieve_cpu.py -q -k gate_ -s
 Per-key thresholds vs one gamma (same run):
     python -m pytest bench/test_bench_gated_retrieve_cpu.py -q -k per_key -s
+Prefill against naive torch, every key format, 1 and 2 threads (same run, interleaved medians):
+    python -m pytest bench/test_bench_gated_retrieve_cpu.py -q -k prefill -s
 
 Implementations timed per shape:
 - "cpu":   neuraldb_kernels.gated_retrieve(..., backend="cpu"), the full op (validation, gate, gather).
@@ -44,8 +46,9 @@ from retrieval_cases import (
 )
 
 import neuraldb_kernels as nk
-from neuraldb_kernels.ops import get_backend
+from neuraldb_kernels.ops import cpu_backend, get_backend
 from neuraldb_kernels.ops.contract import check_key_gamma_values
+from neuraldb_kernels.ops.key_index import KeyIndex
 
 try:
     import faiss
@@ -191,3 +194,89 @@ def test_per_key_gamma_costs_no_measurable_time_at_n1():
     check = min(wall_seconds(lambda: check_key_gamma_values(thresholds)) for _ in range(21))
     print(f"  value check of the {PER_KEY_CASE.m} thresholds: min {check * 1e3:.3f} ms")
     assert check <= 0.02 * torch_scalar
+
+
+# ----------------------------------------------------------------------- prefill against naive torch
+
+PREFILL_M = 100_000
+PREFILL_NS = (1, 16, 64, 512)
+# key format -> dtype of the stored keys; "int8" is a KeyIndex over the float32 keys, whose naive
+# counterpart is the float32 naive code
+PREFILL_FORMATS = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "int8": torch.float32}
+
+
+@pytest.fixture(scope="module")
+def prefill_inputs():
+    """m = 1e5 SmolLM2-shaped keys in every format, their unit rows (the naive code's stored keys,
+    not timed), the int8 index, residuals and queries for each n (query 0 plants a match)."""
+    d1, d2 = SMOL
+    gen = torch.Generator().manual_seed(0)
+    K = torch.randn(PREFILL_M, d1, generator=gen)
+    keys = {name: K.to(dtype) for name, dtype in PREFILL_FORMATS.items() if name != "int8"}
+    keys["int8"] = KeyIndex.from_keys(K, codes=torch.int8)
+    unit = {name: F.normalize(K, dim=-1).to(dtype) for name, dtype in PREFILL_FORMATS.items() if name != "int8"}
+    unit["int8"] = unit["f32"]
+    R = torch.randn(PREFILL_M, d2, generator=gen)
+    queries = {}
+    for n in PREFILL_NS:
+        q = torch.randn(n, d1, generator=gen)
+        q[0] = K[PREFILL_M // 3] * 2
+        queries[n] = q
+    return keys, unit, R, queries
+
+
+def interleaved_median_times(fns: dict, rounds: int) -> dict:
+    """Median time (s) of each callable over `rounds` interleaved rounds (A B C A B C ...), the
+    order rotated every round, after one warm-up call each."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for round_ in range(rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(wall_seconds(fns[name]))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefill_every_key_format_at_least_as_fast_as_naive(prefill_inputs, threads):
+    """n = 1, 16, 64, 512 queries, m = 1e5, d1 = 1536, in one run per thread count: the op as a
+    user calls it ("auto": the cpu backend, its path picked by shape; a KeyIndex for int8), the
+    exact scan alone (the path every n took before the filtered one), and naive torch against
+    unit keys in the keys' dtype. Results of auto, scan and (int8) the full-precision op are
+    asserted bit-identical; from n = 16 on auto must be >= 1.0x naive."""
+    keys, unit, R, queries = prefill_inputs
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        print(f"\nprefill, m = {PREFILL_M}, d1 = {SMOL[0]}, {threads} thread(s); median ms (rounds)")
+        print("| keys | n | auto | scan | naive | naive / auto | scan / auto |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        slower = []
+        for name, stored in keys.items():
+            full = keys["f32"] if name == "int8" else stored
+            for n, q in queries.items():
+                fns = {
+                    "auto": lambda: nk.gated_retrieve(q, stored, R, GAMMA, return_index=True),
+                    "scan": lambda: cpu_backend._cpu.gated_retrieve(q, full, R, GAMMA, threads, "auto", None, "scan"),
+                    "naive": lambda: naive(q, unit[name], R, GAMMA),
+                }
+                if name == "int8":
+                    del fns["scan"]  # the full-precision scan is the f32 row's
+                result, exact = fns["auto"](), cpu_backend._cpu.gated_retrieve(q, full, R, GAMMA, threads, "auto", None, "scan")
+                for a, b in zip(result, exact):
+                    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (name, n)
+                assert result[1][0].item() == PREFILL_M // 3
+                rounds = 3 if n >= 512 else 5
+                t = interleaved_median_times(fns, rounds)
+                ratio = t["naive"] / t["auto"]
+                scan = f"{t['scan'] * 1e3:.1f}" if "scan" in t else "—"
+                scan_ratio = f"{t['scan'] / t['auto']:.2f}x" if "scan" in t else "—"
+                print(f"| {name} | {n} | {t['auto'] * 1e3:.1f} | {scan} | {t['naive'] * 1e3:.1f} | "
+                      f"{ratio:.2f}x | {scan_ratio} | ({rounds})", flush=True)
+                if n >= 16 and ratio < 1.0:
+                    slower.append((name, n, round(ratio, 2)))
+        assert not slower, f"auto slower than naive torch at: {slower}"
+    finally:
+        torch.set_num_threads(previous)

@@ -45,6 +45,16 @@ Isa isa_from_name(const std::string& name) {
   TORCH_CHECK_VALUE(false, "gated_retrieve (cpu): unknown isa '", name, "', expected 'auto', 'avx512', 'avx2' or 'generic'");
 }
 
+// The filtered path needs float32 accumulation and the avx512 scan's arithmetic (it rescores with it).
+neuraldb::cpu::MatchPath path_from_name(const std::string& name, Isa isa, bool use_double) {
+  if (name == "scan") return neuraldb::cpu::MatchPath::scan;
+  TORCH_CHECK_VALUE(name == "filtered", "gated_retrieve (cpu): unknown path '", name, "', expected 'scan' or 'filtered'");
+  TORCH_CHECK_VALUE(neuraldb::cpu::cpu_has_avx512bf16(), "gated_retrieve (cpu): path='filtered' needs AVX512-BF16, which this CPU lacks");
+  TORCH_CHECK_VALUE(isa == Isa::avx512, "gated_retrieve (cpu): path='filtered' rescores with the avx512 arithmetic; isa must be 'auto' or 'avx512'");
+  TORCH_CHECK_VALUE(!use_double, "gated_retrieve (cpu): path='filtered' accumulates in float32; q and K must not be float64");
+  return neuraldb::cpu::MatchPath::filtered;
+}
+
 std::vector<std::string> available_isas() {
   if (neuraldb::cpu::cpu_has_avx512()) return {"avx512", "avx2", "generic"};
   if (neuraldb::cpu::cpu_has_avx2()) return {"avx2", "generic"};
@@ -54,14 +64,14 @@ std::vector<std::string> available_isas() {
 template <typename Acc>
 void search_gate_gather(const at::Tensor& q_acc, const at::Tensor& keys, const at::Tensor& rows,
                         double gamma, const float* key_gamma, int num_threads, Isa isa,
-                        at::Tensor& out, at::Tensor& index, at::Tensor& score) {
+                        neuraldb::cpu::MatchPath path, at::Tensor& out, at::Tensor& index, at::Tensor& score) {
   const int64_t n = q_acc.size(0), dim = q_acc.size(1), m = keys.size(0);
   std::vector<Acc> best_score(n);
   int64_t* idx = index.data_ptr<int64_t>();
   {
     pybind11::gil_scoped_release no_gil;
     neuraldb::cpu::best_match<Acc>(q_acc.data_ptr<Acc>(), n, dim, keys.data_ptr(),
-                                   key_dtype_of(keys), m, num_threads, isa, best_score.data(), idx);
+                                   key_dtype_of(keys), m, num_threads, isa, path, best_score.data(), idx);
   }
   const Acc threshold = static_cast<Acc>(gamma);
   const int64_t row_bytes = rows.size(1) * rows.element_size();
@@ -85,7 +95,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieve(const at::Tensor& 
                                                               const at::Tensor& rows, double gamma,
                                                               int64_t num_threads,
                                                               const std::string& isa_name,
-                                                              const std::optional<at::Tensor>& key_gamma) {
+                                                              const std::optional<at::Tensor>& key_gamma,
+                                                              const std::string& path_name) {
   TORCH_CHECK_VALUE(q.device().is_cpu() && keys.device().is_cpu() && rows.device().is_cpu(),
                     "gated_retrieve (cpu): q, K, R must be CPU tensors, got ", q.device(), ", ",
                     keys.device(), ", ", rows.device());
@@ -116,6 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieve(const at::Tensor& 
   const KeyDtype key_dtype = key_dtype_of(keys);
   const Isa isa = isa_from_name(isa_name);
   const bool use_double = q.scalar_type() == at::kDouble || key_dtype == KeyDtype::float64;
+  const neuraldb::cpu::MatchPath path = path_from_name(path_name, isa, use_double);
   const at::Tensor q_acc = q.to(use_double ? at::kDouble : at::kFloat).contiguous();
 
   const int64_t n = q.size(0);
@@ -124,9 +136,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_retrieve(const at::Tensor& 
   at::Tensor score = at::empty({n}, q.options().dtype(at::kFloat));
   const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
   if (use_double) {
-    search_gate_gather<double>(q_acc, keys, rows, gamma, thresholds, threads, isa, out, index, score);
+    search_gate_gather<double>(q_acc, keys, rows, gamma, thresholds, threads, isa, path, out, index, score);
   } else {
-    search_gate_gather<float>(q_acc, keys, rows, gamma, thresholds, threads, isa, out, index, score);
+    search_gate_gather<float>(q_acc, keys, rows, gamma, thresholds, threads, isa, path, out, index, score);
   }
   return {out, index, score};
 }
@@ -142,10 +154,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "key_gamma[index] when key_gamma ((m,) float32 per-key thresholds) is given.\n"
         "q (n, d1), K (m, d1) contiguous, R (m, d2) contiguous; float32/float64/bfloat16/float16.\n"
         "Accumulates in float64 if q or K is float64, else float32. Returns out (n, d2) R.dtype,\n"
-        "index (n,) int64 (-1 where the gate is closed), score (n,) float32 (NaN for NaN/Inf rows).",
+        "index (n,) int64 (-1 where the gate is closed), score (n,) float32 (NaN for NaN/Inf rows).\n"
+        "path: 'scan' scores every pair exactly; 'filtered' (prefill; AVX512-BF16 CPUs, float32\n"
+        "accumulation, isa avx512) finds candidates with bf16 dot products and rescores only them:\n"
+        "the same result bit for bit.",
         pybind11::arg("q"), pybind11::arg("K"), pybind11::arg("R"), pybind11::arg("gamma"),
         pybind11::arg("num_threads"), pybind11::arg("isa") = "auto",
-        pybind11::arg("key_gamma") = pybind11::none());
+        pybind11::arg("key_gamma") = pybind11::none(), pybind11::arg("path") = "scan");
+  m.def("filtered_path_available", &neuraldb::cpu::cpu_has_avx512bf16,
+        "True when this CPU can run path='filtered' (AVX-512F/BW/VL and AVX512-BF16).");
   m.def("available_isas", &available_isas,
         "Instruction sets the kernel can use on this CPU, best first.");
   register_key_index(m);

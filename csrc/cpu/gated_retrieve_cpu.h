@@ -6,6 +6,8 @@
 //   gated_retrieve_cpu_avx512.cpp  ... with AVX-512F (+ AVX2, FMA, F16C), 16-float vectors,
 //   gated_retrieve_cpu_avx2.cpp    ... with AVX2 + FMA + F16C enabled (namespace avx2),
 //   gated_retrieve_cpu_generic.cpp ... with the compiler's baseline flags (namespace generic);
+//   gated_retrieve_cpu_filter.h    the filtered prefill scan (bf16 bound, exact rescoring), built in
+//   gated_retrieve_cpu_avx512bf16.cpp with AVX512-BF16 over the 16-float exact arithmetic;
 //   gated_retrieve_cpu.cpp         planning, OpenMP work split, deterministic reduction and the
 //                                  runtime choice of instruction set (__builtin_cpu_supports);
 //   bindings.cpp                   the torch/pybind entry point (dtypes, gate, gather).
@@ -40,6 +42,33 @@ struct ScanJob {
   int64_t* best_index;       // (num_queries,) in/out: its key index (lowest on ties), -1 if none
 };
 
+// Work unit of the filtered scan (gated_retrieve_cpu_filter.h, float32 accumulation): queries
+// [0, num_queries) against keys [key_begin, key_end); updates best_score/best_index exactly as
+// ScanJob<float> does with the avx512 scan.
+struct FilterJob {
+  const float* queries;            // (num_queries, dim) as given: the exact rescoring reads them
+  const float* query_inv_norm;     // (num_queries,) 1/|q| as the scan computes it
+  const uint8_t* query_finite;     // (num_queries,) 0: NaN/Inf row, its result is overwritten
+  const uint8_t* query_exact_only; // (num_queries,) 1: every key is rescored (|q| out of range)
+  const uint16_t* query_bf16;      // (num_queries, padded_dim) bf16 bits of q/|q|, zero padded
+  int64_t num_queries;
+  int64_t dim;
+  int64_t padded_dim;              // dim rounded up to a multiple of 32
+  const void* keys;                // (m, dim) row-major, element type given by key_dtype
+  KeyDtype key_dtype;              // float32, bfloat16 or float16
+  int64_t key_begin;
+  int64_t key_end;
+  int64_t key_tile;                // keys per cache tile
+  uint16_t* key_tile_scratch;      // (key_tile, padded_dim) owned by the calling thread
+  float* key_inv_norm_scratch;     // (key_tile,) owned by the calling thread
+  float* lower_bound;              // (num_queries,) running max of (approximate score - eps)
+  float* shared_lower_bound;       // (num_queries,) the same over every thread's keys so far: read
+                                   // and raised with atomic builtins after each tile
+  float eps;                       // bound on |exact score - approximate score|
+  float* best_score;               // (num_queries,) in/out, as in ScanJob
+  int64_t* best_index;             // (num_queries,) in/out, as in ScanJob
+};
+
 // Compute kernels of one instruction set (declared for both namespaces, defined by including
 // gated_retrieve_cpu_scan.h in the matching translation unit).
 #define NEURALDB_DECLARE_SCAN_KERNELS(ns)                                                     \
@@ -57,10 +86,24 @@ NEURALDB_DECLARE_SCAN_KERNELS(avx2)
 NEURALDB_DECLARE_SCAN_KERNELS(avx512)
 #undef NEURALDB_DECLARE_SCAN_KERNELS
 
+namespace avx512bf16 {
+// Runs a FilterJob (AVX-512F/BW/VL and AVX512-BF16).
+void filtered_scan(const FilterJob& job);
+}
+
 // True when this CPU can run the avx2 kernels (AVX2, FMA and F16C).
 bool cpu_has_avx2();
 // True when this CPU can run the avx512 kernels (AVX-512F besides the avx2 requirements).
 bool cpu_has_avx512();
+
+// True when this CPU can run the filtered scan (the avx512 kernels' needs plus AVX-512BW/VL and
+// AVX512-BF16).
+bool cpu_has_avx512bf16();
+
+// How best_match scores the keys. scan: every (query, key) pair with the exact arithmetic.
+// filtered: bf16 dot products find the keys that may win, and only those are scored exactly (float32
+// accumulation, avx512 ISA and cpu_has_avx512bf16() only); the result is bit for bit the scan's.
+enum class MatchPath { scan, filtered };
 
 // For each query row i of `queries` (n, dim) in Acc: the key with the highest cosine similarity in
 // `keys` (m, dim) and that cosine, accumulated in Acc. Ties go to the lowest key index. Rows of
@@ -69,7 +112,8 @@ bool cpu_has_avx512();
 // does not depend on the number of threads.
 template <typename Acc>
 void best_match(const Acc* queries, int64_t n, int64_t dim, const void* keys, KeyDtype key_dtype,
-                int64_t m, int num_threads, Isa isa, Acc* best_score, int64_t* best_index);
+                int64_t m, int num_threads, Isa isa, MatchPath path, Acc* best_score,
+                int64_t* best_index);
 
 }  // namespace cpu
 }  // namespace neuraldb

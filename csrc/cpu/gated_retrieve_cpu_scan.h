@@ -378,6 +378,7 @@ void row_inv_norms_impl(const Acc* rows, int64_t n, int64_t dim, Acc* inv, uint8
 
 }  // namespace
 
+#ifndef NEURALDB_CPU_SCAN_HELPERS_ONLY  // a translation unit that reuses the helpers only
 void scan(const ScanJob<float>& job) {
   switch (job.key_dtype) {
     case KeyDtype::float32: scan_job<float, float>(job); break;
@@ -403,6 +404,7 @@ void row_inv_norms(const float* rows, int64_t n, int64_t dim, float* inv, uint8_
 void row_inv_norms(const double* rows, int64_t n, int64_t dim, double* inv, uint8_t* finite) {
   row_inv_norms_impl(rows, n, dim, inv, finite);
 }
+#endif
 
 #undef NEURALDB_INLINE
 

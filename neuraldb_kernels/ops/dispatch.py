@@ -18,7 +18,10 @@ from .backend import Backend
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 _MODULES = {"triton": "triton_backend", "cuda": "cuda_backend", "cpu": "cpu_backend", "torch": "torch_backend"}
-# "auto": the fastest usable backend for the tensors' device type, in this order.
+# "auto": the fastest usable backend for the tensors' device type, in this order. On CPU tensors
+# the "cpu" backend then picks its kernel path by the number of query rows (cpu_backend.match_path:
+# the exact scan for decode, the bf16-filtered scan for prefill), so that no shape runs slower than
+# the naive torch code against pre-normalised keys (bench/RESULTS.md, "CPU prefill").
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 _FALLBACK = "torch"
 _warned_fallbacks: Set[Tuple[str, str]] = set()

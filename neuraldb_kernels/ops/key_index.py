@@ -44,13 +44,15 @@ with the same query rows, then U's local index is mapped back. Keys outside a qu
 beat or tie its best, U is sorted, so the argmax, the lowest-index tie rule and the gate (score >
 gamma, or > gamma[index]) are those of the full call, provided the backend computes each
 (query, key) score independently of the other keys in the call. The "cpu" kernel does by design
-(csrc/cpu/gated_retrieve_cpu_scan.h: one accumulator walking the row, a fixed lane tree), and so
+(csrc/cpu/gated_retrieve_cpu_scan.h: one accumulator walking the row, a fixed lane tree; its
+filtered prefill path rescores the keys that may win with that same arithmetic), and so
 does "triton" on a GPU (the launch plan depends on n and d1 only; keys are split, never mixed). The
 "torch" reference multiplies with BLAS, whose rounding of one dot product depends on the matrix
 shape (up to 1 ulp here), so through "torch" the result equals the full op except when two keys'
 float32 cosines lie within that ulp.
 Overflow: a query whose set exceeds the candidate budget is scored by the full op over all keys
-(the keys move to the query's device for that call), and counted in `CompressedRetrieval`. The
+(only the overflowed query rows; the keys move to the query's device for that call), and counted in
+`CompressedRetrieval`. The
 default budget, max(1024, m / 32) keys, keeps rescoring under 1/8 of the int8 scan's bytes; on
 SmolLM2's realistic keys a fixed 1024 overflowed a quarter of the queries at m = 1e5
 (bench/RESULTS.md, "Compressed keys").
@@ -450,14 +452,13 @@ def retrieve(q: torch.Tensor, index: KeyIndex, R: torch.Tensor, gamma, *, backen
         keys = index.keys[union.to(index.key_device)].to(q.device)
         out, local, score = record.run(q2d, keys, R[union].contiguous(), gamma[union] if per_key else gamma)
         index_out = torch.where(local >= 0, union[local.clamp_min(0)], local)
-    if bool(overflowed.any()):
-        full = record.run(q2d, index.keys.to(q.device).contiguous(), R.contiguous(), gamma)
+    if bool(overflowed.any()):  # only the overflowed rows are scored over every key
+        rows = torch.nonzero(overflowed).squeeze(1)
+        full = record.run(q2d[rows].contiguous(), index.keys.to(q.device).contiguous(), R.contiguous(), gamma)
         if out is None:
             out, index_out, score = full
         else:
-            out = torch.where(overflowed[:, None], full[0], out)
-            index_out = torch.where(overflowed, full[1], index_out)
-            score = torch.where(overflowed, full[2], score)
+            out[rows], index_out[rows], score[rows] = full
     counts = torch.where(overflowed, m, sets.offsets[1:] - sets.offsets[:-1])
     d2 = R.shape[1]
     return CompressedRetrieval(
