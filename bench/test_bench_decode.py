@@ -34,9 +34,8 @@ def model_and_inputs(smollm2):
     return model, dict(tokenizer(PROMPT, return_tensors="pt"))
 
 
-@pytest.fixture(scope="module")
-def planted_key(model_and_inputs):
-    model, inputs = model_and_inputs
+def subject_key(model, inputs) -> torch.Tensor:
+    """(1536,) the layer's down-projection input at the prompt's subject token: the planted key."""
     seen = {}
     module = model.model.layers[LAYER].mlp.down_proj
 
@@ -48,6 +47,11 @@ def planted_key(model_and_inputs):
         model(**inputs)
     handle.remove()
     return seen["key"]
+
+
+@pytest.fixture(scope="module")
+def planted_key(model_and_inputs):
+    return subject_key(*model_and_inputs)
 
 
 _DATABASES = {}

@@ -5,7 +5,8 @@ its K; `ViewSet` holds the views and codes of one database. Both kinds are `RowB
 
 Capacity doubles on growth, so appends are amortised O(d) per row; deletes move the last rows
 into the holes (swap-remove), O(d) per deleted row. Snapshots handed out are `K[:m]`, `R[:m]`
-(and thresholds `gammas[:m]`, codes `codes[:m]`...) slices of the buffers and must never change afterwards:
+(thresholds `gammas[:m]`; a key index's codes and bounds `codes[:m]`...) slices of the buffers
+and must never change afterwards:
 - appends write rows >= m, outside every earlier snapshot, or into freshly grown buffers;
 - in-place rewrites (updates; deletes, which move rows and free rows for later appends; a new
   database gamma) first copy each buffer (copy-on-write) that a snapshot handed out since the
