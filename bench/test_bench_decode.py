@@ -57,18 +57,21 @@ def planted_key(model_and_inputs):
 _DATABASES = {}
 
 
-def database(m: int, planted_key: torch.Tensor) -> NeuralDB:
-    """m facts: m - 1 random unit keys with small residuals, and the planted one (built once per m)."""
-    if m not in _DATABASES:
+def database(m: int, planted_key: torch.Tensor, stored_keys: torch.Tensor | None = None) -> NeuralDB:
+    """m facts with small random residuals: m - 1 random unit keys (or the first m - 1 rows of
+    `stored_keys` (t, 1536), e.g. real activations), and the planted one (built once per m and keys)."""
+    name = (m, None if stored_keys is None else stored_keys.data_ptr())
+    if name not in _DATABASES:
         db = NeuralDB(d1=1536, d2=576, layer=LAYER)
         generator = torch.Generator().manual_seed(m)
         for start in range(0, m - 1, 10_000):
             n = min(10_000, m - 1 - start)
-            keys = torch.nn.functional.normalize(torch.randn(n, 1536, generator=generator), dim=1)
+            keys = (torch.nn.functional.normalize(torch.randn(n, 1536, generator=generator), dim=1)
+                    if stored_keys is None else stored_keys[start : start + n])
             db.add(keys, torch.randn(n, 576, generator=generator) * 0.01, ids=[f"random-{start + i}" for i in range(n)])
         db.add(planted_key, torch.randn(576, generator=generator), ids="planted")
-        _DATABASES[m] = db
-    return _DATABASES[m]
+        _DATABASES[name] = db
+    return _DATABASES[name]
 
 
 def generate(model, inputs):
