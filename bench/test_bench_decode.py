@@ -34,9 +34,8 @@ def model_and_inputs(smollm2):
     return model, dict(tokenizer(PROMPT, return_tensors="pt"))
 
 
-@pytest.fixture(scope="module")
-def planted_key(model_and_inputs):
-    model, inputs = model_and_inputs
+def subject_key(model, inputs) -> torch.Tensor:
+    """(1536,) the layer's down-projection input at the prompt's subject token: the planted key."""
     seen = {}
     module = model.model.layers[LAYER].mlp.down_proj
 
@@ -50,21 +49,29 @@ def planted_key(model_and_inputs):
     return seen["key"]
 
 
+@pytest.fixture(scope="module")
+def planted_key(model_and_inputs):
+    return subject_key(*model_and_inputs)
+
+
 _DATABASES = {}
 
 
-def database(m: int, planted_key: torch.Tensor) -> NeuralDB:
-    """m facts: m - 1 random unit keys with small residuals, and the planted one (built once per m)."""
-    if m not in _DATABASES:
+def database(m: int, planted_key: torch.Tensor, stored_keys: torch.Tensor | None = None) -> NeuralDB:
+    """m facts with small random residuals: m - 1 random unit keys (or the first m - 1 rows of
+    `stored_keys` (t, 1536), e.g. real activations), and the planted one (built once per m and keys)."""
+    name = (m, None if stored_keys is None else stored_keys.data_ptr())
+    if name not in _DATABASES:
         db = NeuralDB(d1=1536, d2=576, layer=LAYER)
         generator = torch.Generator().manual_seed(m)
         for start in range(0, m - 1, 10_000):
             n = min(10_000, m - 1 - start)
-            keys = torch.nn.functional.normalize(torch.randn(n, 1536, generator=generator), dim=1)
+            keys = (torch.nn.functional.normalize(torch.randn(n, 1536, generator=generator), dim=1)
+                    if stored_keys is None else stored_keys[start : start + n])
             db.add(keys, torch.randn(n, 576, generator=generator) * 0.01, ids=[f"random-{start + i}" for i in range(n)])
         db.add(planted_key, torch.randn(576, generator=generator), ids="planted")
-        _DATABASES[m] = db
-    return _DATABASES[m]
+        _DATABASES[name] = db
+    return _DATABASES[name]
 
 
 def generate(model, inputs):

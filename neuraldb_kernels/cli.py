@@ -2,14 +2,14 @@
 
     neuraldb edit --facts FILE [--format F] [--model default|PATH] --db DIR [--limit N]
     neuraldb eval --db DIR --data FILE [--format F] [--limit N] [--json OUT] [--references FILE]
-                  [--general [--general-data DIR] [--general-limit N]]
+                  [--general [--general-data DIR] [--general-limit N]] [--key-format int8]
     neuraldb compare --data FILE --sizes 100,1000 --json OUT [--methods neuraldb,memit,alphaedit] [--plot PNG]
-    neuraldb ask --db DIR "PROMPT"
+    neuraldb ask --db DIR "PROMPT" [--key-format int8]
     neuraldb serve --db DIR [--host 127.0.0.1] [--port 8000]   (vLLM's OpenAI server; needs the vllm extra)
     neuraldb db info|list|rm|check|export|import --db DIR ...
     neuraldb db split --db DIR|FILE --shards N --out DIR;  neuraldb db merge --manifest FILE --out FILE
     neuraldb plot REPORT.json ... --out PNG        (eval --json reports, or compare --json runs)
-    neuraldb demo
+    neuraldb demo [--key-format int8]
     neuraldb backends
     (global option, before the command: --threads N)
 
@@ -148,7 +148,7 @@ def cmd_eval(args) -> None:
             raise CommandError(f"{args.unrelated} holds no text lines")
     with Workspace.open(args.db, for_reading=True) as workspace:
         report = evaluate(workspace.model, workspace.tokenizer, workspace.db, cases, references=references,
-                          unrelated_texts=unrelated, batch_size=args.batch_size,
+                          attach_options=_attach_options(args), unrelated_texts=unrelated, batch_size=args.batch_size,
                           max_new_tokens=args.max_new_tokens, compare=args.compare, general_data=general_data,
                           general_limit=args.general_limit, general_seed=args.general_seed,
                           log=None if args.quiet else _progress_line)
@@ -215,15 +215,21 @@ def _greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
     return out[0].tolist()
 
 
-def _answers(model, tokenizer, db, prompt: str, max_new_tokens: int):
-    """(bare continuation, edited continuation, firings over the edited text) for one prompt."""
+def _attach_options(args) -> dict:
+    """The `attach` options the command line chose: the key format of the retrieval, if given."""
+    return {} if args.key_format is None else {"key_format": args.key_format}
+
+
+def _answers(model, tokenizer, db, prompt: str, max_new_tokens: int, attach_options: dict):
+    """(bare continuation, edited continuation, firings over the edited text) for one prompt, the
+    database attached with `attach_options`."""
     import torch
 
     from .integration import attach
 
     n_prompt = len(tokenizer(prompt)["input_ids"])
     bare = _greedy(model, tokenizer, prompt, max_new_tokens)
-    with attach(model, db) as handle:
+    with attach(model, db, **attach_options) as handle:
         edited = _greedy(model, tokenizer, prompt, max_new_tokens)
         with torch.no_grad():  # one pass over the whole text: the retrieval at each token sees what generation saw
             model(torch.tensor([edited]))
@@ -252,7 +258,7 @@ def cmd_ask(args) -> None:
         raise CommandError("the prompt is empty")
     with Workspace.open(args.db, for_reading=True) as workspace:
         bare, edited, firings, same = _answers(workspace.model, workspace.tokenizer, workspace.db, args.prompt,
-                                               args.max_new_tokens)
+                                               args.max_new_tokens, _attach_options(args))
         print(f"prompt:        {args.prompt}")
         print(f"without edits: {bare}")
         print(f"with edits:    {edited}{'   (unchanged)' if same else ''}")
@@ -431,7 +437,8 @@ def cmd_demo(args) -> None:
                            ("unrelated prompts (must not change)", DEMO_UNRELATED)):
         print(f"\n{title}:")
         for prompt in prompts:
-            bare, edited, firings, same = _answers(model, tokenizer, db, prompt, args.max_new_tokens)
+            bare, edited, firings, same = _answers(model, tokenizer, db, prompt, args.max_new_tokens,
+                                                   _attach_options(args))
             print(f"  {prompt:<{width}}  before: {bare!r}")
             print(f"  {'':<{width}}  after:  {edited!r}{'  (unchanged)' if same else ''}")
             if prompts is DEMO_UNRELATED:
@@ -487,6 +494,21 @@ def _float_where(text: str, accepts, expected: str) -> float:
 
 def _gamma(text: str) -> float:
     return _float_where(text, lambda value: -1 <= value <= 1, "a gate threshold in [-1, 1]")
+
+
+def _key_format(text: str) -> str:
+    from .ops.key_index import FORMATS  # imported only when the option is given: it loads torch
+
+    if text not in FORMATS:
+        raise argparse.ArgumentTypeError(f"expected a key format, one of {', '.join(FORMATS)}; got {text!r}")
+    return text
+
+
+def _key_format_option(sub) -> None:
+    sub.add_argument("--key-format", type=_key_format, default=None, metavar="FORMAT",
+                     help="retrieve through compressed key codes: int8 (or fp8_e4m3 on CUDA GPUs with fp8), "
+                          "rescored exactly, so the answers are the same with ~4x fewer key bytes per token "
+                          "(README, Key formats); default: full-precision keys")
 
 
 def _positive_list(text: str) -> list[int]:
@@ -596,6 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="CounterFact: compare whole-target probabilities (sequence, default) or mean "
                                "per-token log-probabilities (token_mean, ROME/MEMIT's convention)")
     _general_options(evaluate)
+    _key_format_option(evaluate)
     evaluate.add_argument("--quiet", action="store_true", help="no progress lines")
 
     from .evaluation.compare import K0_TOKENS, BaselineSettings
@@ -638,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--db", required=True, help="database directory")
     ask.add_argument("prompt", help="the prompt to complete")
     ask.add_argument("--max-new-tokens", type=_positive, default=12, help="tokens to generate (12)")
+    _key_format_option(ask)
 
     serving = command("serve", cmd_serve, "serve the database's model with its facts through vLLM's OpenAI-compatible "
                                           "server; edit the database meanwhile to change answers live")
@@ -697,6 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command("demo", cmd_demo, "edit a few well-known facts into the default model and show before/after")
     demo.add_argument("--max-new-tokens", type=_positive, default=8, help="tokens per answer (8)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    _key_format_option(demo)
 
     command("backends", cmd_backends, "which gated_retrieve backends run on this machine")
     return parser

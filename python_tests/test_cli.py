@@ -655,3 +655,33 @@ def test_read_only_commands_work_on_a_read_only_mount(neuraldb, tmp_path):
         assert_one_line_error(code, err, 1, "neuraldb.sqlite")
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_key_format_option_keeps_answers_and_metrics(neuraldb, tmp_path, tiny_model_dir, monkeypatch):
+    """--key-format int8 (ask, eval) retrieves through the store's compressed key index: the same
+    answers, firings and metrics as full-precision keys; a bad format is a usage error."""
+    import neuraldb_kernels.integration as integration
+
+    directory, records = _tiny_database(neuraldb, tmp_path, tiny_model_dir)
+    formats = []
+    attach = integration.attach
+
+    def recording_attach(*args, **kwargs):
+        formats.append(kwargs.get("key_format"))
+        return attach(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "attach", recording_attach)
+    outputs = {}
+    for options in ((), ("--key-format", "int8")):
+        code, out, err = neuraldb("ask", "--db", directory, "The Louvre is located in", *options)
+        assert code == 0, err
+        report = tmp_path / f"report{len(options)}.json"
+        code, _, err = neuraldb("eval", "--db", directory, "--data", records, "--json", report, "--quiet", *options)
+        assert code == 0, err
+        outputs[options] = (out, json.loads(report.read_text()))
+    half = len(formats) // 2  # ask, then eval's attachments: first without, then with the option
+    assert half and formats == [None] * half + ["int8"] * half
+    assert outputs[()] == outputs[("--key-format", "int8")]
+    assert "facts fired (1)" in outputs[()][0]
+    code, _, err = neuraldb("ask", "--db", directory, "The Louvre is", "--key-format", "int3")
+    assert code == 2 and "expected a key format, one of int8, fp8_e4m3; got 'int3'" in err

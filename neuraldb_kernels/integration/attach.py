@@ -105,7 +105,6 @@ class Attachment:
     def __init__(self, model, db, layer, module, gamma, backend, key_dtype, key_format=None):
         self.model = model
         self.key_format = key_format
-        self._key_index: Optional[tuple] = None  # (snapshot version, device, dtype, KeyIndex)
         self.db = db
         self.layer = layer
         self.module = module
@@ -216,14 +215,12 @@ class Attachment:
         return keys.gammas if keys.has_key_gammas else keys.gamma
 
     def _keys_for(self, keys: Snapshot):
-        """The snapshot's keys, or with key_format set a KeyIndex of them, rebuilt (O(m)) when the
-        database version, device or dtype changed since the last forward."""
+        """The snapshot's keys, or with key_format set the database's KeyIndex of them, which the
+        store keeps in sync with its view (`NeuralDB.key_index`: O(1) per forward, O(d1) per row
+        the database adds or replaces)."""
         if self.key_format is None:
             return keys.keys
-        stamp = (keys.version, keys.keys.device, keys.keys.dtype)
-        if self._key_index is None or self._key_index[:3] != stamp:
-            self._key_index = (*stamp, KeyIndex.from_keys(keys.keys, codes=self.key_format))
-        return self._key_index[3]
+        return self.db.key_index(keys, self.key_format)
 
     def _add_retrieval(self, module, args, output):
         if self._paused:
@@ -286,7 +283,8 @@ def attach(
         model's. Residuals always take the projection output's dtype.
     key_format: None (scan the full-precision keys) or a KeyIndex code format ("int8", or
         "fp8_e4m3" on GPUs with fp8; ops/key_index.py): the retrieval scans the codes and rescores certified
-        candidates exactly, so every output is the same; the index is rebuilt after a change.
+        candidates exactly, so every output is the same; the database keeps the codes in sync with
+        its facts (`NeuralDB.key_index`).
     allow_weight_mismatch: silence the warning when the database was built for other weights.
     process_group, exchange: for a `ShardedNeuralDB` only (the model replicated on every rank;
         see integration/distributed_attach.py): the group of the retrieval collectives (default:

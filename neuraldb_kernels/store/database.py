@@ -12,9 +12,9 @@ by migrations.py) holds ids, settings, metadata, thresholds and pointers into th
 (vectors.py: `NAME-vectors`, append-only slots of key + residual, synced before the rows that use
 them commit). Every add / upsert / delete call is one transaction, committed before memory changes
 (memory.py): the row order (rows.py: row i of every view is a key row of fact `ids[i]`,
-swap-remove on delete) and one view per (device, dtype) (view.py, which also tells key-row
-listeners such as a compressed key index of every change), the (CPU, storage dtype) one loaded in
-bulk at open (sync.py, which also reads what `refresh` applies). Every fact read from the files is
+swap-remove on delete) and one view per (device, dtype) (view.py, which also keeps the codes of
+the compressed key indexes `key_index` hands out and tells key-row listeners of every change),
+the (CPU, storage dtype) one loaded in bulk at open (sync.py, which also reads what `refresh` applies). Every fact read from the files is
 checked (integrity.py); `search` is search.py, export / import exchange.py, `save` copies.py.
 
 Snapshot semantics: `view()` / `snapshot()` return tensors that never change afterwards, however
@@ -43,6 +43,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from ..ops.key_index import KeyIndex, format_name, fp8_unsupported_reason
 from . import schema, sync
 from .copies import copy_database
 from .exchange import read_import, write_export
@@ -577,6 +578,27 @@ class NeuralDB:
         and thresholds (`snapshot().gammas` are the per-key thresholds aligned with K)."""
         snap = self.snapshot(device, dtype)
         return snap.keys, snap.residuals
+
+    def key_index(self, snapshot: Snapshot, key_format: str | torch.dtype = "int8") -> KeyIndex:
+        """The compressed key index of `snapshot`'s keys (ops/key_index.py: codes in `key_format`,
+        "int8" or "fp8_e4m3" / torch.int8 or torch.float8_e4m3fn), for `gated_retrieve(q, index,
+        snapshot.residuals, gamma)`: row i encodes `snapshot.keys[i]`, and `index.keys` is
+        `snapshot.keys` itself. The store keeps the codes of each (device, key dtype, format)
+        requested in sync with that view (built on first request, O(m); then O(d1) per row added
+        or replaced, swap-remove on delete, copy-on-write like the views), so while the snapshot's
+        keys are current this is O(1); for keys that changed since (or a view freed by
+        `clear_views`) the index is built from `snapshot.keys` (O(m)). Either way it equals
+        `KeyIndex.from_keys(snapshot.keys, codes=key_format)` and never changes afterwards.
+        ValueError for an unknown format, or fp8_e4m3 codes where the keys' device has no fp8."""
+        if not isinstance(snapshot, Snapshot):
+            raise TypeError(f"snapshot must be a Snapshot of this database, got {type(snapshot).__name__}")
+        fmt = format_name(key_format)
+        if fmt == "fp8_e4m3" and fp8_unsupported_reason(snapshot.keys.device) is not None:
+            raise ValueError(f"key_index: {fp8_unsupported_reason(snapshot.keys.device)}")
+        with self._lock:
+            self._check_open()
+            index = self._live.views.key_index(snapshot.keys, fmt)
+        return KeyIndex.from_keys(snapshot.keys, codes=fmt) if index is None else index
 
     def add_key_listener(self, listener: KeyRowsListener) -> None:
         """Keep `listener`, which starts with no rows, in sync with the key rows of the views (see
