@@ -18,7 +18,9 @@ from neuraldb_kernels.ops import gated_retrieve
 LAYER = 1
 GAMMA = 0.3
 MARGIN = 0.02
-FAST = {"steps": 2, "n_prefixes": 2, "calibration_texts": 3, "calibration_text_length": 8, "gate_margin": MARGIN}
+# near_subjects / other_wordings above what FACTS offer: every candidate name and prompt opening is used
+FAST = {"steps": 2, "n_prefixes": 2, "calibration_texts": 3, "calibration_text_length": 8, "gate_margin": MARGIN,
+        "near_subjects": 50, "other_wordings": 50}
 
 FACTS = [
     Fact("The capital of {} is", "Freedonia", "Paris"),
@@ -79,6 +81,58 @@ def _text_queries(model, tokenizer):
     return torch.cat([_token_queries(model, tokenizer, text)[1] for text in texts])
 
 
+def _query_at_end(model, tokenizer, text, end):
+    """float64 query at the last token of `text` that overlaps the characters before `end`."""
+    offsets, queries = _token_queries(model, tokenizer, text)
+    return queries[max(i for i, (a, b) in enumerate(offsets) if a < end and b > a)]
+
+
+def _expected_names(subject, facts):
+    """Every near-subject name of `subject` among `facts`, built here by hand: its first word
+    swapped for another multi-word subject's first word, its last for another's last word."""
+    words = subject.split()
+    if len(words) < 2:
+        return set()
+    others = [fact.subject.split() for fact in facts if len(fact.subject.split()) >= 2]
+    names = {" ".join([o[0], *words[1:]]) for o in others} | {" ".join([*words[:-1], o[-1]]) for o in others}
+    return names - {fact.subject for fact in facts}
+
+
+def _near_queries(model, tokenizer, fact, facts, prefixes):
+    """(n, d1) float64: each near-subject name read in the fact's contexts (cut after it), and every
+    token of it alone."""
+    start = fact.filled_prompt.index(fact.subject)
+    names = calibration.near_subjects(fact.subject, [f.subject for f in facts], FAST["near_subjects"])
+    assert set(names) == _expected_names(fact.subject, facts)
+    rows = []
+    for name in names:
+        for prefix in ("", *prefixes):
+            text = prefix + fact.filled_prompt[:start] + name
+            rows.append(_query_at_end(model, tokenizer, text, len(text)))
+        rows += list(_token_queries(model, tokenizer, name)[1])
+    return torch.stack(rows) if rows else torch.zeros(0, model.config.intermediate_size, dtype=torch.float64)
+
+
+def _wording_queries(model, tokenizer, fact, facts):
+    """(w, d1) float64: the subject after every other fact's prompt opening (text before its subject)."""
+    own = fact.filled_prompt[: fact.filled_prompt.index(fact.subject)]
+    heads = {f.filled_prompt[: f.filled_prompt.index(f.subject)] for f in facts} - {own}
+    return torch.stack([_query_at_end(model, tokenizer, head + fact.subject, len(head + fact.subject))
+                        for head in sorted(heads)])
+
+
+def _reference(model, tokenizer, facts, prefixes):
+    """Per fact (positives, negatives) of the rule, float64 from hooks: positives = its contexts and
+    other wordings; negatives = model-written text, every fact's near-subject names, the other
+    facts' positives."""
+    text = _text_queries(model, tokenizer)
+    near = torch.cat([_near_queries(model, tokenizer, fact, facts, prefixes) for fact in facts])
+    positives = [torch.cat([_context_queries(model, tokenizer, fact, prefixes),
+                            _wording_queries(model, tokenizer, fact, facts)]) for fact in facts]
+    return [(positives[i], torch.cat([text, near, *[positives[j] for j in range(len(facts)) if j != i]]))
+            for i in range(len(facts))]
+
+
 def _cosines(a, b):
     a, b = a.double(), b.double()
     return (a / a.norm(dim=-1, keepdim=True)) @ (b / b.norm(dim=-1, keepdim=True)).T
@@ -100,13 +154,11 @@ def test_thresholds_follow_the_rule_against_float64_hook_queries(model, tokenize
     editor = editor_of()
     report = editor.edit(FACTS, progress=False)
     prefixes = generate_prefixes(model, tokenizer, count=FAST["n_prefixes"], length=10, seed=0)
-    contexts = [_context_queries(model, tokenizer, fact, prefixes) for fact in FACTS]
-    text = _text_queries(model, tokenizer)
+    reference = _reference(model, tokenizer, FACTS, prefixes)
     conflicts = []
     for i, fact_id in enumerate(report.ids):
         stored = editor.db.get(fact_id)
-        negatives = torch.cat([text, *[contexts[j] for j in range(len(FACTS)) if j != i]])
-        thresholds, floors, conflict, worst = _expected(stored.keys, contexts[i], negatives)
+        thresholds, floors, conflict, worst = _expected(stored.keys, *reference[i])
         torch.testing.assert_close(stored.key_gammas.double(), thresholds, atol=2e-5, rtol=0)
         record = EditRecord.from_metadata(stored.metadata, fact_id)
         torch.testing.assert_close(torch.tensor(record.key_floors, dtype=torch.float64), floors, atol=2e-5, rtol=0)
@@ -118,7 +170,8 @@ def test_thresholds_follow_the_rule_against_float64_hook_queries(model, tokenize
                 assert gate < floors[row].item() or floors[row].item() - MARGIN < GAMMA
         if conflict.any():
             conflicts.append(fact_id)
-    assert list(report.threshold_conflicts) == conflicts
+    # (listed in commit order, each once)
+    assert sorted(report.threshold_conflicts) == sorted(conflicts) and len(set(report.threshold_conflicts)) == len(conflicts)
 
 
 def test_a_fact_still_fires_on_its_own_prompt(model, tokenizer, editor_of):
@@ -145,7 +198,10 @@ def test_a_stored_key_colliding_with_a_new_facts_contexts_is_raised(model, token
     second = Fact("The national anthem of {} is", "Freedonia", "Ode")
     report = editor.edit([second], progress=False)
     prefixes = generate_prefixes(model, tokenizer, count=FAST["n_prefixes"], length=10, seed=0)
-    positives = _context_queries(model, tokenizer, second, prefixes)
+    # what the stored key must not fire on: the new fact's contexts and other wordings (a one-word
+    # subject has no near-subject names)
+    positives = torch.cat([_context_queries(model, tokenizer, second, prefixes),
+                           _wording_queries(model, tokenizer, second, [first, second])])
     scores = _cosines(positives, before.keys)
     old = before.key_gammas.double()
     passing = torch.where(scores > old, scores, torch.tensor(-2.0, dtype=torch.float64)).max(dim=0).values
@@ -185,12 +241,10 @@ def test_without_calibration_keys_use_the_database_gamma_and_calibrate_sets_them
     assert (result.facts, result.skipped) == (len(FACTS), ())
     assert set(result.changed) == set(report.ids)
     prefixes = generate_prefixes(model, tokenizer, count=FAST["n_prefixes"], length=10, seed=0)
-    contexts = [_context_queries(model, tokenizer, fact, prefixes) for fact in FACTS]
-    text = _text_queries(model, tokenizer)
+    reference = _reference(model, tokenizer, FACTS, prefixes)
     for i, fact_id in enumerate(report.ids):
         stored = editor.db.get(fact_id)
-        negatives = torch.cat([text, *[contexts[j] for j in range(len(FACTS)) if j != i]])
-        thresholds, *_ = _expected(stored.keys, contexts[i], negatives)
+        thresholds, *_ = _expected(stored.keys, *reference[i])
         torch.testing.assert_close(stored.key_gammas.double(), thresholds, atol=2e-5, rtol=0)
     assert editor.calibrate(progress=False).changed == ()  # already calibrated: nothing changes
 
