@@ -145,9 +145,9 @@ def _expected(keys, positives, negatives):
     floors = torch.tensor([own[nearest == row].min().item() if (nearest == row).any() else 1.0
                            for row in range(len(keys))], dtype=torch.float64)
     worst = _cosines(keys, negatives).max(dim=1).values
-    wanted, allowed = worst + MARGIN, floors - MARGIN
-    thresholds = torch.clamp(torch.minimum(wanted, allowed), min=GAMMA, max=1.0)
-    return thresholds, floors, (wanted > allowed) & (wanted > GAMMA), worst
+    allowed = floors - MARGIN
+    thresholds = torch.clamp(torch.minimum((worst + floors) / 2, allowed), min=GAMMA, max=1.0)
+    return thresholds, floors, (worst + MARGIN > allowed) & (worst + MARGIN > GAMMA), worst
 
 
 def test_thresholds_follow_the_rule_against_float64_hook_queries(model, tokenizer, editor_of):
@@ -205,7 +205,7 @@ def test_a_stored_key_colliding_with_a_new_facts_contexts_is_raised(model, token
     scores = _cosines(positives, before.keys)
     old = before.key_gammas.double()
     passing = torch.where(scores > old, scores, torch.tensor(-2.0, dtype=torch.float64)).max(dim=0).values
-    expected = torch.maximum(old, torch.minimum(passing + MARGIN, floors - MARGIN))
+    expected = torch.maximum(old, torch.minimum((passing + floors) / 2, floors - MARGIN))
     after = editor.db.get(stored_id)
     assert not torch.equal(after.key_gammas, before.key_gammas)  # the case under test: it was raised
     torch.testing.assert_close(after.key_gammas.double(), expected, atol=2e-5, rtol=0)
@@ -229,7 +229,11 @@ def test_conflicting_requirements_keep_the_fact_firing_and_are_counted():
     floor = 1 / (1 + 0.2**2) ** 0.5
     assert found.gammas[0].item() == pytest.approx(floor - MARGIN, abs=1e-6)  # below its own context
     assert found.conflicts.tolist() == [True, False]
-    assert found.gammas[1].item() == pytest.approx(GAMMA)  # nothing near it: the database's gamma
+    # row 1: halfway between its closest negative (cosine 0.1 / sqrt(1.01)) and its own context (1.0)
+    assert found.gammas[1].item() == pytest.approx((0.1 / 1.01**0.5 + 1.0) / 2, abs=1e-6)
+    far = calibration.calibrate_thresholds(keys, torch.tensor([0, 1]), positives, torch.tensor([0, 1]),
+                                           torch.tensor([[-1.0, 0.0]]), torch.tensor([-1]), gamma=0.6, margin=MARGIN)
+    assert far.gammas[1].item() == pytest.approx(0.6)  # halfway (0.5) is below gamma: the database's gamma
 
 
 def test_without_calibration_keys_use_the_database_gamma_and_calibrate_sets_them(model, tokenizer, editor_of):
@@ -334,10 +338,34 @@ def test_the_rule_on_random_vectors_in_chunks(monkeypatch, scores):
     cosines = _cosines(positives, keys)
     floors = torch.minimum(cosines.diagonal(), cosines[7:, :].diagonal())
     worst = _cosines(keys, negatives).max(dim=1).values
-    expected = torch.clamp(torch.minimum(worst + MARGIN, floors - MARGIN), min=GAMMA, max=1.0)
+    expected = torch.clamp(torch.minimum((worst + floors) / 2, floors - MARGIN), min=GAMMA, max=1.0)
     torch.testing.assert_close(found.gammas.double(), expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(found.floors.double(), floors, atol=1e-6, rtol=0)
     assert found.conflicts.tolist() == ((worst + MARGIN > floors - MARGIN) & (worst + MARGIN > GAMMA)).tolist()
     stored_gammas = torch.full((7,), GAMMA)
     hit = (_cosines(positives, keys) > GAMMA).any(dim=0).nonzero().flatten()
     assert calibration.colliding_rows(positives, keys, stored_gammas).tolist() == hit.tolist()
+
+
+def test_near_subjects_swap_one_word_or_the_number_and_leave_out_known_names():
+    pool = ["Michel Rocard", "Yves Montand", "Renault 4", "Toyota Corolla", "Germany", "Yves Rocard"]
+    # first-word swaps (Yves, Renault, Toyota; Michel is its own) and last-word swaps; "Yves Rocard" is
+    # a stored subject (a fact, not a negative)
+    assert set(calibration.near_subjects("Michel Rocard", pool, 50)) == {
+        "Renault Rocard", "Toyota Rocard", "Michel Montand", "Michel 4", "Michel Corolla"}
+    # a trailing number changed by one comes first
+    assert calibration.near_subjects("Renault 4", pool, 2) == ["Renault 5", "Renault 3"]
+    assert calibration.near_subjects("Renault 0", pool, 50)[0] == "Renault 1"  # no negative numbers
+    assert "Renault -1" not in calibration.near_subjects("Renault 0", pool, 50)
+    assert calibration.near_subjects("Germany", pool, 50) == []  # one word: nothing to swap
+    assert calibration.near_subjects("Michel Rocard", pool, 0) == []
+    # the choice depends on the pool's contents, not its order
+    assert calibration.near_subjects("Michel Rocard", pool, 3) == calibration.near_subjects("Michel Rocard",
+                                                                                            pool[::-1], 3)
+
+
+def test_hparams_reject_bad_calibration_counts(model, tokenizer):
+    for name in ("near_subjects", "other_wordings"):
+        for bad in (-1, 1.5, True):
+            with pytest.raises(ValueError, match=name):
+                Editor(model, tokenizer, layer=LAYER, gamma=GAMMA, **{name: bad})

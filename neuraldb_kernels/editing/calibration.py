@@ -5,30 +5,38 @@ threshold (ops.gated_retrieve). For each key row the Editor collects:
 
 - positives: the queries that must fire it: the down-projection inputs at the subject's last
   token in each of the fact's own contexts (the bare prompt and each model-written-prefix
-  context, the queries its averaged key is made of), each assigned to the fact's key row it is
-  closest to (a fact with an extra bare-prompt key splits them between its two rows);
+  context, the queries its averaged key is made of), and the subject read after other stored or
+  edited prompts' openings ("other wordings", `calibration_rows`: a paraphrase puts the subject
+  after other words), each assigned to the fact's key row it is closest to (a fact with an extra
+  bare-prompt key splits them between its two rows);
 - negatives: queries that must not fire it, from allowed material only: every token of text the
   model writes itself (the model-written prefixes and `EditHParams.calibration_texts` longer
-  model-written texts), and the positives or stored keys of the other facts that do not share
-  its residual. Never an evaluation's paraphrase or neighbourhood prompts: no function here
-  takes them.
+  model-written texts), the positives or stored keys of the other facts that do not share its
+  residual, and optionally names near its subject (`near_subjects`, off by default: measured, they
+  cost more generalization than the specificity they buy). Never an evaluation's paraphrase or
+  neighbourhood prompts: no function here takes them.
 
 The rule, per key row with min positive cosine `floor` (stored in the fact's EditRecord as
 `key_floors`) and max negative cosine `worst`:
 
-    threshold = max(gamma, min(worst + margin, floor - margin))
+    threshold = max(gamma, min((worst + floor) / 2, floor - margin))
 
-i.e. above every negative by `margin` and never below the database's gamma, but never so high
-that one of the fact's own contexts stops firing. When `worst + margin > floor - margin` the two
-requirements conflict; the fact keeps working (the threshold is `floor - margin`, or gamma if
-that is higher) and the key counts as a conflict in the EditReport (`threshold_conflicts`).
+i.e. halfway between the closest query that must not fire it and the farthest one that must
+(unseen text of either kind is as likely to land on either side), never below the database's
+gamma, and at least `margin` below the floor so that every own context and wording fires. When
+`worst + margin > floor - margin` the two requirements conflict; the fact keeps working (the
+threshold is `floor - margin`, or gamma if that is higher) and the key counts as a conflict in the
+EditReport (`threshold_conflicts`).
 
 Incrementally (`raised_thresholds`), a batch of new facts raises the thresholds of stored keys
-that the new facts' positives would pass (one matrix product of the new positives against the
-stored keys), to the highest such cosine + margin, capped at the stored key's floor - margin; a
-stored fact without floors (computed without calibration) is left alone until `neuraldb db
-calibrate` recomputes it. Removing facts leaves the remaining keys' thresholds as they are: a
-threshold raised against a removed fact is only more selective than needed, never wrong.
+that the new facts' positives (and near-subject names) would pass (one matrix product against the
+stored keys), by the same rule with the highest such cosine as `worst`, never lowered; a stored
+fact without floors (computed without calibration) is left alone until `neuraldb db calibrate`
+recomputes it. Removing facts leaves the remaining keys' thresholds as they are: a threshold
+raised against a removed fact is only more selective than needed, never wrong. Stored facts'
+own wordings are not recomputed when facts are added (their floors stay as stored); `db calibrate`
+recomputes everything, the other facts' wordings included, from the stored facts' subjects and
+prompts.
 """
 
 from __future__ import annotations
@@ -220,9 +228,9 @@ def calibrate_thresholds(keys: torch.Tensor, key_unit: torch.Tensor, positives: 
         scores = scores.masked_fill(key_unit[rows].view(-1, 1) == negative_unit.view(1, -1), -1.0)
         if scores.shape[1]:
             worst[rows] = scores.max(dim=1).values
-    wanted, allowed = worst + margin, floors - margin
-    gammas = torch.clamp(torch.minimum(wanted, allowed), min=gamma, max=1.0)
-    return KeyThresholds(gammas.float(), floors.float(), (wanted > allowed) & (wanted > gamma))
+    middle, allowed = (worst + floors) / 2, floors - margin
+    gammas = torch.clamp(torch.minimum(middle, allowed), min=gamma, max=1.0)
+    return KeyThresholds(gammas.float(), floors.float(), (worst + margin > allowed) & (worst + margin > gamma))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,18 +256,19 @@ def colliding_rows(positives: torch.Tensor, keys: torch.Tensor, gammas: torch.Te
 
 def raised_thresholds(positives: torch.Tensor, keys: torch.Tensor, gammas: torch.Tensor,
                       floors: Optional[torch.Tensor], *, margin: float) -> Optional[RaisedThresholds]:
-    """A stored fact's thresholds (keys (k, d1), gammas (k,)) raised above every one of
-    `positives` (p, d1) that passes them (+ margin), each capped at floors[i] - margin and never
+    """A stored fact's thresholds (keys (k, d1), gammas (k,)) raised to halfway between the highest
+    of `positives` (p, d1) that passes them and floors[i], capped at floors[i] - margin and never
     lowered; None when nothing changes or the fact has no floors (not calibrated: left alone)."""
     if floors is None:
         return None
     scores = _unit(positives) @ _unit(keys).T
     passing = torch.where(scores > gammas.view(1, -1), scores, torch.tensor(-2.0)).max(dim=0).values
-    wanted, allowed = passing + margin, floors - margin
-    raised = torch.maximum(gammas, torch.clamp(torch.minimum(wanted, allowed), max=1.0))
+    middle, allowed = (passing + floors) / 2, floors - margin
+    raised = torch.maximum(gammas, torch.clamp(torch.minimum(middle, allowed), max=1.0))
     if torch.equal(raised, gammas):
         return None
-    return RaisedThresholds(raised.float(), bool(((passing > -2.0) & (wanted > allowed)).any()))
+    # the raise leaves a passing query above the threshold only when it is capped at floor - margin
+    return RaisedThresholds(raised.float(), bool(((passing > -2.0) & (passing + margin > allowed)).any()))
 
 
 @dataclasses.dataclass(frozen=True)
