@@ -7,7 +7,8 @@ plus the shift (clipped to [-1, 1]; keys without one: the database's gamma plus 
 in-memory copy, so the database file is only read; for each bound in --at-least, every key's own
 threshold raised to at least that bound (the per-key curve over the range of the global gammas).
 --include adds the settings of earlier runs' JSON (same --data and --cases; e.g. the global gammas
-of the same keys and residuals, which the thresholds do not change). At each setting, on the first --cases
+of the same keys and residuals, which the thresholds do not change) and takes the unedited model's
+scores from the first of them with the same --compare. At each setting, on the first --cases
 records of --data (scored by neuraldb_kernels.evaluation):
   CounterFact  efficacy, generalization, specificity (percent; --compare, token_mean by default:
                ROME/MEMIT's convention), gate fire rate (percent of tokens) and KL (nats/token)
@@ -176,7 +177,11 @@ def main(argv=None) -> dict:
         print(name, entry, flush=True)
 
     started = time.perf_counter()
-    report["unedited"] = setting_metrics(model, tokenizer, None, cases, texts, gamma=None, compare=args.compare)
+    earlier = [report for report in included if report.get("compare") == args.compare and "unedited" in report]
+    if earlier:  # the bare model on the same cases: nothing to recompute
+        report["unedited"] = {**earlier[0]["unedited"], "from": args.include[included.index(earlier[0])]}
+    else:
+        report["unedited"] = setting_metrics(model, tokenizer, None, cases, texts, gamma=None, compare=args.compare)
     print("unedited", report["unedited"], flush=True)
     for gamma in args.gammas:
         measured({"gamma": gamma, **setting_metrics(model, tokenizer, db, cases, texts, gamma=gamma,

@@ -73,8 +73,9 @@ def test_at_least_raises_only_lower_thresholds_and_include_merges_earlier_runs(t
     assert by_bound[-1.0]["mean_threshold"] == -1.0 and by_bound[-1.0]["gate_fire_rate"] == 100.0
     # raised to at least 1: nothing fires, the bare model exactly
     assert by_bound[1.0]["mean_threshold"] == 1.0 and by_bound[1.0]["gate_fire_rate"] == 0.0
-    assert {name: by_bound[1.0][name] for name in report["unedited"]} == report["unedited"]
+    assert {name: by_bound[1.0][name] for name in first["unedited"]} == first["unedited"]
     assert report["global"] == [{**first["global"][0], "from": str(tmp_path / "a.json")}]
+    assert report["unedited"] == {**first["unedited"], "from": str(tmp_path / "a.json")}  # not recomputed
     # an earlier run of other cases is refused
     main(common[:4] + ["--cases", "2", *common[6:], "--gammas", "1", "--shifts", "--out", str(tmp_path / "c.json")])
     with pytest.raises(SystemExit):
