@@ -26,11 +26,12 @@ Semantics:
   recomputes the facts that shared a removed fact's residual before deleting it. Each fact keeps
   its own row, keys and metadata (its `EditRecord` under "edit": shares_residual_with lists the
   others, hparams records the hyperparameters it was computed with).
-- Each key gets its own gate threshold (`EditHParams.calibrate_gates`, on by default): above the
-  queries of model-written text and of the other facts, below those of its fact's own contexts
-  (editing.calibration states the rule); stored keys that a new fact's contexts would fire are
-  raised in the same transaction. Removing facts leaves the other thresholds as they are.
-  `calibrate()` recomputes every stored fact's thresholds.
+- Each key gets its own gate threshold (`EditHParams.calibrate_gates`, on by default): between the
+  queries of model-written text and of the other facts, and those of its fact's own contexts and
+  of its subject after other prompts' openings (editing.calibration states the rule; the stored
+  facts' subjects and prompts are read once per call as the pool of openings); stored keys that a
+  new fact's queries would fire are raised in the same transaction. Removing facts leaves the
+  other thresholds as they are. `calibrate()` recomputes every stored fact's thresholds.
 - Keys, prefixes and residuals are always computed on the UNEDITED model: the Editor keeps one
   attachment for its life (`editor.attachment`) and pauses it while it computes (retrieval is back
   afterwards, also on errors and interruptions). `editor.detach()`, or leaving a `with Editor(...)`
