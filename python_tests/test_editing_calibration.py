@@ -369,3 +369,27 @@ def test_hparams_reject_bad_calibration_counts(model, tokenizer):
         for bad in (-1, 1.5, True):
             with pytest.raises(ValueError, match=name):
                 Editor(model, tokenizer, layer=LAYER, gamma=GAMMA, **{name: bad})
+
+
+def test_a_later_edit_draws_wordings_from_the_stored_facts_and_removal_keeps_thresholds(model, tokenizer, editor_of):
+    editor = editor_of(share_subject_residual=False)
+    stored_fact, new_fact = FACTS[1], FACTS[2]  # "{} plays the" (opening "") then "The mother tongue of {}"
+    [stored_id] = editor.edit([stored_fact], progress=False).ids
+    [new_id] = editor.edit([new_fact], progress=False).ids
+    prefixes = generate_prefixes(model, tokenizer, count=FAST["n_prefixes"], length=10, seed=0)
+    # the new fact's own queries: its contexts and its subject after the stored fact's opening ("")
+    positives = torch.cat([_context_queries(model, tokenizer, new_fact, prefixes),
+                           _wording_queries(model, tokenizer, new_fact, [stored_fact, new_fact])])
+    stored = editor.db.get(new_id)
+    cosines = _cosines(positives, stored.keys)
+    nearest = cosines.argmax(dim=1)
+    floors = torch.tensor([cosines[nearest == row, row].min().item() for row in range(len(stored.keys))],
+                          dtype=torch.float64)
+    record = EditRecord.from_metadata(stored.metadata, new_id)
+    torch.testing.assert_close(torch.tensor(record.key_floors, dtype=torch.float64), floors, atol=2e-5, rtol=0)
+    gates = stored.key_gammas.double()
+    at_gamma = torch.isclose(gates, torch.full_like(gates, GAMMA), atol=1e-6, rtol=0)
+    assert bool(((gates <= floors - MARGIN + 1e-6) | at_gamma).all())  # every own query fires
+    kept = stored.key_gammas.clone()
+    editor.remove([stored_id])
+    torch.testing.assert_close(editor.db.get(new_id).key_gammas, kept, atol=0, rtol=0)
