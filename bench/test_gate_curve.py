@@ -60,12 +60,35 @@ def test_global_gammas_override_and_per_key_thresholds_are_honoured(tmp_path, ti
     assert by_shift[-2.0]["mean_threshold"] == -1.0 and by_shift[-2.0]["gate_fire_rate"] == 100.0
 
 
+def test_at_least_raises_only_lower_thresholds_and_include_merges_earlier_runs(tmp_path, tiny_model_dir,
+                                                                                  counterfact_path):
+    db_path = tmp_path / "facts.sqlite"
+    _database(db_path, tiny_model_dir, own_threshold=-1.0)  # as stored, every key fires
+    common = ["--db", str(db_path), "--data", str(counterfact_path), "--cases", str(CASES), "--model-dir",
+              str(tiny_model_dir), "--threads", "1"]
+    first = main(common + ["--gammas", "-1", "--shifts", "--out", str(tmp_path / "a.json")])
+    report = main(common + ["--gammas", "--shifts", "--at-least", "-1", "1", "--include", str(tmp_path / "a.json"),
+                            "--out", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")])
+    by_bound = {entry["at_least"]: entry for entry in report["per_key"]}
+    assert by_bound[-1.0]["mean_threshold"] == -1.0 and by_bound[-1.0]["gate_fire_rate"] == 100.0
+    # raised to at least 1: nothing fires, the bare model exactly
+    assert by_bound[1.0]["mean_threshold"] == 1.0 and by_bound[1.0]["gate_fire_rate"] == 0.0
+    assert {name: by_bound[1.0][name] for name in first["unedited"]} == first["unedited"]
+    assert report["global"] == [{**first["global"][0], "from": str(tmp_path / "a.json")}]
+    assert report["unedited"] == {**first["unedited"], "from": str(tmp_path / "a.json")}  # not recomputed
+    # an earlier run of other cases is refused
+    main(common[:4] + ["--cases", "2", *common[6:], "--gammas", "1", "--shifts", "--out", str(tmp_path / "c.json")])
+    with pytest.raises(SystemExit):
+        main(common + ["--gammas", "1", "--include", str(tmp_path / "c.json"), "--out", str(tmp_path / "d.json")])
+
+
 def test_bad_arguments_are_refused(tmp_path, tiny_model_dir, counterfact_path):
     db_path = tmp_path / "facts.sqlite"
     _database(db_path, tiny_model_dir, own_threshold=0.5)
     common = ["--db", str(db_path), "--data", str(counterfact_path), "--model-dir", str(tiny_model_dir),
               "--out", str(tmp_path / "out.json")]
-    for bad in (["--cases", "0"], ["--gammas", "1.5"], ["--gammas", "--shifts"]):
+    for bad in (["--cases", "0"], ["--gammas", "1.5"], ["--gammas", "--shifts"], ["--at-least", "2"],
+                ["--include", str(tmp_path / "missing.json")]):
         with pytest.raises(SystemExit):
             main(common + bad)
     with pytest.raises(FileNotFoundError):

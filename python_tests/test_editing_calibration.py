@@ -18,7 +18,9 @@ from neuraldb_kernels.ops import gated_retrieve
 LAYER = 1
 GAMMA = 0.3
 MARGIN = 0.02
-FAST = {"steps": 2, "n_prefixes": 2, "calibration_texts": 3, "calibration_text_length": 8, "gate_margin": MARGIN}
+# near_subjects / other_wordings above what FACTS offer: every candidate name and prompt opening is used
+FAST = {"steps": 2, "n_prefixes": 2, "calibration_texts": 3, "calibration_text_length": 8, "gate_margin": MARGIN,
+        "near_subjects": 50, "other_wordings": 50}
 
 FACTS = [
     Fact("The capital of {} is", "Freedonia", "Paris"),
@@ -79,6 +81,58 @@ def _text_queries(model, tokenizer):
     return torch.cat([_token_queries(model, tokenizer, text)[1] for text in texts])
 
 
+def _query_at_end(model, tokenizer, text, end):
+    """float64 query at the last token of `text` that overlaps the characters before `end`."""
+    offsets, queries = _token_queries(model, tokenizer, text)
+    return queries[max(i for i, (a, b) in enumerate(offsets) if a < end and b > a)]
+
+
+def _expected_names(subject, facts):
+    """Every near-subject name of `subject` among `facts`, built here by hand: its first word
+    swapped for another multi-word subject's first word, its last for another's last word."""
+    words = subject.split()
+    if len(words) < 2:
+        return set()
+    others = [fact.subject.split() for fact in facts if len(fact.subject.split()) >= 2]
+    names = {" ".join([o[0], *words[1:]]) for o in others} | {" ".join([*words[:-1], o[-1]]) for o in others}
+    return names - {fact.subject for fact in facts}
+
+
+def _near_queries(model, tokenizer, fact, facts, prefixes):
+    """(n, d1) float64: each near-subject name read in the fact's contexts (cut after it), and every
+    token of it alone."""
+    start = fact.filled_prompt.index(fact.subject)
+    names = calibration.near_subjects(fact.subject, [f.subject for f in facts], FAST["near_subjects"])
+    assert set(names) == _expected_names(fact.subject, facts)
+    rows = []
+    for name in names:
+        for prefix in ("", *prefixes):
+            text = prefix + fact.filled_prompt[:start] + name
+            rows.append(_query_at_end(model, tokenizer, text, len(text)))
+        rows += list(_token_queries(model, tokenizer, name)[1])
+    return torch.stack(rows) if rows else torch.zeros(0, model.config.intermediate_size, dtype=torch.float64)
+
+
+def _wording_queries(model, tokenizer, fact, facts):
+    """(w, d1) float64: the subject after every other fact's prompt opening (text before its subject)."""
+    own = fact.filled_prompt[: fact.filled_prompt.index(fact.subject)]
+    heads = {f.filled_prompt[: f.filled_prompt.index(f.subject)] for f in facts} - {own}
+    return torch.stack([_query_at_end(model, tokenizer, head + fact.subject, len(head + fact.subject))
+                        for head in sorted(heads)])
+
+
+def _reference(model, tokenizer, facts, prefixes):
+    """Per fact (positives, negatives) of the rule, float64 from hooks: positives = its contexts and
+    other wordings; negatives = model-written text, every fact's near-subject names, the other
+    facts' positives."""
+    text = _text_queries(model, tokenizer)
+    near = torch.cat([_near_queries(model, tokenizer, fact, facts, prefixes) for fact in facts])
+    positives = [torch.cat([_context_queries(model, tokenizer, fact, prefixes),
+                            _wording_queries(model, tokenizer, fact, facts)]) for fact in facts]
+    return [(positives[i], torch.cat([text, near, *[positives[j] for j in range(len(facts)) if j != i]]))
+            for i in range(len(facts))]
+
+
 def _cosines(a, b):
     a, b = a.double(), b.double()
     return (a / a.norm(dim=-1, keepdim=True)) @ (b / b.norm(dim=-1, keepdim=True)).T
@@ -91,22 +145,20 @@ def _expected(keys, positives, negatives):
     floors = torch.tensor([own[nearest == row].min().item() if (nearest == row).any() else 1.0
                            for row in range(len(keys))], dtype=torch.float64)
     worst = _cosines(keys, negatives).max(dim=1).values
-    wanted, allowed = worst + MARGIN, floors - MARGIN
-    thresholds = torch.clamp(torch.minimum(wanted, allowed), min=GAMMA, max=1.0)
-    return thresholds, floors, (wanted > allowed) & (wanted > GAMMA), worst
+    allowed = floors - MARGIN
+    thresholds = torch.clamp(torch.minimum((worst + floors) / 2, allowed), min=GAMMA, max=1.0)
+    return thresholds, floors, (worst + MARGIN > allowed) & (worst + MARGIN > GAMMA), worst
 
 
 def test_thresholds_follow_the_rule_against_float64_hook_queries(model, tokenizer, editor_of):
     editor = editor_of()
     report = editor.edit(FACTS, progress=False)
     prefixes = generate_prefixes(model, tokenizer, count=FAST["n_prefixes"], length=10, seed=0)
-    contexts = [_context_queries(model, tokenizer, fact, prefixes) for fact in FACTS]
-    text = _text_queries(model, tokenizer)
+    reference = _reference(model, tokenizer, FACTS, prefixes)
     conflicts = []
     for i, fact_id in enumerate(report.ids):
         stored = editor.db.get(fact_id)
-        negatives = torch.cat([text, *[contexts[j] for j in range(len(FACTS)) if j != i]])
-        thresholds, floors, conflict, worst = _expected(stored.keys, contexts[i], negatives)
+        thresholds, floors, conflict, worst = _expected(stored.keys, *reference[i])
         torch.testing.assert_close(stored.key_gammas.double(), thresholds, atol=2e-5, rtol=0)
         record = EditRecord.from_metadata(stored.metadata, fact_id)
         torch.testing.assert_close(torch.tensor(record.key_floors, dtype=torch.float64), floors, atol=2e-5, rtol=0)
@@ -118,7 +170,8 @@ def test_thresholds_follow_the_rule_against_float64_hook_queries(model, tokenize
                 assert gate < floors[row].item() or floors[row].item() - MARGIN < GAMMA
         if conflict.any():
             conflicts.append(fact_id)
-    assert list(report.threshold_conflicts) == conflicts
+    # (listed in commit order, each once)
+    assert sorted(report.threshold_conflicts) == sorted(conflicts) and len(set(report.threshold_conflicts)) == len(conflicts)
 
 
 def test_a_fact_still_fires_on_its_own_prompt(model, tokenizer, editor_of):
@@ -145,11 +198,14 @@ def test_a_stored_key_colliding_with_a_new_facts_contexts_is_raised(model, token
     second = Fact("The national anthem of {} is", "Freedonia", "Ode")
     report = editor.edit([second], progress=False)
     prefixes = generate_prefixes(model, tokenizer, count=FAST["n_prefixes"], length=10, seed=0)
-    positives = _context_queries(model, tokenizer, second, prefixes)
+    # what the stored key must not fire on: the new fact's contexts and other wordings (a one-word
+    # subject has no near-subject names)
+    positives = torch.cat([_context_queries(model, tokenizer, second, prefixes),
+                           _wording_queries(model, tokenizer, second, [first, second])])
     scores = _cosines(positives, before.keys)
     old = before.key_gammas.double()
     passing = torch.where(scores > old, scores, torch.tensor(-2.0, dtype=torch.float64)).max(dim=0).values
-    expected = torch.maximum(old, torch.minimum(passing + MARGIN, floors - MARGIN))
+    expected = torch.maximum(old, torch.minimum((passing + floors) / 2, floors - MARGIN))
     after = editor.db.get(stored_id)
     assert not torch.equal(after.key_gammas, before.key_gammas)  # the case under test: it was raised
     torch.testing.assert_close(after.key_gammas.double(), expected, atol=2e-5, rtol=0)
@@ -173,7 +229,11 @@ def test_conflicting_requirements_keep_the_fact_firing_and_are_counted():
     floor = 1 / (1 + 0.2**2) ** 0.5
     assert found.gammas[0].item() == pytest.approx(floor - MARGIN, abs=1e-6)  # below its own context
     assert found.conflicts.tolist() == [True, False]
-    assert found.gammas[1].item() == pytest.approx(GAMMA)  # nothing near it: the database's gamma
+    # row 1: halfway between its closest negative (cosine 0.1 / sqrt(1.01)) and its own context (1.0)
+    assert found.gammas[1].item() == pytest.approx((0.1 / 1.01**0.5 + 1.0) / 2, abs=1e-6)
+    far = calibration.calibrate_thresholds(keys, torch.tensor([0, 1]), positives, torch.tensor([0, 1]),
+                                           torch.tensor([[-1.0, 0.0]]), torch.tensor([-1]), gamma=0.6, margin=MARGIN)
+    assert far.gammas[1].item() == pytest.approx(0.6)  # halfway (0.5) is below gamma: the database's gamma
 
 
 def test_without_calibration_keys_use_the_database_gamma_and_calibrate_sets_them(model, tokenizer, editor_of):
@@ -185,12 +245,10 @@ def test_without_calibration_keys_use_the_database_gamma_and_calibrate_sets_them
     assert (result.facts, result.skipped) == (len(FACTS), ())
     assert set(result.changed) == set(report.ids)
     prefixes = generate_prefixes(model, tokenizer, count=FAST["n_prefixes"], length=10, seed=0)
-    contexts = [_context_queries(model, tokenizer, fact, prefixes) for fact in FACTS]
-    text = _text_queries(model, tokenizer)
+    reference = _reference(model, tokenizer, FACTS, prefixes)
     for i, fact_id in enumerate(report.ids):
         stored = editor.db.get(fact_id)
-        negatives = torch.cat([text, *[contexts[j] for j in range(len(FACTS)) if j != i]])
-        thresholds, *_ = _expected(stored.keys, contexts[i], negatives)
+        thresholds, *_ = _expected(stored.keys, *reference[i])
         torch.testing.assert_close(stored.key_gammas.double(), thresholds, atol=2e-5, rtol=0)
     assert editor.calibrate(progress=False).changed == ()  # already calibrated: nothing changes
 
@@ -280,10 +338,58 @@ def test_the_rule_on_random_vectors_in_chunks(monkeypatch, scores):
     cosines = _cosines(positives, keys)
     floors = torch.minimum(cosines.diagonal(), cosines[7:, :].diagonal())
     worst = _cosines(keys, negatives).max(dim=1).values
-    expected = torch.clamp(torch.minimum(worst + MARGIN, floors - MARGIN), min=GAMMA, max=1.0)
+    expected = torch.clamp(torch.minimum((worst + floors) / 2, floors - MARGIN), min=GAMMA, max=1.0)
     torch.testing.assert_close(found.gammas.double(), expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(found.floors.double(), floors, atol=1e-6, rtol=0)
     assert found.conflicts.tolist() == ((worst + MARGIN > floors - MARGIN) & (worst + MARGIN > GAMMA)).tolist()
     stored_gammas = torch.full((7,), GAMMA)
     hit = (_cosines(positives, keys) > GAMMA).any(dim=0).nonzero().flatten()
     assert calibration.colliding_rows(positives, keys, stored_gammas).tolist() == hit.tolist()
+
+
+def test_near_subjects_swap_one_word_or_the_number_and_leave_out_known_names():
+    pool = ["Michel Rocard", "Yves Montand", "Renault 4", "Toyota Corolla", "Germany", "Yves Rocard"]
+    # first-word swaps (Yves, Renault, Toyota; Michel is its own) and last-word swaps; "Yves Rocard" is
+    # a stored subject (a fact, not a negative)
+    assert set(calibration.near_subjects("Michel Rocard", pool, 50)) == {
+        "Renault Rocard", "Toyota Rocard", "Michel Montand", "Michel 4", "Michel Corolla"}
+    # a trailing number changed by one comes first
+    assert calibration.near_subjects("Renault 4", pool, 2) == ["Renault 5", "Renault 3"]
+    assert calibration.near_subjects("Renault 0", pool, 50)[0] == "Renault 1"  # no negative numbers
+    assert "Renault -1" not in calibration.near_subjects("Renault 0", pool, 50)
+    assert calibration.near_subjects("Germany", pool, 50) == []  # one word: nothing to swap
+    assert calibration.near_subjects("Michel Rocard", pool, 0) == []
+    # the choice depends on the pool's contents, not its order
+    assert calibration.near_subjects("Michel Rocard", pool, 3) == calibration.near_subjects("Michel Rocard",
+                                                                                            pool[::-1], 3)
+
+
+def test_hparams_reject_bad_calibration_counts(model, tokenizer):
+    for name in ("near_subjects", "other_wordings"):
+        for bad in (-1, 1.5, True):
+            with pytest.raises(ValueError, match=name):
+                Editor(model, tokenizer, layer=LAYER, gamma=GAMMA, **{name: bad})
+
+
+def test_a_later_edit_draws_wordings_from_the_stored_facts_and_removal_keeps_thresholds(model, tokenizer, editor_of):
+    editor = editor_of(share_subject_residual=False)
+    stored_fact, new_fact = FACTS[1], FACTS[2]  # "{} plays the" (opening "") then "The mother tongue of {}"
+    [stored_id] = editor.edit([stored_fact], progress=False).ids
+    [new_id] = editor.edit([new_fact], progress=False).ids
+    prefixes = generate_prefixes(model, tokenizer, count=FAST["n_prefixes"], length=10, seed=0)
+    # the new fact's own queries: its contexts and its subject after the stored fact's opening ("")
+    positives = torch.cat([_context_queries(model, tokenizer, new_fact, prefixes),
+                           _wording_queries(model, tokenizer, new_fact, [stored_fact, new_fact])])
+    stored = editor.db.get(new_id)
+    cosines = _cosines(positives, stored.keys)
+    nearest = cosines.argmax(dim=1)
+    floors = torch.tensor([cosines[nearest == row, row].min().item() for row in range(len(stored.keys))],
+                          dtype=torch.float64)
+    record = EditRecord.from_metadata(stored.metadata, new_id)
+    torch.testing.assert_close(torch.tensor(record.key_floors, dtype=torch.float64), floors, atol=2e-5, rtol=0)
+    gates = stored.key_gammas.double()
+    at_gamma = torch.isclose(gates, torch.full_like(gates, GAMMA), atol=1e-6, rtol=0)
+    assert bool(((gates <= floors - MARGIN + 1e-6) | at_gamma).all())  # every own query fires
+    kept = stored.key_gammas.clone()
+    editor.remove([stored_id])
+    torch.testing.assert_close(editor.db.get(new_id).key_gammas, kept, atol=0, rtol=0)

@@ -26,11 +26,12 @@ Semantics:
   recomputes the facts that shared a removed fact's residual before deleting it. Each fact keeps
   its own row, keys and metadata (its `EditRecord` under "edit": shares_residual_with lists the
   others, hparams records the hyperparameters it was computed with).
-- Each key gets its own gate threshold (`EditHParams.calibrate_gates`, on by default): above the
-  queries of model-written text and of the other facts, below those of its fact's own contexts
-  (editing.calibration states the rule); stored keys that a new fact's contexts would fire are
-  raised in the same transaction. Removing facts leaves the other thresholds as they are.
-  `calibrate()` recomputes every stored fact's thresholds.
+- Each key gets its own gate threshold (`EditHParams.calibrate_gates`, on by default): between the
+  queries of model-written text and of the other facts, and those of its fact's own contexts and
+  of its subject after other prompts' openings (editing.calibration states the rule; the stored
+  facts' subjects and prompts are read once per call as the pool of openings); stored keys that a
+  new fact's queries would fire are raised in the same transaction. Removing facts leaves the
+  other thresholds as they are. `calibrate()` recomputes every stored fact's thresholds.
 - Keys, prefixes and residuals are always computed on the UNEDITED model: the Editor keeps one
   attachment for its life (`editor.attachment`) and pauses it while it computes (retrieval is back
   afterwards, also on errors and interruptions). `editor.detach()`, or leaving a `with Editor(...)`
@@ -52,9 +53,9 @@ from .facts import Fact, FactError, check_facts, given_id
 from .records import METADATA_KEY, EditRecord
 from .report import EditReport, SkippedFact
 from .hparams import resolve_hparams
-from .calibration import (Recalibration, calibrate_thresholds, colliding_rows, model_written_texts, nearest_rows,
-                          raised_thresholds)
-from .keys import context_queries, generic_queries, keys_of, pad_token_id
+from .calibration import (Recalibration, calibrate_thresholds, calibration_rows, colliding_rows, model_written_texts,
+                          nearest_rows, raised_thresholds)
+from .keys import context_queries, down_proj_inputs, generic_queries, keys_of, pad_token_id
 from .prefixes import generate_prefixes
 from .residuals import optimize_residuals
 from .tokens import EditTokens, model_context_length, tokenize_fact
@@ -264,6 +265,7 @@ class Editor:
             bar.total = len(work)
             bar.refresh()
             batches = list(_batches(units, hp.batch_size))
+            pool = _Pool.of([fact for fact, _ in work], self.db) if hp.calibrate_gates else None
             outcome = _Outcome()
             for number, batch in enumerate(batches, start=1):
                 members = [p for unit in batch for p in unit]
@@ -271,7 +273,7 @@ class Editor:
                 where = f"(batch {number}/{len(batches)})"
                 self._commit([work[p][0] for p in members], [work[p][1] for p in members],
                              [[local[p] for p in unit] for unit in batch], pad_id, generic, text_negatives,
-                             callback, outcome,
+                             pool, prefixes, callback, outcome,
                              seconds, lambda phase, where=where: bar.set_description(f"editing: {phase} {where}"))
                 bar.update(len(members))
         seconds["total"] = time.perf_counter() - started
@@ -310,12 +312,36 @@ class Editor:
         bank = generic_queries(self.model, self.tokenizer, texts, hp.layer, pad_id=pad_id, module_path=self.module_path)
         return torch.cat([generic, bank])
 
+    def _calibration_queries(self, facts: Sequence[Fact], prefixes, pool: "_Pool",
+                             pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(positives (p, d1), their fact's index into `facts` (p,) int64, negatives (n, d1)): the
+        near-subject negatives and other-wording positives of `facts` (calibration.calibration_rows)
+        read on the model as it is (the caller pauses the database)."""
+        hp = self.hparams
+        rows = calibration_rows(self.tokenizer, facts, prefixes, pool.subjects, pool.heads,
+                                near_subjects_per_fact=hp.near_subjects, heads_per_fact=hp.other_wordings)
+
+        def read(token_rows, positions):
+            """(len(token_rows), d1) at `positions`, or (total tokens, d1) at every token (None)."""
+            found = []
+            for start in range(0, len(token_rows), 4 * hp.batch_size):
+                chosen = slice(start, start + 4 * hp.batch_size)
+                found.append(down_proj_inputs(self.model, token_rows[chosen],
+                                              None if positions is None else positions[chosen], hp.layer,
+                                              pad_id=pad_id, module_path=self.module_path).cpu())
+            return torch.cat(found) if found else torch.zeros(0, self.db.d1)
+
+        near = torch.cat([read(rows.negative_rows, rows.negative_positions), read(rows.opening_rows, None)])
+        return (read(rows.positive_rows, rows.positive_positions), torch.tensor(rows.positive_owner, dtype=torch.long),
+                near)
+
     def _commit(self, facts: list[Fact], tokens: list[EditTokens], units: list[list[int]], pad_id: int,
-                generic: torch.Tensor, text_negatives: Optional[torch.Tensor], callback, outcome: "_Outcome",
-                seconds: dict[str, float], phase: Callable[[str], None]) -> None:
+                generic: torch.Tensor, text_negatives: Optional[torch.Tensor], pool: Optional["_Pool"], prefixes,
+                callback, outcome: "_Outcome", seconds: dict[str, float], phase: Callable[[str], None]) -> None:
         """Compute and store one batch; units: positions of `facts` sharing one residual.
         generic: (t, d1) unit generic queries (see generic_queries); text_negatives: the unit
-        queries of model-written text for calibration (None: thresholds not calibrated). Adds to
+        queries of model-written text for calibration (None: thresholds not calibrated); pool: the
+        subjects and prompt openings near-subject negatives and other wordings come from. Adds to
         `outcome` and to the stages' `seconds`; phase(name) is told each stage as it starts."""
         hp = self.hparams
         phase("keys")
@@ -335,7 +361,9 @@ class Editor:
         fact_keys = [torch.stack([keys[i], bare[i]]) if extra[i] else keys[i : i + 1] for i in range(len(facts))]
         gates = None
         if text_negatives is not None:
-            gates = self._batch_gates(ids, fact_keys, queries, counts, units, text_negatives)
+            wordings, wording_fact, near = self._calibration_queries(facts, prefixes, pool, pad_id)
+            gates = self._batch_gates(ids, fact_keys, queries, counts, units, text_negatives, wordings, wording_fact,
+                                      near)
         seconds["keys"] += time.perf_counter() - stage
         phase("residuals")
         stage = time.perf_counter()
@@ -380,34 +408,38 @@ class Editor:
             callback(computed)
 
     def _batch_gates(self, ids: list[str], fact_keys: list[torch.Tensor], queries: torch.Tensor,
-                     counts: torch.Tensor, units: list[list[int]], text_negatives: torch.Tensor) -> "_BatchGates":
+                     counts: torch.Tensor, units: list[list[int]], text_negatives: torch.Tensor,
+                     wordings: torch.Tensor, wording_fact: torch.Tensor, near: torch.Tensor) -> "_BatchGates":
         """Thresholds of a batch's keys (fact_keys[i]: (k_i, d1)) from its context `queries` (counts
-        per fact) against text, the batch's other units and the stored keys of other facts; and the
-        stored facts whose thresholds the batch's contexts require raised (editing.calibration)."""
+        per fact) and other-wording queries `wordings` (of fact wording_fact[j]) against text, the
+        near-subject queries `near`, the batch's other units and the stored keys of other facts; and
+        the stored facts whose thresholds the batch's queries require raised (editing.calibration)."""
         hp = self.hparams
         unit_of = torch.empty(len(ids), dtype=torch.long)
         for number, unit in enumerate(units):
             unit_of[unit] = number
         key_fact = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor([len(k) for k in fact_keys]))
         all_keys = torch.cat(fact_keys)
-        query_fact = torch.repeat_interleave(torch.arange(len(ids)), counts)
-        positive_row = nearest_rows(queries, query_fact, all_keys, key_fact)
+        query_fact = torch.cat([torch.repeat_interleave(torch.arange(len(ids)), counts), wording_fact])
+        positives = torch.cat([queries, wordings])
+        positive_row = nearest_rows(positives, query_fact, all_keys, key_fact)
         snapshot = self.db.snapshot()
         batch = set(ids)  # their stored rows are replaced now (companions included)
         row_ids = snapshot.ids_at(range(len(snapshot.keys)))
         others = torch.tensor([fact_id is not None and fact_id not in batch for fact_id in row_ids], dtype=torch.bool)
         stored_keys, stored_gammas = snapshot.keys[others].float(), snapshot.gammas[others]
-        negatives = torch.cat([text_negatives, queries, stored_keys])
-        negative_unit = torch.cat([torch.full((len(text_negatives),), -1), unit_of[query_fact],
+        negatives = torch.cat([text_negatives, near, positives, stored_keys])
+        negative_unit = torch.cat([torch.full((len(text_negatives) + len(near),), -1), unit_of[query_fact],
                                    torch.full((len(stored_keys),), -1)])
-        found = calibrate_thresholds(all_keys, unit_of[key_fact], queries, positive_row, negatives, negative_unit,
+        found = calibrate_thresholds(all_keys, unit_of[key_fact], positives, positive_row, negatives, negative_unit,
                                      gamma=hp.gamma, margin=hp.gate_margin)
         bounds = torch.cumsum(torch.tensor([0] + [len(k) for k in fact_keys]), 0).tolist()
         per_fact = [slice(bounds[i], bounds[i + 1]) for i in range(len(ids))]
         conflicts = [ids[i] for i in range(len(ids)) if bool(found.conflicts[per_fact[i]].any())]
         stored_ids = [fact_id for fact_id, other in zip(row_ids, others.tolist()) if other]
         raised = []
-        for fact_id in dict.fromkeys(stored_ids[row] for row in colliding_rows(queries, stored_keys, stored_gammas)):
+        passing = torch.cat([positives, near])  # what the stored keys must not fire on
+        for fact_id in dict.fromkeys(stored_ids[row] for row in colliding_rows(passing, stored_keys, stored_gammas)):
             stored = self.db.get(fact_id)
             record = EditRecord.from_metadata(stored.metadata, fact_id)
             floors = None if record is None or record.key_floors is None else torch.tensor(record.key_floors)
@@ -415,7 +447,7 @@ class Editor:
                 continue  # not calibrated: `calibrate()` recomputes it
             current = stored.key_gammas if stored.key_gammas is not None else torch.full((len(stored.keys),),
                                                                                        self.db.gamma)
-            change = raised_thresholds(queries, stored.keys, current, floors, margin=hp.gate_margin)
+            change = raised_thresholds(passing, stored.keys, current, floors, margin=hp.gate_margin)
             if change is not None:
                 raised.append((stored, change.gammas))
                 if change.conflict:
@@ -425,13 +457,14 @@ class Editor:
 
     def calibrate(self, *, progress: bool = True) -> Recalibration:
         """Recompute the thresholds (and floors) of every stored fact the Editor wrote, from all of
-        them at once: its contexts' queries on the unedited model against model-written text and
-        the other facts' contexts (editing.calibration); one transaction. Facts without an
+        them at once: its contexts' and other wordings' queries on the unedited model against
+        model-written text, near-subject names and the other facts' queries (editing.calibration),
+        the stored facts being the pool of subjects and prompt openings; one transaction. Facts without an
         EditRecord, or that no longer tokenise, are left as they are (`skipped`)."""
         started = time.perf_counter()
         hp = self.hparams
         pad_id = pad_token_id(self.tokenizer)
-        stored, tokens, skipped, groups = [], [], [], {}
+        stored, facts, tokens, skipped, groups = [], [], [], [], {}
         with self.attachment.paused():
             prefixes = generate_prefixes(self.model, self.tokenizer, count=hp.n_prefixes, length=hp.prefix_length,
                                          seed=hp.prefix_seed)
@@ -440,8 +473,10 @@ class Editor:
                 try:
                     if record is None:
                         raise FactError("no edit record")
-                    tokens.append(self._fact_tokens(Fact.from_metadata(fact.id, fact.metadata), prefixes, 0))
+                    facts.append(Fact.from_metadata(fact.id, fact.metadata))
+                    tokens.append(self._fact_tokens(facts[-1], prefixes, 0))
                 except FactError:
+                    del facts[len(tokens):]
                     skipped.append(fact.id)
                     continue
                 stored.append(fact)
@@ -452,6 +487,7 @@ class Editor:
             text_negatives = self._text_negatives(generic, pad_id)
             queries, counts = context_queries(self.model, tokens, hp.layer, pad_id=pad_id, batch_size=hp.batch_size,
                                               module_path=self.module_path)
+            wordings, wording_fact, near = self._calibration_queries(facts, prefixes, _Pool.of(facts), pad_id)
         if not stored:
             return Recalibration(0, 0, (), (), tuple(skipped), float("nan"), float("nan"),
                                  time.perf_counter() - started)
@@ -459,11 +495,12 @@ class Editor:
                                                   .shares_residual_with))] for f in stored])
         all_keys = torch.cat([f.keys.float() for f in stored])
         key_fact = torch.repeat_interleave(torch.arange(len(stored)), torch.tensor([len(f.keys) for f in stored]))
-        query_fact = torch.repeat_interleave(torch.arange(len(stored)), counts)
-        positive_row = nearest_rows(queries, query_fact, all_keys, key_fact)
-        negatives = torch.cat([text_negatives, queries])
-        negative_unit = torch.cat([torch.full((len(text_negatives),), -1), unit_of[query_fact]])
-        found = calibrate_thresholds(all_keys, unit_of[key_fact], queries, positive_row, negatives, negative_unit,
+        query_fact = torch.cat([torch.repeat_interleave(torch.arange(len(stored)), counts), wording_fact])
+        positives = torch.cat([queries, wordings])
+        positive_row = nearest_rows(positives, query_fact, all_keys, key_fact)
+        negatives = torch.cat([text_negatives, near, positives])
+        negative_unit = torch.cat([torch.full((len(text_negatives) + len(near),), -1), unit_of[query_fact]])
+        found = calibrate_thresholds(all_keys, unit_of[key_fact], positives, positive_row, negatives, negative_unit,
                                      gamma=hp.gamma, margin=hp.gate_margin)
         before = torch.cat([f.key_gammas if f.key_gammas is not None else torch.full((len(f.keys),), self.db.gamma)
                             for f in stored])
@@ -497,6 +534,27 @@ class _BatchGates:
     floors: list[torch.Tensor]
     conflicts: list[str]
     raised: list[tuple[Any, torch.Tensor]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pool:
+    """The subjects and prompt openings (text before the subject) that calibration draws
+    near-subject names and other wordings from: the facts at hand and the stored facts."""
+
+    subjects: tuple[str, ...]
+    heads: tuple[str, ...]
+
+    @classmethod
+    def of(cls, facts: Sequence[Fact], db: Optional[NeuralDB] = None) -> "_Pool":
+        """The pool of `facts` and, when given, of every fact stored in `db` (one read of its metadata)."""
+        facts = list(facts)
+        for stored in () if db is None else db.facts():
+            try:
+                facts.append(Fact.from_metadata(stored.id, stored.metadata))
+            except FactError:
+                continue  # not written by the Editor: no subject or prompt to draw from
+        pairs = [(fact.subject, fact.filled_prompt[: fact.subject_span[0]]) for fact in facts]
+        return cls(tuple(sorted({subject for subject, _ in pairs})), tuple(sorted({head for _, head in pairs})))
 
 
 @dataclasses.dataclass

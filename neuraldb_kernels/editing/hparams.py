@@ -54,10 +54,18 @@ class EditHParams:
     calibrate_gates: give each key its own gate threshold, calibrated from its fact's contexts
         and from text that must not fire it (see editing.calibration), and raise stored keys that
         new facts' contexts would fire. False: every key uses gamma.
-    gate_margin: the cosine clearance of a calibrated threshold above its worst negative and below
-        its fact's worst own context.
+    gate_margin: the least cosine clearance of a calibrated threshold below its fact's worst own
+        context (the threshold sits halfway between that and the worst negative, see
+        editing.calibration).
     calibration_texts, calibration_text_length: number and length (tokens) of the extra
         model-written texts whose every token is a negative (generated once per model, seeded).
+    near_subjects: names near each fact's subject (its first or last word swapped for one of another
+        edited or stored subject, a trailing number changed by one; editing.calibration.near_subjects)
+        read in the fact's contexts and alone, as negatives: similar entities must not fire it.
+        0 (default): at 1,000 CounterFact facts they cost more generalization than the specificity
+        they buy (bench/RESULTS.md, "Calibration from the facts' own material").
+    other_wordings: the subject read after this many other edited or stored prompts' openings, as
+        positives: its keys must keep firing when the subject is worded otherwise.
     """
 
     layer: int
@@ -80,6 +88,8 @@ class EditHParams:
     gate_margin: float = 0.02
     calibration_texts: int = 16
     calibration_text_length: int = 24
+    near_subjects: int = 0
+    other_wordings: int = 8
 
     def __post_init__(self) -> None:
         checks = {
@@ -104,6 +114,10 @@ class EditHParams:
             "calibration_texts": isinstance(self.calibration_texts, int) and self.calibration_texts >= 0,
             "calibration_text_length": isinstance(self.calibration_text_length, int)
             and self.calibration_text_length >= 1,
+            "near_subjects": isinstance(self.near_subjects, int) and not isinstance(self.near_subjects, bool)
+            and self.near_subjects >= 0,
+            "other_wordings": isinstance(self.other_wordings, int) and not isinstance(self.other_wordings, bool)
+            and self.other_wordings >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
