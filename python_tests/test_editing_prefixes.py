@@ -1,13 +1,13 @@
-"""The model-written prefixes and the batched sampler behind them (editing.prefixes), against an
-independent sampler: every step a full forward of each row alone (no KV cache, no padding), its
-own top-k, and the same generator draws over the rows."""
+"""The model-written prefixes and the batched sampler behind them (editing.prefixes), against
+independent samplers: every step a full forward of each row alone (no KV cache, no padding), its
+own top-k, and the same generator draws (over the rows per step, or row after row)."""
 
 import pytest
 import torch
 from tiny_models import tiny_model
 
 from neuraldb_kernels.editing import prefixes as prefixes_module
-from neuraldb_kernels.editing.prefixes import SEED_WORDS, generate_prefixes, sample_tokens
+from neuraldb_kernels.editing.prefixes import SEED_WORDS, generate_prefixes, row_streams, sample_tokens
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,29 @@ def test_sample_tokens_match_the_plain_sampler(model, tokenizer, words):
     assert torch.equal(sampled, plain_samples(model, starts, 7, 5, 11))
 
 
+def one_after_the_other(model, starts, length, top_k, seed):
+    """(n, length) int64: each row sampled alone to its end before the next starts, all from one
+    generator (how the prefixes were sampled before the batched sampler), no KV cache."""
+    generator = torch.Generator().manual_seed(seed)
+    sampled = []
+    for start in starts:
+        row = list(start)
+        for _ in range(length):
+            with torch.no_grad():
+                top = model(torch.tensor([row])).logits[0, -1].float().topk(top_k)
+            row.append(int(top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)]))
+        sampled.append(row[len(start):])
+    return torch.tensor(sampled)
+
+
+def test_row_streams_draw_what_rows_sampled_one_after_the_other_draw(model, tokenizer):
+    starts = [tokenizer(word)["input_ids"] for word in ("Xylophonically", "The", "In a", "We")]
+    sampled = sample_tokens(model, starts, 6, top_k=5, generator=row_streams(4, len(starts), 6, 5))
+    assert torch.equal(sampled, one_after_the_other(model, starts, 6, 5, 4))
+    with pytest.raises(ValueError, match="3 generators for 4 rows"):
+        sample_tokens(model, starts, 6, top_k=5, generator=row_streams(4, 3, 6, 5))
+
+
 def test_top_1_is_greedy_decoding(model, tokenizer):
     starts = [tokenizer(word)["input_ids"] for word in ("Xylophonically", "I")]
     sampled = sample_tokens(model, starts, 5, top_k=1, generator=torch.Generator().manual_seed(0))
@@ -54,7 +77,7 @@ def test_prefixes_are_well_formed_and_sampled_from_their_seed_words(model, token
     found = generate_prefixes(model, tokenizer, count=12, length=6, seed=3)
     assert len(found) == 12
     starts = [tokenizer(SEED_WORDS[i % len(SEED_WORDS)])["input_ids"] for i in range(12)]
-    expected = plain_samples(model, starts, 6, 5, 3)
+    expected = one_after_the_other(model, starts, 6, 5, 3)
     for index, (prefix, row) in enumerate(zip(found, expected.tolist())):
         word = SEED_WORDS[index % len(SEED_WORDS)]
         text = " ".join((word + tokenizer.decode(row, skip_special_tokens=True)).replace("{", " ")

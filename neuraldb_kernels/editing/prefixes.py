@@ -24,18 +24,21 @@ _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDict
 
 @torch.no_grad()
 def sample_tokens(model, starts: Sequence[Sequence[int]], length: int, *, top_k: int,
-                  generator: torch.Generator) -> torch.Tensor:
+                  generator: torch.Generator | Sequence[torch.Generator]) -> torch.Tensor:
     """(n, length) int64 CPU: `length` tokens sampled after each of the n token rows `starts`.
 
-    Each token is drawn from the softmax of the model's top_k next-token logits, one
-    `torch.multinomial` over all n rows per step from `generator` (so the draws, and the texts,
-    depend on the seed and on n). All rows run as one batch with a KV cache: one forward of the
-    starts, then one single-token forward per step. Rows of unequal lengths are left-padded,
-    their padding masked and positions counted from their own first token. The model runs in
-    eval mode; its training flag is restored afterwards.
+    Each token is drawn from the softmax of the model's top_k next-token logits with
+    `torch.multinomial`: one call over all n rows per step from `generator`, or, given n
+    generators, row i's from generator[i] (its texts then depend on its own generator only).
+    All rows run as one batch with a KV cache: one forward of the starts, then one single-token
+    forward per step. Rows of unequal lengths are left-padded, their padding masked and
+    positions counted from their own first token. The model runs in eval mode; its training
+    flag is restored afterwards.
     """
     if not starts or not all(len(row) for row in starts):
         raise ValueError("sample_tokens needs at least one start row, none of them empty")
+    if not isinstance(generator, torch.Generator) and len(generator) != len(starts):
+        raise ValueError(f"sample_tokens got {len(generator)} generators for {len(starts)} rows")
     device = next(model.parameters()).device
     width = max(len(row) for row in starts)
     ids = torch.tensor([[0] * (width - len(row)) + list(row) for row in starts], device=device)
@@ -53,7 +56,11 @@ def sample_tokens(model, starts: Sequence[Sequence[int]], length: int, *, top_k:
             output = model(input_ids=step, use_cache=True, **inputs, **({keyword: past} if past is not None else {}))
             past = hf_compat.output_cache(output)
             top = torch.topk(output.logits[:, -1].float(), top_k)
-            choice = torch.multinomial(torch.softmax(top.values, dim=-1).cpu(), 1, generator=generator)
+            probs = torch.softmax(top.values, dim=-1).cpu()
+            if isinstance(generator, torch.Generator):
+                choice = torch.multinomial(probs, 1, generator=generator)
+            else:
+                choice = torch.stack([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator)])
             step = top.indices.gather(1, choice.to(device))
             sampled.append(step)
             if padded:
@@ -64,12 +71,30 @@ def sample_tokens(model, starts: Sequence[Sequence[int]], length: int, *, top_k:
     return torch.cat(sampled, dim=1).cpu()
 
 
+def row_streams(seed: int, rows: int, draws: int, top_k: int) -> list[torch.Generator]:
+    """`rows` generators that split one stream seeded with `seed`: generator i starts where
+    `draws` top-k multinomial draws of each earlier row end (a draw consumes the same generator
+    state whatever its probabilities), so rows sampled together draw what rows sampled one after
+    the other would."""
+    stream = torch.Generator().manual_seed(seed)
+    generators = []
+    for _ in range(rows):
+        row = torch.Generator()
+        row.set_state(stream.get_state())
+        generators.append(row)
+        for _ in range(draws):
+            torch.multinomial(torch.ones(top_k), 1, generator=stream)
+    return generators
+
+
 def generate_prefixes(model, tokenizer, *, count: int = 5, length: int = 10, seed: int = 0,
                       top_k: int = 5, seed_words: Sequence[str] = SEED_WORDS) -> tuple[str, ...]:
     """`count` prefixes "<seed word + `length` sampled tokens>. " (cached per model and settings).
 
     Prefix i starts from seed_words[i % len(seed_words)] (tokenised with the tokenizer's special
-    tokens); all are sampled together by `sample_tokens` from a generator seeded with `seed`.
+    tokens); all are sampled together by `sample_tokens`, prefix i from `row_streams`' generator
+    i: the draws of one seeded stream, prefix after prefix (the prefixes earlier versions sampled
+    one at a time, so stored facts keep their contexts).
     The model must be unedited when this first runs for a setting (the Editor guarantees it).
     Braces are replaced by spaces and whitespace runs (newlines included) collapsed to one space.
     """
@@ -84,7 +109,8 @@ def generate_prefixes(model, tokenizer, *, count: int = 5, length: int = 10, see
         prefixes = []
         if words:
             starts = [tokenizer(word, add_special_tokens=True)["input_ids"] for word in words]
-            sampled = sample_tokens(model, starts, length, top_k=top_k, generator=torch.Generator().manual_seed(seed))
+            sampled = sample_tokens(model, starts, length, top_k=top_k,
+                                    generator=row_streams(seed, len(words), length, top_k))
             for word, row in zip(words, sampled.tolist()):
                 text = word + tokenizer.decode(row, skip_special_tokens=True)
                 prefixes.append(" ".join(text.replace("{", " ").replace("}", " ").split()) + ". ")
