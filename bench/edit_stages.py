@@ -77,7 +77,8 @@ def compare(old_path: str, new_path: str) -> dict:
     probs = torch.tensor([old["target_prob"], new["target_prob"]], dtype=torch.float64)
     steps = torch.tensor([old["steps"], new["steps"]])
     summary = {"stages": stages, "peak_rss_mb": [old["peak_rss_mb"], new["peak_rss_mb"]],
-               "target_prob_mean": probs.mean(1).tolist(), "target_prob_max_abs_diff": float((probs[0] - probs[1]).abs().max()),
+               "target_prob_mean": probs.mean(1).tolist(),
+               "target_prob_max_abs_diff": float((probs[0] - probs[1]).abs().max()),
                "steps_total": steps.sum(1).tolist(), "facts_with_other_steps": int((steps[0] != steps[1]).sum()),
                "converged": [int((probs[i] >= 0.9).sum()) for i in range(2)]}
     rows = [pathlib.Path(path).with_suffix(".pt") for path in (old_path, new_path)]

@@ -103,8 +103,7 @@ def plain_unit_residual(model, tokens, hparams, start=None):
 @pytest.fixture(scope="module")
 def setup(tokenizer):
     model = tiny_model("llama", tokenizer, layers=3)
-    # float32 products: the batched optimisation must equal the plain loop up to float rounding
-    hparams = EditHParams(layer=LAYER, steps=4, lr=0.05, stop_prob=1.0, residual_matmuls="float32")
+    hparams = EditHParams(layer=LAYER, steps=4, lr=0.05, stop_prob=1.0)
     return model, hparams
 
 

@@ -70,7 +70,8 @@ def _sample_texts(model, tokenizer, count: int, length: int, seed: int, top_k: i
     width = min(len(row) for row in starts)  # the seed words' shortest encoding (one token, or BOS + one)
     starts = [row[:width] for row in starts]
     sampled = sample_tokens(model, starts, length, top_k=top_k, generator=torch.Generator().manual_seed(seed))
-    return tuple(tokenizer.decode(start + row, skip_special_tokens=True) for start, row in zip(starts, sampled.tolist()))
+    return tuple(tokenizer.decode(start + row, skip_special_tokens=True)
+                 for start, row in zip(starts, sampled.tolist()))
 
 
 @dataclasses.dataclass(frozen=True)

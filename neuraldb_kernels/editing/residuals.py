@@ -24,15 +24,21 @@ loss then sums the members' NLL terms, with the KL and decay terms once (from th
 the unit stops once every member's exp(-mean NLL) >= stop_prob. A unit of one fact is the above.
 
 Batched: many units (all their contexts and KL prompts) go through one forward/backward per step
-(in passes of bounded size, `unit_passes`, whose gradients are summed), each unit's r injected only at its own sequences' subject position. What does not depend on r is
-computed once: every token BEFORE the subject's last token is unaffected by r at every layer (the
-model is causal), so those tokens run once through the whole model and their keys/values are kept
-as a KV cache; each step runs only the tokens from the subject's last token on, and the LM head
-only at the positions the loss reads (target tokens and the KL position). The suffix tokens' pass
-through layers 0..l* is frozen as well: after the first step, those layers are replaced (for the
+(in passes of bounded size, `unit_passes`, whose gradients are summed), each unit's r injected
+only at its own sequences' subject position. What does not depend on r is computed once: every
+token BEFORE the subject's last token is unaffected by r at every layer (the model is causal), so
+those tokens run once through the whole model and their keys/values are kept as a KV cache; each
+step runs only the tokens from the subject's last token on, and the LM head only at the positions
+the loss reads (target tokens and the KL position). The suffix tokens' pass through layers 0..l*
+is frozen as well: after the first step, those layers are replaced (for the
 duration of each forward) by stand-ins that replay the recorded output of layer l* plus r, where the
 model's decoder layers return plain tensors (see integration.hf_compat). Losses are summed over
 units, and Adam is element-wise, so a unit's trajectory does not depend on its batch-mates.
+
+Precision (`EditHParams.residual_matmuls`): with "bfloat16" (opt-in) the matrix products of
+the decoder layers above l*, in the prefix caches and in every step, take bfloat16 inputs
+(`_bfloat16_products`); layers 0..l* (v and the recorded output of l*), attention, norms, the
+residual stream and the LM head stay float32. With "float32" (the default) everything is float32.
 """
 
 from __future__ import annotations
@@ -362,25 +368,26 @@ def optimize_residuals(model, tokens: Sequence[EditTokens], hparams: EditHParams
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
+    products = contextlib.nullcontext()
+    if hparams.residual_matmuls == "bfloat16":
+        products = _bfloat16_products(decoder_layers(model, module_path)[hparams.layer + 1 :])
     try:
-        passes = []
-        for group in unit_passes(tokens, units, hparams.pass_tokens):
-            sequences = _build_sequences(tokens, [units[u] for u in group], pad_id, device)
-            passes.append((torch.tensor(group, device=device), _Batch(model, sequences, hparams.layer, module_path)))
-        d2 = passes[0][1].lm_head.weight.shape[1]
-        r = torch.zeros(len(units), d2, device=device, requires_grad=True)
-        optimizer = torch.optim.Adam([r], lr=hparams.lr)
-        final = torch.zeros(len(units), d2, device=device)  # each unit's r when it stopped
-        kl_reference = [None] * len(passes)
-        v_norm = torch.zeros(len(units), device=device)
-        fact_nll = torch.zeros(count, device=device)  # at each unit's last forward
-        steps = torch.zeros(len(units), dtype=torch.long, device=device)
-        stop_nll = -math.log(hparams.stop_prob)
-        running = list(range(len(passes)))
-        products = contextlib.nullcontext()
-        if hparams.residual_matmuls == "bfloat16":
-            products = _bfloat16_products(decoder_layers(model, module_path)[hparams.layer + 1 :])
-        with products:
+        with products:  # the upper layers of the prefix caches and of every step
+            passes = []
+            for group in unit_passes(tokens, units, hparams.pass_tokens):
+                sequences = _build_sequences(tokens, [units[u] for u in group], pad_id, device)
+                batch = _Batch(model, sequences, hparams.layer, module_path)
+                passes.append((torch.tensor(group, device=device), batch))
+            d2 = passes[0][1].lm_head.weight.shape[1]
+            r = torch.zeros(len(units), d2, device=device, requires_grad=True)
+            optimizer = torch.optim.Adam([r], lr=hparams.lr)
+            final = torch.zeros(len(units), d2, device=device)  # each unit's r when it stopped
+            kl_reference = [None] * len(passes)
+            v_norm = torch.zeros(len(units), device=device)
+            fact_nll = torch.zeros(count, device=device)  # at each unit's last forward
+            steps = torch.zeros(len(units), dtype=torch.long, device=device)
+            stop_nll = -math.log(hparams.stop_prob)
+            running = list(range(len(passes)))
             for step in range(hparams.steps):
                 optimizer.zero_grad()
                 still = []
