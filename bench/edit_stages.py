@@ -80,7 +80,7 @@ def compare(old_path: str, new_path: str) -> dict:
                "target_prob_mean": probs.mean(1).tolist(),
                "target_prob_max_abs_diff": float((probs[0] - probs[1]).abs().max()),
                "steps_total": steps.sum(1).tolist(), "facts_with_other_steps": int((steps[0] != steps[1]).sum()),
-               "converged": [int((probs[i] >= 0.9).sum()) for i in range(2)]}
+               "target_prob_at_least_0.9": [int((probs[i] >= 0.9).sum()) for i in range(2)]}
     rows = [pathlib.Path(path).with_suffix(".pt") for path in (old_path, new_path)]
     if all(path.exists() for path in rows):
         a, b = (torch.load(path)["residuals"].double() for path in rows)
