@@ -40,10 +40,10 @@ class EditHParams:
     residual_matmuls: "float32" or "bfloat16": the input dtype of the matrix products (nn.Linear)
         of the decoder layers above `layer` while residuals are optimised. "bfloat16" runs them on
         bfloat16 copies of the float32 weights (float32 accumulation; attention, norms, the
-        residual stream, layers 0..layer and the LM head stay float32): on this AVX-512 BF16 CPU
-        the residual stage takes 1.7x less CPU time, but the residuals differ by bfloat16
-        rounding and at 64 CounterFact facts generalization fell 3.1 points (bench/RESULTS.md,
-        issue 17), so it is opt-in. Keys, prefixes and the stored rows are float32 either way;
+        residual stream, layers 0..layer and the LM head stay float32): on an AVX-512 BF16 CPU an
+        optimisation step takes 2.3x less CPU time and a whole edit call about 2x, but the
+        residuals differ by bfloat16 rounding and at 64 CounterFact facts generalization fell
+        3.1 points (bench/RESULTS.md, issue 17), so it is opt-in. Keys, prefixes and the stored rows are float32 either way;
         models whose weights are not float32, and GPT-2's Conv1D projections, are unaffected.
     kl_template: the prompt of the KL term, "{}" standing for the subject.
     bare_key_below: a fact whose bare-prompt query (no prefix) has cosine < this with its averaged
