@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tiny_models import ARCHS, tiny_model
 
 from neuraldb_kernels.editing import EditHParams, Fact, optimize_residuals, tokenize_fact
+from neuraldb_kernels.editing import residuals as residuals_module
 from neuraldb_kernels.editing.residuals import unit_passes
 
 PREFIXES = ["A short text about something. ", "Other words before it. "]
@@ -173,3 +174,80 @@ def test_passes_hold_at_most_pass_tokens_and_group_similar_lengths(tokenizer):
         order = [widths[u] for group in passes for u in group]
         assert order == sorted(order)  # similar lengths share a pass
     assert len(unit_passes(tokens, units, 10_000)) == 1
+
+
+def _upper_linears(model):
+    """{name: module} of the nn.Linear modules of the decoder layers above LAYER."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")
+            and int(name.split(".")[2]) > LAYER}
+
+
+def test_bfloat16_products_round_only_the_product_inputs(setup):
+    model, _ = setup
+    linear = next(iter(_upper_linears(model).values()))
+    x = torch.randn(5, linear.in_features, dtype=torch.float32, requires_grad=True)
+    out = residuals_module._BFloat16Linear(linear)(x)
+    assert out.dtype == torch.float32
+    x16, w16 = x.detach().bfloat16().double(), linear.weight.detach().bfloat16().double()
+    exact = x16 @ w16.T
+    # float32 accumulation of the bfloat16 inputs, the result rounded to bfloat16 (8 significant bits)
+    bound = (x16.abs() @ w16.abs().T) * 2.0**-8 + 1e-30
+    assert bool(((out.double() - exact).abs() <= bound).all())
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    exact_grad = grad.bfloat16().double() @ w16
+    grad_bound = (grad.bfloat16().double().abs() @ w16.abs()) * 2.0**-8 + 1e-30
+    assert bool(((x.grad.double() - exact_grad).abs() <= grad_bound).all())
+
+
+def test_bfloat16_products_reach_the_plain_float32_loop_and_leave_the_model_as_it_was(setup, tokenizer):
+    model, hparams = setup
+    before = _upper_linears(model)
+    probe = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        logits = model(probe).logits
+    tokens = [tokenize_fact(tokenizer, fact, PREFIXES, index=i) for i, fact in enumerate(FACTS)]
+    fast = dataclasses.replace(hparams, residual_matmuls="bfloat16")
+    result = optimize_residuals(model, tokens, fast, pad_id=0, units=UNITS)
+    for unit in UNITS:
+        expected = plain_unit_residual(model, [tokens[f] for f in unit], hparams)
+        for member, f in enumerate(unit):
+            # bfloat16 keeps 8 significant bits; Adam's normalised steps amplify the rounding of
+            # near-zero gradient components, so the residual is compared as a vector
+            difference = (result.residuals[f] - expected.residual).norm()
+            assert float(difference) <= 5e-2 * float(expected.residual.norm()), f
+            assert result.target_prob[f] == pytest.approx(expected.probs[member], rel=1e-2), f
+            assert int(result.steps[f]) == expected.steps, f
+    assert _upper_linears(model) == before and all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        assert torch.equal(model(probe).logits, logits)
+
+
+def test_bfloat16_products_are_undone_on_errors(setup, tokenizer):
+    model, hparams = setup
+    before = _upper_linears(model)
+    tokens = [tokenize_fact(tokenizer, fact, PREFIXES, index=i) for i, fact in enumerate(FACTS)]
+    calls = []
+
+    def fail_on_the_second_step(module, args):
+        calls.append(type(module.mlp.down_proj).__name__)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    layer = model.model.layers[LAYER + 1]
+    hook = layer.register_forward_pre_hook(fail_on_the_second_step)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            optimize_residuals(model, tokens, dataclasses.replace(hparams, residual_matmuls="bfloat16"), pad_id=0,
+                               units=UNITS)
+    finally:
+        hook.remove()
+    assert calls[-1] == "_BFloat16Linear"  # the interruption came while the stand-ins were in place
+    assert _upper_linears(model) == before
+
+
+@pytest.mark.parametrize("value", ["float16", "bf16", None])
+def test_residual_matmuls_must_be_named(value):
+    with pytest.raises(ValueError, match="residual_matmuls"):
+        EditHParams(layer=LAYER, residual_matmuls=value)

@@ -49,8 +49,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..integration import hf_compat
-from .prefixes import SEED_WORDS
+from .prefixes import SEED_WORDS, sample_tokens
 from .tokens import subject_last_token
 
 _SCORES = 1 << 24  # elements of one score matrix (64 MiB of float32): products are chunked to this
@@ -78,22 +77,12 @@ def model_written_texts(model, tokenizer, *, count: int, length: int, seed: int,
 
 
 def _sample_texts(model, tokenizer, count: int, length: int, seed: int, top_k: int) -> tuple[str, ...]:
-    device = next(model.parameters()).device
     starts = [tokenizer(SEED_WORDS[i % len(SEED_WORDS)])["input_ids"] for i in range(count)]
     width = min(len(row) for row in starts)  # the seed words' shortest encoding (one token, or BOS + one)
-    ids = torch.tensor([row[:width] for row in starts], device=device)
-    generator = torch.Generator().manual_seed(seed)
-    keyword = hf_compat.cache_keyword(model)
-    new, past, step = [], None, ids
-    for _ in range(length):
-        output = model(input_ids=step, use_cache=True, **({keyword: past} if past is not None else {}))
-        past = hf_compat.output_cache(output)
-        top = torch.topk(output.logits[:, -1].float(), top_k)
-        choice = torch.multinomial(torch.softmax(top.values, dim=-1).cpu(), 1, generator=generator)
-        step = top.indices.gather(1, choice.to(device))
-        new.append(step)
-    sampled = torch.cat([ids, *new], dim=1)
-    return tuple(tokenizer.decode(row, skip_special_tokens=True) for row in sampled.tolist())
+    starts = [row[:width] for row in starts]
+    sampled = sample_tokens(model, starts, length, top_k=top_k, generator=torch.Generator().manual_seed(seed))
+    return tuple(tokenizer.decode(start + row, skip_special_tokens=True)
+                 for start, row in zip(starts, sampled.tolist()))
 
 
 def near_subjects(subject: str, pool: Sequence[str], count: int) -> list[str]:

@@ -1,4 +1,5 @@
-"""Random prefixes the model writes itself (paper Eq. 20-21; ROME/MEMIT "context templates").
+"""Random prefixes the model writes itself (paper Eq. 20-21; ROME/MEMIT "context templates"), and
+the batched top-k sampler behind them and behind calibration's model-written texts.
 
 Keys and residuals are averaged over the bare prompt and N prefixes, so that an edit does not
 depend on the prompt starting the text. Each prefix is a short continuation, sampled by the model
@@ -14,32 +15,86 @@ from typing import Sequence
 
 import torch
 
+from ..integration import hf_compat
+
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You", "It", "We", "In", "A", "This")
 
 _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
-def _sample_continuation(model, tokenizer, seed_word: str, length: int, top_k: int,
-                         generator: torch.Generator) -> str:
-    """`seed_word` followed by `length` tokens sampled from the model's top-k next-token distribution."""
+def sample_tokens(model, starts: Sequence[Sequence[int]], length: int, *, top_k: int,
+                  generator: torch.Generator | Sequence[torch.Generator]) -> torch.Tensor:
+    """(n, length) int64 CPU: `length` tokens sampled after each of the n token rows `starts`.
+
+    Each token is drawn from the softmax of the model's top_k next-token logits with
+    `torch.multinomial`: one call over all n rows per step from `generator`, or, given n
+    generators, row i's from generator[i] (its texts then depend on its own generator only).
+    All rows run as one batch with a KV cache: one forward of the starts, then one single-token
+    forward per step. Rows of unequal lengths are left-padded, their padding masked and
+    positions counted from their own first token. The model runs in eval mode; its training
+    flag is restored afterwards.
+    """
+    if not starts or not all(len(row) for row in starts):
+        raise ValueError("sample_tokens needs at least one start row, none of them empty")
+    if not isinstance(generator, torch.Generator) and len(generator) != len(starts):
+        raise ValueError(f"sample_tokens got {len(generator)} generators for {len(starts)} rows")
     device = next(model.parameters()).device
-    ids = torch.tensor([tokenizer(seed_word, add_special_tokens=True)["input_ids"]], device=device)
-    prompt_length = ids.shape[1]
-    for _ in range(length):
-        logits = model(input_ids=ids).logits[0, -1].float()
-        top = torch.topk(logits, top_k)
-        probs = torch.softmax(top.values, dim=-1).cpu()
-        choice = top.indices[torch.multinomial(probs, 1, generator=generator).item()]
-        ids = torch.cat([ids, choice.view(1, 1)], dim=1)
-    text = tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True)
-    return seed_word + text
+    width = max(len(row) for row in starts)
+    ids = torch.tensor([[0] * (width - len(row)) + list(row) for row in starts], device=device)
+    padded = any(len(row) < width for row in starts)
+    inputs = {}
+    if padded:  # equal rows need no mask: the plain causal forward
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in starts], device=device)
+        inputs = {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+    keyword = hf_compat.cache_keyword(model)
+    was_training = model.training
+    model.eval()
+    sampled, past, step = [], None, ids
+    try:
+        for _ in range(length):
+            output = model(input_ids=step, use_cache=True, **inputs, **({keyword: past} if past is not None else {}))
+            past = hf_compat.output_cache(output)
+            top = torch.topk(output.logits[:, -1].float(), top_k)
+            probs = torch.softmax(top.values, dim=-1).cpu()
+            if isinstance(generator, torch.Generator):
+                choice = torch.multinomial(probs, 1, generator=generator)
+            else:
+                choice = torch.stack([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator)])
+            step = top.indices.gather(1, choice.to(device))
+            sampled.append(step)
+            if padded:
+                mask = torch.cat([inputs["attention_mask"], torch.ones_like(step)], dim=1)
+                inputs = {"attention_mask": mask, "position_ids": inputs["position_ids"][:, -1:] + 1}
+    finally:
+        model.train(was_training)
+    return torch.cat(sampled, dim=1).cpu()
+
+
+def row_streams(seed: int, rows: int, draws: int, top_k: int) -> list[torch.Generator]:
+    """`rows` generators that split one stream seeded with `seed`: generator i starts where
+    `draws` top-k multinomial draws of each earlier row end (a draw consumes the same generator
+    state whatever its probabilities), so rows sampled together draw what rows sampled one after
+    the other would."""
+    stream = torch.Generator().manual_seed(seed)
+    generators = []
+    for _ in range(rows):
+        row = torch.Generator()
+        row.set_state(stream.get_state())
+        generators.append(row)
+        for _ in range(draws):
+            torch.multinomial(torch.ones(top_k), 1, generator=stream)
+    return generators
 
 
 def generate_prefixes(model, tokenizer, *, count: int = 5, length: int = 10, seed: int = 0,
                       top_k: int = 5, seed_words: Sequence[str] = SEED_WORDS) -> tuple[str, ...]:
     """`count` prefixes "<seed word + `length` sampled tokens>. " (cached per model and settings).
 
+    Prefix i starts from seed_words[i % len(seed_words)] (tokenised with the tokenizer's special
+    tokens); all are sampled together by `sample_tokens`, prefix i from `row_streams`' generator
+    i: the draws of one seeded stream, prefix after prefix (the prefixes earlier versions sampled
+    one at a time, so stored facts keep their contexts).
     The model must be unedited when this first runs for a setting (the Editor guarantees it).
     Braces are replaced by spaces and whitespace runs (newlines included) collapsed to one space.
     """
@@ -50,17 +105,14 @@ def generate_prefixes(model, tokenizer, *, count: int = 5, length: int = 10, see
     settings = (count, length, seed, top_k, tuple(seed_words))
     cached = _CACHE.setdefault(model, {})
     if settings not in cached:
-        generator = torch.Generator().manual_seed(seed)
-        was_training = model.training
-        model.eval()
-        try:
-            prefixes = []
-            for index in range(count):
-                text = _sample_continuation(model, tokenizer, seed_words[index % len(seed_words)], length,
-                                            top_k, generator)
-                text = " ".join(text.replace("{", " ").replace("}", " ").split())
-                prefixes.append(text + ". ")
-        finally:
-            model.train(was_training)
+        words = [seed_words[index % len(seed_words)] for index in range(count)]
+        prefixes = []
+        if words:
+            starts = [tokenizer(word, add_special_tokens=True)["input_ids"] for word in words]
+            sampled = sample_tokens(model, starts, length, top_k=top_k,
+                                    generator=row_streams(seed, len(words), length, top_k))
+            for word, row in zip(words, sampled.tolist()):
+                text = word + tokenizer.decode(row, skip_special_tokens=True)
+                prefixes.append(" ".join(text.replace("{", " ").replace("}", " ").split()) + ". ")
         cached[settings] = tuple(prefixes)
     return cached[settings]

@@ -24,15 +24,21 @@ loss then sums the members' NLL terms, with the KL and decay terms once (from th
 the unit stops once every member's exp(-mean NLL) >= stop_prob. A unit of one fact is the above.
 
 Batched: many units (all their contexts and KL prompts) go through one forward/backward per step
-(in passes of bounded size, `unit_passes`, whose gradients are summed), each unit's r injected only at its own sequences' subject position. What does not depend on r is
-computed once: every token BEFORE the subject's last token is unaffected by r at every layer (the
-model is causal), so those tokens run once through the whole model and their keys/values are kept
-as a KV cache; each step runs only the tokens from the subject's last token on, and the LM head
-only at the positions the loss reads (target tokens and the KL position). The suffix tokens' pass
-through layers 0..l* is frozen as well: after the first step, those layers are replaced (for the
+(in passes of bounded size, `unit_passes`, whose gradients are summed), each unit's r injected
+only at its own sequences' subject position. What does not depend on r is computed once: every
+token BEFORE the subject's last token is unaffected by r at every layer (the model is causal), so
+those tokens run once through the whole model and their keys/values are kept as a KV cache; each
+step runs only the tokens from the subject's last token on, and the LM head only at the positions
+the loss reads (target tokens and the KL position). The suffix tokens' pass through layers 0..l*
+is frozen as well: after the first step, those layers are replaced (for the
 duration of each forward) by stand-ins that replay the recorded output of layer l* plus r, where the
 model's decoder layers return plain tensors (see integration.hf_compat). Losses are summed over
 units, and Adam is element-wise, so a unit's trajectory does not depend on its batch-mates.
+
+Precision (`EditHParams.residual_matmuls`): with "bfloat16" (opt-in) the matrix products of
+the decoder layers above l*, in the prefix caches and in every step, take bfloat16 inputs
+(`_bfloat16_products`); layers 0..l* (v and the recorded output of l*), attention, norms, the
+residual stream and the LM head stay float32. With "float32" (the default) everything is float32.
 """
 
 from __future__ import annotations
@@ -269,6 +275,40 @@ class _Batch:
         return target_logp, kl_logp
 
 
+class _BFloat16Linear(torch.nn.Module):
+    """Stands in for an nn.Linear with float32 weights: its product takes bfloat16 inputs (the
+    input and a bfloat16 copy of the weight; float32 accumulation, output rounded to bfloat16)
+    and returns float32, bias added in float32. Gradients flow to the input only."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight = linear.weight.detach().to(torch.bfloat16)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+
+@contextlib.contextmanager
+def _bfloat16_products(layers: Sequence[torch.nn.Module]):
+    """Within the block, every float32 nn.Linear inside `layers` is a `_BFloat16Linear`; the
+    original modules are back on exit, also on errors."""
+    swapped = []
+    try:
+        for layer in layers:
+            for name, module in list(layer.named_modules()):
+                if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
+                    parent, _, child = name.rpartition(".")
+                    owner = layer.get_submodule(parent)
+                    swapped.append((owner, child, module))
+                    setattr(owner, child, _BFloat16Linear(module))
+        yield
+    finally:
+        for owner, child, module in reversed(swapped):
+            setattr(owner, child, module)
+
+
 def _suffix_shape(fact: EditTokens) -> tuple[int, int]:
     """(sequences, longest suffix in tokens) that `fact` adds to a batch, its KL prompt included."""
     trained = _trained_contexts(fact)
@@ -328,60 +368,65 @@ def optimize_residuals(model, tokens: Sequence[EditTokens], hparams: EditHParams
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
+    products = contextlib.nullcontext()
+    if hparams.residual_matmuls == "bfloat16":
+        products = _bfloat16_products(decoder_layers(model, module_path)[hparams.layer + 1 :])
     try:
-        passes = []
-        for group in unit_passes(tokens, units, hparams.pass_tokens):
-            sequences = _build_sequences(tokens, [units[u] for u in group], pad_id, device)
-            passes.append((torch.tensor(group, device=device), _Batch(model, sequences, hparams.layer, module_path)))
-        d2 = passes[0][1].lm_head.weight.shape[1]
-        r = torch.zeros(len(units), d2, device=device, requires_grad=True)
-        optimizer = torch.optim.Adam([r], lr=hparams.lr)
-        final = torch.zeros(len(units), d2, device=device)  # each unit's r when it stopped
-        kl_reference = [None] * len(passes)
-        v_norm = torch.zeros(len(units), device=device)
-        fact_nll = torch.zeros(count, device=device)  # at each unit's last forward
-        steps = torch.zeros(len(units), dtype=torch.long, device=device)
-        stop_nll = -math.log(hparams.stop_prob)
-        running = list(range(len(passes)))
-        for step in range(hparams.steps):
-            optimizer.zero_grad()
-            still = []
-            for number in running:
-                group, batch = passes[number]
-                local = batch.units
-                active = group[local]
-                delta = r[active]
-                target_logp, kl_logp, v = batch.forward(module, delta)
-                if step == 0:
-                    kl_reference[number] = kl_logp.detach()
-                    v_norm[active] = v[batch.norm_rows].float().norm(dim=1).clamp_min(1e-6)
-                terms = -target_logp * batch.target_weight
-                nll = torch.zeros(len(local), device=device).index_add(0, batch.target_unit, terms)
-                facts_here = batch.target_facts
-                fact_nll[facts_here] = torch.zeros(count, device=device).index_add(
-                    0, batch.target_fact, terms.detach())[facts_here]
-                kl = F.kl_div(kl_reference[number][local], kl_logp, log_target=True, reduction="none").sum(1)
-                decay = hparams.weight_decay * delta.pow(2).sum(1) / v_norm[active].pow(2)
-                loss = nll + hparams.kl_factor * kl + decay
-                steps[active] = step + 1
-                worst = torch.full((len(units),), -math.inf, device=device).scatter_reduce(
-                    0, unit_of_device[facts_here], fact_nll[facts_here], reduce="amax")
-                done = worst[active] <= stop_nll
-                # a unit stops once every member reaches stop_prob, or at the last step
-                final[active] = delta.detach()
-                if step == hparams.steps - 1 or bool(done.all()):
-                    continue
-                loss.sum().backward()  # summed into r.grad with the other passes'
-                if bool(done.any()):
-                    batch.select(local[~done])
-                still.append(number)
-            if not still:
-                break
-            optimizer.step()
-            with torch.no_grad():
-                limit = hparams.clamp_norm_factor * v_norm
-                r.mul_((limit / r.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0).unsqueeze(1))
-            running = still
+        with products:  # the upper layers of the prefix caches and of every step
+            passes = []
+            for group in unit_passes(tokens, units, hparams.pass_tokens):
+                sequences = _build_sequences(tokens, [units[u] for u in group], pad_id, device)
+                batch = _Batch(model, sequences, hparams.layer, module_path)
+                passes.append((torch.tensor(group, device=device), batch))
+            d2 = passes[0][1].lm_head.weight.shape[1]
+            r = torch.zeros(len(units), d2, device=device, requires_grad=True)
+            optimizer = torch.optim.Adam([r], lr=hparams.lr)
+            final = torch.zeros(len(units), d2, device=device)  # each unit's r when it stopped
+            kl_reference = [None] * len(passes)
+            v_norm = torch.zeros(len(units), device=device)
+            fact_nll = torch.zeros(count, device=device)  # at each unit's last forward
+            steps = torch.zeros(len(units), dtype=torch.long, device=device)
+            stop_nll = -math.log(hparams.stop_prob)
+            running = list(range(len(passes)))
+            for step in range(hparams.steps):
+                optimizer.zero_grad()
+                still = []
+                for number in running:
+                    group, batch = passes[number]
+                    local = batch.units
+                    active = group[local]
+                    delta = r[active]
+                    target_logp, kl_logp, v = batch.forward(module, delta)
+                    if step == 0:
+                        kl_reference[number] = kl_logp.detach()
+                        v_norm[active] = v[batch.norm_rows].float().norm(dim=1).clamp_min(1e-6)
+                    terms = -target_logp * batch.target_weight
+                    nll = torch.zeros(len(local), device=device).index_add(0, batch.target_unit, terms)
+                    facts_here = batch.target_facts
+                    fact_nll[facts_here] = torch.zeros(count, device=device).index_add(
+                        0, batch.target_fact, terms.detach())[facts_here]
+                    kl = F.kl_div(kl_reference[number][local], kl_logp, log_target=True, reduction="none").sum(1)
+                    decay = hparams.weight_decay * delta.pow(2).sum(1) / v_norm[active].pow(2)
+                    loss = nll + hparams.kl_factor * kl + decay
+                    steps[active] = step + 1
+                    worst = torch.full((len(units),), -math.inf, device=device).scatter_reduce(
+                        0, unit_of_device[facts_here], fact_nll[facts_here], reduce="amax")
+                    done = worst[active] <= stop_nll
+                    # a unit stops once every member reaches stop_prob, or at the last step
+                    final[active] = delta.detach()
+                    if step == hparams.steps - 1 or bool(done.all()):
+                        continue
+                    loss.sum().backward()  # summed into r.grad with the other passes'
+                    if bool(done.any()):
+                        batch.select(local[~done])
+                    still.append(number)
+                if not still:
+                    break
+                optimizer.step()
+                with torch.no_grad():
+                    limit = hparams.clamp_norm_factor * v_norm
+                    r.mul_((limit / r.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0).unsqueeze(1))
+                running = still
     finally:
         for p, flag in zip(model.parameters(), requires):
             p.requires_grad_(flag)
