@@ -39,6 +39,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from neuraldb_kernels.cli import hparam_argument
+
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -238,7 +240,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--db", default=None,
                         help="keep the edits in this database file (one layer only): an interrupted run "
                              "started again with the same --db resumes without redoing finished facts")
-    parser.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE",
+    parser.add_argument("--hparam", type=hparam_argument, action="append", default=[], metavar="NAME=VALUE",
                         help="override an EditHParams field, e.g. --hparam steps=20")
     parser.add_argument("--eval-chunk", type=int, default=250,
                         help="cases scored per evaluation chunk; with --db each finished chunk is kept in "
@@ -251,10 +253,7 @@ def main(argv=None) -> dict:
     from neuraldb_kernels.evaluation import cases_from_facts
     from neuraldb_kernels.editing.hparams import resolve_hparams
 
-    overrides = {}
-    for item in args.hparam:
-        name, value = item.split("=", 1)
-        overrides[name] = json.loads(value) if value[:1] not in "{" else value
+    overrides = dict(args.hparam)
     model, tokenizer = load_model(args.model_dir)
     model.to(args.device)
     facts = read_counterfact(args.data, limit=args.facts)

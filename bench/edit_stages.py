@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from neuraldb_kernels.cli import hparam_argument
+
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact" / "counterfact-a.json"
 
 
@@ -38,10 +40,7 @@ def run(args) -> dict:
     from neuraldb_kernels.integration import load_default_model
 
     torch.set_num_threads(args.threads)
-    overrides = {}
-    for item in args.hparam:
-        name, value = item.split("=", 1)
-        overrides[name] = json.loads(value)
+    overrides = dict(args.hparam)
     model, tokenizer = load_default_model()
     facts = read_counterfact(args.data, limit=args.facts)
     load_before = os.getloadavg()
@@ -95,7 +94,7 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--facts", type=int, default=16, help="edit the first N facts of --data in one call")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE",
+    parser.add_argument("--hparam", type=hparam_argument, action="append", default=[], metavar="NAME=VALUE",
                         help="override an EditHParams field (JSON value), e.g. --hparam batch_size=128")
     parser.add_argument("--out", help="write the run's JSON here")
     parser.add_argument("--rows", action="store_true", help="also save the residual rows (--out with .pt)")

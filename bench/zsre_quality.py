@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from neuraldb_kernels.cli import hparam_argument
+
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -63,7 +65,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--start", type=int, default=0, help="first record of the slice")
     parser.add_argument("--facts", type=int, default=50, help="records in the slice, all edited together")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE",
+    parser.add_argument("--hparam", type=hparam_argument, action="append", default=[], metavar="NAME=VALUE",
                         help="override an EditHParams field, e.g. --hparam stop_prob=0.95")
     parser.add_argument("--db", default=None, help="keep the edits in this database file (a rerun with the same "
                                                    "--db skips the facts already stored)")
@@ -77,10 +79,7 @@ def main(argv=None) -> dict:
     from neuraldb_kernels.evaluation.scoring import score_targets
     from neuraldb_kernels.integration import load_default_model
 
-    overrides = {}
-    for item in args.hparam:
-        name, value = item.split("=", 1)
-        overrides[name] = json.loads(value)
+    overrides = dict(args.hparam)
     model, tokenizer = load_default_model()
     facts = read_zsre(args.data, limit=args.start + args.facts)[args.start:]
     prompts = {"efficacy": [f.filled_prompt for f in facts], "generalization": [f.extras["rephrase"] for f in facts],

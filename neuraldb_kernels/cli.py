@@ -530,8 +530,9 @@ def _positive_float(text: str) -> float:
     return _float_where(text, lambda value: 0 < value < float("inf"), "a positive number")
 
 
-def _hparam(text: str) -> tuple[str, object]:
-    """NAME=VALUE for an editing hyperparameter; VALUE parsed as JSON (a number...) or kept as text."""
+def hparam_argument(text: str) -> tuple[str, object]:
+    """NAME=VALUE for an editing hyperparameter (an argparse type, also used by bench/ scripts);
+    VALUE parsed as JSON (a number...) or kept as text."""
     from .editing import EditHParams
 
     name, sep, value = text.partition("=")
@@ -593,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "for an existing database, the model it was built with")
     edit.add_argument("--db", required=True, help="database directory (created if new)")
     edit.add_argument("--limit", type=_positive, help="edit only the first N facts")
-    edit.add_argument("--hparam", type=_hparam, action="append", default=[], metavar="NAME=VALUE",
+    edit.add_argument("--hparam", type=hparam_argument, action="append", default=[], metavar="NAME=VALUE",
                       help="editing hyperparameter (see EditHParams), e.g. steps=10; layer and gamma apply "
                            "only to a new database; repeatable")
     edit.add_argument("--skip-bad", action="store_true",
@@ -636,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--plot", help="also write a PNG of the metrics against the number of facts")
     compare.add_argument("--model", default=DEFAULT_MODEL,
                          help="'default' (SmolLM2-135M-Instruct) or a Hugging Face model directory")
-    compare.add_argument("--hparam", type=_hparam, action="append", default=[], metavar="NAME=VALUE",
+    compare.add_argument("--hparam", type=hparam_argument, action="append", default=[], metavar="NAME=VALUE",
                          help="NeuralDB editing hyperparameter (see EditHParams), e.g. layer=10; repeatable")
     compare.add_argument("--memit-weight", type=_positive_float, default=baseline.memit_weight, metavar="LAMBDA",
                          help=f"MEMIT's λ on E[k kᵀ] ({baseline.memit_weight:g}; chosen by efficacy on the "
