@@ -16,7 +16,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from neuraldb_kernels.serving import stop_server
 from neuraldb_kernels.workspace import Workspace
 
 PROMPTS = [
@@ -127,12 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                                   "max_tokens": args.max_tokens, "write_s": round(write, 1),
                                   "first_request_s": round(warm, 2), **run_clients(port, args)}), flush=True)
         finally:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_server(server, timeout=120)
             log.close()
 
 

@@ -6,11 +6,13 @@ References: float64 cosines and the gate rule computed here from the stored keys
 projection's output without retrieval."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from neuraldb_kernels.serving import LiveRetrieval, engine_arguments, serve_command, served_database
+from neuraldb_kernels.serving import LiveRetrieval, engine_arguments, serve_command, served_database, stop_server
 from neuraldb_kernels.serving.launch import server_environment
 from neuraldb_kernels.store import ModelFingerprint, NeuralDB
 from neuraldb_kernels.integration.fingerprint import down_proj_sha256
@@ -249,3 +251,16 @@ def test_neuraldb_serve_without_vllm_names_the_extra(neuraldb, served_dir, monke
                         lambda name, *args: None if name == "vllm" else real_find_spec(name, *args))
     code, _, err = neuraldb("serve", "--db", served_dir)
     assert code == 1 and 'pip install -e ".[vllm]"' in err
+
+
+def test_stop_server_interrupts_then_kills_a_server_that_ignores_the_interrupt():
+    ready = "import signal, sys, time; {}; print('up', flush=True); time.sleep(60)"
+    polite = subprocess.Popen([sys.executable, "-c", ready.format("pass")], stdout=subprocess.PIPE, text=True)
+    assert polite.stdout.readline() == "up\n"
+    assert stop_server(polite, timeout=30) is True
+    assert polite.returncode != 0 and polite.returncode is not None  # KeyboardInterrupt, not the full sleep
+    stubborn = subprocess.Popen([sys.executable, "-c", ready.format("signal.signal(signal.SIGINT, signal.SIG_IGN)")],
+                                stdout=subprocess.PIPE, text=True)
+    assert stubborn.stdout.readline() == "up\n"
+    assert stop_server(stubborn, timeout=1) is False
+    assert stubborn.returncode == -9  # killed

@@ -12,7 +12,6 @@ import contextlib
 import importlib.metadata
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +30,7 @@ if not any(entry.value.startswith("neuraldb_kernels.serving") for entry in
 
 from neuraldb_kernels import attach  # noqa: E402
 from neuraldb_kernels.integration import load_default_model  # noqa: E402
-from neuraldb_kernels.serving import engine_arguments  # noqa: E402
+from neuraldb_kernels.serving import engine_arguments, stop_server  # noqa: E402
 from neuraldb_kernels.workspace import Workspace  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -205,12 +204,7 @@ def test_server_answers_and_follows_live_edits(smollm2, planted, tmp_path):
         worker.join(timeout=300)
         assert in_flight["usage"]["completion_tokens"] == 48 and in_flight["choices"][0]["finish_reason"] == "length"
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        if not stop_server(server, timeout=120):
             pytest.fail("neuraldb serve did not stop within 120 s of SIGINT")
         log.close()
     assert server.returncode == 0, (tmp_path / "server.log").read_text()[-3000:]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import torch
 
@@ -234,15 +234,20 @@ class Attachment:
         Ids are resolved here, from the snapshot that forward read, so they are right even if the
         database changed since. Inputs with more than two leading dims are flattened to (batch, -1).
         """
-        if self.last is None:
-            return []
-        rows = self.last.index.shape[0] if self.last.index.dim() >= 2 else 1
-        index = self.last.index.reshape(rows, -1)
-        score = self.last.score.reshape(rows, -1)
-        where = (index >= 0).nonzero().tolist()
-        ids = self.last.snapshot.ids_at(index[index >= 0].cpu())
-        values = score[index >= 0].tolist()
-        return [Firing(b, t, fact_id, value) for (b, t), fact_id, value in zip(where, ids, values)]
+        return [] if self.last is None else firings(self.last, self.last.snapshot.ids_at)
+
+
+def firings(record: ForwardRecord, ids_at: Callable[[torch.Tensor], List[str]]) -> List[Firing]:
+    """The `Firing`s of one forward's `record`, in (batch, position) order; `ids_at(rows)` maps the
+    fired rows (int64, CPU, in that order) to fact ids. Inputs with more than two leading dims are
+    flattened to (batch, -1)."""
+    rows = record.index.shape[0] if record.index.dim() >= 2 else 1
+    index = record.index.reshape(rows, -1)
+    score = record.score.reshape(rows, -1)
+    where = (index >= 0).nonzero().tolist()
+    ids = ids_at(index[index >= 0].cpu())
+    values = score[index >= 0].tolist()
+    return [Firing(b, t, fact_id, value) for (b, t), fact_id, value in zip(where, ids, values)]
 
 
 def attachment_on(module: torch.nn.Module) -> Optional[Attachment]:

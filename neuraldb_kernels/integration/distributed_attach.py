@@ -36,7 +36,7 @@ import torch
 from ..distributed import ShardedNeuralDB
 from ..distributed.collectives import Communicator
 from ..distributed.retrieval import DEFAULT_EXCHANGE, EXCHANGES, ShardRows, ShardedRetrieval, retrieve_sharded
-from .attach import Attachment, Firing, ForwardRecord, hook_target
+from .attach import Attachment, Firing, ForwardRecord, firings, hook_target
 
 
 class DistributedAttachment(Attachment):
@@ -78,11 +78,7 @@ class DistributedAttachment(Attachment):
         ids = {row: fact_id for part in self.comm.all_gather_object(local, "fired() ids") for row, fact_id in part.items()}
         if self.last is None:
             return []
-        rows = self.last.index.shape[0] if self.last.index.dim() >= 2 else 1
-        index = self.last.index.reshape(rows, -1)
-        score = self.last.score.reshape(rows, -1)
-        where = (index >= 0).nonzero().tolist()
-        return [Firing(b, t, ids[int(index[b, t])], float(score[b, t])) for b, t in where]
+        return firings(self.last, lambda rows: [ids[row] for row in rows.tolist()])
 
     def __repr__(self) -> str:
         state = ("paused" if self.is_paused else "attached") if self.attached else "detached"

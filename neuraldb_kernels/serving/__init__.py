@@ -5,10 +5,11 @@ the model classes of model.py), with facts added and removed live through the sa
   batch, reading the database file other processes write (no vLLM import: testable anywhere).
 - model.py: vLLM's Llama / Mistral / Qwen2 classes with a `LiveRetrieval` at the database's layer.
 - plugin.py: the entry point that registers them.
-- launch.py: the engine arguments for a database directory, and `neuraldb serve`.
+- launch.py: the engine arguments for a database directory, `neuraldb serve`, and stopping a server.
 """
 
-from .launch import ServedDatabase, engine_arguments, serve_command, served_database
+from .launch import ServedDatabase, engine_arguments, serve_command, served_database, stop_server
 from .retrieval import LiveRetrieval
 
-__all__ = ["LiveRetrieval", "ServedDatabase", "engine_arguments", "serve_command", "served_database"]
+__all__ = ["LiveRetrieval", "ServedDatabase", "engine_arguments", "serve_command", "served_database",
+           "stop_server"]

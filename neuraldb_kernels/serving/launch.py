@@ -18,6 +18,8 @@ import dataclasses
 import importlib.util
 import json
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -142,3 +144,16 @@ def serve(command: Sequence[str]) -> None:
     """Replace this process with the server `command` (from `serve_command`); returns only on failure
     to start it (OSError)."""
     os.execve(command[0], list(command), server_environment())
+
+
+def stop_server(server: subprocess.Popen, timeout: float = 120.0) -> bool:
+    """Stop a server process started from `serve_command` as Ctrl-C would (SIGINT: vLLM shuts its
+    engine down cleanly); True if it exited within `timeout` seconds, else it is killed and False."""
+    server.send_signal(signal.SIGINT)
+    try:
+        server.wait(timeout=timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+        return False
