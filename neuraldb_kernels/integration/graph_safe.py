@@ -188,18 +188,17 @@ class GraphSafeAttachment(Attachment):
         self.synced = SyncReport(snapshot.version, m, capacity, True, reallocated)
         return self.synced
 
-    def _add_retrieval(self, module, args, output):
-        if self._paused:
-            return None  # the output stays as the module computed it
+    def _retrieve(self, hidden: torch.Tensor, dtype: torch.dtype):
+        """`Attachment._retrieve` over the synced buffers: traced, not a graph break, and no record."""
         buffers = self.buffers
-        if output.dtype != buffers.residuals.dtype or output.device != buffers.residuals.device:
+        if dtype != buffers.residuals.dtype or hidden.device != buffers.residuals.device:
             raise RuntimeError(
-                f"the layer's output is {output.dtype} on {output.device}, the synced buffers are "
+                f"the layer's output is {dtype} on {hidden.device}, the synced buffers are "
                 f"{buffers.residuals.dtype} on {buffers.residuals.device}: call sync() after moving the model "
                 "(under autocast, which computes in another dtype than the weights, use attach without graph_safe)")
-        retrieved, index, _ = gated_retrieve_prechecked(args[0], buffers.keys, buffers.residuals, buffers.thresholds,
+        retrieved, index, _ = gated_retrieve_prechecked(hidden, buffers.keys, buffers.residuals, buffers.thresholds,
                                                         backend=self.backend)
-        return torch.where((index >= 0).unsqueeze(-1), output + retrieved, output)
+        return retrieved, index
 
     def detach(self) -> None:
         """Remove the hook and free the buffers (see `Attachment.detach`)."""
