@@ -95,6 +95,22 @@ class RowBuffers:
                     setattr(self, name, self._grown(buffer[: self.count], self.capacity))
             self._shared = names != self._NAMES
 
+    def _append_rows(self, values: tuple[torch.Tensor, ...]) -> None:
+        """Write one tensor per buffer (in `_NAMES` order, n rows each) as rows m .. m + n - 1;
+        `reserve` made room."""
+        n = values[0].shape[0]
+        for name, rows in zip(self._NAMES, values):
+            getattr(self, name)[self.count : self.count + n].copy_(rows)
+        self.count += n
+
+    def _overwrite_rows(self, rows: torch.Tensor, values: tuple[torch.Tensor, ...]) -> None:
+        """Write one tensor per buffer (in `_NAMES` order) at int64 indices `rows` (all < m)."""
+        self._unshare()
+        rows = rows.to(getattr(self, self._NAMES[0]).device)
+        for name, rows_values in zip(self._NAMES, values):
+            buffer = getattr(self, name)
+            buffer.index_copy_(0, rows, rows_values.to(buffer.device, buffer.dtype))
+
     def move_and_truncate(self, sources: torch.Tensor, targets: torch.Tensor, count: int) -> None:
         """Copy rows `sources` onto rows `targets` (int64, equal length), then keep the first `count`."""
         self._unshare()  # rows >= count will be rewritten by later appends: a snapshot may still show them
@@ -159,22 +175,13 @@ class ViewBuffers(RowBuffers):
     def append(self, keys: torch.Tensor, residuals: torch.Tensor, key_gammas: torch.Tensor, gamma: float) -> None:
         """Append rows (any device/dtype, converted here), with (n,) float32 thresholds (NaN: the
         database's gamma `gamma`); `reserve` must have made room."""
-        n = keys.shape[0]
-        gammas, defaults = self._resolved(key_gammas, gamma)
-        for name, rows in zip(self._NAMES, (keys, residuals, gammas, defaults)):
-            getattr(self, name)[self.count : self.count + n].copy_(rows)
-        self.count += n
+        self._append_rows((keys, residuals, *self._resolved(key_gammas, gamma)))
 
     def overwrite(self, rows: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor, key_gammas: torch.Tensor,
                   gamma: float) -> None:
         """Replace the rows at int64 indices `rows` (all < m) with `keys` / `residuals` / thresholds
         (as for `append`)."""
-        self._unshare()
-        rows = rows.to(self._keys.device)
-        gammas, defaults = self._resolved(key_gammas, gamma)
-        for name, values in zip(self._NAMES, (keys, residuals, gammas, defaults)):
-            buffer = getattr(self, name)
-            buffer.index_copy_(0, rows, values.to(buffer.device, buffer.dtype))
+        self._overwrite_rows(rows, (keys, residuals, *self._resolved(key_gammas, gamma)))
 
     def set_default_gamma(self, gamma: float) -> None:
         """Give the rows that use the database's gamma the new value `gamma`."""
@@ -205,17 +212,12 @@ class KeyCodeBuffers(RowBuffers):
     def append(self, keys: torch.Tensor) -> None:
         """Encode (n, d1) `keys` (the view's new rows) as rows m .. m + n - 1; `reserve` made room."""
         encoded = encode_rows(keys, self.format)
-        for name, rows in zip(self._NAMES, (encoded.codes, encoded.scale, encoded.error, encoded.norm)):
-            getattr(self, name)[self.count : self.count + keys.shape[0]].copy_(rows)
-        self.count += keys.shape[0]
+        self._append_rows((encoded.codes, encoded.scale, encoded.error, encoded.norm))
 
     def overwrite(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
         """Encode (len(rows), d1) `keys` (the view's rewritten rows) at int64 indices `rows`."""
-        self._unshare()
         encoded = encode_rows(keys, self.format)
-        rows = rows.to(self._codes.device)
-        for name, values in zip(self._NAMES, (encoded.codes, encoded.scale, encoded.error, encoded.norm)):
-            getattr(self, name).index_copy_(0, rows, values)
+        self._overwrite_rows(rows, (encoded.codes, encoded.scale, encoded.error, encoded.norm))
 
 
 class KeyRowsListener(Protocol):
