@@ -144,6 +144,26 @@ def test_upsert_replaces_in_place_and_persists(tmp_path):
         assert torch.equal(db.get("fact-3").key, keys[3].float())
 
 
+def test_metadata_reads_every_live_fact_without_vectors_and_only_what_this_connection_sees(tmp_path):
+    keys, residuals, ids, metadata = _facts(7)
+    with NeuralDB(tmp_path / "all.ndb", d1=D1, d2=D2) as db:
+        db.add(keys, residuals, ids, metadata)
+        db.delete(["fact-2"])
+        expected = {fact_id: db.get(fact_id).metadata for fact_id in ids if fact_id != "fact-2"}
+        assert all(expected[fact_id].items() >= meta.items() for fact_id, meta in zip(ids, metadata)
+                   if fact_id != "fact-2")  # what was given, plus the store's created_at
+        assert db.metadata() == expected and list(db.metadata()) == list(expected)  # insertion order
+        more_keys, more_residuals, _, _ = _facts(1, seed=1)
+        with NeuralDB.open(tmp_path / "all.ndb") as other:
+            other.delete(["fact-4"])
+            other.add(more_keys, more_residuals, ["late"], [{"subject": "late"}])
+        assert list(db.metadata()) == [f"fact-{i}" for i in (0, 1, 3, 5, 6)]  # "late" unseen before refresh
+        db.refresh()
+        assert list(db.metadata()) == [f"fact-{i}" for i in (0, 1, 3, 5, 6)] + ["late"]
+    with pytest.raises(ValueError, match="closed"):
+        db.metadata()
+
+
 def test_metadata_where_finds_facts_by_a_metadata_field(tmp_path):
     keys, residuals, ids, metadata = _facts(1203)
     for i in range(0, 1203, 3):

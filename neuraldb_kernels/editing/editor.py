@@ -546,11 +546,12 @@ class _Pool:
 
     @classmethod
     def of(cls, facts: Sequence[Fact], db: Optional[NeuralDB] = None) -> "_Pool":
-        """The pool of `facts` and, when given, of every fact stored in `db` (one read of its metadata)."""
+        """The pool of `facts` and, when given, of every fact stored in `db` (one read of its
+        metadata, no vectors)."""
         facts = list(facts)
-        for stored in () if db is None else db.facts():
+        for fact_id, metadata in ({} if db is None else db.metadata()).items():
             try:
-                facts.append(Fact.from_metadata(stored.id, stored.metadata))
+                facts.append(Fact.from_metadata(fact_id, metadata))
             except FactError:
                 continue  # not written by the Editor: no subject or prompt to draw from
         pairs = [(fact.subject, fact.filled_prompt[: fact.subject_span[0]]) for fact in facts]

@@ -654,6 +654,15 @@ class NeuralDB:
             self._check_open()
             return {fact_id: json.loads(text) for fact_id, text in schema.metadata_where(self._conn, field, values)}
 
+    def metadata(self) -> dict[str, dict[str, Any]]:
+        """{id: metadata} of every fact this connection sees that the file still holds (`refresh()`
+        first to see other connections' writes), in insertion order: one read of the metadata
+        column, no vectors (cheaper than `facts()` when only metadata is needed)."""
+        with self._lock, schema.sqlite_errors(self._where):
+            self._check_open()
+            return {fact_id: json.loads(text) for fact_id, text in schema.all_metadata(self._conn)
+                    if fact_id in self._live}
+
     def _metadata_of(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         with self._lock, schema.sqlite_errors(self._where):
             self._check_open()

@@ -376,6 +376,11 @@ def metadata_of(conn: sqlite3.Connection, ids: list[str]) -> Iterator[tuple[str,
         yield from conn.execute(f"SELECT id, metadata FROM facts WHERE id IN ({marks})", part)
 
 
+def all_metadata(conn: sqlite3.Connection) -> Iterator[tuple[str, str]]:
+    """(id, metadata JSON text) of every fact, in insertion order (no vector is read)."""
+    yield from conn.execute("SELECT id, metadata FROM facts ORDER BY seq")
+
+
 def metadata_where(conn: sqlite3.Connection, field: str, values: list[Any]) -> Iterator[tuple[str, str]]:
     """(id, metadata JSON text) of the facts whose metadata[field] is one of `values` (str or
     numbers; `field` holds no '"'), in insertion order within each chunk of values."""
