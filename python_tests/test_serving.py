@@ -255,7 +255,10 @@ def test_neuraldb_serve_without_vllm_names_the_extra(neuraldb, served_dir, monke
 
 def test_stop_server_interrupts_then_kills_a_server_that_ignores_the_interrupt():
     ready = "import signal, sys, time; {}; print('up', flush=True); time.sleep(60)"
-    polite = subprocess.Popen([sys.executable, "-c", ready.format("pass")], stdout=subprocess.PIPE, text=True)
+    # the default handler set explicitly: a job started in the background inherits SIGINT ignored
+    polite = subprocess.Popen([sys.executable, "-c",
+                               ready.format("signal.signal(signal.SIGINT, signal.default_int_handler)")],
+                              stdout=subprocess.PIPE, text=True)
     assert polite.stdout.readline() == "up\n"
     assert stop_server(polite, timeout=30) is True
     assert polite.returncode != 0 and polite.returncode is not None  # KeyboardInterrupt, not the full sleep
