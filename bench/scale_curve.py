@@ -236,14 +236,23 @@ def edit_to_size(workspace, state: CurveState, curve: CurveFacts, size: int, hpa
 
 
 def size_entry(workspace, state: CurveState, curve: CurveFacts, size: int, cases, texts, compare: str) -> dict:
-    """Score the cases and preservation with the database attached; the size's entry."""
+    """Score the cases and preservation with the database attached; the size's entry. The
+    specificity over neighbourhood prompts naming no stored subject is scored unedited too (its
+    prompts depend on the size): `unedited_subject_metrics`."""
     from neuraldb_kernels.evaluation import case_scores, metrics_from_case_scores, preservation_metrics
+    from neuraldb_kernels.evaluation.counterfact import UNEDITED_SUBJECTS_METRIC
     from neuraldb_kernels.integration import attach
 
     model, tokenizer, db = workspace.model, workspace.tokenizer, workspace.db
+    subjects = {metadata["subject"] for metadata in db.metadata().values() if isinstance(metadata.get("subject"), str)}
     started = time.perf_counter()
     with attach(model, db):
-        metrics = metrics_from_case_scores(case_scores(model, tokenizer, cases, compare=compare))
+        metrics = metrics_from_case_scores(case_scores(model, tokenizer, cases, compare=compare,
+                                                       edited_subjects=subjects))
+    neighbourhood_only = [dataclasses.replace(case, paraphrase_prompts=()) for case in cases]
+    unedited = metrics_from_case_scores(case_scores(model, tokenizer, neighbourhood_only, compare=compare,
+                                                    edited_subjects=subjects))
+    unedited_subject_metrics = {name: unedited[name] for name in (UNEDITED_SUBJECTS_METRIC,) if name in unedited}
     scored = time.perf_counter()
     metrics.update(preservation_metrics(model, tokenizer, db, texts))
     finished = time.perf_counter()
@@ -253,7 +262,7 @@ def size_entry(workspace, state: CurveState, curve: CurveFacts, size: int, cases
         for stage, seconds in segment.get("stage_seconds", {}).items():
             stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
     return {"facts_in_database": len(db), "key_rows": db.key_rows, "synthetic_facts": sum(curve.synthetic[:size]),
-            "metrics": metrics, "edited_facts": sum(segment["facts"] for segment in segments),
+            "metrics": metrics, "unedited_subject_metrics": unedited_subject_metrics, "edited_facts": sum(segment["facts"] for segment in segments),
             "edit_seconds": sum(segment["seconds"] for segment in segments), "edit_stage_seconds": stage_seconds,
             "edit_segments": segments, "eval_seconds": {"cases": scored - started, "preservation": finished - scored},
             "peak_rss_mb": peak_rss_mb(), "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -265,7 +274,8 @@ def write_reports(directory: pathlib.Path, state: CurveState, cases: int) -> Non
 
     reports = []
     for entry in state.data["sizes"].values():
-        report = EvaluationReport(n_facts=entry["facts_in_database"], n_cases=cases, before=state.data["unedited"],
+        before = {**state.data["unedited"], **entry.get("unedited_subject_metrics", {})}
+        report = EvaluationReport(n_facts=entry["facts_in_database"], n_cases=cases, before=before,
                                   after=entry["metrics"])
         (directory / REPORTS_DIR).mkdir(exist_ok=True)
         write_json(report, directory / REPORTS_DIR / f"facts-{report.n_facts}.json")

@@ -109,6 +109,9 @@ def test_unedited_scores_are_the_bare_models(tiny_model_dir, tmp_path):
     from neuraldb_kernels.evaluation import case_scores, cases_from_facts, metrics_from_case_scores
 
     data = write_facts(tmp_path / "facts.json", 4)
+    records = json.loads(data.read_text())
+    records[0]["locality_prompt"] = f"{records[1]['subject']} is located in"  # names an edited subject
+    data.write_text(json.dumps(records))
     state = scale_curve.run(scale_curve.parse_args(command(tmp_path / "curve", data, tiny_model_dir, "--sizes", "2",
                                                            "--eval-cases", "2")[2:]))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -116,7 +119,14 @@ def test_unedited_scores_are_the_bare_models(tiny_model_dir, tmp_path):
     cases = cases_from_facts(read_counterfact(data)[:2])
     bare = metrics_from_case_scores(case_scores(model, tokenizer, cases, compare="token_mean"))
     assert {name: state["unedited"][name] for name in bare} == bare
-    assert state["sizes"]["2"]["facts_in_database"] == 2
+    entry = state["sizes"]["2"]
+    assert entry["facts_in_database"] == 2
+    # the prompts naming no stored subject: case 1's alone, scored on the bare model
+    other = metrics_from_case_scores(case_scores(model, tokenizer, cases[1:], compare="token_mean"))
+    assert entry["unedited_subject_metrics"] == {"specificity_unedited_subjects": other["specificity"]}
+    assert "specificity_unedited_subjects" in entry["metrics"]
+    report = json.loads((tmp_path / "curve" / scale_curve.REPORTS_DIR / "facts-2.json").read_text())
+    assert report["before"]["specificity_unedited_subjects"] == other["specificity"]
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -585,8 +585,9 @@ def test_edit_eval_ask_rm_eval(tmp_path, data_dir):
     assert "efficacy" in out and "specificity" in out and "consistency: not computable" in out
     report = json.loads(report_path.read_text())
     assert report["n_facts"] == 2 and report["n_cases"] == 2
-    assert set(report["after"]) == {"efficacy", "generalization", "specificity", "strict_efficacy",
-                                    "strict_generalization", "strict_specificity", "gate_fire_rate", "kl"}
+    assert set(report["after"]) == {"efficacy", "generalization", "specificity", "specificity_unedited_subjects",
+                                    "strict_efficacy", "strict_generalization", "strict_specificity",
+                                    "gate_fire_rate", "kl"}
     assert report["after"]["efficacy"] == 100.0 and report["before"]["efficacy"] < 100.0
     assert report["before"]["gate_fire_rate"] == 0.0
     code, out, err = neuraldb("eval", "--db", directory, "--data", data, "--limit", "2", "--quiet",

@@ -26,8 +26,8 @@ def test_compare_writes_all_methods_sizes_timings_and_a_plot(neuraldb, tmp_path,
     assert result["settings"] == {"memit_weight": 1000.0, "alphaedit_regularisation": 1.0, "alphaedit_threshold": 0.02}
     assert result["statistics"]["tokens"] >= 2000
     assert [size["n_facts"] for size in result["sizes"]] == [2, 3]
-    metrics = {"efficacy", "generalization", "specificity", "strict_efficacy", "strict_generalization",
-               "strict_specificity", "general_average", *(f"general_{task}" for task in GENERAL_TASKS)}
+    metrics = {"efficacy", "generalization", "specificity", "specificity_unedited_subjects", "strict_efficacy",
+               "strict_generalization", "strict_specificity", "general_average", *(f"general_{task}" for task in GENERAL_TASKS)}
     for size in result["sizes"]:
         assert size["n_cases"] == size["n_facts"]
         assert metrics <= set(size["unedited"])

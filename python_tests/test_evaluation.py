@@ -2,6 +2,7 @@
 aggregation of probability comparisons) and, for everything that runs the model, plain
 per-sequence loops over SmolLM2's logits and activations captured with our own hooks."""
 
+import dataclasses
 import json
 import math
 
@@ -141,6 +142,56 @@ def test_counterfact_metrics_compare_probabilities_and_average_per_case(monkeypa
     assert per_case["generalization"][:2].tolist() == [0.5, 0.0] and per_case["generalization"][2].isnan()
     assert per_case["specificity"][:2].tolist() == pytest.approx([1.0, 2 / 3])
     assert counterfact.metrics_from_case_scores(per_case)["generalization"] == pytest.approx(25.0)
+
+
+@pytest.mark.parametrize("text, subjects, expected", [
+    ("What sport does Hank Aaron play? They play", {"Hank Aaron"}, True),
+    ("What sport does Hank Aarons play?", {"Hank Aaron"}, False),  # a longer word is another name
+    ("The native language of Abraham Lincoln is", {"Abraham"}, True),
+    ("Japanese cuisine", {"Japan"}, False),
+    ("BBC Radio 10 is owned by", {"BBC Radio 1"}, False),
+    ("BBC Radio 1, from", {"BBC Radio 1"}, True),
+    ("USS Sand Lance (SS-381) was rated", {"USS Sand Lance (SS-381)"}, True),
+    ("Sand Lance (SS-381)'s home port", {"(SS-381)"}, True),
+    ("_Paris is", {"Paris"}, False),  # an underscore is a word character
+    ("Renault 5 is made by", {"Renault 4", "Renault"}, True),
+    ("renault 5 is made by", {"Renault"}, False),  # case-sensitive
+    ("anything", set(), False),
+])
+def test_names_a_subject_matches_whole_words(text, subjects, expected):
+    import re
+
+    reference = any(re.search(r"(?<!\w)" + re.escape(s) + r"(?!\w)", text) for s in subjects)
+    assert reference == expected  # the case table itself, checked against regex's word boundaries
+    assert counterfact.names_a_subject(text, frozenset(subjects)) == expected
+
+
+def test_specificity_unedited_subjects_leaves_out_prompts_naming_an_edited_subject(monkeypatch):
+    import re
+
+    # neighbourhood prompts won (W) or lost (L); some name an edited subject
+    table = {"W Alpha Beta": (-1.0, -2.0), "L Gamma": (-3.0, -1.0), "W plain": (-1.0, -2.0),
+             "L Alpha Betamax": (-3.0, -1.0), "W Gamma Ray": (-1.0, -2.0)}
+    monkeypatch.setattr(counterfact, "score_targets", lambda m, t, prompts, targets, batch_size: TargetScores(
+        torch.tensor([table.get(p, (-1.0, -2.0)) for p in prompts], dtype=torch.float64), None, None))
+    cases = [_case(0, [], [("W Alpha Beta", "a"), ("L Gamma", "b"), ("W plain", "c")]),
+             _case(1, [], [("L Alpha Betamax", "d")]),
+             _case(2, [], [("L Gamma", "e"), ("W Gamma Ray", "f")]),
+             _case(3, [], [("L Gamma", "g")])]
+    subjects = {"Alpha Beta", "Gamma"}
+    result = counterfact.case_scores(None, None, cases, edited_subjects=subjects)
+    # independent reference: the same cases with those prompts removed (regex word boundaries)
+    named = lambda p: any(re.search(r"(?<!\w)" + re.escape(s) + r"(?!\w)", p) for s in subjects)
+    kept = [dataclasses.replace(c, neighborhood=tuple(n for n in c.neighborhood if not named(n[0]))) for c in cases]
+    reference = counterfact.case_scores(None, None, kept)["specificity"]
+    torch.testing.assert_close(result["specificity_unedited_subjects"], reference, equal_nan=True)
+    assert result["specificity_unedited_subjects"][:2].tolist() == [1.0, 0.0]
+    assert result["specificity_unedited_subjects"][2:].isnan().all()  # every prompt names "Gamma"
+    assert result["specificity"].tolist() == pytest.approx([2 / 3, 0.0, 0.5, 0.0])  # unchanged
+    assert "specificity_unedited_subjects" not in counterfact.case_scores(None, None, cases)
+    # no edited subjects: the same as specificity
+    none = counterfact.case_scores(None, None, cases, edited_subjects=[])
+    torch.testing.assert_close(none["specificity_unedited_subjects"], none["specificity"])
 
 
 def test_token_mean_comparison_divides_by_target_length(monkeypatch):
@@ -357,9 +408,12 @@ def test_evaluate_with_a_silent_database_changes_nothing(smollm2, data_dir):
     lines = []
     report = evaluate(model, tokenizer, _empty_db(model), cases, log=lines.append)
     assert report.n_cases == 2 and report.n_facts == 0 and len(lines) == 3
-    assert set(report.before) == {"efficacy", "generalization", "specificity", "strict_efficacy",
-                                  "strict_generalization", "strict_specificity", "gate_fire_rate", "kl"}
+    assert set(report.before) == {"efficacy", "generalization", "specificity", "specificity_unedited_subjects",
+                                  "strict_efficacy", "strict_generalization", "strict_specificity",
+                                  "gate_fire_rate", "kl"}
     assert report.after == report.before
+    # no stored subjects: no neighbourhood prompt is left out
+    assert report.before["specificity_unedited_subjects"] == report.before["specificity"]
     reference = counterfact.probability_metrics(model, tokenizer, cases)
     assert {k: report.before[k] for k in reference} == reference
     strict = strict_metrics(model, tokenizer, cases).as_dict()

@@ -243,7 +243,8 @@ def preserved_key_statistics(model, tokenizer, layer: int, general_data: str | P
 
 
 def _scores(model, tokenizer, cases, general_data, general_limit, general_seed, batch_size) -> dict[str, float]:
-    metrics = model_metrics(model, tokenizer, cases, batch_size=batch_size)
+    metrics = model_metrics(model, tokenizer, cases, batch_size=batch_size,
+                            edited_subjects={case.subject for case in cases})
     if general_data is not None:
         metrics.update(general_metrics(model, tokenizer, general_data, limit=general_limit, seed=general_seed))
     return metrics

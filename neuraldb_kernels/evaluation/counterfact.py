@@ -7,6 +7,12 @@ For a case with subject s, new object o* (target_new) and true object o (target_
     generalization  mean over paraphrase prompts of [P(o* | p) > P(o | p)]
     specificity     mean over neighbourhood prompts n (other subjects, true answer o_n) of
                     [P(o_n | n) > P(o* | n)]
+    specificity_unedited_subjects
+                    the same over the neighbourhood prompts that name no edited subject (given
+                    `edited_subjects`, whole words): once many facts are stored, some neighbourhood
+                    prompts are about a subject that is itself edited ("What sport does Hank Aaron
+                    play?" with Hank Aaron in the database), where an edit that fires is doing its
+                    job or applies the subject's other edited relation; this metric leaves them out
 
 P is the probability of the target's whole token sequence (see scoring.py), so multi-token
 targets compare as wholes (compare="sequence", the default). compare="token_mean" compares the
@@ -23,7 +29,7 @@ Cases are built from the editing package's `Fact`s (its readers put a record's t
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -92,14 +98,35 @@ def case_from_fact(fact, position: int) -> CounterFactCase:
 
 COMPARISONS = ("sequence", "token_mean")
 PROBABILITY_METRICS = ("efficacy", "generalization", "specificity")
+UNEDITED_SUBJECTS_METRIC = "specificity_unedited_subjects"
+
+
+def _is_word_character(character: str) -> bool:
+    return character.isalnum() or character == "_"
+
+
+def names_a_subject(text: str, subjects: frozenset[str] | set[str], longest: int | None = None) -> bool:
+    """Whether `text` contains one of `subjects` as whole words (case-sensitive; neither neighbour
+    of the match is a letter, digit or underscore, like regex's (?<!\\w)subject(?!\\w)). `longest`:
+    the longest subject's length in characters (computed when None)."""
+    if not subjects:
+        return False
+    longest = max(map(len, subjects)) if longest is None else longest
+    starts = [i for i in range(len(text)) if i == 0 or not _is_word_character(text[i - 1])]
+    ends = {j for j in range(1, len(text) + 1) if j == len(text) or not _is_word_character(text[j])}
+    return any(text[i:j] in subjects for i in starts for j in range(i + 1, min(len(text), i + longest) + 1)
+               if j in ends)
 
 
 def case_scores(model, tokenizer, cases: Sequence[CounterFactCase], *,
-                batch_size: int = 32, compare: str = "sequence") -> dict[str, torch.Tensor]:
+                batch_size: int = 32, compare: str = "sequence",
+                edited_subjects: Collection[str] | None = None) -> dict[str, torch.Tensor]:
     """Per case, the share of its tests won, for each of PROBABILITY_METRICS that some case has
     prompts for: (n_cases,) float64 in [0, 1], NaN for a case without such prompts. All pairs are
     scored in one batched pass. compare: "sequence" (whole-target log-probabilities) or
-    "token_mean" (mean per-token log-probabilities, ROME's convention)."""
+    "token_mean" (mean per-token log-probabilities, ROME's convention). edited_subjects: the
+    subjects of the edited facts (e.g. a database's); given, UNEDITED_SUBJECTS_METRIC is added (its
+    specificity tests whose prompt names none of them, see `names_a_subject`)."""
     if compare not in COMPARISONS:
         raise ValueError(f"compare must be one of {COMPARISONS}, got {compare!r}")
     if not cases:
@@ -120,8 +147,20 @@ def case_scores(model, tokenizer, cases: Sequence[CounterFactCase], *,
     scored = score_targets(model, tokenizer, prompts, pairs, batch_size=batch_size)
     scores = scored.log_prob if compare == "sequence" else scored.log_prob / scored.n_tokens
     hits = (scores[:, 0] > scores[:, 1]).double()
+    names = PROBABILITY_METRICS
+    source = list(range(len(prompts)))  # per test: the scored pair it reads
+    if edited_subjects is not None:
+        subjects = frozenset(edited_subjects)
+        longest = max(map(len, subjects), default=0)
+        for t in range(len(prompts)):
+            if metrics[t] == "specificity" and not names_a_subject(prompts[t], subjects, longest):
+                metrics.append(UNEDITED_SUBJECTS_METRIC)
+                owners.append(owners[t])
+                source.append(t)
+        names += (UNEDITED_SUBJECTS_METRIC,)
+    hits = hits[source]
     result: dict[str, torch.Tensor] = {}
-    for metric in PROBABILITY_METRICS:
+    for metric in names:
         tests = torch.tensor([t for t, name in enumerate(metrics) if name == metric], dtype=torch.long)
         if len(tests):
             owner = torch.tensor(owners)[tests]
@@ -137,10 +176,13 @@ def metrics_from_case_scores(scores: Mapping[str, torch.Tensor]) -> dict[str, fl
 
 
 def probability_metrics(model, tokenizer, cases: Sequence[CounterFactCase], *,
-                        batch_size: int = 32, compare: str = "sequence") -> dict[str, float]:
-    """efficacy, generalization, specificity in percent: the mean over cases of the share of their
-    tests won (a key is absent when no case has such prompts); see `case_scores`."""
-    return metrics_from_case_scores(case_scores(model, tokenizer, cases, batch_size=batch_size, compare=compare))
+                        batch_size: int = 32, compare: str = "sequence",
+                        edited_subjects: Collection[str] | None = None) -> dict[str, float]:
+    """efficacy, generalization, specificity (and with `edited_subjects`
+    specificity_unedited_subjects) in percent: the mean over cases of the share of their tests won
+    (a key is absent when no case has such prompts); see `case_scores`."""
+    return metrics_from_case_scores(case_scores(model, tokenizer, cases, batch_size=batch_size, compare=compare,
+                                                edited_subjects=edited_subjects))
 
 
 def generation_metrics(model, tokenizer, cases: Sequence[CounterFactCase], *,

@@ -17,7 +17,7 @@ prompts + true answers; ZsRE `loc` + `loc_ans`) unless other texts are given.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +89,16 @@ def load_cases(path: str | Path, format: str | None = None, limit: int | None = 
 
 def model_metrics(model, tokenizer, cases, *, references: Mapping[tuple[str, str], list[str]] | None = None,
                   batch_size: int = 32, max_new_tokens: int = 100, compare: str = "sequence",
-                  strict: bool = True, fluency: bool = True) -> dict[str, float]:
-    """The case metrics of `model` as it is now (bare or with whatever is attached); `compare` as in
-    `counterfact.probability_metrics` (CounterFact only); `strict`: also the strict_* metrics;
-    `fluency`: also fluency / consistency where the cases allow (CounterFact only)."""
+                  strict: bool = True, fluency: bool = True,
+                  edited_subjects: Collection[str] | None = None) -> dict[str, float]:
+    """The case metrics of `model` as it is now (bare or with whatever is attached); `compare` and
+    `edited_subjects` as in `counterfact.probability_metrics` (CounterFact only); `strict`: also the
+    strict_* metrics; `fluency`: also fluency / consistency where the cases allow (CounterFact only)."""
     if isinstance(cases[0], ZsRECase):
         metrics = zsre.accuracy_metrics(model, tokenizer, cases, batch_size=batch_size)
     else:
-        metrics = counterfact.probability_metrics(model, tokenizer, cases, batch_size=batch_size, compare=compare)
+        metrics = counterfact.probability_metrics(model, tokenizer, cases, batch_size=batch_size, compare=compare,
+                                                  edited_subjects=edited_subjects)
         if fluency:
             metrics.update(counterfact.generation_metrics(model, tokenizer, cases, references=references,
                                                           max_new_tokens=max_new_tokens))
@@ -143,8 +145,9 @@ def evaluate(model, tokenizer, db, cases, *, attach_options: Mapping[str, Any] |
              log: Callable[[str], None] | None = None) -> EvaluationReport:
     """Score `cases` on the bare `model`, then with `db` attached (`attach(model, db,
     **attach_options)`, detached afterwards), then preservation on `unrelated_texts` (default: the
-    cases' own unrelated text). `compare`: see `counterfact.probability_metrics`; `strict`: also the
-    strict generation metrics; `general_data`: a general-data folder, whose six tasks are then
+    cases' own unrelated text). `compare`: see `counterfact.probability_metrics`; the database's
+    subjects (metadata "subject") give specificity_unedited_subjects; `strict`: also the strict
+    generation metrics; `general_data`: a general-data folder, whose six tasks are then
     scored before and after on `general_limit` items each (seeded by `general_seed`). `log`
     receives one progress line per phase."""
     from ..integration import attach
@@ -157,9 +160,13 @@ def evaluate(model, tokenizer, db, cases, *, attach_options: Mapping[str, Any] |
     if general_data is not None and not Path(general_data).is_dir():
         raise FileNotFoundError(f"the general-ability data folder {general_data} does not exist")
 
+    edited_subjects = {metadata["subject"] for metadata in db.metadata().values()
+                       if isinstance(metadata.get("subject"), str)}
+
     def score() -> dict[str, float]:
         metrics = model_metrics(model, tokenizer, cases, references=references, batch_size=batch_size,
-                                max_new_tokens=max_new_tokens, compare=compare, strict=strict)
+                                max_new_tokens=max_new_tokens, compare=compare, strict=strict,
+                                edited_subjects=edited_subjects)
         if general_data is not None:
             metrics.update(general_metrics(model, tokenizer, general_data, limit=general_limit, seed=general_seed))
         return metrics

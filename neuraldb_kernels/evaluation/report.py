@@ -8,6 +8,8 @@ JSON layout (what `neuraldb eval --json` writes):
 
 Metrics and units (a metric is absent where the data cannot support it):
     efficacy, generalization, specificity   percent (0-100), teacher-forced probabilities
+    specificity_unedited_subjects  percent: specificity over the neighbourhood prompts that name no
+                   subject of the database (counterfact.py)
     strict_efficacy, strict_generalization, strict_specificity
                    percent: greedy generation starts with the expected answer (strict.py)
     fluency        ROME's weighted n-gram entropy x 100 (bits x 100, e.g. ~600 for fluent text)
@@ -34,9 +36,10 @@ from .general import TASKS as GENERAL_TASKS
 
 STRICT_METRIC_NAMES = ("strict_efficacy", "strict_generalization", "strict_specificity")
 GENERAL_METRICS = tuple(f"general_{task}" for task in GENERAL_TASKS) + ("general_average", "lambada_perplexity")
-METRICS = ("efficacy", "generalization", "specificity", *STRICT_METRIC_NAMES, "fluency", "consistency",
+METRICS = ("efficacy", "generalization", "specificity", "specificity_unedited_subjects", *STRICT_METRIC_NAMES, "fluency", "consistency",
            "gate_fire_rate", "kl", *GENERAL_METRICS)
-UNITS = {"efficacy": "%", "generalization": "%", "specificity": "%", "fluency": "bits x100",
+UNITS = {"efficacy": "%", "generalization": "%", "specificity": "%", "specificity_unedited_subjects": "%",
+         "fluency": "bits x100",
          "consistency": "x100", "gate_fire_rate": "% tokens", "kl": "nats/token",
          **{name: "%" for name in STRICT_METRIC_NAMES}, **{name: "%" for name in GENERAL_METRICS},
          "lambada_perplexity": "perplexity"}
