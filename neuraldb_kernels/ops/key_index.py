@@ -83,8 +83,10 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .contract import FLOAT_DTYPES
+from .contract import FLOAT_DTYPES, _check_tensor, check_gamma, check_key_gamma_values
 from .cpu_backend import _cpu as _cpu_kernels
+from .dispatch import check_backend_name, get_backend, resolve_backend
+from .torch_backend import compressed_candidates as reference_candidates
 
 FORMATS = ("int8", "fp8_e4m3")
 # codes= may name a format by torch dtype
@@ -446,8 +448,6 @@ def candidate_sets(query_rows: torch.Tensor, key_rows: torch.Tensor, n: int, ove
 def _check_call(q, index: KeyIndex, R, gamma):
     """Validate a retrieval through `index`: q (..., d1) and R (m, d2) float tensors on
     index.device, gamma a number or a (m,) float32 tensor there. Returns gamma (float or tensor)."""
-    from .contract import _check_tensor, check_gamma
-
     for name, t in (("q", q), ("R", R)):
         _check_tensor(name, t)
     if q.dim() == 0 or q.shape[-1] != index.d1:
@@ -471,11 +471,6 @@ def retrieve(q: torch.Tensor, index: KeyIndex, R: torch.Tensor, gamma, *, backen
     candidate counts; see the module docstring. Shapes and rules as gated_retrieve's, with the
     KeyIndex in place of K: q, R and a per-key gamma on index.device. No autograd here
     (gated_retrieve adds the gradient to R)."""
-    from .contract import check_key_gamma_values
-    from .dispatch import check_backend_name, get_backend, resolve_backend
-    from .gated_retrieve import _retrieve
-    from .torch_backend import compressed_candidates as reference_candidates
-
     if not isinstance(index, KeyIndex):
         raise TypeError(f"retrieve: index must be a KeyIndex, got {type(index).__name__}")
     gamma = _check_call(q, index, R, gamma)
@@ -487,6 +482,8 @@ def retrieve(q: torch.Tensor, index: KeyIndex, R: torch.Tensor, gamma, *, backen
     n, m = q[..., 0].numel(), index.m
     name = resolve_backend(backend, q.device, (q.dtype, index.key_dtype, R.dtype))
     if n == 0 or m == 0:  # nothing to scan: the full op's own answer
+        from .gated_retrieve import _retrieve  # (gated_retrieve imports this module)
+
         out, found, score = _retrieve(q, index.keys.to(q.device), R, gamma, name)
         nothing = torch.zeros(lead, dtype=torch.int64, device=q.device)
         return CompressedRetrieval(out, found, score, nothing, nothing.bool(), name)
@@ -495,7 +492,8 @@ def retrieve(q: torch.Tensor, index: KeyIndex, R: torch.Tensor, gamma, *, backen
     find = record.candidates if index.format in record.candidate_formats else reference_candidates
     sets = find(quantise_queries(q2d, index.format), index, index.budget())
     overflowed = sets.overflowed
-    union = torch.unique(sets.keys)  # sorted: the lowest-index tie rule carries over
+    # sorted: the lowest-index tie rule carries over (one query's keys already are, and distinct)
+    union = sets.keys if n == 1 else torch.unique(sets.keys)
     if union.numel() == 0:  # every key or every query row has NaN/Inf: any key gives that answer
         union = torch.zeros(1, dtype=torch.int64, device=q.device)
     out = index_out = score = None
