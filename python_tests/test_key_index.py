@@ -188,6 +188,19 @@ def test_cpu_encoder_is_the_same_on_every_thread_count():
         assert all(torch.equal(getattr(results[0], f), getattr(other, f)) for f in ("codes", "scale", "error", "norm"))
 
 
+@pytest.mark.parametrize("encoder", ["cpu", "torch"])
+def test_encode_rows_leaves_room_for_capacity(encoder, monkeypatch):
+    if encoder == "torch":
+        monkeypatch.setattr(ki, "_cpu_kernels", None)
+    elif ki._cpu_kernels is None:
+        pytest.skip("the C++ extension is not built")
+    x = torch.randn(3, 70, generator=torch.Generator().manual_seed(8))
+    plain, roomy = ki.encode_rows(x, "int8"), ki.encode_rows(x, "int8", capacity=10)
+    for f in ("codes", "scale", "error", "norm"):
+        assert getattr(roomy, f).shape[0] == 10 and torch.equal(getattr(roomy, f)[:3], getattr(plain, f))
+    assert ki.encode_rows(x, "int8", capacity=2).codes.shape[0] == 3
+
+
 def test_slack_covers_the_reference_rounding_tolerance(cosine_tolerance):
     for d1 in (1, 64, 1536, 14336):
         assert ki.certified_slack(d1) > cosine_tolerance(d1, torch.float32, torch.float32)

@@ -161,12 +161,14 @@ class EncodedRows:
     norm: torch.Tensor
 
 
-def _encode_rows_cpu(x: torch.Tensor) -> EncodedRows:
+def _encode_rows_cpu(x: torch.Tensor, capacity: int = 0) -> EncodedRows:
     """int8 codes of x's rows by the C++ encoder (csrc/cpu/key_index_cpu_encode.cpp), in blocks
-    of 8192 rows (bfloat16/float16 blocks are widened to float32, exactly)."""
+    of 8192 rows (bfloat16/float16 blocks are widened to float32, exactly), into buffers of
+    max(rows, capacity) rows (the rows past x's left uninitialised)."""
     rows, d1 = x.shape
-    codes = torch.empty(rows, padded_features(d1), dtype=torch.int8)
-    scale, error, norm = (torch.empty(rows, dtype=torch.float32) for _ in range(3))
+    size = max(rows, capacity)
+    codes = torch.empty(size, padded_features(d1), dtype=torch.int8)
+    scale, error, norm = (torch.empty(size, dtype=torch.float32) for _ in range(3))
     for start in range(0, rows, _ENCODE_ROWS):
         end = min(rows, start + _ENCODE_ROWS)
         block = x[start:end]
@@ -175,15 +177,25 @@ def _encode_rows_cpu(x: torch.Tensor) -> EncodedRows:
     return EncodedRows(codes, scale, error, norm)
 
 
-def encode_rows(x: torch.Tensor, fmt: str) -> EncodedRows:
+def encode_rows(x: torch.Tensor, fmt: str, capacity: int = 0) -> EncodedRows:
     """Normalise the rows of x (rows, d1), any float dtype, and encode them in `fmt`, on x's
     device: int8 rows on the CPU by the C++ encoder when the extension is built, otherwise by
-    float64 torch work (module docstring, "Encoding")."""
+    float64 torch work (module docstring, "Encoding"). The results have max(rows, capacity) rows,
+    those past x's uninitialised (room to grow without a copy)."""
     if x.shape[1] >= _ENCODE_MAX_FEATURES:
         raise ValueError(f"KeyIndex: rows of {x.shape[1]} features; the certified bounds hold below {_ENCODE_MAX_FEATURES} features")
     if fmt == "int8" and x.device.type == "cpu" and _cpu_kernels is not None:
-        return _encode_rows_cpu(x)
-    return _encode_rows_torch(x, fmt)
+        return _encode_rows_cpu(x, capacity)
+    encoded = _encode_rows_torch(x, fmt)
+    if capacity <= x.shape[0]:
+        return encoded
+
+    def grown(t: torch.Tensor) -> torch.Tensor:
+        buffer = torch.empty((capacity, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        buffer[: t.shape[0]] = t
+        return buffer
+
+    return EncodedRows(*(grown(getattr(encoded, f)) for f in ("codes", "scale", "error", "norm")))
 
 
 def _encode_rows_torch(x: torch.Tensor, fmt: str) -> EncodedRows:
