@@ -48,10 +48,11 @@ and sums in any order; the torch one (other devices, fp8) divides. Why 2^-30 cov
 for d1 < 2^20 (checked; rows of more features are refused):
 - unit vs k_hat: every y_j carries one relative rounding of the common factor 1 / max|x| (it
   cancels in the normalisation) and at most one of its own (u_d, or 2^-1075 absolute where y_j
-  is subnormal; subnormal rows are first scaled by 2^600, exactly); |y|^2 summed in any order is off by at most (d1 + 1) u_d relative, the square
-  root and its reciprocal add 2 u_d, the product unit_j = y_j / |y| one more. So every unit_j is
-  k_hat_j (1 + e_j) with |e_j| <= (d1 + 8) u_d / 2 + 2 u_d < 2^-32.9, and |unit - k_hat| <= 2^-32.9
-  (|k_hat| = 1).
+  is subnormal; rows with max|x| < 2^-1000 are first scaled by 2^600, exactly); |y|^2 summed in
+  any order is off by at most (d1 + 1) u_d relative, the square root and its reciprocal add 2 u_d,
+  the product unit_j = y_j / |y| one more. So every unit_j is k_hat_j (1 + e_j) with
+  |e_j| <= (d1 + 8) u_d / 2 + 2 u_d < 2^-32.9 (plus d1 2^-1075 absolute in all), and
+  |unit - k_hat| <= 2^-32.9 (|k_hat| = 1).
 - The computed |unit - k~| and |k~|: a subtraction, a square, a sum of d1 terms and a square root,
   (d1 + 4) u_d relative at most, of values <= |unit| + |k~| <= 3: below 3 * 2^-33.
 So |k_hat - k~| <= computed err + 2^-32.9 + 3 * 2^-33 < computed err + 2^-30, and likewise for the
