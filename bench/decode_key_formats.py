@@ -8,15 +8,16 @@ Model: float32 SmolLM2-135M-Instruct, hooked at layer 4; prompt and databases as
 bench/test_bench_decode.py: m - 1 random unit keys (they never fire) and one planted fact keyed on
 the prompt's subject token (it fires in the prefill). --keys FILE: the m - 1 keys are instead the
 first rows of FILE's "K" (the cache bench/key_index_realistic.py writes: SmolLM2's layer-4
-down-projection inputs at every token of LAMBADA passages), realistic keys that may fire too. What is timed: `generate` of --new-tokens
-greedy tokens, batch 1, KV cache (a 10-token prefill, then cached single-token steps). A round,
-for each thread count in turn: bare, attached with float32 keys, attached with key_format="int8"
-(the store's compressed index of the view, built once before the rounds and kept by the
-database), interleaved so that every side sees the same load. Reported per (m, threads): median
-and min seconds per call, each attached median over the bare one, and the attach hook's own time
-per forward (from a forward hook registered before the attachment's to one after it, in an extra
-untimed call per round), and the candidate counts of the int8 index on the queries of one decode
-(the hook's inputs; an overflowed query is scored over all keys). The tokens generated with int8
+down-projection inputs at every token of LAMBADA passages), realistic keys that may fire too.
+What is timed: `generate` of --new-tokens greedy tokens, batch 1, KV cache (a 10-token prefill,
+then cached single-token steps). A round, for each thread count in turn: bare, attached with
+float32 keys, attached with key_format="int8" (the store's compressed index of the view, built
+once before the rounds and kept by the database), interleaved so that every side sees the same
+load. Reported per (m, threads): median and min seconds per call (wall clock, and the process's
+CPU time), each attached median over the bare one, and the attach hook's own time per forward
+(from a forward hook registered before the attachment's to one after it, in an extra untimed
+call per round), and the candidate counts of the int8 index on the queries of one decode (the
+hook's inputs; an overflowed query is scored over all keys). The tokens generated with int8
 codes are asserted equal to those with float32 keys, and the planted fact must fire.
 """
 
@@ -35,6 +36,14 @@ from neuraldb_kernels.ops import key_index as ki
 from test_bench_decode import PROMPT, database, subject_key
 
 SIDES = ("bare", "fp32 keys", "int8 index")
+
+
+def timed(call) -> tuple:
+    """(wall seconds, process CPU seconds) of one call; on a shared machine the CPU time leaves out
+    the waits for a core (with 2 threads it counts both threads, spinning included)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    call()
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def generate(model, inputs, new_tokens: int) -> torch.Tensor:
@@ -86,7 +95,7 @@ def run(model, inputs, m: int, thread_counts, rounds: int, new_tokens: int, stor
     print(f"m = {m}: database built in {built:.1f} s, int8 codes in {indexed:.1f} s; "
           f"{candidate_counts(model, inputs, db, new_tokens)}", flush=True)
     formats = {"fp32 keys": None, "int8 index": "int8"}
-    times = {(threads, side): [] for threads in thread_counts for side in SIDES}
+    times = {(threads, side): [] for threads in thread_counts for side in SIDES}  # (wall, process CPU) s
     hooks = {(threads, side): [] for threads in thread_counts for side in formats}
     for threads in thread_counts:  # warm-up, and the identity of the two key formats
         torch.set_num_threads(threads)
@@ -102,23 +111,21 @@ def run(model, inputs, m: int, thread_counts, rounds: int, new_tokens: int, stor
     for _ in range(rounds):
         for threads in thread_counts:
             torch.set_num_threads(threads)
-            start = time.perf_counter()
-            generate(model, inputs, new_tokens)
-            times[threads, "bare"].append(time.perf_counter() - start)
+            times[threads, "bare"].append(timed(lambda: generate(model, inputs, new_tokens)))
             for side, key_format in formats.items():
                 with attach(model, db, key_format=key_format):
-                    start = time.perf_counter()
-                    generate(model, inputs, new_tokens)
-                    times[threads, side].append(time.perf_counter() - start)
+                    times[threads, side].append(timed(lambda: generate(model, inputs, new_tokens)))
                 hooks[threads, side].append(hook_seconds(model, inputs, db, key_format, new_tokens))
     for threads in thread_counts:
-        bare = statistics.median(times[threads, "bare"])
-        line = [f"m={m:>7} threads {threads}: bare {bare * 1e3:7.1f} ms (min {min(times[threads, 'bare']) * 1e3:.1f})"]
-        for side in formats:
-            median = statistics.median(times[threads, side])
-            line.append(f"{side} {median * 1e3:7.1f} ms (min {min(times[threads, side]) * 1e3:.1f}) x{median / bare:5.3f}, "
-                        f"hook {statistics.median(hooks[threads, side]) * 1e6:6.0f} us/forward")
-        print("  |  ".join(line), flush=True)
+        for clock, which in (("wall", 0), ("CPU", 1)):
+            samples = {side: [t[which] for t in times[threads, side]] for side in SIDES}
+            bare = statistics.median(samples["bare"])
+            line = [f"m={m:>7} threads {threads} {clock:>4}: bare {bare * 1e3:7.1f} ms (min {min(samples['bare']) * 1e3:.1f})"]
+            for side in formats:
+                median = statistics.median(samples[side])
+                line.append(f"{side} {median * 1e3:7.1f} ms (min {min(samples[side]) * 1e3:.1f}) x{median / bare:5.3f}"
+                            + (f", hook {statistics.median(hooks[threads, side]) * 1e6:6.0f} us/forward (wall)" if which == 0 else ""))
+            print("  |  ".join(line), flush=True)
     print(f"load average after m = {m}: {os.getloadavg()}", flush=True)
 
 

@@ -116,6 +116,91 @@ def test_certified_bound_holds_against_float64_cosines(fmt, d1, float64_cosines)
     assert ((cos - q_deq @ k_deq.T).abs() <= bound + 1e-12).all()  # 1e-12: this check's own float64 rounding
 
 
+def _adversarial_rows(d1: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows an encoder could get wrong: massive single features, huge and subnormal magnitudes,
+    values on code rounding boundaries, ties of the largest feature, NaN/Inf and zero rows."""
+    gen = torch.Generator().manual_seed(d1)
+    rows = [torch.randn(d1, generator=gen, dtype=torch.float64) for _ in range(6)]
+    rows[1][d1 // 2] = 300.0  # one massive feature: the scale is coarse for the others
+    rows[2] = torch.full((d1,), 1.0, dtype=torch.float64)  # every feature ties for the largest
+    rows[3] = (torch.arange(d1, dtype=torch.float64) % 255 - 127) + 0.5  # halfway between codes
+    rows[4][:] = 0.0
+    rows[4][0] = -2.0
+    big, tiny = (1e300, 1e-310) if dtype == torch.float64 else (3e38, 1e-44)  # float64 only: beyond float32
+    rows += [torch.randn(d1, generator=gen, dtype=torch.float64) * big / 4, torch.randn(d1, generator=gen, dtype=torch.float64) * tiny]
+    rows += [torch.zeros(d1, dtype=torch.float64), torch.full((d1,), float("nan"), dtype=torch.float64)]
+    K = torch.stack(rows).to(dtype)
+    K[-1, 1:] = 1.0  # one NaN in an otherwise fine row
+    return torch.cat([K, torch.randn(40, d1, generator=gen).to(dtype)])
+
+
+ENCODERS = {"cpu": ki._encode_rows_cpu, "torch": lambda x: ki._encode_rows_torch(x, "int8")}
+
+
+@pytest.mark.parametrize("encoder", ["cpu", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d1", [1, 5, 64, 1536])
+def test_int8_encoders_bound_the_true_errors(encoder, dtype, d1):
+    """Both int8 encoders (C++ and float64 torch) store err >= |k_hat - k~| and norm >= |k~|
+    against float64 values computed here from the exact inputs (no tolerance: the stored bounds
+    carry 2^-30 of slack for the encoders' float64 rounding); NaN/Inf rows get scale NaN, zero
+    rows zeros; and the C++ bounds are as tight as the torch ones to within float32 rounding."""
+    if encoder == "cpu" and ki._cpu_kernels is None:
+        pytest.skip("the C++ extension is not built")
+    K = _adversarial_rows(d1, dtype)
+    rows = ENCODERS[encoder](K)
+    d_pad = ki.padded_features(d1)
+    assert rows.codes.shape == (K.shape[0], d_pad) and rows.codes.dtype == torch.int8
+    assert (rows.codes[:, d1:] == 0).all() and (rows.codes.abs() <= 127).all()
+    k64 = K.double()
+    finite = torch.isfinite(k64).all(dim=1)
+    length = k64.norm(dim=1)
+    usable = finite & (length > 0) & torch.isfinite(length) & (length > 1e-150)  # norms this test's float64 can take
+    k_hat = k64[usable] / length[usable, None]
+    k_deq = rows.codes[usable, :d1].double() * rows.scale[usable].double()[:, None]
+    assert ((k_hat - k_deq).norm(dim=1) <= rows.error[usable].double()).all()
+    assert (k_deq.norm(dim=1) <= rows.norm[usable].double()).all() and (rows.norm <= 2).all()
+    huge = finite & ~usable & (k64.abs().amax(dim=1) > 0)  # rows whose norm over- or underflows here
+    if huge.any():
+        scaled = k64[huge] / k64[huge].abs().amax(dim=1, keepdim=True)
+        deq = rows.codes[huge, :d1].double() * rows.scale[huge].double()[:, None]
+        assert ((scaled / scaled.norm(dim=1, keepdim=True) - deq).norm(dim=1) <= rows.error[huge].double()).all()
+    assert torch.isnan(rows.scale[~finite]).all() and not torch.isnan(rows.scale[finite]).any()
+    zero = finite & (k64.abs().amax(dim=1) == 0)
+    assert zero.any() and (rows.scale[zero] == 0).all() and (rows.error[zero] == 0).all() and (rows.codes[zero] == 0).all()
+    reference = ki._encode_rows_torch(K, "int8")
+    assert (rows.error <= reference.error + 1e-6).all() and (rows.norm <= reference.norm + 1e-6).all()
+
+
+def test_cpu_encoder_is_the_same_on_every_thread_count():
+    if ki._cpu_kernels is None:
+        pytest.skip("the C++ extension is not built")
+    K = torch.randn(3000, 200, generator=torch.Generator().manual_seed(4))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(ki._encode_rows_cpu(K))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(getattr(results[0], f), getattr(other, f)) for f in ("codes", "scale", "error", "norm"))
+
+
+@pytest.mark.parametrize("encoder", ["cpu", "torch"])
+def test_encode_rows_leaves_room_for_capacity(encoder, monkeypatch):
+    if encoder == "torch":
+        monkeypatch.setattr(ki, "_cpu_kernels", None)
+    elif ki._cpu_kernels is None:
+        pytest.skip("the C++ extension is not built")
+    x = torch.randn(3, 70, generator=torch.Generator().manual_seed(8))
+    plain, roomy = ki.encode_rows(x, "int8"), ki.encode_rows(x, "int8", capacity=10)
+    for f in ("codes", "scale", "error", "norm"):
+        assert getattr(roomy, f).shape[0] == 10 and torch.equal(getattr(roomy, f)[:3], getattr(plain, f))
+    assert ki.encode_rows(x, "int8", capacity=2).codes.shape[0] == 3
+
+
 def test_slack_covers_the_reference_rounding_tolerance(cosine_tolerance):
     for d1 in (1, 64, 1536, 14336):
         assert ki.certified_slack(d1) > cosine_tolerance(d1, torch.float32, torch.float32)
@@ -347,6 +432,7 @@ def test_host_keys_with_codes_elsewhere_are_gathered_per_candidate():
         (lambda: nk.KeyIndex.from_keys(torch.ones(3, 4)).append(torch.ones(2, 5)), ValueError, r"\(rows, 4\)"),
         (lambda: nk.KeyIndex.from_keys(torch.ones(3, 4)).overwrite([3], torch.ones(1, 4)), ValueError, r"in \[0, 3\)"),
         (lambda: nk.KeyIndex.from_keys(torch.ones(3, 4)).swap_remove([5]), ValueError, r"in \[0, 3\)"),
+        (lambda: nk.KeyIndex.from_keys(torch.ones(1, 2**20, dtype=torch.bfloat16)), ValueError, "below 1048576 features"),
     ],
 )
 def test_bad_input_raises_clear_errors(call, error, match):

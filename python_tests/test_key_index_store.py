@@ -143,7 +143,7 @@ def test_adds_encode_only_the_new_rows(monkeypatch):
            ids=[f"f{i}" for i in range(300)])
     encoded = []
     encode = view.encode_rows
-    monkeypatch.setattr(view, "encode_rows", lambda keys, fmt: encoded.append(keys.shape[0]) or encode(keys, fmt))
+    monkeypatch.setattr(view, "encode_rows", lambda keys, fmt, *capacity: encoded.append(keys.shape[0]) or encode(keys, fmt, *capacity))
     assert_fresh(db.key_index(db.snapshot()), db.snapshot())
     assert encoded == [300]  # built once
     for i in range(5):

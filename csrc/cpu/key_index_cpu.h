@@ -7,6 +7,7 @@
 //   key_index_cpu_avx2.cpp       ... AVX2 (vpmaddubsw on |q| and sign(k, q), then vpmaddwd),
 //   key_index_cpu_generic.cpp    ... the compiler's baseline flags;
 //   key_index_cpu.cpp            bounds, candidate collection, OpenMP work split, run-time ISA choice;
+//   key_index_cpu_encode.cpp     the int8 codes of normalised rows and their error / norm bounds;
 //   key_index_bindings.cpp       the torch entry point (registered by bindings.cpp).
 #pragma once
 
@@ -60,6 +61,20 @@ struct Int8CandidateInputs {
 // then query 1, ...; offsets (n + 1). The result does not depend on num_threads.
 void int8_candidates(const Int8CandidateInputs& in, int num_threads, Int8Isa isa,
                      std::vector<int64_t>& keys_out, int64_t* offsets, uint8_t* overflowed);
+
+// Added to the error and norm bounds of an encoded row before rounding them up to float32: covers
+// the double-precision rounding of the encoder for rows of fewer than kEncodeMaxFeatures features
+// (key_index.py, "Encoding on the CPU").
+constexpr double kEncodePad = 0x1p-30;
+constexpr int64_t kEncodeMaxFeatures = int64_t{1} << 20;
+
+// int8 codes of the normalised rows of x (rows, d1) row-major, float32 or float64: codes (rows,
+// dim) (dim >= d1 a multiple of 64; features >= d1 get code 0), scale s (rows,) (NaN for a row
+// with NaN/Inf, 0 for a zero row), error >= |k_hat - s * codes|, norm >= |s * codes| (rows,).
+void int8_encode_rows(const float* x, int64_t rows, int64_t d1, int64_t dim, int num_threads,
+                      int8_t* codes, float* scale, float* error, float* norm);
+void int8_encode_rows(const double* x, int64_t rows, int64_t d1, int64_t dim, int num_threads,
+                      int8_t* codes, float* scale, float* error, float* norm);
 
 }  // namespace cpu
 }  // namespace neuraldb

@@ -38,6 +38,27 @@ therefore keeps the argmax and every exact tie of it. A key with NaN/Inf gets sc
 never a candidate (it never wins in the full op either); a zero key has a = 0 and S = 0.
 At d1 = 1536, delta = 5.6e-4; the int8 error terms of realistic keys are about 1e-2.
 
+Encoding (err_i, norm_i and qerr are upper bounds, not estimates). Both encoders work in float64
+(u_d = 2^-53), row by row: y = x / max|x| (no square of y over- or underflows; a row with NaN/Inf
+gets scale NaN, a zero row codes 0 and bounds 0), unit = y / |y|, s = float32(max|unit| / 127),
+c = clamp(round(unit / s)), k~ = s c (exact in float64: an 8-bit integer times a float32), then
+err = |unit - k~| + 2^-30 and norm = |k~| + 2^-30, each rounded UP to float32. The C++ encoder
+(csrc/cpu/key_index_cpu_encode.cpp; int8 on the CPU) multiplies by reciprocals instead of dividing
+and sums in any order; the torch one (other devices, fp8) divides. Why 2^-30 covers the rounding,
+for d1 < 2^20 (checked; rows of more features are refused):
+- unit vs k_hat: every y_j carries one relative rounding of the common factor 1 / max|x| (it
+  cancels in the normalisation) and at most one of its own (u_d, or 2^-1075 absolute where y_j
+  is subnormal; rows with max|x| < 2^-1000 are first scaled by 2^600, exactly); |y|^2 summed in
+  any order is off by at most (d1 + 1) u_d relative, the square root and its reciprocal add 2 u_d,
+  the product unit_j = y_j / |y| one more. So every unit_j is k_hat_j (1 + e_j) with
+  |e_j| <= (d1 + 8) u_d / 2 + 2 u_d < 2^-32.9 (plus d1 2^-1075 absolute in all), and
+  |unit - k_hat| <= 2^-32.9 (|k_hat| = 1).
+- The computed |unit - k~| and |k~|: a subtraction, a square, a sum of d1 terms and a square root,
+  (d1 + 4) u_d relative at most, of values <= |unit| + |k~| <= 3: below 3 * 2^-33.
+So |k_hat - k~| <= computed err + 2^-32.9 + 3 * 2^-33 < computed err + 2^-30, and likewise for the
+norm and the query's qerr; rounding up to float32 only widens them. The codes themselves need no
+bound: any c gives a valid err, since err is measured after c is chosen.
+
 Rescoring and identity. The candidate sets of the queries (all of them, as one sorted union U of
 key rows) are rescored by the chosen backend's full-precision kernel on (q, K[U], R[U], gamma[U])
 with the same query rows, then U's local index is mapped back. Keys outside a query's set cannot
@@ -63,14 +84,19 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .contract import FLOAT_DTYPES
+from .contract import FLOAT_DTYPES, _check_tensor, check_gamma, check_key_gamma_values
+from .cpu_backend import _cpu as _cpu_kernels
+from .dispatch import check_backend_name, get_backend, resolve_backend
+from .torch_backend import compressed_candidates as reference_candidates
 
 FORMATS = ("int8", "fp8_e4m3")
 # codes= may name a format by torch dtype
 _DTYPE_FORMATS = {torch.int8: "int8", torch.float8_e4m3fn: "fp8_e4m3"}
 _LEVELS = {"int8": 127.0, "fp8_e4m3": 448.0}  # largest code magnitude
 _FEATURE_ALIGN = 64  # codes rows are padded with zeros to a multiple of this many features
-_ENCODE_ROWS = 8192  # rows encoded at once (float64 scratch: rows x d1 x 8 bytes)
+_ENCODE_ROWS = 8192  # rows encoded at once (torch: float64 scratch of rows x d1 x 8 bytes)
+_ENCODE_PAD = 2.0**-30  # added to each row's error and norm bounds (module docstring, "Encoding")
+_ENCODE_MAX_FEATURES = 2**20  # d1 below which _ENCODE_PAD covers the encoders' float64 rounding
 _UNIT_ROUNDOFF = 2.0**-24
 MIN_CANDIDATE_BUDGET = 1024
 CANDIDATE_BUDGET_FRACTION = 32  # default budget: max(MIN_CANDIDATE_BUDGET, m // this)
@@ -136,21 +162,61 @@ class EncodedRows:
     norm: torch.Tensor
 
 
-def encode_rows(x: torch.Tensor, fmt: str) -> EncodedRows:
-    """Normalise the rows of x (rows, d1), any float dtype, in float64 and encode them in `fmt`,
-    on x's device, in blocks of 8192 rows."""
+def _encode_rows_cpu(x: torch.Tensor, capacity: int = 0) -> EncodedRows:
+    """int8 codes of x's rows by the C++ encoder (csrc/cpu/key_index_cpu_encode.cpp), in blocks
+    of 8192 rows (bfloat16/float16 blocks are widened to float32, exactly), into buffers of
+    max(rows, capacity) rows (the rows past x's left uninitialised)."""
+    rows, d1 = x.shape
+    size = max(rows, capacity)
+    codes = torch.empty(size, padded_features(d1), dtype=torch.int8)
+    scale, error, norm = (torch.empty(size, dtype=torch.float32) for _ in range(3))
+    for start in range(0, rows, _ENCODE_ROWS):
+        end = min(rows, start + _ENCODE_ROWS)
+        block = x[start:end]
+        block = block if block.dtype in (torch.float32, torch.float64) else block.to(torch.float32)
+        _cpu_kernels.int8_encode_rows(block.contiguous(), codes[start:end], scale[start:end], error[start:end], norm[start:end], torch.get_num_threads())
+    return EncodedRows(codes, scale, error, norm)
+
+
+def encode_rows(x: torch.Tensor, fmt: str, capacity: int = 0) -> EncodedRows:
+    """Normalise the rows of x (rows, d1), any float dtype, and encode them in `fmt`, on x's
+    device: int8 rows on the CPU by the C++ encoder when the extension is built, otherwise by
+    float64 torch work (module docstring, "Encoding"). The results have max(rows, capacity) rows,
+    those past x's uninitialised (room to grow without a copy)."""
+    if x.shape[1] >= _ENCODE_MAX_FEATURES:
+        raise ValueError(f"KeyIndex: rows of {x.shape[1]} features; the certified bounds hold below {_ENCODE_MAX_FEATURES} features")
+    if fmt == "int8" and x.device.type == "cpu" and _cpu_kernels is not None:
+        return _encode_rows_cpu(x, capacity)
+    encoded = _encode_rows_torch(x, fmt)
+    if capacity <= x.shape[0]:
+        return encoded
+
+    def grown(t: torch.Tensor) -> torch.Tensor:
+        buffer = torch.empty((capacity, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        buffer[: t.shape[0]] = t
+        return buffer
+
+    return EncodedRows(*(grown(getattr(encoded, f)) for f in ("codes", "scale", "error", "norm")))
+
+
+def _encode_rows_torch(x: torch.Tensor, fmt: str) -> EncodedRows:
+    """encode_rows in float64 torch work, on x's device, in blocks of 8192 rows."""
     d_pad = padded_features(x.shape[1])
     parts = []
     for start in range(0, x.shape[0], _ENCODE_ROWS):
         rows = x[start : start + _ENCODE_ROWS].to(torch.float64)
         finite = torch.isfinite(rows).all(dim=1)
         rows = torch.where(finite[:, None], rows, 0.0)
+        largest = rows.abs().amax(dim=1, keepdim=True)  # rows / largest: no square over- or underflows
+        rows = torch.where(largest > 0, rows / torch.where(largest > 0, largest, 1.0), 0.0)
         norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
         unit = torch.nn.functional.pad(torch.where(norms > 0, rows / torch.where(norms > 0, norms, 1.0), 0.0), (0, d_pad - x.shape[1]))
         codes, scale = _encode(unit, fmt)
         dequantised = codes.to(torch.float64) * scale.to(torch.float64)[:, None]  # exact
-        error = _round_up_f32(torch.linalg.vector_norm(unit - dequantised, dim=1))
-        norm = _round_up_f32(torch.linalg.vector_norm(dequantised, dim=1))
+        nonzero = norms.squeeze(1) > 0
+        pad = torch.where(nonzero, _ENCODE_PAD, 0.0)
+        error = _round_up_f32(torch.linalg.vector_norm(unit - dequantised, dim=1) + pad)
+        norm = _round_up_f32(torch.linalg.vector_norm(dequantised, dim=1) + pad)
         scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
         parts.append(EncodedRows(codes, scale, error, norm))
     if not parts:
@@ -395,8 +461,6 @@ def candidate_sets(query_rows: torch.Tensor, key_rows: torch.Tensor, n: int, ove
 def _check_call(q, index: KeyIndex, R, gamma):
     """Validate a retrieval through `index`: q (..., d1) and R (m, d2) float tensors on
     index.device, gamma a number or a (m,) float32 tensor there. Returns gamma (float or tensor)."""
-    from .contract import _check_tensor, check_gamma
-
     for name, t in (("q", q), ("R", R)):
         _check_tensor(name, t)
     if q.dim() == 0 or q.shape[-1] != index.d1:
@@ -420,11 +484,6 @@ def retrieve(q: torch.Tensor, index: KeyIndex, R: torch.Tensor, gamma, *, backen
     candidate counts; see the module docstring. Shapes and rules as gated_retrieve's, with the
     KeyIndex in place of K: q, R and a per-key gamma on index.device. No autograd here
     (gated_retrieve adds the gradient to R)."""
-    from .contract import check_key_gamma_values
-    from .dispatch import check_backend_name, get_backend, resolve_backend
-    from .gated_retrieve import _retrieve
-    from .torch_backend import compressed_candidates as reference_candidates
-
     if not isinstance(index, KeyIndex):
         raise TypeError(f"retrieve: index must be a KeyIndex, got {type(index).__name__}")
     gamma = _check_call(q, index, R, gamma)
@@ -436,6 +495,8 @@ def retrieve(q: torch.Tensor, index: KeyIndex, R: torch.Tensor, gamma, *, backen
     n, m = q[..., 0].numel(), index.m
     name = resolve_backend(backend, q.device, (q.dtype, index.key_dtype, R.dtype))
     if n == 0 or m == 0:  # nothing to scan: the full op's own answer
+        from .gated_retrieve import _retrieve  # (gated_retrieve imports this module)
+
         out, found, score = _retrieve(q, index.keys.to(q.device), R, gamma, name)
         nothing = torch.zeros(lead, dtype=torch.int64, device=q.device)
         return CompressedRetrieval(out, found, score, nothing, nothing.bool(), name)
@@ -444,7 +505,8 @@ def retrieve(q: torch.Tensor, index: KeyIndex, R: torch.Tensor, gamma, *, backen
     find = record.candidates if index.format in record.candidate_formats else reference_candidates
     sets = find(quantise_queries(q2d, index.format), index, index.budget())
     overflowed = sets.overflowed
-    union = torch.unique(sets.keys)  # sorted: the lowest-index tie rule carries over
+    # sorted: the lowest-index tie rule carries over (one query's keys already are, and distinct)
+    union = sets.keys if n == 1 else torch.unique(sets.keys)
     if union.numel() == 0:  # every key or every query row has NaN/Inf: any key gives that answer
         union = torch.zeros(1, dtype=torch.int64, device=q.device)
     out = index_out = score = None

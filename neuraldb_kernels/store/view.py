@@ -197,12 +197,13 @@ class KeyCodeBuffers(RowBuffers):
 
     _NAMES = ("_codes", "_scale", "_error", "_norm")
 
-    def __init__(self, encoded: EncodedRows, fmt: str, capacity: int):
-        """Buffers of `capacity` rows holding the encoded rows of a view's K[:m] in format `fmt`."""
-        super().__init__(encoded.codes.shape[0])
+    def __init__(self, keys: torch.Tensor, fmt: str, capacity: int):
+        """Buffers of `capacity` rows holding the codes of a view's `keys` K[:m] in format `fmt`
+        (encoded straight into them: no second copy of the codes)."""
+        super().__init__(keys.shape[0])
         self.format = fmt
-        self._codes, self._scale, self._error, self._norm = (
-            self._grown(rows, capacity) for rows in (encoded.codes, encoded.scale, encoded.error, encoded.norm))
+        encoded = encode_rows(keys, fmt, capacity)
+        self._codes, self._scale, self._error, self._norm = encoded.codes, encoded.scale, encoded.error, encoded.norm
 
     def index(self, keys: torch.Tensor) -> KeyIndex:
         """A KeyIndex over `keys`, the view's current K[:m], whose codes are the first m rows of
@@ -274,7 +275,7 @@ class ViewSet:
             return None
         codes = self.codes.get((keys.device, keys.dtype, fmt))
         if codes is None:
-            codes = KeyCodeBuffers(encode_rows(keys, fmt), fmt, view.capacity)
+            codes = KeyCodeBuffers(keys, fmt, view.capacity)
             self.codes[(keys.device, keys.dtype, fmt)] = codes
         return codes.index(keys)
 
