@@ -15,10 +15,12 @@ Semantics:
   in one transaction before the next batch starts, so an interruption loses at most one batch.
 - A fact may hold an extra key beside its averaged one (the store keeps several keys per fact,
   one residual): the query of its bare prompt, stored when that is far from the averaged key
-  (`EditHParams.bare_key_below`; prompts that start with the subject), unless it is generic: its
-  cosine with a query of the model-written prefixes passes gamma, so it would fire on any text
-  (the first position of a model without a BOS token looks alike for every token). Facts stored
-  before these rules existed keep their keys until `update()` recomputes them.
+  (`EditHParams.bare_key_below`; prompts that start with the subject). A generic one (its cosine
+  with a query of the model-written prefixes passes gamma: the first positions of a model without
+  a BOS token look alike for every token) is stored only with calibrated thresholds, and only when
+  its own threshold can sit between model-written text and its prompt (`keys.bare_prompt_keys`);
+  without it such a prompt is won by another fact's key. Facts stored before these rules existed
+  keep their keys until `update()` recomputes them.
 - Facts with the same subject share one residual (`EditHParams.share_subject_residual`, on by
   default): their keys coincide where the prompt opens with the subject, so separate residuals
   would leave all but one of them unanswered. Editing a fact recomputes, in the same batch and
@@ -55,7 +57,7 @@ from .report import EditReport, SkippedFact
 from .hparams import resolve_hparams
 from .calibration import (Recalibration, calibrate_thresholds, calibration_rows, colliding_rows, model_written_texts,
                           nearest_rows, raised_thresholds)
-from .keys import context_queries, down_proj_inputs, generic_queries, keys_of, pad_token_id
+from .keys import bare_prompt_keys, context_queries, down_proj_inputs, generic_queries, keys_of, pad_token_id
 from .prefixes import generate_prefixes
 from .residuals import optimize_residuals
 from .tokens import EditTokens, model_context_length, tokenize_fact
@@ -350,13 +352,10 @@ class Editor:
                                           module_path=self.module_path)
         keys, bare = keys_of(queries, counts)
         # the bare prompt's own query becomes an extra key where it is far from the averaged key,
-        # unless it is generic (it would pass the gate on arbitrary text)
-        far = (torch.nn.functional.cosine_similarity(bare, keys, dim=1) < hp.bare_key_below).tolist()
-        is_generic = [False] * len(facts)  # (no prefixes: nothing to compare with)
-        if len(generic):
-            best = (torch.nn.functional.normalize(bare, dim=1) @ generic.T).max(dim=1).values
-            is_generic = (best > hp.gamma).tolist()
-        extra = [far[i] and not is_generic[i] for i in range(len(facts))]
+        # unless it is generic and no calibrated threshold can keep it off model-written text
+        decided = bare_prompt_keys(keys, bare, generic, below=hp.bare_key_below, gamma=hp.gamma,
+                                   text=text_negatives, margin=hp.gate_margin)
+        extra, generic_far = decided.extra.tolist(), (decided.far & decided.generic).tolist()
         ids = [fact.fact_id for fact in facts]
         fact_keys = [torch.stack([keys[i], bare[i]]) if extra[i] else keys[i : i + 1] for i in range(len(facts))]
         gates = None
@@ -378,7 +377,7 @@ class Editor:
             record = EditRecord(layer=hp.layer, subject_start=fact.subject_span[0], subject_first_token=first_token[i],
                                 target_prob=float(result.target_prob[i]), steps=int(result.steps[i]),
                                 converged=bool(result.converged[i]), bare_prompt_key=extra[i],
-                                bare_prompt_key_generic=far[i] and is_generic[i],
+                                bare_prompt_key_generic=generic_far[i],
                                 shares_residual_with=tuple(partners[i]), hparams=dataclasses.asdict(hp),
                                 key_floors=None if gates is None else tuple(gates.floors[i].tolist()))
             metadata.append({**fact.metadata(), METADATA_KEY: record.to_json()})

@@ -8,6 +8,7 @@ down-projection has seen its input (nothing above l* is computed).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
@@ -115,3 +116,39 @@ def generic_queries(model, tokenizer, texts: Sequence[str], layer: int, *, pad_i
     rows = [list(tokenizer(text)["input_ids"]) for text in texts]
     inputs = down_proj_inputs(model, rows, None, layer, pad_id=pad_id, module_path=module_path)
     return torch.nn.functional.normalize(inputs, dim=1).cpu()
+
+
+@dataclasses.dataclass(frozen=True)
+class BareKeys:
+    """Which facts get their bare-prompt query as an extra key, (n,) bool each: `far` (cosine with
+    the averaged key below `bare_key_below`), `generic` (cosine with some model-written-prefix
+    query above gamma: it would pass a gate of gamma on arbitrary text) and `extra` (stored)."""
+
+    far: torch.Tensor
+    generic: torch.Tensor
+    extra: torch.Tensor
+
+
+def bare_prompt_keys(keys: torch.Tensor, bare: torch.Tensor, generic: torch.Tensor, *, below: float, gamma: float,
+                     text: Optional[torch.Tensor] = None, margin: float = 0.0) -> BareKeys:
+    """The extra-key decision for facts with averaged `keys` (n, d1) and bare-prompt queries `bare`
+    (n, d1): a far query is stored, unless it is generic (`generic`: (t, d1) prefix queries).
+
+    text None (one gate threshold, gamma, for every key): a generic query is never stored.
+    text (s, d1) queries of model-written text (the calibration negatives): the key gets its
+    own threshold, halfway between its best text cosine and its own query's cosine of 1
+    (editing.calibration), so a generic query is stored when that text cosine is below
+    1 - 2 * margin: then text stays below its threshold and its own prompt above by `margin`.
+    Subjects that open the prompt (a one-token subject at position 0 in a model without BOS) have
+    only such generic queries; without their key their bare prompt fires another fact's key."""
+    unit_bare = torch.nn.functional.normalize(bare.float(), dim=1)
+    far = torch.nn.functional.cosine_similarity(bare.float(), keys.float(), dim=1) < below
+    is_generic = torch.zeros(len(bare), dtype=torch.bool)
+    if len(generic) and len(bare):
+        is_generic = (unit_bare @ torch.nn.functional.normalize(generic.float(), dim=1).T).max(dim=1).values > gamma
+    separable = torch.zeros(len(bare), dtype=torch.bool)
+    if text is not None:
+        separable = torch.ones(len(bare), dtype=torch.bool)
+        if len(text) and len(bare):
+            separable = (unit_bare @ torch.nn.functional.normalize(text.float(), dim=1).T).max(dim=1).values < 1.0 - 2.0 * margin
+    return BareKeys(far, is_generic, far & (~is_generic | separable))
