@@ -393,3 +393,50 @@ def test_a_later_edit_draws_wordings_from_the_stored_facts_and_removal_keeps_thr
     kept = stored.key_gammas.clone()
     editor.remove([stored_id])
     torch.testing.assert_close(editor.db.get(new_id).key_gammas, kept, atol=0, rtol=0)
+
+
+def _calibration_state(db):
+    """{id: (keys, thresholds, key floors)} of every stored fact."""
+    return {fact.id: (fact.keys, fact.key_gammas, EditRecord.from_metadata(fact.metadata, fact.id).key_floors)
+            for fact in db.facts()}
+
+
+def test_the_pool_is_held_and_updated_from_the_editors_writes_with_the_thresholds_of_a_fresh_read(
+        model, tokenizer, tmp_path, monkeypatch):
+    # the pool of subjects and prompt openings: read from the stored metadata when the Editor does not
+    # know the database's version (first call, someone else wrote), else updated from its own writes;
+    # the thresholds must equal those of a fresh Editor, which reads every stored fact's metadata
+    reads = []
+    metadata = NeuralDB.metadata
+    monkeypatch.setattr(NeuralDB, "metadata", lambda db: reads.append(len(db)) or metadata(db))
+    held_db = NeuralDB.for_model(model, layer=LAYER, gamma=GAMMA, path=tmp_path / "held.sqlite")
+    held = Editor(model, tokenizer, db=held_db, **FAST)
+    first = held.edit(FACTS[:3], progress=False).ids
+    assert reads == [0]  # the first call reads the (empty) database once
+    held.remove([first[0]])
+    held.detach()
+    held_db.save(tmp_path / "fresh.sqlite")
+    later = [Fact("{} is a member of", "Velmora Choir", "UNESCO"), FACTS[3]]
+    held.edit(later, progress=False)
+    assert reads == [0]  # removal and the next call: no stored fact's metadata read again
+    fresh_db = NeuralDB.open(tmp_path / "fresh.sqlite")
+    with Editor(model, tokenizer, db=fresh_db, **FAST) as fresh:
+        fresh.edit(later, progress=False)
+    assert reads == [0, 2]  # the fresh Editor reads the 2 stored facts
+    held_state, fresh_state = _calibration_state(held_db), _calibration_state(fresh_db)
+    assert sorted(held_state) == sorted(fresh_state) and len(held_state) == 4
+    for fact_id, (keys, gammas, floors) in fresh_state.items():
+        assert torch.equal(held_state[fact_id][0], keys) and torch.equal(held_state[fact_id][1], gammas)
+        assert held_state[fact_id][2] == floors
+    # a write the Editor did not make (a direct delete) is seen by the version: the pool is read again
+    held_db.delete([first[1]])
+    fresh_db.delete([first[1]])
+    extra = [Fact("The founder of {} is", "Quillon Works", "Ada")]
+    held.edit(extra, progress=False)
+    assert reads == [0, 2, 3]
+    with Editor(model, tokenizer, db=fresh_db, **FAST) as fresh:
+        fresh.edit(extra, progress=False)
+    held_state, fresh_state = _calibration_state(held_db), _calibration_state(fresh_db)
+    assert sorted(held_state) == sorted(fresh_state)
+    for fact_id, (keys, gammas, floors) in fresh_state.items():
+        assert torch.equal(held_state[fact_id][1], gammas) and held_state[fact_id][2] == floors

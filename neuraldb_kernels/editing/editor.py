@@ -30,8 +30,9 @@ Semantics:
   others, hparams records the hyperparameters it was computed with).
 - Each key gets its own gate threshold (`EditHParams.calibrate_gates`, on by default): between the
   queries of model-written text and of the other facts, and those of its fact's own contexts and
-  of its subject after other prompts' openings (editing.calibration states the rule; the stored
-  facts' subjects and prompts are read once per call as the pool of openings); stored keys that a
+  of its subject after other prompts' openings (editing.calibration states the rule; the Editor
+  holds the stored facts' subjects and prompt openings and updates them from its own writes, see
+  `_StoredPool`); stored keys that a
   new fact's queries would fire are raised in the same transaction. Removing facts leaves the
   other thresholds as they are. `calibrate()` recomputes every stored fact's thresholds.
 - Keys, prefixes and residuals are always computed on the UNEDITED model: the Editor keeps one
@@ -133,6 +134,7 @@ class Editor:
             raise ValueError(f"the database holds d1={db.d1}, d2={db.d2} but layer {self.hparams.layer} of the "
                              f"model has d1={d1}, d2={d2}")
         self.db = db
+        self._stored_pool = _StoredPool()
         # the database's own gamma is not passed: it would override the keys' own thresholds
         self.attachment: Attachment = attach(model, db, self.hparams.layer,
                                              None if self.hparams.gamma == db.gamma else self.hparams.gamma,
@@ -190,7 +192,11 @@ class Editor:
         if partners:
             facts = [Fact.from_metadata(fact_id, self.db.get(fact_id).metadata) for fact_id in partners]
             self._run(facts, on_error="raise", progress=False, callback=None, replace=True, exclude=set(present))
-        return self.db.delete(present)
+        in_step = self._stored_pool.in_step(self.db)
+        deleted = self.db.delete(present)
+        if in_step:
+            self._stored_pool.drop(deleted, self.db.version)
+        return deleted
 
     # ---------------------------------------------------------------------------------- internals
 
@@ -267,7 +273,8 @@ class Editor:
             bar.total = len(work)
             bar.refresh()
             batches = list(_batches(units, hp.batch_size))
-            pool = _Pool.of([fact for fact, _ in work], self.db) if hp.calibrate_gates else None
+            pool = (self._stored_pool.synced(self.db).with_facts([fact for fact, _ in work], hp.near_subjects > 0)
+                    if hp.calibrate_gates else None)
             outcome = _Outcome()
             for number, batch in enumerate(batches, start=1):
                 members = [p for unit in batch for p in unit]
@@ -393,8 +400,11 @@ class Editor:
                 metadata.append(stored.metadata)
                 extra_keys.append(stored.keys[1:].float() if len(stored.keys) > 1 else None)
                 key_gammas.append(gammas)
+        in_step = self._stored_pool.in_step(self.db)
         self.db.upsert(torch.stack(rows), torch.stack(residuals), ids, metadata, extra_keys=extra_keys,
                        key_gammas=key_gammas)
+        if in_step:  # the raised stored facts keep their subjects and prompts
+            self._stored_pool.put(facts, self.db.version)
         seconds["store"] += time.perf_counter() - stage
         computed = ids[: len(facts)]
         outcome.computed += computed
@@ -486,7 +496,8 @@ class Editor:
             text_negatives = self._text_negatives(generic, pad_id)
             queries, counts = context_queries(self.model, tokens, hp.layer, pad_id=pad_id, batch_size=hp.batch_size,
                                               module_path=self.module_path)
-            wordings, wording_fact, near = self._calibration_queries(facts, prefixes, _Pool.of(facts), pad_id)
+            pool = _StoredPool().with_facts(facts, hp.near_subjects > 0)
+            wordings, wording_fact, near = self._calibration_queries(facts, prefixes, pool, pad_id)
         if not stored:
             return Recalibration(0, 0, (), (), tuple(skipped), float("nan"), float("nan"),
                                  time.perf_counter() - started)
@@ -516,10 +527,13 @@ class Editor:
             record = dataclasses.replace(record, key_floors=floors)
             metadata.append({**fact.metadata, METADATA_KEY: record.to_json()})
             key_gammas.append(found.gammas[rows])
+        in_step = self._stored_pool.in_step(self.db)
         self.db.upsert(torch.stack([f.keys[0].float() for f in stored]), torch.stack([f.residual.float() for f in stored]),
                        [f.id for f in stored], metadata,
                        extra_keys=[f.keys[1:].float() if len(f.keys) > 1 else None for f in stored],
                        key_gammas=key_gammas)
+        if in_step:  # the same facts, subjects and prompts unchanged
+            self._stored_pool.put([], self.db.version)
         return Recalibration(len(stored), len(all_keys), tuple(changed), tuple(conflicts), tuple(skipped),
                              float(before.mean()), float(found.gammas.mean()), time.perf_counter() - started)
 
@@ -537,24 +551,83 @@ class _BatchGates:
 
 @dataclasses.dataclass(frozen=True)
 class _Pool:
-    """The subjects and prompt openings (text before the subject) that calibration draws
-    near-subject names and other wordings from: the facts at hand and the stored facts."""
+    """The subjects and prompt openings (text before the subject) that one call's calibration draws
+    near-subject names and other wordings from: the facts at hand and the stored facts, sorted."""
 
     subjects: tuple[str, ...]
     heads: tuple[str, ...]
 
-    @classmethod
-    def of(cls, facts: Sequence[Fact], db: Optional[NeuralDB] = None) -> "_Pool":
-        """The pool of `facts` and, when given, of every fact stored in `db` (one read of its
-        metadata, no vectors)."""
-        facts = list(facts)
-        for fact_id, metadata in ({} if db is None else db.metadata()).items():
-            try:
-                facts.append(Fact.from_metadata(fact_id, metadata))
-            except FactError:
-                continue  # not written by the Editor: no subject or prompt to draw from
-        pairs = [(fact.subject, fact.filled_prompt[: fact.subject_span[0]]) for fact in facts]
-        return cls(tuple(sorted({subject for subject, _ in pairs})), tuple(sorted({head for _, head in pairs})))
+
+def _subject_and_head(fact: Fact) -> tuple[str, str]:
+    return fact.subject, fact.filled_prompt[: fact.subject_span[0]]
+
+
+class _StoredPool:
+    """The subject and prompt opening of every fact of a database that the Editor can read back
+    (`Fact.from_metadata`), counted per value so that facts can be added, replaced and removed one at
+    a time. `version` is the database version it shows (None: not read yet). The Editor updates it
+    by what its own writes wrote or deleted, so an edit call costs O(facts in the call) here
+    whatever the number stored; a change made by anyone else (a direct add / delete, another
+    connection's commit picked up by `refresh`, a new gamma) shows as a version it does not know,
+    and it is read again from the stored metadata (O(m), once). It assumes no other thread writes to
+    the database between an Editor's version check and its write."""
+
+    def __init__(self) -> None:
+        self.version: Optional[int] = None
+        self._of: dict[str, tuple[str, str]] = {}
+        self._subjects: dict[str, int] = {}
+        self._heads: dict[str, int] = {}
+
+    def in_step(self, db: NeuralDB) -> bool:
+        """Whether it shows `db` as it is now."""
+        return self.version is not None and self.version == db.version
+
+    def synced(self, db: NeuralDB) -> "_StoredPool":
+        """Itself, read again from `db`'s metadata (one read, no vectors) unless it is in step."""
+        if not self.in_step(db):
+            version = db.version
+            self._of.clear()
+            self._subjects.clear()
+            self._heads.clear()
+            facts = []
+            for fact_id, metadata in db.metadata().items():
+                try:
+                    facts.append(Fact.from_metadata(fact_id, metadata))
+                except FactError:
+                    continue  # not written by the Editor: no subject or prompt to draw from
+            self.put(facts, version)
+        return self
+
+    def put(self, facts: Sequence[Fact], version: int) -> None:
+        """`facts` were written (added or replaced); the database is now at `version`."""
+        for fact in facts:
+            self._forget(fact.fact_id)
+            subject, head = self._of[fact.fact_id] = _subject_and_head(fact)
+            self._subjects[subject] = self._subjects.get(subject, 0) + 1
+            self._heads[head] = self._heads.get(head, 0) + 1
+        self.version = version
+
+    def drop(self, ids: Sequence[str], version: int) -> None:
+        """The facts `ids` were deleted; the database is now at `version`."""
+        for fact_id in ids:
+            self._forget(fact_id)
+        self.version = version
+
+    def _forget(self, fact_id: str) -> None:
+        entry = self._of.pop(fact_id, None)
+        if entry is not None:
+            for counts, value in zip((self._subjects, self._heads), entry):
+                counts[value] -= 1
+                if not counts[value]:
+                    del counts[value]
+
+    def with_facts(self, facts: Sequence[Fact], subjects: bool) -> _Pool:
+        """The pool of the stored facts and `facts`; its subjects only when asked for (`subjects`:
+        near-subject names are drawn from them; listing them costs O(m))."""
+        pairs = [_subject_and_head(fact) for fact in facts]
+        heads = set(self._heads).union(head for _, head in pairs)
+        names = set(self._subjects).union(subject for subject, _ in pairs) if subjects else ()
+        return _Pool(tuple(sorted(names)), tuple(sorted(heads)))
 
 
 @dataclasses.dataclass
