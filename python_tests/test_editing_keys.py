@@ -72,3 +72,59 @@ def test_without_prefixes_or_text_nothing_is_generic_and_every_far_query_is_stor
         decided = bare_prompt_keys(keys, bare, empty, below=BELOW, gamma=GAMMA, text=text, margin=MARGIN)
         assert decided.generic.tolist() == [False] * 4
         assert decided.extra.tolist() == decided.far.tolist() == [False, True, True, True]
+
+
+def _reference_beaten(keys, bare, units, stored, allowed, extra):
+    """Float64, fact by fact until nothing changes: a bare prompt whose best key of another unit (a
+    batch fact's averaged key or stored bare key, or a stored key) beats its best own-unit key."""
+    extra = list(extra)
+    cos = lambda a, b: float(_unit(a) @ _unit(b))  # noqa: E731
+    changed = True
+    while changed:
+        changed = False
+        for i in range(len(bare)):
+            if extra[i] or not allowed[i]:
+                continue
+            candidates = [(units[j], keys[j]) for j in range(len(keys))]
+            candidates += [(units[j], bare[j]) for j in range(len(bare)) if extra[j]]
+            own = max(cos(bare[i], key) for unit, key in candidates if unit == units[i])
+            rival = max([cos(bare[i], key) for unit, key in candidates if unit != units[i]]
+                        + [cos(bare[i], key) for key in stored])
+            if rival > own:
+                extra[i] = changed = True
+    return extra
+
+
+def test_a_bare_prompt_won_by_another_units_key_gets_its_own_key():
+    basis = torch.eye(24, dtype=torch.float64)
+    e = list(basis)
+    keys, bare = [None] * 9, [None] * 9
+    keys[0], bare[0] = e[0], _at_cosine(e[0], e[1], 0.9)  # 0: a stored key wins its prompt
+    keys[1], bare[1] = e[3], _at_cosine(e[3], e[4], 0.9)  # 1: fact 2's averaged key wins its prompt
+    keys[2] = _at_cosine(bare[1], e[5], 0.93)
+    bare[2] = _at_cosine(keys[2], e[6], 0.9)
+    keys[3], bare[3] = e[7], _at_cosine(e[7], e[8], 0.85)  # 3 and 4 share a unit: 4's key is its own
+    keys[4] = _at_cosine(bare[3], e[9], 0.95)
+    bare[4] = _at_cosine(keys[4], e[10], 0.9)
+    keys[5], bare[5] = e[11], _at_cosine(e[11], e[12], 0.1)  # 5: far, stored as a key
+    bare[6] = _at_cosine(bare[5], e[14], 0.95)  # 6: fact 5's bare key wins its prompt
+    keys[6] = _at_cosine(bare[6], e[15], 0.9)
+    bare[7] = _at_cosine(bare[6], e[17], 0.95)  # 7: won by fact 6's bare key, once that is stored
+    keys[7] = _at_cosine(bare[7], e[16], 0.93)
+    keys[8], bare[8] = e[18], _at_cosine(e[18], e[19], 0.9)  # 8: generic, inseparable from text
+    generic = _at_cosine(bare[8], e[20], 0.9).unsqueeze(0)
+    text = torch.stack([generic[0], _at_cosine(bare[8], e[22], 0.99)])
+    stored = torch.stack([_at_cosine(bare[0], e[2], 0.95), _at_cosine(bare[8], e[21], 0.95)])
+    keys, bare = torch.stack(keys), torch.stack(bare)
+    units = torch.tensor([0, 1, 2, 9, 9, 5, 6, 7, 8])
+    decided = bare_prompt_keys(keys.float(), bare.float(), generic.float(), below=BELOW, gamma=GAMMA,
+                               text=text.float(), margin=MARGIN, units=units, stored=stored.float())
+    far, is_generic, _ = _expected(keys, bare, generic, text)
+    allowed = (~is_generic | ((_unit(bare) @ _unit(text).T).max(dim=1).values < 1 - 2 * MARGIN)).tolist()
+    expected = _reference_beaten(keys, bare, units.tolist(), stored, allowed, (far & torch.tensor(allowed)).tolist())
+    assert decided.extra.tolist() == expected == [True, True, False, False, False, True, True, True, False]
+    assert decided.beaten.tolist() == [True, True, False, False, False, False, True, True, False]
+    assert decided.far.tolist() == [False] * 5 + [True] + [False] * 3
+    # one unit per fact: fact 4's key now beats fact 3's prompt
+    alone = bare_prompt_keys(keys, bare, generic, below=BELOW, gamma=GAMMA, text=text, margin=MARGIN, stored=stored)
+    assert alone.extra.tolist()[3]

@@ -358,18 +358,23 @@ class Editor:
         queries, counts = context_queries(self.model, tokens, hp.layer, pad_id=pad_id, batch_size=hp.batch_size,
                                           module_path=self.module_path)
         keys, bare = keys_of(queries, counts)
-        # the bare prompt's own query becomes an extra key where it is far from the averaged key,
-        # unless it is generic and no calibrated threshold can keep it off model-written text
-        decided = bare_prompt_keys(keys, bare, generic, below=hp.bare_key_below, gamma=hp.gamma,
-                                   text=text_negatives, margin=hp.gate_margin)
-        extra, generic_far = decided.extra.tolist(), (decided.far & decided.generic).tolist()
         ids = [fact.fact_id for fact in facts]
+        stored = _OtherKeys.of(self.db, set(ids))  # the batch's stored rows are replaced now (companions included)
+        unit_of = torch.empty(len(ids), dtype=torch.long)
+        for number, unit in enumerate(units):
+            unit_of[unit] = number
+        # the bare prompt's own query becomes an extra key where it is far from the averaged key or
+        # another fact's key would win the bare prompt, unless it is generic and no calibrated
+        # threshold can keep it off model-written text
+        decided = bare_prompt_keys(keys, bare, generic, below=hp.bare_key_below, gamma=hp.gamma,
+                                   text=text_negatives, margin=hp.gate_margin, units=unit_of, stored=stored.keys)
+        extra, generic_far = decided.extra.tolist(), (decided.far & decided.generic).tolist()
         fact_keys = [torch.stack([keys[i], bare[i]]) if extra[i] else keys[i : i + 1] for i in range(len(facts))]
         gates = None
         if text_negatives is not None:
             wordings, wording_fact, near = self._calibration_queries(facts, prefixes, pool, pad_id)
-            gates = self._batch_gates(ids, fact_keys, queries, counts, units, text_negatives, wordings, wording_fact,
-                                      near)
+            gates = self._batch_gates(ids, fact_keys, queries, counts, unit_of, stored, text_negatives, wordings,
+                                      wording_fact, near)
         seconds["keys"] += time.perf_counter() - stage
         phase("residuals")
         stage = time.perf_counter()
@@ -417,26 +422,20 @@ class Editor:
             callback(computed)
 
     def _batch_gates(self, ids: list[str], fact_keys: list[torch.Tensor], queries: torch.Tensor,
-                     counts: torch.Tensor, units: list[list[int]], text_negatives: torch.Tensor,
+                     counts: torch.Tensor, unit_of: torch.Tensor, stored: "_OtherKeys", text_negatives: torch.Tensor,
                      wordings: torch.Tensor, wording_fact: torch.Tensor, near: torch.Tensor) -> "_BatchGates":
         """Thresholds of a batch's keys (fact_keys[i]: (k_i, d1)) from its context `queries` (counts
         per fact) and other-wording queries `wordings` (of fact wording_fact[j]) against text, the
-        near-subject queries `near`, the batch's other units and the stored keys of other facts; and
-        the stored facts whose thresholds the batch's queries require raised (editing.calibration)."""
+        near-subject queries `near`, the batch's other units (unit_of[i]: fact i's) and `stored`, the
+        key rows of the facts outside the batch; and the stored facts whose thresholds the batch's
+        queries require raised (editing.calibration)."""
         hp = self.hparams
-        unit_of = torch.empty(len(ids), dtype=torch.long)
-        for number, unit in enumerate(units):
-            unit_of[unit] = number
         key_fact = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor([len(k) for k in fact_keys]))
         all_keys = torch.cat(fact_keys)
         query_fact = torch.cat([torch.repeat_interleave(torch.arange(len(ids)), counts), wording_fact])
         positives = torch.cat([queries, wordings])
         positive_row = nearest_rows(positives, query_fact, all_keys, key_fact)
-        snapshot = self.db.snapshot()
-        batch = set(ids)  # their stored rows are replaced now (companions included)
-        row_ids = snapshot.ids_at(range(len(snapshot.keys)))
-        others = torch.tensor([fact_id is not None and fact_id not in batch for fact_id in row_ids], dtype=torch.bool)
-        stored_keys, stored_gammas = snapshot.keys[others].float(), snapshot.gammas[others]
+        stored_keys, stored_gammas = stored.keys, stored.gammas
         negatives = torch.cat([text_negatives, near, positives, stored_keys])
         negative_unit = torch.cat([torch.full((len(text_negatives) + len(near),), -1), unit_of[query_fact],
                                    torch.full((len(stored_keys),), -1)])
@@ -445,7 +444,7 @@ class Editor:
         bounds = torch.cumsum(torch.tensor([0] + [len(k) for k in fact_keys]), 0).tolist()
         per_fact = [slice(bounds[i], bounds[i + 1]) for i in range(len(ids))]
         conflicts = [ids[i] for i in range(len(ids)) if bool(found.conflicts[per_fact[i]].any())]
-        stored_ids = [fact_id for fact_id, other in zip(row_ids, others.tolist()) if other]
+        stored_ids = stored.ids
         raised = []
         passing = torch.cat([positives, near])  # what the stored keys must not fire on
         for fact_id in dict.fromkeys(stored_ids[row] for row in colliding_rows(passing, stored_keys, stored_gammas)):
@@ -536,6 +535,25 @@ class Editor:
             self._stored_pool.put([], self.db.version)
         return Recalibration(len(stored), len(all_keys), tuple(changed), tuple(conflicts), tuple(skipped),
                              float(before.mean()), float(found.gammas.mean()), time.perf_counter() - started)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OtherKeys:
+    """The stored key rows of the facts outside a batch: keys (s, d1) float32, their thresholds
+    gammas (s,) float32 and their facts' ids (s,)."""
+
+    keys: torch.Tensor
+    gammas: torch.Tensor
+    ids: list[str]
+
+    @classmethod
+    def of(cls, db: NeuralDB, batch: set[str]) -> "_OtherKeys":
+        """The key rows of `db` whose fact is not in `batch`."""
+        snapshot = db.snapshot()
+        row_ids = snapshot.ids_at(range(len(snapshot.keys)))
+        others = torch.tensor([fact_id is not None and fact_id not in batch for fact_id in row_ids], dtype=torch.bool)
+        return cls(snapshot.keys[others].float(), snapshot.gammas[others],
+                   [fact_id for fact_id, other in zip(row_ids, others.tolist()) if other])
 
 
 @dataclasses.dataclass
