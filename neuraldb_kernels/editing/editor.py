@@ -359,7 +359,7 @@ class Editor:
                                           module_path=self.module_path)
         keys, bare = keys_of(queries, counts)
         ids = [fact.fact_id for fact in facts]
-        stored = _OtherKeys.of(self.db, set(ids))  # the batch's stored rows are replaced now (companions included)
+        outside = _OtherKeys.of(self.db, set(ids))  # the batch's stored rows are replaced now (companions included)
         unit_of = torch.empty(len(ids), dtype=torch.long)
         for number, unit in enumerate(units):
             unit_of[unit] = number
@@ -367,13 +367,13 @@ class Editor:
         # another fact's key would win the bare prompt, unless it is generic and no calibrated
         # threshold can keep it off model-written text
         decided = bare_prompt_keys(keys, bare, generic, below=hp.bare_key_below, gamma=hp.gamma,
-                                   text=text_negatives, margin=hp.gate_margin, units=unit_of, stored=stored.keys)
+                                   text=text_negatives, margin=hp.gate_margin, units=unit_of, stored=outside.keys)
         extra, generic_far = decided.extra.tolist(), (decided.far & decided.generic).tolist()
         fact_keys = [torch.stack([keys[i], bare[i]]) if extra[i] else keys[i : i + 1] for i in range(len(facts))]
         gates = None
         if text_negatives is not None:
             wordings, wording_fact, near = self._calibration_queries(facts, prefixes, pool, pad_id)
-            gates = self._batch_gates(ids, fact_keys, queries, counts, unit_of, stored, text_negatives, wordings,
+            gates = self._batch_gates(ids, fact_keys, queries, counts, unit_of, outside, text_negatives, wordings,
                                       wording_fact, near)
         seconds["keys"] += time.perf_counter() - stage
         phase("residuals")
@@ -422,11 +422,11 @@ class Editor:
             callback(computed)
 
     def _batch_gates(self, ids: list[str], fact_keys: list[torch.Tensor], queries: torch.Tensor,
-                     counts: torch.Tensor, unit_of: torch.Tensor, stored: "_OtherKeys", text_negatives: torch.Tensor,
+                     counts: torch.Tensor, unit_of: torch.Tensor, outside: "_OtherKeys", text_negatives: torch.Tensor,
                      wordings: torch.Tensor, wording_fact: torch.Tensor, near: torch.Tensor) -> "_BatchGates":
         """Thresholds of a batch's keys (fact_keys[i]: (k_i, d1)) from its context `queries` (counts
         per fact) and other-wording queries `wordings` (of fact wording_fact[j]) against text, the
-        near-subject queries `near`, the batch's other units (unit_of[i]: fact i's) and `stored`, the
+        near-subject queries `near`, the batch's other units (unit_of[i]: fact i's) and `outside`, the
         key rows of the facts outside the batch; and the stored facts whose thresholds the batch's
         queries require raised (editing.calibration)."""
         hp = self.hparams
@@ -435,19 +435,17 @@ class Editor:
         query_fact = torch.cat([torch.repeat_interleave(torch.arange(len(ids)), counts), wording_fact])
         positives = torch.cat([queries, wordings])
         positive_row = nearest_rows(positives, query_fact, all_keys, key_fact)
-        stored_keys, stored_gammas = stored.keys, stored.gammas
-        negatives = torch.cat([text_negatives, near, positives, stored_keys])
+        negatives = torch.cat([text_negatives, near, positives, outside.keys])
         negative_unit = torch.cat([torch.full((len(text_negatives) + len(near),), -1), unit_of[query_fact],
-                                   torch.full((len(stored_keys),), -1)])
+                                   torch.full((len(outside.keys),), -1)])
         found = calibrate_thresholds(all_keys, unit_of[key_fact], positives, positive_row, negatives, negative_unit,
                                      gamma=hp.gamma, margin=hp.gate_margin)
         bounds = torch.cumsum(torch.tensor([0] + [len(k) for k in fact_keys]), 0).tolist()
         per_fact = [slice(bounds[i], bounds[i + 1]) for i in range(len(ids))]
         conflicts = [ids[i] for i in range(len(ids)) if bool(found.conflicts[per_fact[i]].any())]
-        stored_ids = stored.ids
         raised = []
         passing = torch.cat([positives, near])  # what the stored keys must not fire on
-        for fact_id in dict.fromkeys(stored_ids[row] for row in colliding_rows(passing, stored_keys, stored_gammas)):
+        for fact_id in dict.fromkeys(outside.ids[row] for row in colliding_rows(passing, outside.keys, outside.gammas)):
             stored = self.db.get(fact_id)
             record = EditRecord.from_metadata(stored.metadata, fact_id)
             floors = None if record is None or record.key_floors is None else torch.tensor(record.key_floors)
