@@ -347,6 +347,23 @@ def test_the_rule_on_random_vectors_in_chunks(monkeypatch, scores):
     assert calibration.colliding_rows(positives, keys, stored_gammas).tolist() == hit.tolist()
 
 
+def test_exact_match_rows_sit_at_their_floor_less_the_margin():
+    generator = torch.Generator().manual_seed(4)
+    keys, negatives = torch.randn(6, 5, generator=generator), torch.randn(9, 5, generator=generator)
+    positives = keys.repeat(2, 1) + 0.3 * torch.randn(12, 5, generator=generator)
+    exact = torch.tensor([False, True, False, True, True, False])
+    found = calibration.calibrate_thresholds(keys, torch.arange(6), positives, torch.arange(6).repeat(2), negatives,
+                                             torch.full((9,), -1), gamma=GAMMA, margin=MARGIN, exact=exact)
+    cosines = _cosines(positives, keys)
+    floors = torch.minimum(cosines.diagonal(), cosines[6:, :].diagonal())
+    worst = _cosines(keys, negatives).max(dim=1).values
+    halfway = torch.clamp(torch.minimum((worst + floors) / 2, floors - MARGIN), min=GAMMA, max=1.0)
+    at_floor = torch.clamp(floors - MARGIN, min=GAMMA, max=1.0)
+    torch.testing.assert_close(found.gammas.double(), torch.where(exact, at_floor, halfway), atol=1e-6, rtol=0)
+    assert bool((at_floor[exact] > halfway[exact]).any())  # the rule changes something here
+    assert found.conflicts.tolist() == ((worst + MARGIN > floors - MARGIN) & (worst + MARGIN > GAMMA)).tolist()
+
+
 def test_near_subjects_swap_one_word_or_the_number_and_leave_out_known_names():
     pool = ["Michel Rocard", "Yves Montand", "Renault 4", "Toyota Corolla", "Germany", "Yves Rocard"]
     # first-word swaps (Yves, Renault, Toyota; Michel is its own) and last-word swaps; "Yves Rocard" is

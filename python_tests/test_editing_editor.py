@@ -411,6 +411,10 @@ def test_a_generic_bare_prompt_query_is_stored_only_with_a_threshold_above_model
         torch.testing.assert_close(stored.keys[1], bare_query, rtol=1e-5, atol=1e-5)
         unrelated_cosine = torch.nn.functional.cosine_similarity(bare_query.double(), unrelated_query.double(), dim=0)
         assert stored.key_gammas[1] > unrelated_cosine
+        # an exact-match key (editing.calibration): its own query alone is its floor, its threshold 1 - margin
+        margin = editor.hparams.gate_margin
+        assert stored.metadata["edit"]["key_floors"][1] == pytest.approx(1.0, abs=1e-5)
+        assert float(stored.key_gammas[1]) == pytest.approx(1.0 - margin, abs=1e-5)
         # attached: the bare prompt fires the fact at its subject, unrelated text fires nothing
         with torch.no_grad():
             model(torch.tensor([tokenizer(bay.filled_prompt)["input_ids"]]))

@@ -370,11 +370,13 @@ class Editor:
                                    text=text_negatives, margin=hp.gate_margin, units=unit_of, stored=outside.keys)
         extra, generic_far = decided.extra.tolist(), (decided.far & decided.generic).tolist()
         fact_keys = [torch.stack([keys[i], bare[i]]) if extra[i] else keys[i : i + 1] for i in range(len(facts))]
+        exact = _exact_rows([(extra[i], bool(decided.generic[i])) for i in range(len(facts))],
+                            [len(k) for k in fact_keys])
         gates = None
         if text_negatives is not None:
             wordings, wording_fact, near = self._calibration_queries(facts, prefixes, pool, pad_id)
-            gates = self._batch_gates(ids, fact_keys, queries, counts, unit_of, outside, text_negatives, wordings,
-                                      wording_fact, near)
+            gates = self._batch_gates(ids, fact_keys, exact, queries, counts, unit_of, outside, text_negatives,
+                                      wordings, wording_fact, near)
         seconds["keys"] += time.perf_counter() - stage
         phase("residuals")
         stage = time.perf_counter()
@@ -421,10 +423,11 @@ class Editor:
         if callback is not None:
             callback(computed)
 
-    def _batch_gates(self, ids: list[str], fact_keys: list[torch.Tensor], queries: torch.Tensor,
+    def _batch_gates(self, ids: list[str], fact_keys: list[torch.Tensor], exact: torch.Tensor, queries: torch.Tensor,
                      counts: torch.Tensor, unit_of: torch.Tensor, outside: "_OtherKeys", text_negatives: torch.Tensor,
                      wordings: torch.Tensor, wording_fact: torch.Tensor, near: torch.Tensor) -> "_BatchGates":
-        """Thresholds of a batch's keys (fact_keys[i]: (k_i, d1)) from its context `queries` (counts
+        """Thresholds of a batch's keys (fact_keys[i]: (k_i, d1); `exact`: which of their rows, in
+        order, are exact-match keys, see editing.calibration) from its context `queries` (counts
         per fact) and other-wording queries `wordings` (of fact wording_fact[j]) against text, the
         near-subject queries `near`, the batch's other units (unit_of[i]: fact i's) and `outside`, the
         key rows of the facts outside the batch; and the stored facts whose thresholds the batch's
@@ -439,7 +442,7 @@ class Editor:
         negative_unit = torch.cat([torch.full((len(text_negatives) + len(near),), -1), unit_of[query_fact],
                                    torch.full((len(outside.keys),), -1)])
         found = calibrate_thresholds(all_keys, unit_of[key_fact], positives, positive_row, negatives, negative_unit,
-                                     gamma=hp.gamma, margin=hp.gate_margin)
+                                     gamma=hp.gamma, margin=hp.gate_margin, exact=exact)
         bounds = torch.cumsum(torch.tensor([0] + [len(k) for k in fact_keys]), 0).tolist()
         per_fact = [slice(bounds[i], bounds[i + 1]) for i in range(len(ids))]
         conflicts = [ids[i] for i in range(len(ids)) if bool(found.conflicts[per_fact[i]].any())]
@@ -507,8 +510,11 @@ class Editor:
         positive_row = nearest_rows(positives, query_fact, all_keys, key_fact)
         negatives = torch.cat([text_negatives, near, positives])
         negative_unit = torch.cat([torch.full((len(text_negatives) + len(near),), -1), unit_of[query_fact]])
+        records = [EditRecord.from_metadata(f.metadata, f.id) for f in stored]
+        exact = _exact_rows([(len(f.keys) > 1 and bool(r.bare_prompt_key), bool(r.bare_prompt_key_generic))
+                             for f, r in zip(stored, records)], [len(f.keys) for f in stored])
         found = calibrate_thresholds(all_keys, unit_of[key_fact], positives, positive_row, negatives, negative_unit,
-                                     gamma=hp.gamma, margin=hp.gate_margin)
+                                     gamma=hp.gamma, margin=hp.gate_margin, exact=exact)
         before = torch.cat([f.key_gammas if f.key_gammas is not None else torch.full((len(f.keys),), self.db.gamma)
                             for f in stored])
         bounds = torch.cumsum(torch.tensor([0] + [len(f.keys) for f in stored]), 0).tolist()
@@ -533,6 +539,18 @@ class Editor:
             self._stored_pool.put([], self.db.version)
         return Recalibration(len(stored), len(all_keys), tuple(changed), tuple(conflicts), tuple(skipped),
                              float(before.mean()), float(found.gammas.mean()), time.perf_counter() - started)
+
+
+def _exact_rows(facts: Sequence[tuple[bool, bool]], key_counts: Sequence[int]) -> torch.Tensor:
+    """(rows,) bool over the facts' key rows in order: the exact-match rows (editing.calibration),
+    a fact's bare-prompt key (its 2nd row) when it has one and it is generic. facts[i]: (has a
+    bare-prompt key, that query is generic); key_counts[i]: fact i's key rows."""
+    rows = []
+    for (has_bare_key, is_generic), count in zip(facts, key_counts):
+        rows += [False] * count
+        if has_bare_key and is_generic:
+            rows[len(rows) - count + 1] = True
+    return torch.tensor(rows, dtype=torch.bool)
 
 
 @dataclasses.dataclass(frozen=True)
