@@ -347,6 +347,23 @@ def test_the_rule_on_random_vectors_in_chunks(monkeypatch, scores):
     assert calibration.colliding_rows(positives, keys, stored_gammas).tolist() == hit.tolist()
 
 
+def test_exact_match_rows_sit_at_their_floor_less_the_margin():
+    generator = torch.Generator().manual_seed(4)
+    keys, negatives = torch.randn(6, 5, generator=generator), torch.randn(9, 5, generator=generator)
+    positives = keys.repeat(2, 1) + 0.3 * torch.randn(12, 5, generator=generator)
+    exact = torch.tensor([False, True, False, True, True, False])
+    found = calibration.calibrate_thresholds(keys, torch.arange(6), positives, torch.arange(6).repeat(2), negatives,
+                                             torch.full((9,), -1), gamma=GAMMA, margin=MARGIN, exact=exact)
+    cosines = _cosines(positives, keys)
+    floors = torch.minimum(cosines.diagonal(), cosines[6:, :].diagonal())
+    worst = _cosines(keys, negatives).max(dim=1).values
+    halfway = torch.clamp(torch.minimum((worst + floors) / 2, floors - MARGIN), min=GAMMA, max=1.0)
+    at_floor = torch.clamp(floors - MARGIN, min=GAMMA, max=1.0)
+    torch.testing.assert_close(found.gammas.double(), torch.where(exact, at_floor, halfway), atol=1e-6, rtol=0)
+    assert bool((at_floor[exact] > halfway[exact]).any())  # the rule changes something here
+    assert found.conflicts.tolist() == ((worst + MARGIN > floors - MARGIN) & (worst + MARGIN > GAMMA)).tolist()
+
+
 def test_near_subjects_swap_one_word_or_the_number_and_leave_out_known_names():
     pool = ["Michel Rocard", "Yves Montand", "Renault 4", "Toyota Corolla", "Germany", "Yves Rocard"]
     # first-word swaps (Yves, Renault, Toyota; Michel is its own) and last-word swaps; "Yves Rocard" is
@@ -393,3 +410,50 @@ def test_a_later_edit_draws_wordings_from_the_stored_facts_and_removal_keeps_thr
     kept = stored.key_gammas.clone()
     editor.remove([stored_id])
     torch.testing.assert_close(editor.db.get(new_id).key_gammas, kept, atol=0, rtol=0)
+
+
+def _calibration_state(db):
+    """{id: (keys, thresholds, key floors)} of every stored fact."""
+    return {fact.id: (fact.keys, fact.key_gammas, EditRecord.from_metadata(fact.metadata, fact.id).key_floors)
+            for fact in db.facts()}
+
+
+def test_the_pool_is_held_and_updated_from_the_editors_writes_with_the_thresholds_of_a_fresh_read(
+        model, tokenizer, tmp_path, monkeypatch):
+    # the pool of subjects and prompt openings: read from the stored metadata when the Editor does not
+    # know the database's version (first call, someone else wrote), else updated from its own writes;
+    # the thresholds must equal those of a fresh Editor, which reads every stored fact's metadata
+    reads = []
+    metadata = NeuralDB.metadata
+    monkeypatch.setattr(NeuralDB, "metadata", lambda db: reads.append(len(db)) or metadata(db))
+    held_db = NeuralDB.for_model(model, layer=LAYER, gamma=GAMMA, path=tmp_path / "held.sqlite")
+    held = Editor(model, tokenizer, db=held_db, **FAST)
+    first = held.edit(FACTS[:3], progress=False).ids
+    assert reads == [0]  # the first call reads the (empty) database once
+    held.remove([first[0]])
+    held.detach()
+    held_db.save(tmp_path / "fresh.sqlite")
+    later = [Fact("{} is a member of", "Velmora Choir", "UNESCO"), FACTS[3]]
+    held.edit(later, progress=False)
+    assert reads == [0]  # removal and the next call: no stored fact's metadata read again
+    fresh_db = NeuralDB.open(tmp_path / "fresh.sqlite")
+    with Editor(model, tokenizer, db=fresh_db, **FAST) as fresh:
+        fresh.edit(later, progress=False)
+    assert reads == [0, 2]  # the fresh Editor reads the 2 stored facts
+    held_state, fresh_state = _calibration_state(held_db), _calibration_state(fresh_db)
+    assert sorted(held_state) == sorted(fresh_state) and len(held_state) == 4
+    for fact_id, (keys, gammas, floors) in fresh_state.items():
+        assert torch.equal(held_state[fact_id][0], keys) and torch.equal(held_state[fact_id][1], gammas)
+        assert held_state[fact_id][2] == floors
+    # a write the Editor did not make (a direct delete) is seen by the version: the pool is read again
+    held_db.delete([first[1]])
+    fresh_db.delete([first[1]])
+    extra = [Fact("The founder of {} is", "Quillon Works", "Ada")]
+    held.edit(extra, progress=False)
+    assert reads == [0, 2, 3]
+    with Editor(model, tokenizer, db=fresh_db, **FAST) as fresh:
+        fresh.edit(extra, progress=False)
+    held_state, fresh_state = _calibration_state(held_db), _calibration_state(fresh_db)
+    assert sorted(held_state) == sorted(fresh_state)
+    for fact_id, (keys, gammas, floors) in fresh_state.items():
+        assert torch.equal(held_state[fact_id][1], gammas) and held_state[fact_id][2] == floors

@@ -363,33 +363,64 @@ def test_editor_argument_errors(smollm2):
         editor.detach()
 
 
-def test_a_generic_bare_prompt_query_is_not_stored(smollm2, data_dir):
+def _first_token_queries(model, editor, tokenizer, texts):
+    """The layer-l* down-projection input at the first token of each text, on the unedited model."""
+    seen = []
+    module = locate_down_proj(model, editor.hparams.layer)
+    with editor.attachment.paused():
+        handle = module.register_forward_hook(lambda _m, args, _out: seen.append(args[0][0, 0]))
+        try:
+            with torch.no_grad():
+                for text in texts:
+                    model(torch.tensor([tokenizer(text)["input_ids"]]))
+        finally:
+            handle.remove()
+    return seen
+
+
+def test_a_generic_bare_prompt_query_is_stored_only_with_a_threshold_above_model_written_text(smollm2, data_dir):
     # "Bay, which is located in": the one-token subject opens the sequence, and without a BOS token
-    # the first position looks alike for every token, so that query would fire on any text
+    # the first position looks alike for every token, so that query passes gamma on any text
     model, tokenizer = smollm2
     bay = read_counterfact(data_dir / "counterfact" / "counterfact-a.json", limit=426)[425]
     assert bay.subject == "Bay"
-    editor = Editor(model, tokenizer, **FAST)
+    unrelated = "The weather today is"
+    # one threshold for every key (no calibration): the query is left out
+    editor = Editor(model, tokenizer, **FAST, calibrate_gates=False)
     try:
         [fact_id] = editor.edit([bay], progress=False).ids
         stored = editor.db.get(fact_id)
         assert len(stored.keys) == 1 and not stored.metadata["edit"]["bare_prompt_key"]
         assert stored.metadata["edit"]["bare_prompt_key_generic"]
         # independently: the bare query passes the gate against the first token of unrelated text
-        seen = []
-        module = locate_down_proj(model, editor.hparams.layer)
-        with editor.attachment.paused():
-            handle = module.register_forward_hook(lambda _m, args, _out: seen.append(args[0][0, 0]))
-            try:
-                with torch.no_grad():
-                    for text in (bay.filled_prompt, "The weather today is"):
-                        model(torch.tensor([tokenizer(text)["input_ids"]]))
-            finally:
-                handle.remove()
-        assert torch.nn.functional.cosine_similarity(seen[0], seen[1], dim=0) > editor.hparams.gamma
-        # attached again, unrelated text does not fire the fact
+        bare_query, unrelated_query = _first_token_queries(model, editor, tokenizer, [bay.filled_prompt, unrelated])
+        assert torch.nn.functional.cosine_similarity(bare_query, unrelated_query, dim=0) > editor.hparams.gamma
+        # attached, unrelated text does not fire the fact
         with torch.no_grad():
-            model(torch.tensor([tokenizer("The weather today is")["input_ids"]]))
+            model(torch.tensor([tokenizer(unrelated)["input_ids"]]))
+        assert editor.attachment.fired() == []
+    finally:
+        editor.detach()
+    # calibrated thresholds: the query is stored, its own threshold above the unrelated first token
+    editor = Editor(model, tokenizer, **FAST)
+    try:
+        [fact_id] = editor.edit([bay], progress=False).ids
+        stored = editor.db.get(fact_id)
+        assert len(stored.keys) == 2 and stored.metadata["edit"]["bare_prompt_key"]
+        assert stored.metadata["edit"]["bare_prompt_key_generic"]
+        torch.testing.assert_close(stored.keys[1], bare_query, rtol=1e-5, atol=1e-5)
+        unrelated_cosine = torch.nn.functional.cosine_similarity(bare_query.double(), unrelated_query.double(), dim=0)
+        assert stored.key_gammas[1] > unrelated_cosine
+        # an exact-match key (editing.calibration): its own query alone is its floor, its threshold 1 - margin
+        margin = editor.hparams.gate_margin
+        assert stored.metadata["edit"]["key_floors"][1] == pytest.approx(1.0, abs=1e-5)
+        assert float(stored.key_gammas[1]) == pytest.approx(1.0 - margin, abs=1e-5)
+        # attached: the bare prompt fires the fact at its subject, unrelated text fires nothing
+        with torch.no_grad():
+            model(torch.tensor([tokenizer(bay.filled_prompt)["input_ids"]]))
+        assert (0, fact_id) in {(f.position, f.fact_id) for f in editor.attachment.fired()}
+        with torch.no_grad():
+            model(torch.tensor([tokenizer(unrelated)["input_ids"]]))
         assert editor.attachment.fired() == []
     finally:
         editor.detach()

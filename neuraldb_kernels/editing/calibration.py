@@ -23,7 +23,11 @@ The rule, per key row with min positive cosine `floor` (stored in the fact's Edi
 
 i.e. halfway between the closest query that must not fire it and the farthest one that must
 (unseen text of either kind is as likely to land on either side), never below the database's
-gamma, and at least `margin` below the floor so that every own context and wording fires. When
+gamma, and at least `margin` below the floor so that every own context and wording fires. A
+generic bare-prompt key (editing.keys.bare_prompt_keys: a query read where the subject opens the
+text, alike for every opening) is an exact-match key: only text opening with the same words gives
+its query, anything else near it opens with another entity, so its threshold is the highest the
+floor allows, max(gamma, floor - margin). When
 `worst + margin > floor - margin` the two requirements conflict; the fact keeps working (the
 threshold is `floor - margin`, or gamma if that is higher) and the key counts as a conflict in the
 EditReport (`threshold_conflicts`).
@@ -196,13 +200,14 @@ def nearest_rows(queries: torch.Tensor, query_fact: torch.Tensor, keys: torch.Te
 
 def calibrate_thresholds(keys: torch.Tensor, key_unit: torch.Tensor, positives: torch.Tensor,
                          positive_row: torch.Tensor, negatives: torch.Tensor, negative_unit: torch.Tensor, *,
-                         gamma: float, margin: float) -> KeyThresholds:
+                         gamma: float, margin: float, exact: Optional[torch.Tensor] = None) -> KeyThresholds:
     """Thresholds of key rows `keys` (k, d1) by the rule of this module.
 
     key_unit (k,) int64: the residual-sharing unit of each row's fact. positives (p, d1) with
     positive_row (p,) int64: the row each must fire. negatives (n, d1) with negative_unit (n,)
     int64: the unit a negative belongs to (-1: none, e.g. general text); a negative is ignored
     for the rows of its own unit. gamma: the lowest threshold; margin: the clearance in cosine.
+    exact (k,) bool: the exact-match rows (generic bare-prompt keys), at floor - margin.
     """
     k = keys.shape[0]
     unit_keys = _unit(keys)
@@ -218,6 +223,8 @@ def calibrate_thresholds(keys: torch.Tensor, key_unit: torch.Tensor, positives: 
         if scores.shape[1]:
             worst[rows] = scores.max(dim=1).values
     middle, allowed = (worst + floors) / 2, floors - margin
+    if exact is not None:
+        middle = torch.where(exact, allowed, middle)
     gammas = torch.clamp(torch.minimum(middle, allowed), min=gamma, max=1.0)
     return KeyThresholds(gammas.float(), floors.float(), (worst + margin > allowed) & (worst + margin > gamma))
 

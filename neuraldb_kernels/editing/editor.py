@@ -15,10 +15,12 @@ Semantics:
   in one transaction before the next batch starts, so an interruption loses at most one batch.
 - A fact may hold an extra key beside its averaged one (the store keeps several keys per fact,
   one residual): the query of its bare prompt, stored when that is far from the averaged key
-  (`EditHParams.bare_key_below`; prompts that start with the subject), unless it is generic: its
-  cosine with a query of the model-written prefixes passes gamma, so it would fire on any text
-  (the first position of a model without a BOS token looks alike for every token). Facts stored
-  before these rules existed keep their keys until `update()` recomputes them.
+  (`EditHParams.bare_key_below`; prompts that start with the subject). A generic one (its cosine
+  with a query of the model-written prefixes passes gamma: the first positions of a model without
+  a BOS token look alike for every token) is stored only with calibrated thresholds, and only when
+  its own threshold can sit between model-written text and its prompt (`keys.bare_prompt_keys`);
+  without it such a prompt is won by another fact's key. Facts stored before these rules existed
+  keep their keys until `update()` recomputes them.
 - Facts with the same subject share one residual (`EditHParams.share_subject_residual`, on by
   default): their keys coincide where the prompt opens with the subject, so separate residuals
   would leave all but one of them unanswered. Editing a fact recomputes, in the same batch and
@@ -28,8 +30,9 @@ Semantics:
   others, hparams records the hyperparameters it was computed with).
 - Each key gets its own gate threshold (`EditHParams.calibrate_gates`, on by default): between the
   queries of model-written text and of the other facts, and those of its fact's own contexts and
-  of its subject after other prompts' openings (editing.calibration states the rule; the stored
-  facts' subjects and prompts are read once per call as the pool of openings); stored keys that a
+  of its subject after other prompts' openings (editing.calibration states the rule; the Editor
+  holds the stored facts' subjects and prompt openings and updates them from its own writes, see
+  `_StoredPool`); stored keys that a
   new fact's queries would fire are raised in the same transaction. Removing facts leaves the
   other thresholds as they are. `calibrate()` recomputes every stored fact's thresholds.
 - Keys, prefixes and residuals are always computed on the UNEDITED model: the Editor keeps one
@@ -55,7 +58,7 @@ from .report import EditReport, SkippedFact
 from .hparams import resolve_hparams
 from .calibration import (Recalibration, calibrate_thresholds, calibration_rows, colliding_rows, model_written_texts,
                           nearest_rows, raised_thresholds)
-from .keys import context_queries, down_proj_inputs, generic_queries, keys_of, pad_token_id
+from .keys import bare_prompt_keys, context_queries, down_proj_inputs, generic_queries, keys_of, pad_token_id
 from .prefixes import generate_prefixes
 from .residuals import optimize_residuals
 from .tokens import EditTokens, model_context_length, tokenize_fact
@@ -131,6 +134,7 @@ class Editor:
             raise ValueError(f"the database holds d1={db.d1}, d2={db.d2} but layer {self.hparams.layer} of the "
                              f"model has d1={d1}, d2={d2}")
         self.db = db
+        self._stored_pool = _StoredPool()
         # the database's own gamma is not passed: it would override the keys' own thresholds
         self.attachment: Attachment = attach(model, db, self.hparams.layer,
                                              None if self.hparams.gamma == db.gamma else self.hparams.gamma,
@@ -188,7 +192,11 @@ class Editor:
         if partners:
             facts = [Fact.from_metadata(fact_id, self.db.get(fact_id).metadata) for fact_id in partners]
             self._run(facts, on_error="raise", progress=False, callback=None, replace=True, exclude=set(present))
-        return self.db.delete(present)
+        in_step = self._stored_pool.in_step(self.db)
+        deleted = self.db.delete(present)
+        if in_step:
+            self._stored_pool.drop(deleted, self.db.version)
+        return deleted
 
     # ---------------------------------------------------------------------------------- internals
 
@@ -265,7 +273,8 @@ class Editor:
             bar.total = len(work)
             bar.refresh()
             batches = list(_batches(units, hp.batch_size))
-            pool = _Pool.of([fact for fact, _ in work], self.db) if hp.calibrate_gates else None
+            pool = (self._stored_pool.synced(self.db).with_facts([fact for fact, _ in work], hp.near_subjects > 0)
+                    if hp.calibrate_gates else None)
             outcome = _Outcome()
             for number, batch in enumerate(batches, start=1):
                 members = [p for unit in batch for p in unit]
@@ -349,21 +358,25 @@ class Editor:
         queries, counts = context_queries(self.model, tokens, hp.layer, pad_id=pad_id, batch_size=hp.batch_size,
                                           module_path=self.module_path)
         keys, bare = keys_of(queries, counts)
-        # the bare prompt's own query becomes an extra key where it is far from the averaged key,
-        # unless it is generic (it would pass the gate on arbitrary text)
-        far = (torch.nn.functional.cosine_similarity(bare, keys, dim=1) < hp.bare_key_below).tolist()
-        is_generic = [False] * len(facts)  # (no prefixes: nothing to compare with)
-        if len(generic):
-            best = (torch.nn.functional.normalize(bare, dim=1) @ generic.T).max(dim=1).values
-            is_generic = (best > hp.gamma).tolist()
-        extra = [far[i] and not is_generic[i] for i in range(len(facts))]
         ids = [fact.fact_id for fact in facts]
+        outside = _OtherKeys.of(self.db, set(ids))  # the batch's stored rows are replaced now (companions included)
+        unit_of = torch.empty(len(ids), dtype=torch.long)
+        for number, unit in enumerate(units):
+            unit_of[unit] = number
+        # the bare prompt's own query becomes an extra key where it is far from the averaged key or
+        # another fact's key would win the bare prompt, unless it is generic and no calibrated
+        # threshold can keep it off model-written text
+        decided = bare_prompt_keys(keys, bare, generic, below=hp.bare_key_below, gamma=hp.gamma,
+                                   text=text_negatives, margin=hp.gate_margin, units=unit_of, stored=outside.keys)
+        extra, generic_far = decided.extra.tolist(), (decided.far & decided.generic).tolist()
         fact_keys = [torch.stack([keys[i], bare[i]]) if extra[i] else keys[i : i + 1] for i in range(len(facts))]
+        exact = _exact_rows([(extra[i], bool(decided.generic[i])) for i in range(len(facts))],
+                            [len(k) for k in fact_keys])
         gates = None
         if text_negatives is not None:
             wordings, wording_fact, near = self._calibration_queries(facts, prefixes, pool, pad_id)
-            gates = self._batch_gates(ids, fact_keys, queries, counts, units, text_negatives, wordings, wording_fact,
-                                      near)
+            gates = self._batch_gates(ids, fact_keys, exact, queries, counts, unit_of, outside, text_negatives,
+                                      wordings, wording_fact, near)
         seconds["keys"] += time.perf_counter() - stage
         phase("residuals")
         stage = time.perf_counter()
@@ -378,7 +391,7 @@ class Editor:
             record = EditRecord(layer=hp.layer, subject_start=fact.subject_span[0], subject_first_token=first_token[i],
                                 target_prob=float(result.target_prob[i]), steps=int(result.steps[i]),
                                 converged=bool(result.converged[i]), bare_prompt_key=extra[i],
-                                bare_prompt_key_generic=far[i] and is_generic[i],
+                                bare_prompt_key_generic=generic_far[i],
                                 shares_residual_with=tuple(partners[i]), hparams=dataclasses.asdict(hp),
                                 key_floors=None if gates is None else tuple(gates.floors[i].tolist()))
             metadata.append({**fact.metadata(), METADATA_KEY: record.to_json()})
@@ -394,8 +407,11 @@ class Editor:
                 metadata.append(stored.metadata)
                 extra_keys.append(stored.keys[1:].float() if len(stored.keys) > 1 else None)
                 key_gammas.append(gammas)
+        in_step = self._stored_pool.in_step(self.db)
         self.db.upsert(torch.stack(rows), torch.stack(residuals), ids, metadata, extra_keys=extra_keys,
                        key_gammas=key_gammas)
+        if in_step:  # the raised stored facts keep their subjects and prompts
+            self._stored_pool.put(facts, self.db.version)
         seconds["store"] += time.perf_counter() - stage
         computed = ids[: len(facts)]
         outcome.computed += computed
@@ -407,39 +423,32 @@ class Editor:
         if callback is not None:
             callback(computed)
 
-    def _batch_gates(self, ids: list[str], fact_keys: list[torch.Tensor], queries: torch.Tensor,
-                     counts: torch.Tensor, units: list[list[int]], text_negatives: torch.Tensor,
+    def _batch_gates(self, ids: list[str], fact_keys: list[torch.Tensor], exact: torch.Tensor, queries: torch.Tensor,
+                     counts: torch.Tensor, unit_of: torch.Tensor, outside: "_OtherKeys", text_negatives: torch.Tensor,
                      wordings: torch.Tensor, wording_fact: torch.Tensor, near: torch.Tensor) -> "_BatchGates":
-        """Thresholds of a batch's keys (fact_keys[i]: (k_i, d1)) from its context `queries` (counts
+        """Thresholds of a batch's keys (fact_keys[i]: (k_i, d1); `exact`: which of their rows, in
+        order, are exact-match keys, see editing.calibration) from its context `queries` (counts
         per fact) and other-wording queries `wordings` (of fact wording_fact[j]) against text, the
-        near-subject queries `near`, the batch's other units and the stored keys of other facts; and
-        the stored facts whose thresholds the batch's queries require raised (editing.calibration)."""
+        near-subject queries `near`, the batch's other units (unit_of[i]: fact i's) and `outside`, the
+        key rows of the facts outside the batch; and the stored facts whose thresholds the batch's
+        queries require raised (editing.calibration)."""
         hp = self.hparams
-        unit_of = torch.empty(len(ids), dtype=torch.long)
-        for number, unit in enumerate(units):
-            unit_of[unit] = number
         key_fact = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor([len(k) for k in fact_keys]))
         all_keys = torch.cat(fact_keys)
         query_fact = torch.cat([torch.repeat_interleave(torch.arange(len(ids)), counts), wording_fact])
         positives = torch.cat([queries, wordings])
         positive_row = nearest_rows(positives, query_fact, all_keys, key_fact)
-        snapshot = self.db.snapshot()
-        batch = set(ids)  # their stored rows are replaced now (companions included)
-        row_ids = snapshot.ids_at(range(len(snapshot.keys)))
-        others = torch.tensor([fact_id is not None and fact_id not in batch for fact_id in row_ids], dtype=torch.bool)
-        stored_keys, stored_gammas = snapshot.keys[others].float(), snapshot.gammas[others]
-        negatives = torch.cat([text_negatives, near, positives, stored_keys])
+        negatives = torch.cat([text_negatives, near, positives, outside.keys])
         negative_unit = torch.cat([torch.full((len(text_negatives) + len(near),), -1), unit_of[query_fact],
-                                   torch.full((len(stored_keys),), -1)])
+                                   torch.full((len(outside.keys),), -1)])
         found = calibrate_thresholds(all_keys, unit_of[key_fact], positives, positive_row, negatives, negative_unit,
-                                     gamma=hp.gamma, margin=hp.gate_margin)
+                                     gamma=hp.gamma, margin=hp.gate_margin, exact=exact)
         bounds = torch.cumsum(torch.tensor([0] + [len(k) for k in fact_keys]), 0).tolist()
         per_fact = [slice(bounds[i], bounds[i + 1]) for i in range(len(ids))]
         conflicts = [ids[i] for i in range(len(ids)) if bool(found.conflicts[per_fact[i]].any())]
-        stored_ids = [fact_id for fact_id, other in zip(row_ids, others.tolist()) if other]
         raised = []
         passing = torch.cat([positives, near])  # what the stored keys must not fire on
-        for fact_id in dict.fromkeys(stored_ids[row] for row in colliding_rows(passing, stored_keys, stored_gammas)):
+        for fact_id in dict.fromkeys(outside.ids[row] for row in colliding_rows(passing, outside.keys, outside.gammas)):
             stored = self.db.get(fact_id)
             record = EditRecord.from_metadata(stored.metadata, fact_id)
             floors = None if record is None or record.key_floors is None else torch.tensor(record.key_floors)
@@ -487,7 +496,8 @@ class Editor:
             text_negatives = self._text_negatives(generic, pad_id)
             queries, counts = context_queries(self.model, tokens, hp.layer, pad_id=pad_id, batch_size=hp.batch_size,
                                               module_path=self.module_path)
-            wordings, wording_fact, near = self._calibration_queries(facts, prefixes, _Pool.of(facts), pad_id)
+            pool = _StoredPool().with_facts(facts, hp.near_subjects > 0)
+            wordings, wording_fact, near = self._calibration_queries(facts, prefixes, pool, pad_id)
         if not stored:
             return Recalibration(0, 0, (), (), tuple(skipped), float("nan"), float("nan"),
                                  time.perf_counter() - started)
@@ -500,8 +510,11 @@ class Editor:
         positive_row = nearest_rows(positives, query_fact, all_keys, key_fact)
         negatives = torch.cat([text_negatives, near, positives])
         negative_unit = torch.cat([torch.full((len(text_negatives) + len(near),), -1), unit_of[query_fact]])
+        records = [EditRecord.from_metadata(f.metadata, f.id) for f in stored]
+        exact = _exact_rows([(len(f.keys) > 1 and bool(r.bare_prompt_key), bool(r.bare_prompt_key_generic))
+                             for f, r in zip(stored, records)], [len(f.keys) for f in stored])
         found = calibrate_thresholds(all_keys, unit_of[key_fact], positives, positive_row, negatives, negative_unit,
-                                     gamma=hp.gamma, margin=hp.gate_margin)
+                                     gamma=hp.gamma, margin=hp.gate_margin, exact=exact)
         before = torch.cat([f.key_gammas if f.key_gammas is not None else torch.full((len(f.keys),), self.db.gamma)
                             for f in stored])
         bounds = torch.cumsum(torch.tensor([0] + [len(f.keys) for f in stored]), 0).tolist()
@@ -517,12 +530,46 @@ class Editor:
             record = dataclasses.replace(record, key_floors=floors)
             metadata.append({**fact.metadata, METADATA_KEY: record.to_json()})
             key_gammas.append(found.gammas[rows])
+        in_step = self._stored_pool.in_step(self.db)
         self.db.upsert(torch.stack([f.keys[0].float() for f in stored]), torch.stack([f.residual.float() for f in stored]),
                        [f.id for f in stored], metadata,
                        extra_keys=[f.keys[1:].float() if len(f.keys) > 1 else None for f in stored],
                        key_gammas=key_gammas)
+        if in_step:  # the same facts, subjects and prompts unchanged
+            self._stored_pool.put([], self.db.version)
         return Recalibration(len(stored), len(all_keys), tuple(changed), tuple(conflicts), tuple(skipped),
                              float(before.mean()), float(found.gammas.mean()), time.perf_counter() - started)
+
+
+def _exact_rows(facts: Sequence[tuple[bool, bool]], key_counts: Sequence[int]) -> torch.Tensor:
+    """(rows,) bool over the facts' key rows in order: the exact-match rows (editing.calibration),
+    a fact's bare-prompt key (its 2nd row) when it has one and it is generic. facts[i]: (has a
+    bare-prompt key, that query is generic); key_counts[i]: fact i's key rows."""
+    rows = []
+    for (has_bare_key, is_generic), count in zip(facts, key_counts):
+        rows += [False] * count
+        if has_bare_key and is_generic:
+            rows[len(rows) - count + 1] = True
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OtherKeys:
+    """The stored key rows of the facts outside a batch: keys (s, d1) float32, their thresholds
+    gammas (s,) float32 and their facts' ids (s,)."""
+
+    keys: torch.Tensor
+    gammas: torch.Tensor
+    ids: list[str]
+
+    @classmethod
+    def of(cls, db: NeuralDB, batch: set[str]) -> "_OtherKeys":
+        """The key rows of `db` whose fact is not in `batch`."""
+        snapshot = db.snapshot()
+        row_ids = snapshot.ids_at(range(len(snapshot.keys)))
+        others = torch.tensor([fact_id is not None and fact_id not in batch for fact_id in row_ids], dtype=torch.bool)
+        return cls(snapshot.keys[others].float(), snapshot.gammas[others],
+                   [fact_id for fact_id, other in zip(row_ids, others.tolist()) if other])
 
 
 @dataclasses.dataclass
@@ -538,24 +585,83 @@ class _BatchGates:
 
 @dataclasses.dataclass(frozen=True)
 class _Pool:
-    """The subjects and prompt openings (text before the subject) that calibration draws
-    near-subject names and other wordings from: the facts at hand and the stored facts."""
+    """The subjects and prompt openings (text before the subject) that one call's calibration draws
+    near-subject names and other wordings from: the facts at hand and the stored facts, sorted."""
 
     subjects: tuple[str, ...]
     heads: tuple[str, ...]
 
-    @classmethod
-    def of(cls, facts: Sequence[Fact], db: Optional[NeuralDB] = None) -> "_Pool":
-        """The pool of `facts` and, when given, of every fact stored in `db` (one read of its
-        metadata, no vectors)."""
-        facts = list(facts)
-        for fact_id, metadata in ({} if db is None else db.metadata()).items():
-            try:
-                facts.append(Fact.from_metadata(fact_id, metadata))
-            except FactError:
-                continue  # not written by the Editor: no subject or prompt to draw from
-        pairs = [(fact.subject, fact.filled_prompt[: fact.subject_span[0]]) for fact in facts]
-        return cls(tuple(sorted({subject for subject, _ in pairs})), tuple(sorted({head for _, head in pairs})))
+
+def _subject_and_head(fact: Fact) -> tuple[str, str]:
+    return fact.subject, fact.filled_prompt[: fact.subject_span[0]]
+
+
+class _StoredPool:
+    """The subject and prompt opening of every fact of a database that the Editor can read back
+    (`Fact.from_metadata`), counted per value so that facts can be added, replaced and removed one at
+    a time. `version` is the database version it shows (None: not read yet). The Editor updates it
+    by what its own writes wrote or deleted, so an edit call costs O(facts in the call) here
+    whatever the number stored; a change made by anyone else (a direct add / delete, another
+    connection's commit picked up by `refresh`, a new gamma) shows as a version it does not know,
+    and it is read again from the stored metadata (O(m), once). It assumes no other thread writes to
+    the database between an Editor's version check and its write."""
+
+    def __init__(self) -> None:
+        self.version: Optional[int] = None
+        self._of: dict[str, tuple[str, str]] = {}
+        self._subjects: dict[str, int] = {}
+        self._heads: dict[str, int] = {}
+
+    def in_step(self, db: NeuralDB) -> bool:
+        """Whether it shows `db` as it is now."""
+        return self.version is not None and self.version == db.version
+
+    def synced(self, db: NeuralDB) -> "_StoredPool":
+        """Itself, read again from `db`'s metadata (one read, no vectors) unless it is in step."""
+        if not self.in_step(db):
+            version = db.version
+            self._of.clear()
+            self._subjects.clear()
+            self._heads.clear()
+            facts = []
+            for fact_id, metadata in db.metadata().items():
+                try:
+                    facts.append(Fact.from_metadata(fact_id, metadata))
+                except FactError:
+                    continue  # not written by the Editor: no subject or prompt to draw from
+            self.put(facts, version)
+        return self
+
+    def put(self, facts: Sequence[Fact], version: int) -> None:
+        """`facts` were written (added or replaced); the database is now at `version`."""
+        for fact in facts:
+            self._forget(fact.fact_id)
+            subject, head = self._of[fact.fact_id] = _subject_and_head(fact)
+            self._subjects[subject] = self._subjects.get(subject, 0) + 1
+            self._heads[head] = self._heads.get(head, 0) + 1
+        self.version = version
+
+    def drop(self, ids: Sequence[str], version: int) -> None:
+        """The facts `ids` were deleted; the database is now at `version`."""
+        for fact_id in ids:
+            self._forget(fact_id)
+        self.version = version
+
+    def _forget(self, fact_id: str) -> None:
+        entry = self._of.pop(fact_id, None)
+        if entry is not None:
+            for counts, value in zip((self._subjects, self._heads), entry):
+                counts[value] -= 1
+                if not counts[value]:
+                    del counts[value]
+
+    def with_facts(self, facts: Sequence[Fact], subjects: bool) -> _Pool:
+        """The pool of the stored facts and `facts`; its subjects only when asked for (`subjects`:
+        near-subject names are drawn from them; listing them costs O(m))."""
+        pairs = [_subject_and_head(fact) for fact in facts]
+        heads = set(self._heads).union(head for _, head in pairs)
+        names = set(self._subjects).union(subject for subject, _ in pairs) if subjects else ()
+        return _Pool(tuple(sorted(names)), tuple(sorted(heads)))
 
 
 @dataclasses.dataclass

@@ -53,7 +53,9 @@ class EditHParams:
         "Editing notes moved from code"): without the second key the edited prompt itself would not
         fire. -1 never adds one.
         A bare-prompt query that is generic (cosine > gamma with the query at some token of the
-        model-written prefixes) is never added: it would fire on any text.
+        model-written prefixes: at gamma it would fire on any text) is added only with
+        calibrate_gates, when its cosine with every model-written-text query is below
+        1 - 2 * gate_margin (its own threshold then sits between; keys.bare_prompt_keys).
     share_subject_residual: facts with the same subject (exact string) get one residual, optimised
         on all of their prompts together. Their keys are the subject's last token, which in
         prompts that open with the subject ("X plays", "X was born in") is the same for every

@@ -8,6 +8,7 @@ down-projection has seen its input (nothing above l* is computed).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
@@ -115,3 +116,78 @@ def generic_queries(model, tokenizer, texts: Sequence[str], layer: int, *, pad_i
     rows = [list(tokenizer(text)["input_ids"]) for text in texts]
     inputs = down_proj_inputs(model, rows, None, layer, pad_id=pad_id, module_path=module_path)
     return torch.nn.functional.normalize(inputs, dim=1).cpu()
+
+
+@dataclasses.dataclass(frozen=True)
+class BareKeys:
+    """Which facts get their bare-prompt query as an extra key, (n,) bool each: `far` (cosine with
+    the averaged key below `bare_key_below`), `generic` (cosine with some model-written-prefix
+    query above gamma: it would pass a gate of gamma on arbitrary text), `beaten` (not far, but
+    another fact's key scores higher on the bare prompt than its own keys) and `extra` (stored)."""
+
+    far: torch.Tensor
+    generic: torch.Tensor
+    beaten: torch.Tensor
+    extra: torch.Tensor
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.float(), dim=1)
+
+
+def _best_cosines(queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(n,) the best cosine of each query with `rows` (-inf without rows)."""
+    if not len(rows) or not len(queries):
+        return torch.full((len(queries),), float("-inf"))
+    return (_unit_rows(queries) @ _unit_rows(rows).T).max(dim=1).values
+
+
+def bare_prompt_keys(keys: torch.Tensor, bare: torch.Tensor, generic: torch.Tensor, *, below: float, gamma: float,
+                     text: Optional[torch.Tensor] = None, margin: float = 0.0, units: Optional[torch.Tensor] = None,
+                     stored: Optional[torch.Tensor] = None) -> BareKeys:
+    """The extra-key decision for facts with averaged `keys` (n, d1) and bare-prompt queries `bare`
+    (n, d1). A bare query becomes a key when it is far from the averaged key, or when the bare
+    prompt would be won by another fact's key: one of `stored` (s, d1), the stored keys of facts
+    outside the batch, or a key of a batch fact of another residual-sharing unit (`units` (n,)
+    int64; None: one unit per fact), its averaged key or a bare query stored as a key; the
+    decision is repeated until no further bare prompt is beaten (a new bare key can beat another's).
+
+    Unless it is generic (cosine above gamma with one of `generic`, (t, d1) prefix queries):
+    text None (one gate threshold, gamma, for every key): a generic query is never stored.
+    text (s, d1) queries of model-written text (the calibration negatives): the key gets its
+    own threshold, halfway between its best text cosine and its own query's cosine of 1
+    (editing.calibration), so a generic query is stored when that text cosine is below
+    1 - 2 * margin: then text stays below its threshold and its own prompt above by `margin`.
+    Subjects that open the prompt (a one-token subject at position 0 in a model without BOS) have
+    only such generic queries; without their key their bare prompt fires another fact's key.
+
+    Only the batch's bare prompts are checked: a stored fact whose bare prompt a new key wins is
+    not (its bare query is not stored unless it is one of its keys)."""
+    n = len(bare)
+    units = torch.arange(n) if units is None else units
+    unit_bare = _unit_rows(bare)
+    own_cosine = (unit_bare * _unit_rows(keys)).sum(dim=1) if n else torch.zeros(0)
+    far = own_cosine < below
+    is_generic = _best_cosines(bare, generic) > gamma
+    separable = torch.zeros(n, dtype=torch.bool)
+    if text is not None:
+        separable = _best_cosines(bare, text) < 1.0 - 2.0 * margin
+    allowed = ~is_generic | separable
+    extra = far & allowed
+    best_stored = _best_cosines(bare, torch.zeros(0, bare.shape[1]) if stored is None else stored)
+    same_unit = units.view(-1, 1) == units.view(1, -1)
+    to_averaged = unit_bare @ _unit_rows(keys).T if n else torch.zeros(0, 0)
+    to_bare = unit_bare @ unit_bare.T if n else torch.zeros(0, 0)
+    beaten = torch.zeros(n, dtype=torch.bool)
+    while True:
+        # per bare prompt: its best own-unit key and its best key of another unit (batch or stored)
+        as_key = torch.where(extra.view(1, -1), to_bare, torch.tensor(float("-inf")))
+        own = torch.maximum(to_averaged.masked_fill(~same_unit, float("-inf")).max(dim=1).values,
+                            as_key.masked_fill(~same_unit, float("-inf")).max(dim=1).values) if n else own_cosine
+        rival = torch.maximum(to_averaged.masked_fill(same_unit, float("-inf")).max(dim=1).values,
+                              as_key.masked_fill(same_unit, float("-inf")).max(dim=1).values) if n else own_cosine
+        newly = (torch.maximum(rival, best_stored) > own) & allowed & ~extra
+        if not bool(newly.any()):
+            return BareKeys(far, is_generic, beaten, extra)
+        beaten |= newly
+        extra |= newly

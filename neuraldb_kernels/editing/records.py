@@ -58,7 +58,8 @@ class EditRecord:
     target_prob: exp(-mean NLL of target_new) at the final residual; steps: optimisation steps taken;
         converged: target_prob reached stop_prob.
     bare_prompt_key: the bare prompt's query was stored as an extra key; bare_prompt_key_generic:
-        it was far from the averaged key but left out as generic (see EditHParams.bare_key_below).
+        it was far from the averaged key and generic, so stored only with a calibrated threshold
+        above model-written text (see EditHParams.bare_key_below).
     shares_residual_with: ids of the facts that share this fact's residual (same subject).
     hparams: the EditHParams fields the fact was computed with.
     key_floors: per key row (stored order), the lowest cosine between the row and the fact's own
