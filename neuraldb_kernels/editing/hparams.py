@@ -115,7 +115,7 @@ class EditHParams:
             "stop_prob": isinstance(self.stop_prob, (int, float)) and 0 < self.stop_prob <= 1,
             "batch_size": isinstance(self.batch_size, int) and self.batch_size >= 1,
             "pass_tokens": isinstance(self.pass_tokens, int) and self.pass_tokens >= 1,
-            "residual_matmuls": self.residual_matmuls in ("bfloat16", "float32"),
+            "residual_matmuls": self.residual_matmuls in ("float32", "bfloat16", "bfloat16_then_float32"),
             "kl_template": isinstance(self.kl_template, str) and self.kl_template.count("{}") == 1,
             "bare_key_below": isinstance(self.bare_key_below, (int, float)) and -1.0 <= self.bare_key_below <= 1.0,
             "share_subject_residual": isinstance(self.share_subject_residual, bool),
