@@ -30,12 +30,14 @@ LAYER = 1
 
 class Plain(NamedTuple):
     """What the plain loop reached: the residual it stopped at, each member's exp(-mean NLL) there,
-    the forward passes it took, and the worst member's exp(-mean NLL) at every forward."""
+    the forward passes it took, the worst member's exp(-mean NLL) at every forward and the
+    residual of every forward."""
 
     residual: torch.Tensor
     probs: list
     steps: int
     history: list
+    trajectory: list
 
 
 def plain_unit_residual(model, tokens, hparams, start=None, phases=("float32",)):
@@ -76,7 +78,7 @@ def plain_unit_residual(model, tokens, hparams, start=None, phases=("float32",))
         return output
 
     handle = module.register_forward_hook(add_r)
-    history = []
+    history, trajectory = [], []
     updates = 0
     try:
         reference = None
@@ -90,6 +92,7 @@ def plain_unit_residual(model, tokens, hparams, start=None, phases=("float32",))
                                        if m == member) for member in range(len(tokens))]
                     probs = [math.exp(-float(nll.detach())) for nll in member_nll]
                     history.append(min(probs))
+                    trajectory.append(r.detach().clone())
                     kl_logp = logp[kl_row, len(rows[kl_row]) - 1]
                     reference = kl_logp.detach() if reference is None else reference
                     kl = F.kl_div(reference, kl_logp, log_target=True, reduction="sum")
@@ -107,7 +110,7 @@ def plain_unit_residual(model, tokens, hparams, start=None, phases=("float32",))
                             r.mul_(limit / r.norm())
     finally:
         handle.remove()
-    return Plain(r.detach(), probs, updates + 1, history)
+    return Plain(r.detach(), probs, updates + 1, history, trajectory)
 
 
 @pytest.fixture(scope="module")
@@ -275,12 +278,35 @@ def _halved_mlps(layers):
             handle.remove()
 
 
+def stop_prob_the_finish_works_for(model, tokens, hparams):
+    """A stop_prob that some unit's first-phase (`_bfloat16_products`) probability reaches first at
+    a residual where its float32 probability is still lower: the middle of the widest such gap
+    over the units' first-phase trajectories (plain loop, never stopping)."""
+    never = dataclasses.replace(hparams, stop_prob=1.0)
+    once = dataclasses.replace(hparams, steps=1)
+    best = (0.0, None)
+    for unit in UNITS:
+        members = [tokens[f] for f in unit]
+        first = plain_unit_residual(model, members, never, phases=("bfloat16",))
+        for k in range(1, len(first.history)):
+            below = max(first.history[:k])  # it must not stop earlier
+            in_float32 = min(plain_unit_residual(model, members, once, start=first.trajectory[k]).probs)
+            low, high = max(below, in_float32), first.history[k]
+            if high > low and math.log(high / low) > best[0]:
+                best = (math.log(high / low), math.sqrt(high * low))
+    assert best[1] is not None and best[0] > 1e-3  # a gap far wider than float32 rounding
+    return best[1]
+
+
 def test_a_float32_finish_continues_each_unit_where_the_first_phase_stopped_it(setup, tokenizer, monkeypatch):
-    model, hparams = setup
+    _, hparams = setup
+    # two layers above LAYER: the second one's prefix keys/values differ between the phases, so
+    # a finish that kept the first phase's prefix cache would not match the plain loop
+    model = tiny_model("llama", tokenizer, layers=LAYER + 3)
     monkeypatch.setattr(residuals_module, "_bfloat16_products", _halved_mlps)
     tokens = [tokenize_fact(tokenizer, fact, PREFIXES, index=i) for i, fact in enumerate(FACTS)]
     hparams = dataclasses.replace(hparams, steps=10, lr=0.5)
-    hparams = dataclasses.replace(hparams, stop_prob=stop_prob_reached_midway(model, tokens, hparams),
+    hparams = dataclasses.replace(hparams, stop_prob=stop_prob_the_finish_works_for(model, tokens, hparams),
                                   residual_matmuls="bfloat16_then_float32", pass_tokens=40)
     assert len(unit_passes(tokens, UNITS, hparams.pass_tokens)) > 1
     result = optimize_residuals(model, tokens, hparams, pad_id=0, units=UNITS)

@@ -35,10 +35,16 @@ duration of each forward) by stand-ins that replay the recorded output of layer 
 model's decoder layers return plain tensors (see integration.hf_compat). Losses are summed over
 units, and Adam is element-wise, so a unit's trajectory does not depend on its batch-mates.
 
-Precision (`EditHParams.residual_matmuls`): with "bfloat16" (opt-in) the matrix products of
-the decoder layers above l*, in the prefix caches and in every step, take bfloat16 inputs
+Precision (`EditHParams.residual_matmuls`): with "bfloat16" the matrix products of the decoder
+layers above l*, in the prefix caches and in every step, take bfloat16 inputs
 (`_bfloat16_products`); layers 0..l* (v and the recorded output of l*), attention, norms, the
-residual stream and the LM head stay float32. With "float32" (the default) everything is float32.
+residual stream and the LM head stay float32. With "float32" everything is float32.
+"bfloat16_then_float32" runs two phases: bfloat16 products until every unit stops, then float32
+products (prefix caches recomputed) from each unit's r and Adam state until it meets stop_prob in
+float32 (usually at once, or after a step or two), all within the one budget of `steps`; the KL
+reference stays the first phase's (the unedited distribution up to bfloat16 rounding). Adam keeps
+per-unit step counts (`_RowAdam`), so a unit resuming in the second phase continues exactly as a
+lone unit would.
 """
 
 from __future__ import annotations
@@ -210,7 +216,10 @@ class _Batch:
         self.positions = self.prefix_length[rows, None] + torch.arange(width_s, device=units.device)
         self.layers = None
         if self.kv is not None and width_p:
-            self.layers = [(k[rows, :, start:], v[rows, :, start:]) for k, v in self.kv]
+            if len(rows) == len(seq.owner):  # every row: views, not a second copy of the cache
+                self.layers = [(k[:, :, start:], v[:, :, start:]) for k, v in self.kv]
+            else:
+                self.layers = [(k[rows, :, start:], v[rows, :, start:]) for k, v in self.kv]
         keep = local[seq.owner[seq.target_seq]] >= 0
         self.target_rows = row_of[seq.target_seq[keep]]
         self.target_pos = seq.target_pos[keep]
