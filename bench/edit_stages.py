@@ -104,7 +104,9 @@ def run(args) -> dict:
         "package": str(pathlib.Path(sys.modules["neuraldb_kernels"].__file__).parent),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "facts": len(facts), "threads": args.threads,
         "hparams": overrides, "stage_seconds": report.seconds, "cpu_seconds": time.process_time() - cpu_before,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # (resetting VmHWM resets ru_maxrss too: the process's peak is the largest of them)
+        "peak_rss_mb": max(filter(None, [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                         *stage_peaks.values()])),
         "peak_rss_mb_by_stage": stage_peaks,
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "facts_per_s": len(facts) / report.seconds["total"],

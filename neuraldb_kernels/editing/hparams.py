@@ -37,14 +37,18 @@ class EditHParams:
         summed into one step: it bounds the autograd memory (about 1.5 MB per token on
         SmolLM2-135M at layer 4) whatever batch_size is, and groups facts of similar length.
         The residuals do not depend on it beyond float rounding.
-    residual_matmuls: "float32" or "bfloat16": the input dtype of the matrix products (nn.Linear)
-        of the decoder layers above `layer` while residuals are optimised. "bfloat16" runs them on
-        bfloat16 copies of the float32 weights (float32 accumulation; attention, norms, the
-        residual stream, layers 0..layer and the LM head stay float32): on an AVX-512 BF16 CPU an
-        optimisation step takes 2.3x less CPU time and a whole edit call about 2x, but the
+    residual_matmuls: "float32", "bfloat16" or "bfloat16_then_float32": the input dtype of the
+        matrix products (nn.Linear) of the decoder layers above `layer` while residuals are
+        optimised. "bfloat16" runs them on bfloat16 copies of the float32 weights (float32
+        accumulation; attention, norms, the residual stream, layers 0..layer and the LM head stay
+        float32): on an AVX-512 BF16 CPU an optimisation step takes 2.3x less CPU time, but the
         residuals differ by bfloat16 rounding and at 64 CounterFact facts generalization fell
-        3.1 points (bench/RESULTS.md, issue 17), so it is opt-in. Keys, prefixes and the stored rows are float32 either way;
-        models whose weights are not float32, and GPT-2's Conv1D projections, are unaffected.
+        3.1 points. "bfloat16_then_float32" continues each fact in float32 products from where
+        bfloat16 stopped it until it meets stop_prob in float32 (editing.residuals): the residual
+        stage about 1.8-2x faster, and at 2 x 64 facts one generalization case of 128 lost
+        (bench/RESULTS.md, issue 17), so both are opt-in. Keys, prefixes and the stored rows are
+        float32 either way; models whose weights are not float32, and GPT-2's Conv1D projections,
+        are unaffected.
     kl_template: the prompt of the KL term, "{}" standing for the subject.
     bare_key_below: a fact whose bare-prompt query (no prefix) has cosine < this with its averaged
         key also gets that query as an extra key (same fact, same residual). Prompts that

@@ -36,15 +36,15 @@ model's decoder layers return plain tensors (see integration.hf_compat). Losses 
 units, and Adam is element-wise, so a unit's trajectory does not depend on its batch-mates.
 
 Precision (`EditHParams.residual_matmuls`): with "bfloat16" the matrix products of the decoder
-layers above l*, in the prefix caches and in every step, take bfloat16 inputs
+layers above l* in every step take bfloat16 inputs
 (`_bfloat16_products`); layers 0..l* (v and the recorded output of l*), attention, norms, the
 residual stream and the LM head stay float32. With "float32" everything is float32.
 "bfloat16_then_float32" runs two phases: bfloat16 products until every unit stops, then float32
-products (prefix caches recomputed) from each unit's r and Adam state until it meets stop_prob in
-float32 (usually at once, or after a step or two), all within the one budget of `steps`; the KL
-reference stays the first phase's (the unedited distribution up to bfloat16 rounding). Adam keeps
-per-unit step counts (`_RowAdam`), so a unit resuming in the second phase continues exactly as a
-lone unit would.
+products from each unit's r and Adam state until it meets stop_prob in float32 (most units at
+once: the phase first checks every unit without gradients), all within the one budget of `steps`;
+the KL reference stays the first phase's (the unedited distribution up to bfloat16 rounding).
+Adam keeps per-unit step counts (`_RowAdam`), so a unit resuming in the second phase continues
+exactly as a lone unit would. The prefix caches are float32 in every mode (computed once).
 """
 
 from __future__ import annotations
@@ -176,14 +176,9 @@ class _Batch:
         self.cache_keyword = hf_compat.cache_keyword(self.base)
         self.all = sequences
         self.prefix_length = sequences.prefix_mask.sum(1)
-        self.restart()
-
-    def restart(self) -> None:
-        """Every unit selected, the prefix cache (re)computed: at the precision of the products in
-        effect now (the recorded output of layer l*, float32 either way, is kept)."""
-        self.kv = None
-        self.kv = self._prefix_cache() if self.all.prefix_ids.shape[1] else None
-        self.select(torch.arange(int(self.all.owner.max()) + 1, device=self.all.owner.device))
+        self.kv = self._prefix_cache() if sequences.prefix_ids.shape[1] else None
+        self.every_unit = torch.arange(int(sequences.owner.max()) + 1, device=sequences.owner.device)
+        self.select(self.every_unit)
 
     @torch.no_grad()
     def _prefix_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -402,6 +397,8 @@ class _Descent:
         hparams, device = self.hparams, self.r.device
         count, stop_nll = len(self.unit_of), -math.log(hparams.stop_prob)
         running = list(range(len(passes)))
+        # a later phase first checks every unit without gradients: most already meet stop_prob
+        screening = bool(self.kl_reference)
         while running:
             self.r.grad = None
             still, stepping = [], []
@@ -409,38 +406,42 @@ class _Descent:
                 group, batch = passes[number]
                 local = batch.units
                 active = group[local]
-                delta = self.r[active]
-                target_logp, kl_logp, v = batch.forward(module, delta)
+                with torch.set_grad_enabled(not screening):
+                    target_logp, kl_logp, v = batch.forward(module, self.r[active])
                 if number not in self.kl_reference:
                     self.kl_reference[number] = kl_logp.detach()
                     self.v_norm[active] = v[batch.norm_rows].float().norm(dim=1).clamp_min(1e-6)
                 terms = -target_logp * batch.target_weight
-                nll = torch.zeros(len(local), device=device).index_add(0, batch.target_unit, terms)
                 facts_here = batch.target_facts
                 self.fact_nll[facts_here] = torch.zeros(count, device=device).index_add(
                     0, batch.target_fact, terms.detach())[facts_here]
-                kl = F.kl_div(self.kl_reference[number][local], kl_logp, log_target=True, reduction="none").sum(1)
-                decay = hparams.weight_decay * delta.pow(2).sum(1) / self.v_norm[active].pow(2)
-                loss = nll + hparams.kl_factor * kl + decay
                 worst = torch.full((len(self.r),), -math.inf, device=device).scatter_reduce(
                     0, self.unit_of[facts_here], self.fact_nll[facts_here], reduce="amax")
                 # a unit stops once every member reaches stop_prob, or when its updates are spent
                 done = (worst[active] <= stop_nll) | (self.adam.count[active] >= hparams.steps - 1)
                 if bool(done.all()):
                     continue
-                loss.sum().backward()  # summed into r.grad with the other passes'
-                stepping.append(active[~done])
+                if not screening:
+                    delta = self.r[active]
+                    nll = torch.zeros(len(local), device=device).index_add(0, batch.target_unit, terms)
+                    kl = F.kl_div(self.kl_reference[number][local], kl_logp, log_target=True,
+                                  reduction="none").sum(1)
+                    decay = hparams.weight_decay * delta.pow(2).sum(1) / self.v_norm[active].pow(2)
+                    (nll + hparams.kl_factor * kl + decay).sum().backward()  # into r.grad with the other passes'
+                    stepping.append(active[~done])
                 if bool(done.any()):
                     batch.select(local[~done])
                 still.append(number)
             if not still:
                 break
-            rows = torch.cat(stepping)
-            self.adam.step(rows)
-            with torch.no_grad():
-                limit = hparams.clamp_norm_factor * self.v_norm[rows]
-                scale = (limit / self.r[rows].norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
-                self.r[rows] = self.r[rows] * scale.unsqueeze(1)
+            if stepping:
+                rows = torch.cat(stepping)
+                self.adam.step(rows)
+                with torch.no_grad():
+                    limit = hparams.clamp_norm_factor * self.v_norm[rows]
+                    scale = (limit / self.r[rows].norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+                    self.r[rows] = self.r[rows] * scale.unsqueeze(1)
+            screening = False
             running = still
 
 
@@ -477,20 +478,17 @@ def optimize_residuals(model, tokens: Sequence[EditTokens], hparams: EditHParams
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    passes: list[tuple[torch.Tensor, _Batch]] = []
     try:
-        for precision in hparams.residual_matmuls.split("_then_"):
-            products = _bfloat16_products(upper_layers) if precision == "bfloat16" else contextlib.nullcontext()
-            with products:  # the upper layers of the prefix caches and of every step
-                if not passes:
-                    for group in unit_passes(tokens, units, hparams.pass_tokens):
-                        sequences = _build_sequences(tokens, [units[u] for u in group], pad_id, device)
-                        batch = _Batch(model, sequences, hparams.layer, module_path)
-                        passes.append((torch.tensor(group, device=device), batch))
-                    descent = _Descent(hparams, unit_of, passes[0][1].lm_head.weight.shape[1], device)
-                else:
-                    for _, batch in passes:
-                        batch.restart()
+        passes = []  # their prefix caches in float32: r does not change them, so once for every phase
+        for group in unit_passes(tokens, units, hparams.pass_tokens):
+            sequences = _build_sequences(tokens, [units[u] for u in group], pad_id, device)
+            passes.append((torch.tensor(group, device=device), _Batch(model, sequences, hparams.layer, module_path)))
+        descent = _Descent(hparams, unit_of, passes[0][1].lm_head.weight.shape[1], device)
+        for phase, precision in enumerate(hparams.residual_matmuls.split("_then_")):
+            if phase:
+                for _, batch in passes:
+                    batch.select(batch.every_unit)
+            with _bfloat16_products(upper_layers) if precision == "bfloat16" else contextlib.nullcontext():
                 descent.run(module, passes)
     finally:
         for p, flag in zip(model.parameters(), requires):
