@@ -275,7 +275,8 @@ def main(argv=None) -> dict:
     if torch.device(args.device).type == "cuda":
         machine = f"{torch.cuda.get_device_name(args.device)} ({machine} on the host)"
     report = {"machine": machine,
-              "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv), "facts": len(facts), "start": args.start,
+              "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv), "facts": len(facts),
+              "start": args.start,
               "data": args.data, "compare": args.compare, "metrics_unit": "percent", "hparams": {**preset.__dict__, **overrides}, "runs": []}
     layers = args.layers or [preset.layer]
     if args.db and len(layers) > 1:

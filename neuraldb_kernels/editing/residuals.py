@@ -67,7 +67,8 @@ from .tokens import EditTokens
 class ResidualResult:
     """Per fact (members of a unit hold the same residual row and steps). residuals: (n, d2)
     float32 CPU. target_prob: (n,) exp(-mean NLL of target_new) reached at the final r. steps:
-    (n,) int64 forward passes the fact's unit took. converged: (n,) bool, target_prob >= stop_prob."""
+    (n,) int64 the fact's unit's Adam updates + 1 (the residuals it evaluated; a later
+    phase's first check of the same r does not count). converged: (n,) bool, target_prob >= stop_prob."""
 
     residuals: torch.Tensor
     target_prob: torch.Tensor
