@@ -264,11 +264,11 @@ def main(argv=None) -> dict:
     from neuraldb_kernels.editing.hparams import resolve_hparams
 
     overrides = dict(args.hparam)
-    model, tokenizer = load_model(args.model_dir)
-    model.to(args.device)
     facts = read_counterfact(args.data, limit=args.start + args.facts)[args.start :]
     if not facts:
         parser.error(f"--data holds no records from --start {args.start} on")
+    model, tokenizer = load_model(args.model_dir)
+    model.to(args.device)
     cases = cases_from_facts(facts)
     preset = resolve_hparams(model, overrides)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
