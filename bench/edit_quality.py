@@ -17,6 +17,7 @@ Examples (from the repository root; the data is read from ../shared/data):
   python bench/edit_quality.py --facts 1000 --out /tmp/edit_1k.json
   python bench/edit_quality.py --facts 128 --layers 2 4 6 8 --gammas 0.55 0.65 0.75 0.85 --out /tmp/sweep.json
   python bench/edit_quality.py --facts 64 --baseline-facts 8 --out /tmp/throughput.json
+  python bench/edit_quality.py --facts 64 --start 64 --out /tmp/next64.json   # records 64..127
 
 The edited model is evaluated first and the unedited one last (all attachments detached), so that
 a long run with --db saves its edits before any evaluation. With --db the run is resumable as a
@@ -99,8 +100,7 @@ def chunked_case_scores(model, tokenizer, cases, *, compare: str, chunk: int, pr
     for start in range(0, len(cases), chunk):
         if str(start) not in done:
             scores = case_scores(model, tokenizer, cases[start : start + chunk], compare=compare)
-            done[str(start)] = {metric: [None if math.isnan(v) else v for v in values.tolist()]
-                                for metric, values in scores.items()}
+            done[str(start)] = case_score_lists(scores)
             progress.save()
     starts = sorted(map(int, done))
     metrics = [metric for metric in PROBABILITY_METRICS if any(metric in done[str(start)] for start in starts)]
@@ -119,6 +119,12 @@ def percent_metrics(scores: dict[str, torch.Tensor], positions: list[int]) -> di
     from neuraldb_kernels.evaluation import metrics_from_case_scores
 
     return metrics_from_case_scores({metric: values[positions] for metric, values in scores.items()})
+
+
+def case_score_lists(scores: dict[str, torch.Tensor]) -> dict[str, list]:
+    """Per metric, each case's score as a JSON list (None where the case has no such test), so
+    two runs can be compared case by case."""
+    return {metric: [None if math.isnan(v) else v for v in values.tolist()] for metric, values in scores.items()}
 
 
 def peak_rss_mb() -> float:
@@ -226,7 +232,9 @@ def load_model(model_dir):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-a.json"))
-    parser.add_argument("--facts", type=int, default=1000, help="edit the first N facts of --data together")
+    parser.add_argument("--facts", type=int, default=1000, help="edit N facts of --data together")
+    parser.add_argument("--start", type=int, default=0,
+                        help="the facts are records START..START+N-1 of --data (another slice of the same file)")
     parser.add_argument("--layers", type=int, nargs="*", default=None, help="layers to try (default: the preset)")
     parser.add_argument("--gammas", type=float, nargs="*", default=None, help="gammas to evaluate (default: preset)")
     parser.add_argument("--baseline-facts", type=int, default=0, help="time the per-fact loop on this many facts")
@@ -246,6 +254,8 @@ def main(argv=None) -> dict:
                         help="cases scored per evaluation chunk; with --db each finished chunk is kept in "
                              "<db>.progress.json and a resumed run skips it")
     args = parser.parse_args(argv)
+    if args.start < 0 or args.facts < 1:
+        parser.error(f"--start must be >= 0 and --facts >= 1, got --start {args.start} --facts {args.facts}")
     torch.set_num_threads(args.threads)
 
     from neuraldb_kernels.editing import Editor, read_counterfact
@@ -254,9 +264,11 @@ def main(argv=None) -> dict:
     from neuraldb_kernels.editing.hparams import resolve_hparams
 
     overrides = dict(args.hparam)
+    facts = read_counterfact(args.data, limit=args.start + args.facts)[args.start :]
+    if not facts:
+        parser.error(f"--data holds no records from --start {args.start} on")
     model, tokenizer = load_model(args.model_dir)
     model.to(args.device)
-    facts = read_counterfact(args.data, limit=args.facts)
     cases = cases_from_facts(facts)
     preset = resolve_hparams(model, overrides)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
@@ -264,6 +276,7 @@ def main(argv=None) -> dict:
         machine = f"{torch.cuda.get_device_name(args.device)} ({machine} on the host)"
     report = {"machine": machine,
               "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv), "facts": len(facts),
+              "start": args.start,
               "data": args.data, "compare": args.compare, "metrics_unit": "percent", "hparams": {**preset.__dict__, **overrides}, "runs": []}
     layers = args.layers or [preset.layer]
     if args.db and len(layers) > 1:
@@ -278,7 +291,8 @@ def main(argv=None) -> dict:
     for layer in layers:
         if not args.db:
             progress = Progress(None)  # each layer of a sweep is timed on its own
-        evaluate = dict(compare=args.compare, chunk=args.eval_chunk, progress=progress, data=args.data)
+        evaluate = dict(compare=args.compare, chunk=args.eval_chunk, progress=progress, data=args.data,
+                        **({"start": args.start} if args.start else {}))
         db = None
         if args.db:
             from neuraldb_kernels import NeuralDB
@@ -307,17 +321,19 @@ def main(argv=None) -> dict:
             run = {"layer": layer, "gamma": gamma, "edit_s": edit_s, "edited_facts": edited_facts,
                    "facts_per_s": edited_facts / edit_s if edit_s else None, "edit_segments": segments,
                    "converged": converged, "mean_steps": mean_steps, "peak_rss_mb": peak_rss_mb(),
-                   "stage_seconds": edited.seconds, **percent_metrics(scores, everything)}
+                   "stage_seconds": edited.seconds, **percent_metrics(scores, everything),
+                   "case_scores": case_score_lists(scores)}
             if report["superseded_records"]:
                 run["in_effect"] = percent_metrics(scores, effective)
             report["runs"].append(run)
-            print({key: value for key, value in run.items() if key != "edit_segments"}, flush=True)
+            print({key: value for key, value in run.items() if key not in ("edit_segments", "case_scores")}, flush=True)
         editor.detach()
     # The unedited model last, once every attachment is off: an interrupted run (--db) has then
     # already saved its edits, and a resumed one spends no time before editing.
     start = time.perf_counter()
     scores = chunked_case_scores(model, tokenizer, cases, edited=False, **evaluate)
     report["unedited"] = percent_metrics(scores, everything)
+    report["unedited_case_scores"] = case_score_lists(scores)
     if report["superseded_records"]:
         report["unedited_in_effect"] = percent_metrics(scores, effective)
     report["unedited_eval_s"] = time.perf_counter() - start

@@ -3,9 +3,9 @@
 One `Editor.edit` call on SmolLM2-135M-Instruct (fresh in-memory database, the preset's
 hyperparameters unless --hparam overrides them), no evaluation. Written to --out as JSON: the
 seconds of each stage (EditReport.seconds: prefixes, keys, residuals, store, total), the process's
-CPU seconds and peak RSS, the load average before and after, and per fact (input order) the
-target probability and steps its residual reached; with --rows also the residual rows (beside
---out, as .pt).
+CPU seconds and peak RSS (also apart: inside the residual optimisation and outside it), the load
+average before and after, and per fact (input order) the target probability and steps its
+residual reached; with --rows also the residual rows (beside --out, as .pt).
 
 Made for same-run ratios between two source trees: run it from each tree (PYTHONPATH picks the
 package) at the same time or one after the other, then compare:
@@ -35,8 +35,49 @@ from neuraldb_kernels.cli import hparam_argument
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact" / "counterfact-a.json"
 
 
+def resident_peak_mb(reset: bool = False) -> float | None:
+    """This process's peak resident set size (VmHWM) since start or the last reset, in MB; reset:
+    start a new peak from the current RSS (Linux: /proc/self/clear_refs). None where unavailable."""
+    try:
+        status = pathlib.Path("/proc/self/status").read_text()
+        peak = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
+        if reset:
+            pathlib.Path("/proc/self/clear_refs").write_text("5")
+        return peak
+    except (OSError, StopIteration):
+        return None
+
+
+class StagePeaks:
+    """Peak RSS inside and outside the residual optimisation, by wrapping the Editor's
+    `optimize_residuals`: the peak is reset on entry and exit, so each call's peak and the peak of
+    the work between calls (prefixes, keys, calibration, store writes) are read apart."""
+
+    def __init__(self):
+        self.residuals_mb = self.outside_mb = None
+
+    def wrap(self, optimize):
+        def measured(*args, **kwargs):
+            self.outside_mb = _larger(self.outside_mb, resident_peak_mb(reset=True))
+            try:
+                return optimize(*args, **kwargs)
+            finally:
+                self.residuals_mb = _larger(self.residuals_mb, resident_peak_mb(reset=True))
+
+        return measured
+
+    def finish(self) -> dict:
+        self.outside_mb = _larger(self.outside_mb, resident_peak_mb())
+        return {"residuals": self.residuals_mb, "outside_residuals": self.outside_mb}
+
+
+def _larger(a, b):
+    return b if a is None else a if b is None else max(a, b)
+
+
 def run(args) -> dict:
     from neuraldb_kernels.editing import Editor, read_counterfact
+    from neuraldb_kernels.editing import editor as editor_module
     from neuraldb_kernels.integration import load_default_model
 
     torch.set_num_threads(args.threads)
@@ -45,17 +86,28 @@ def run(args) -> dict:
     facts = read_counterfact(args.data, limit=args.facts)
     load_before = os.getloadavg()
     cpu_before = time.process_time()
-    with Editor(model, tokenizer, **overrides) as editor:
-        report = editor.edit(facts, progress=False)
-        records = [editor.db.get(fact_id).metadata["edit"] for fact_id in report.ids]
-        if args.rows:
-            residuals = torch.stack([editor.db.get(fact_id).residual.float() for fact_id in report.ids])
-            torch.save({"ids": list(report.ids), "residuals": residuals}, pathlib.Path(args.out).with_suffix(".pt"))
+    peaks = StagePeaks()
+    resident_peak_mb(reset=True)
+    optimize = editor_module.optimize_residuals
+    editor_module.optimize_residuals = peaks.wrap(optimize)
+    try:
+        with Editor(model, tokenizer, **overrides) as editor:
+            report = editor.edit(facts, progress=False)
+            stage_peaks = peaks.finish()
+            records = [editor.db.get(fact_id).metadata["edit"] for fact_id in report.ids]
+            if args.rows:
+                residuals = torch.stack([editor.db.get(fact_id).residual.float() for fact_id in report.ids])
+                torch.save({"ids": list(report.ids), "residuals": residuals}, pathlib.Path(args.out).with_suffix(".pt"))
+    finally:
+        editor_module.optimize_residuals = optimize
     result = {
         "package": str(pathlib.Path(sys.modules["neuraldb_kernels"].__file__).parent),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "facts": len(facts), "threads": args.threads,
         "hparams": overrides, "stage_seconds": report.seconds, "cpu_seconds": time.process_time() - cpu_before,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # (resetting VmHWM resets ru_maxrss too: the process's peak is the largest of them)
+        "peak_rss_mb": max(filter(None, [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                         *stage_peaks.values()])),
+        "peak_rss_mb_by_stage": stage_peaks,
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "facts_per_s": len(facts) / report.seconds["total"],
         "target_prob": [record["target_prob"] for record in records],
@@ -76,6 +128,7 @@ def compare(old_path: str, new_path: str) -> dict:
     probs = torch.tensor([old["target_prob"], new["target_prob"]], dtype=torch.float64)
     steps = torch.tensor([old["steps"], new["steps"]])
     summary = {"stages": stages, "peak_rss_mb": [old["peak_rss_mb"], new["peak_rss_mb"]],
+               "peak_rss_mb_by_stage": [old.get("peak_rss_mb_by_stage"), new.get("peak_rss_mb_by_stage")],
                "target_prob_mean": probs.mean(1).tolist(),
                "target_prob_max_abs_diff": float((probs[0] - probs[1]).abs().max()),
                "steps_total": steps.sum(1).tolist(), "facts_with_other_steps": int((steps[0] != steps[1]).sum()),

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from edit_quality import Progress, chunked_case_scores, percent_metrics
+from edit_quality import DATA, Progress, chunked_case_scores, main, percent_metrics
 
 import neuraldb_kernels.evaluation as evaluation
 from neuraldb_kernels.evaluation import counterfact
@@ -104,3 +104,15 @@ def test_metrics_in_effect_leave_the_replaced_records_out():
     scores = {"efficacy": torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)}  # record 0 was replaced
     assert percent_metrics(scores, [1, 2]) == {"efficacy": 100.0}
     assert percent_metrics(scores, [0, 1, 2]) == pytest.approx({"efficacy": 200 / 3})
+
+
+@pytest.mark.parametrize("arguments, message", [(["--start", "-1"], "--start must be >= 0"),
+                                                (["--facts", "0"], "--facts >= 1"),
+                                                (["--start", "2"], "no records from --start 2 on")])
+def test_a_slice_outside_the_data_is_refused_before_any_model_loads(tmp_path, capsys, arguments, message):
+    records = json.loads((DATA / "counterfact" / "counterfact-a.json").read_text())[:2]
+    data = tmp_path / "two.json"
+    data.write_text(json.dumps(records))
+    with pytest.raises(SystemExit):
+        main(["--data", str(data), "--facts", "4", *arguments])
+    assert message in capsys.readouterr().err

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from edit_stages import compare, main
+from edit_stages import StagePeaks, compare, main, resident_peak_mb
 
 
 def _run(path, seconds, probs, steps, rows=None):
@@ -44,3 +44,21 @@ def test_a_run_needs_an_output_file(capsys):
     with pytest.raises(SystemExit):
         main(["--facts", "2"])
     assert "give --out" in capsys.readouterr().err
+
+
+def test_stage_peaks_tell_the_wrapped_call_from_the_rest():
+    if resident_peak_mb() is None:
+        pytest.skip("no /proc/self/status VmHWM here")
+    peaks = StagePeaks()
+    resident_peak_mb(reset=True)
+    base = resident_peak_mb()
+
+    def allocate(megabytes):
+        block = torch.ones(megabytes * 2**18)  # float32: touched, so resident
+        return float(block[-1])
+
+    assert peaks.wrap(allocate)(300) == 1.0
+    allocate(100)  # between calls: the work outside the optimisation
+    measured = peaks.finish()
+    assert measured["residuals"] >= base + 280
+    assert base + 80 <= measured["outside_residuals"] < base + 280

@@ -4,6 +4,7 @@ contexts and its KL prompt, the residual added by the test's own hook, torch's A
 
 import dataclasses
 import math
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
 import pytest
@@ -29,19 +30,24 @@ LAYER = 1
 
 class Plain(NamedTuple):
     """What the plain loop reached: the residual it stopped at, each member's exp(-mean NLL) there,
-    the forward passes it took, and the worst member's exp(-mean NLL) at every forward."""
+    the forward passes it took, the worst member's exp(-mean NLL) at every forward and the
+    residual of every forward."""
 
     residual: torch.Tensor
     probs: list
     steps: int
     history: list
+    trajectory: list
 
 
-def plain_unit_residual(model, tokens, hparams, start=None):
+def plain_unit_residual(model, tokens, hparams, start=None, phases=("float32",)):
     """The residual of one unit sharing it: sum of the members' mean NLL over their contexts (a
     context whose subject is its first token left out unless all are), KL on the first member's KL
     prompt, decay and clamp from the first member's first such context; full forwards only; stops
-    once every member's exp(-mean NLL) reaches stop_prob. start: the initial residual (default zeros)."""
+    once every member's exp(-mean NLL) reaches stop_prob. start: the initial residual (default zeros).
+    phases: the products of the layers above hparams.layer in each phase ("bfloat16": inside
+    `_bfloat16_products`); a phase ends when the unit stops, the next one continues from there with
+    the same Adam, all within steps - 1 updates; the KL reference is the first forward's."""
     rows, at, picks = [], [], []
     for member, fact in enumerate(tokens):
         contexts = [(c, s) for c, s in zip(fact.contexts, fact.subject_last) if s != 0]
@@ -72,32 +78,39 @@ def plain_unit_residual(model, tokens, hparams, start=None):
         return output
 
     handle = module.register_forward_hook(add_r)
-    history = []
+    history, trajectory = [], []
+    updates = 0
     try:
         reference = None
-        for step in range(hparams.steps):
-            logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-            member_nll = [-sum(weight * logp[row, pos, token] for m, row, pos, token, weight in picks if m == member)
-                          for member in range(len(tokens))]
-            probs = [math.exp(-float(nll.detach())) for nll in member_nll]
-            history.append(min(probs))
-            kl_logp = logp[kl_row, len(rows[kl_row]) - 1]
-            reference = kl_logp.detach() if reference is None else reference
-            kl = F.kl_div(reference, kl_logp, log_target=True, reduction="sum")
-            v_norm = seen["v"].norm()
-            loss = sum(member_nll) + hparams.kl_factor * kl + hparams.weight_decay * r.pow(2).sum() / v_norm**2
-            if min(probs) >= hparams.stop_prob or step == hparams.steps - 1:
-                break
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                limit = hparams.clamp_norm_factor * v_norm
-                if r.norm() > limit:
-                    r.mul_(limit / r.norm())
+        for precision in phases:
+            upper = model.model.layers[hparams.layer + 1 :]
+            products = residuals_module._bfloat16_products(upper) if precision == "bfloat16" else nullcontext()
+            with products:  # a phase runs until the unit stops, the next continues the same Adam
+                while True:
+                    logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+                    member_nll = [-sum(weight * logp[row, pos, token] for m, row, pos, token, weight in picks
+                                       if m == member) for member in range(len(tokens))]
+                    probs = [math.exp(-float(nll.detach())) for nll in member_nll]
+                    history.append(min(probs))
+                    trajectory.append(r.detach().clone())
+                    kl_logp = logp[kl_row, len(rows[kl_row]) - 1]
+                    reference = kl_logp.detach() if reference is None else reference
+                    kl = F.kl_div(reference, kl_logp, log_target=True, reduction="sum")
+                    v_norm = seen["v"].norm()
+                    loss = sum(member_nll) + hparams.kl_factor * kl + hparams.weight_decay * r.pow(2).sum() / v_norm**2
+                    if min(probs) >= hparams.stop_prob or updates == hparams.steps - 1:
+                        break
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    updates += 1
+                    with torch.no_grad():
+                        limit = hparams.clamp_norm_factor * v_norm
+                        if r.norm() > limit:
+                            r.mul_(limit / r.norm())
     finally:
         handle.remove()
-    return Plain(r.detach(), probs, step + 1, history)
+    return Plain(r.detach(), probs, updates + 1, history, trajectory)
 
 
 @pytest.fixture(scope="module")
@@ -251,3 +264,78 @@ def test_bfloat16_products_are_undone_on_errors(setup, tokenizer):
 def test_residual_matmuls_must_be_named(value):
     with pytest.raises(ValueError, match="residual_matmuls"):
         EditHParams(layer=LAYER, residual_matmuls=value)
+
+
+@contextmanager
+def _halved_last_mlp(layers):
+    """Stands in for `_bfloat16_products` in the phase test: the last layer's MLP gives half its
+    output (a model far from the float32 one, so the finish has work to do). It changes the
+    logits but no layer's keys/values, so the float32 prefix caches of `optimize_residuals` and
+    the plain loop's full forwards see the same model. Undone on exit."""
+    handle = layers[-1].mlp.register_forward_hook(lambda _module, _args, output: output * 0.5)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def stop_prob_the_finish_works_for(model, tokens, hparams):
+    """A stop_prob that some unit's first-phase (`_bfloat16_products`) probability reaches first at
+    a residual where its float32 probability is still lower: the middle of the widest such gap
+    over the units' first-phase trajectories (plain loop, never stopping)."""
+    never = dataclasses.replace(hparams, stop_prob=1.0)
+    once = dataclasses.replace(hparams, steps=1)
+    best = (0.0, None)
+    for unit in UNITS:
+        members = [tokens[f] for f in unit]
+        first = plain_unit_residual(model, members, never, phases=("bfloat16",))
+        for k in range(1, len(first.history)):
+            below = max(first.history[:k])  # it must not stop earlier
+            in_float32 = min(plain_unit_residual(model, members, once, start=first.trajectory[k]).probs)
+            low, high = max(below, in_float32), first.history[k]
+            if high > low and math.log(high / low) > best[0]:
+                best = (math.log(high / low), math.sqrt(high * low))
+    assert best[1] is not None and best[0] > 1e-3  # a gap far wider than float32 rounding
+    return best[1]
+
+
+def test_a_float32_finish_continues_each_unit_where_the_first_phase_stopped_it(setup, tokenizer, monkeypatch):
+    model, hparams = setup
+    monkeypatch.setattr(residuals_module, "_bfloat16_products", _halved_last_mlp)
+    tokens = [tokenize_fact(tokenizer, fact, PREFIXES, index=i) for i, fact in enumerate(FACTS)]
+    hparams = dataclasses.replace(hparams, steps=10, lr=0.5)
+    hparams = dataclasses.replace(hparams, stop_prob=stop_prob_the_finish_works_for(model, tokens, hparams),
+                                  residual_matmuls="bfloat16_then_float32", pass_tokens=40)
+    assert len(unit_passes(tokens, UNITS, hparams.pass_tokens)) > 1
+    result = optimize_residuals(model, tokens, hparams, pad_id=0, units=UNITS)
+    finished = 0
+    for unit in UNITS:
+        members = [tokens[f] for f in unit]
+        expected = plain_unit_residual(model, members, hparams, phases=("bfloat16", "float32"))
+        first_phase = plain_unit_residual(model, members, hparams, phases=("bfloat16",))
+        finished += expected.steps > first_phase.steps
+        for member, f in enumerate(unit):
+            assert torch.allclose(result.residuals[f], expected.residual, rtol=1e-3,
+                                  atol=1e-4 * float(expected.residual.norm())), f
+            assert result.target_prob[f] == pytest.approx(expected.probs[member], rel=1e-4), f
+            assert int(result.steps[f]) == expected.steps, f
+            assert bool(result.converged[f]) == (expected.probs[member] >= hparams.stop_prob), f
+    assert finished  # some unit took float32 steps after the first phase had stopped it
+
+
+def test_bfloat16_then_float32_stores_residuals_that_meet_the_float32_criterion(setup, tokenizer):
+    model, hparams = setup
+    tokens = [tokenize_fact(tokenizer, fact, PREFIXES, index=i) for i, fact in enumerate(FACTS)]
+    hparams = dataclasses.replace(hparams, steps=10, lr=0.5)
+    hparams = dataclasses.replace(hparams, stop_prob=stop_prob_reached_midway(model, tokens, hparams),
+                                  residual_matmuls="bfloat16_then_float32")
+    result = optimize_residuals(model, tokens, hparams, pad_id=0, units=UNITS)
+    at_result = dataclasses.replace(hparams, steps=1)  # one float32 forward at the stored residual
+    for unit in UNITS:
+        for f in unit:
+            measured = plain_unit_residual(model, [tokens[g] for g in unit], at_result, start=result.residuals[f])
+            member = unit.index(f)
+            assert result.target_prob[f] == pytest.approx(measured.probs[member], rel=1e-4), f
+            if int(result.steps[f]) < hparams.steps:  # it stopped: every member meets stop_prob in float32
+                assert min(measured.probs) >= hparams.stop_prob, f
+    assert int(result.steps.min()) < hparams.steps

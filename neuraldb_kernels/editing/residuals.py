@@ -35,10 +35,16 @@ duration of each forward) by stand-ins that replay the recorded output of layer 
 model's decoder layers return plain tensors (see integration.hf_compat). Losses are summed over
 units, and Adam is element-wise, so a unit's trajectory does not depend on its batch-mates.
 
-Precision (`EditHParams.residual_matmuls`): with "bfloat16" (opt-in) the matrix products of
-the decoder layers above l*, in the prefix caches and in every step, take bfloat16 inputs
+Precision (`EditHParams.residual_matmuls`): with "bfloat16" the matrix products of the decoder
+layers above l* in every step take bfloat16 inputs
 (`_bfloat16_products`); layers 0..l* (v and the recorded output of l*), attention, norms, the
-residual stream and the LM head stay float32. With "float32" (the default) everything is float32.
+residual stream and the LM head stay float32. With "float32" everything is float32.
+"bfloat16_then_float32" runs two phases: bfloat16 products until every unit stops, then float32
+products from each unit's r and Adam state until it meets stop_prob in float32 (most units at
+once: the phase first checks every unit without gradients), all within the one budget of `steps`;
+the KL reference stays the first phase's (the unedited distribution up to bfloat16 rounding).
+Adam keeps per-unit step counts (`_RowAdam`), so a unit resuming in the second phase continues
+exactly as a lone unit would. The prefix caches are float32 in every mode (computed once).
 """
 
 from __future__ import annotations
@@ -61,7 +67,8 @@ from .tokens import EditTokens
 class ResidualResult:
     """Per fact (members of a unit hold the same residual row and steps). residuals: (n, d2)
     float32 CPU. target_prob: (n,) exp(-mean NLL of target_new) reached at the final r. steps:
-    (n,) int64 forward passes the fact's unit took. converged: (n,) bool, target_prob >= stop_prob."""
+    (n,) int64 the fact's unit's Adam updates + 1 (the residuals it evaluated; a later
+    phase's first check of the same r does not count). converged: (n,) bool, target_prob >= stop_prob."""
 
     residuals: torch.Tensor
     target_prob: torch.Tensor
@@ -171,7 +178,8 @@ class _Batch:
         self.all = sequences
         self.prefix_length = sequences.prefix_mask.sum(1)
         self.kv = self._prefix_cache() if sequences.prefix_ids.shape[1] else None
-        self.select(torch.arange(int(sequences.owner.max()) + 1, device=sequences.owner.device))
+        self.every_unit = torch.arange(int(sequences.owner.max()) + 1, device=sequences.owner.device)
+        self.select(self.every_unit)
 
     @torch.no_grad()
     def _prefix_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -204,7 +212,10 @@ class _Batch:
         self.positions = self.prefix_length[rows, None] + torch.arange(width_s, device=units.device)
         self.layers = None
         if self.kv is not None and width_p:
-            self.layers = [(k[rows, :, start:], v[rows, :, start:]) for k, v in self.kv]
+            if len(rows) == len(seq.owner):  # every row: views, not a second copy of the cache
+                self.layers = [(k[:, :, start:], v[:, :, start:]) for k, v in self.kv]
+            else:
+                self.layers = [(k[rows, :, start:], v[rows, :, start:]) for k, v in self.kv]
         keep = local[seq.owner[seq.target_seq]] >= 0
         self.target_rows = row_of[seq.target_seq[keep]]
         self.target_pos = seq.target_pos[keep]
@@ -338,6 +349,103 @@ def unit_passes(tokens: Sequence[EditTokens], units: Sequence[Sequence[int]], pa
     return passes
 
 
+class _RowAdam:
+    """Adam (torch.optim.Adam's update: betas (0.9, 0.999), eps 1e-8, no weight decay) over the rows
+    of `param` (units, d), each row with its own step count: `step(rows)` updates only those rows,
+    so a unit that resumes in a later precision phase continues from its own moments and bias
+    correction, whatever its batch-mates did meanwhile. count: (units,) int64 updates per row."""
+
+    def __init__(self, param: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
+        self.exp_avg = torch.zeros_like(param, requires_grad=False)
+        self.exp_avg_sq = torch.zeros_like(param, requires_grad=False)
+        self.count = torch.zeros(len(param), dtype=torch.long, device=param.device)
+
+    @torch.no_grad()
+    def step(self, rows: torch.Tensor) -> None:
+        beta1, beta2 = self.betas
+        grad = self.param.grad[rows]
+        exp_avg = self.exp_avg[rows].lerp_(grad, 1 - beta1)
+        exp_avg_sq = self.exp_avg_sq[rows].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        self.exp_avg[rows], self.exp_avg_sq[rows] = exp_avg, exp_avg_sq
+        self.count[rows] += 1
+        step = self.count[rows].unsqueeze(1).double()
+        step_size = (self.lr / (1 - beta1**step)).float()
+        bias_correction2_sqrt = (1 - beta2**step).sqrt().float()
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+        self.param[rows] = self.param[rows] - step_size * exp_avg / denom
+
+
+class _Descent:
+    """Adam over the units' residuals r (units, d2), kept across the precision phases of one
+    `optimize_residuals` call: each unit's r (which stays where the unit stopped), ||v|| and the
+    KL reference of every pass (from its first forward, at r = 0), and each fact's NLL at its
+    unit's last forward."""
+
+    def __init__(self, hparams: EditHParams, unit_of: torch.Tensor, d2: int, device):
+        units = int(unit_of.max()) + 1
+        self.hparams = hparams
+        self.unit_of = unit_of.to(device)
+        self.r = torch.zeros(units, d2, device=device, requires_grad=True)
+        self.adam = _RowAdam(self.r, hparams.lr)
+        self.v_norm = torch.zeros(units, device=device)
+        self.fact_nll = torch.zeros(len(unit_of), device=device)
+        self.kl_reference: dict[int, torch.Tensor] = {}
+
+    def run(self, module, passes: Sequence[tuple[torch.Tensor, _Batch]]) -> None:
+        """Steps until every unit of `passes` (all units selected) has stopped: every member's
+        exp(-NLL) >= stop_prob at the unit's current r, or the unit's steps - 1 updates spent."""
+        hparams, device = self.hparams, self.r.device
+        count, stop_nll = len(self.unit_of), -math.log(hparams.stop_prob)
+        running = list(range(len(passes)))
+        # a later phase first checks every unit without gradients: most already meet stop_prob
+        screening = bool(self.kl_reference)
+        while running:
+            self.r.grad = None
+            still, stepping = [], []
+            for number in running:
+                group, batch = passes[number]
+                local = batch.units
+                active = group[local]
+                with torch.set_grad_enabled(not screening):
+                    target_logp, kl_logp, v = batch.forward(module, self.r[active])
+                if number not in self.kl_reference:
+                    self.kl_reference[number] = kl_logp.detach()
+                    self.v_norm[active] = v[batch.norm_rows].float().norm(dim=1).clamp_min(1e-6)
+                terms = -target_logp * batch.target_weight
+                facts_here = batch.target_facts
+                self.fact_nll[facts_here] = torch.zeros(count, device=device).index_add(
+                    0, batch.target_fact, terms.detach())[facts_here]
+                worst = torch.full((len(self.r),), -math.inf, device=device).scatter_reduce(
+                    0, self.unit_of[facts_here], self.fact_nll[facts_here], reduce="amax")
+                # a unit stops once every member reaches stop_prob, or when its updates are spent
+                done = (worst[active] <= stop_nll) | (self.adam.count[active] >= hparams.steps - 1)
+                if bool(done.all()):
+                    continue
+                if not screening:
+                    delta = self.r[active]
+                    nll = torch.zeros(len(local), device=device).index_add(0, batch.target_unit, terms)
+                    kl = F.kl_div(self.kl_reference[number][local], kl_logp, log_target=True,
+                                  reduction="none").sum(1)
+                    decay = hparams.weight_decay * delta.pow(2).sum(1) / self.v_norm[active].pow(2)
+                    (nll + hparams.kl_factor * kl + decay).sum().backward()  # into r.grad with the other passes'
+                    stepping.append(active[~done])
+                if bool(done.any()):
+                    batch.select(local[~done])
+                still.append(number)
+            if not still:
+                break
+            if stepping:
+                rows = torch.cat(stepping)
+                self.adam.step(rows)
+                with torch.no_grad():
+                    limit = hparams.clamp_norm_factor * self.v_norm[rows]
+                    scale = (limit / self.r[rows].norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+                    self.r[rows] = self.r[rows] * scale.unsqueeze(1)
+            screening = False
+            running = still
+
+
 def optimize_residuals(model, tokens: Sequence[EditTokens], hparams: EditHParams, *, pad_id: int,
                        module_path: Optional[str] = None,
                        units: Optional[Sequence[Sequence[int]]] = None) -> ResidualResult:
@@ -350,6 +458,9 @@ def optimize_residuals(model, tokens: Sequence[EditTokens], hparams: EditHParams
     autograd memory is one pass's, whatever the number of facts, and units of similar length
     share a pass (less padding). Units never interact, so the passes change nothing but float
     rounding.
+    `hparams.residual_matmuls` names the phases ("bfloat16_then_float32": two); a later phase continues
+    every unit from its r and Adam state where the earlier one stopped it, within the same budget
+    of steps - 1 updates, so the stored r and target_prob are the last phase's.
     The model must be unedited (no NeuralDB attached); its parameters are not changed and get no
     gradients.
     """
@@ -358,79 +469,32 @@ def optimize_residuals(model, tokens: Sequence[EditTokens], hparams: EditHParams
     if sorted(f for members in units for f in members) != list(range(count)) or not all(units):
         raise ValueError(f"units must partition the {count} facts into non-empty groups, got {units}")
     module = locate_down_proj(model, hparams.layer, module_path)
+    upper_layers = decoder_layers(model, module_path)[hparams.layer + 1 :]
     device = next(model.parameters()).device
     unit_of = torch.empty(count, dtype=torch.long)
     for u, members in enumerate(units):
         unit_of[members] = u
-    unit_of_device = unit_of.to(device)
     was_training = model.training
     model.eval()
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    products = contextlib.nullcontext()
-    if hparams.residual_matmuls == "bfloat16":
-        products = _bfloat16_products(decoder_layers(model, module_path)[hparams.layer + 1 :])
     try:
-        with products:  # the upper layers of the prefix caches and of every step
-            passes = []
-            for group in unit_passes(tokens, units, hparams.pass_tokens):
-                sequences = _build_sequences(tokens, [units[u] for u in group], pad_id, device)
-                batch = _Batch(model, sequences, hparams.layer, module_path)
-                passes.append((torch.tensor(group, device=device), batch))
-            d2 = passes[0][1].lm_head.weight.shape[1]
-            r = torch.zeros(len(units), d2, device=device, requires_grad=True)
-            optimizer = torch.optim.Adam([r], lr=hparams.lr)
-            final = torch.zeros(len(units), d2, device=device)  # each unit's r when it stopped
-            kl_reference = [None] * len(passes)
-            v_norm = torch.zeros(len(units), device=device)
-            fact_nll = torch.zeros(count, device=device)  # at each unit's last forward
-            steps = torch.zeros(len(units), dtype=torch.long, device=device)
-            stop_nll = -math.log(hparams.stop_prob)
-            running = list(range(len(passes)))
-            for step in range(hparams.steps):
-                optimizer.zero_grad()
-                still = []
-                for number in running:
-                    group, batch = passes[number]
-                    local = batch.units
-                    active = group[local]
-                    delta = r[active]
-                    target_logp, kl_logp, v = batch.forward(module, delta)
-                    if step == 0:
-                        kl_reference[number] = kl_logp.detach()
-                        v_norm[active] = v[batch.norm_rows].float().norm(dim=1).clamp_min(1e-6)
-                    terms = -target_logp * batch.target_weight
-                    nll = torch.zeros(len(local), device=device).index_add(0, batch.target_unit, terms)
-                    facts_here = batch.target_facts
-                    fact_nll[facts_here] = torch.zeros(count, device=device).index_add(
-                        0, batch.target_fact, terms.detach())[facts_here]
-                    kl = F.kl_div(kl_reference[number][local], kl_logp, log_target=True, reduction="none").sum(1)
-                    decay = hparams.weight_decay * delta.pow(2).sum(1) / v_norm[active].pow(2)
-                    loss = nll + hparams.kl_factor * kl + decay
-                    steps[active] = step + 1
-                    worst = torch.full((len(units),), -math.inf, device=device).scatter_reduce(
-                        0, unit_of_device[facts_here], fact_nll[facts_here], reduce="amax")
-                    done = worst[active] <= stop_nll
-                    # a unit stops once every member reaches stop_prob, or at the last step
-                    final[active] = delta.detach()
-                    if step == hparams.steps - 1 or bool(done.all()):
-                        continue
-                    loss.sum().backward()  # summed into r.grad with the other passes'
-                    if bool(done.any()):
-                        batch.select(local[~done])
-                    still.append(number)
-                if not still:
-                    break
-                optimizer.step()
-                with torch.no_grad():
-                    limit = hparams.clamp_norm_factor * v_norm
-                    r.mul_((limit / r.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0).unsqueeze(1))
-                running = still
+        passes = []  # their prefix caches in float32: r does not change them, so once for every phase
+        for group in unit_passes(tokens, units, hparams.pass_tokens):
+            sequences = _build_sequences(tokens, [units[u] for u in group], pad_id, device)
+            passes.append((torch.tensor(group, device=device), _Batch(model, sequences, hparams.layer, module_path)))
+        descent = _Descent(hparams, unit_of, passes[0][1].lm_head.weight.shape[1], device)
+        for phase, precision in enumerate(hparams.residual_matmuls.split("_then_")):
+            if phase:
+                for _, batch in passes:
+                    batch.select(batch.every_unit)
+            with _bfloat16_products(upper_layers) if precision == "bfloat16" else contextlib.nullcontext():
+                descent.run(module, passes)
     finally:
         for p, flag in zip(model.parameters(), requires):
             p.requires_grad_(flag)
         model.train(was_training)
-    target_prob = torch.exp(-fact_nll).cpu()
-    return ResidualResult(residuals=final.float().cpu()[unit_of], target_prob=target_prob,
-                          steps=steps.cpu()[unit_of], converged=target_prob >= hparams.stop_prob)
+    target_prob = torch.exp(-descent.fact_nll).cpu()
+    return ResidualResult(residuals=descent.r.detach().float().cpu()[unit_of], target_prob=target_prob,
+                          steps=(descent.adam.count + 1).cpu()[unit_of], converged=target_prob >= hparams.stop_prob)
