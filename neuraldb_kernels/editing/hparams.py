@@ -47,7 +47,8 @@ class EditHParams:
         bfloat16 stopped it until it meets stop_prob in float32 (editing.residuals): a whole edit
         call takes 1.5x less CPU time than "float32" (16 facts, 1 thread), and at 2 x 64 facts
         two generalization cases of 128 were lost (bench/RESULTS.md, issue 17), so both are
-        opt-in. Keys, prefixes, prefix caches and the stored rows are float32 either way; models
+        opt-in. Keys, prefixes and the stored rows are float32 either way (the prefix caches take
+        bfloat16 products in "bfloat16" only, as its steps do); models
         whose weights are not float32, and GPT-2's Conv1D projections, are unaffected.
     kl_template: the prompt of the KL term, "{}" standing for the subject.
     bare_key_below: a fact whose bare-prompt query (no prefix) has cosine < this with its averaged

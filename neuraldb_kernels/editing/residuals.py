@@ -44,7 +44,8 @@ products from each unit's r and Adam state until it meets stop_prob in float32 (
 once: the phase first checks every unit without gradients), all within the one budget of `steps`;
 the KL reference stays the first phase's (the unedited distribution up to bfloat16 rounding).
 Adam keeps per-unit step counts (`_RowAdam`), so a unit resuming in the second phase continues
-exactly as a lone unit would. The prefix caches are float32 in every mode (computed once).
+exactly as a lone unit would. The prefix caches are computed once: with bfloat16 products in
+"bfloat16" (as its steps), in float32 otherwise.
 """
 
 from __future__ import annotations
@@ -480,12 +481,18 @@ def optimize_residuals(model, tokens: Sequence[EditTokens], hparams: EditHParams
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        passes = []  # their prefix caches in float32: r does not change them, so once for every phase
-        for group in unit_passes(tokens, units, hparams.pass_tokens):
-            sequences = _build_sequences(tokens, [units[u] for u in group], pad_id, device)
-            passes.append((torch.tensor(group, device=device), _Batch(model, sequences, hparams.layer, module_path)))
+        phases = hparams.residual_matmuls.split("_then_")
+        # r does not change the prefix caches: one for every phase, in bfloat16 products only when
+        # every phase is bfloat16 (a float32 phase needs float32 caches)
+        cache_products = _bfloat16_products(upper_layers) if phases == ["bfloat16"] else contextlib.nullcontext()
+        passes = []
+        with cache_products:
+            for group in unit_passes(tokens, units, hparams.pass_tokens):
+                sequences = _build_sequences(tokens, [units[u] for u in group], pad_id, device)
+                passes.append((torch.tensor(group, device=device),
+                               _Batch(model, sequences, hparams.layer, module_path)))
         descent = _Descent(hparams, unit_of, passes[0][1].lm_head.weight.shape[1], device)
-        for phase, precision in enumerate(hparams.residual_matmuls.split("_then_")):
+        for phase, precision in enumerate(phases):
             if phase:
                 for _, batch in passes:
                     batch.select(batch.every_unit)
