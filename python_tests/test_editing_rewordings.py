@@ -189,3 +189,23 @@ def test_the_editor_trains_the_residual_on_the_models_rewordings_and_keeps_the_k
 def test_rewordings_hparam_must_be_a_count(value):
     with pytest.raises(ValueError, match="rewordings"):
         EditHParams(layer=1, rewordings=value)
+
+
+def test_a_stored_subject_mate_is_recomputed_with_its_own_rewordings(model, tokenizer, monkeypatch):
+    asked = []
+
+    def fake_rewordings(model_, tokenizer_, facts, count, *, seed):
+        asked.append([f.filled_prompt for f in facts])
+        return [(f"So, {f.subject} was started by whom?",) for f in facts]
+
+    monkeypatch.setattr(editor_module, "question_rewordings", fake_rewordings)
+    editor = Editor(model, tokenizer, layer=LAYER, gamma=0.3, rewordings=1, steps=2, n_prefixes=1,
+                    calibrate_gates=False)
+    try:
+        editor.edit([Fact("Who founded {}?", "Velmora Records", "Anna Berg")], progress=False)
+        asked.clear()
+        report = editor.edit([Fact("Where is {} based?", "Velmora Records", "Oslo")], progress=False)
+    finally:
+        editor.detach()
+    assert len(report.companions) == 1
+    assert asked == [["Where is Velmora Records based?"], ["Who founded Velmora Records?"]]
