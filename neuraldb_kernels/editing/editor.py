@@ -61,6 +61,7 @@ from .calibration import (Recalibration, calibrate_thresholds, calibration_rows,
 from .keys import bare_prompt_keys, context_queries, down_proj_inputs, generic_queries, keys_of, pad_token_id
 from .prefixes import generate_prefixes
 from .residuals import optimize_residuals
+from .rewordings import question_rewordings
 from .tokens import EditTokens, model_context_length, tokenize_fact
 
 
@@ -204,9 +205,10 @@ class Editor:
                   skipped: list[SkippedFact]) -> tuple[list[tuple[int, Fact]], list[EditTokens]]:
         """The facts that tokenise and their tokens; the others raise or are added to `skipped`."""
         kept, tokens = [], []
-        for index, fact in indexed:
+        rewordings = self._rewordings([fact for _, fact in indexed])
+        for (index, fact), reworded in zip(indexed, rewordings):
             try:
-                tokens.append(self._fact_tokens(fact, prefixes, index))
+                tokens.append(self._fact_tokens(fact, prefixes, index, reworded))
                 kept.append((index, fact))
             except FactError as error:
                 if on_error == "raise":
@@ -214,10 +216,17 @@ class Editor:
                 skipped.append(SkippedFact(index, given_id(fact), str(error)))
         return kept, tokens
 
-    def _fact_tokens(self, fact: Fact, prefixes, index: int) -> EditTokens:
-        """`fact` tokenised for this model and these hparams (a FactError naming input `index`)."""
+    def _fact_tokens(self, fact: Fact, prefixes, index: int, rewordings: Sequence[str] = ()) -> EditTokens:
+        """`fact` (and its `rewordings`) tokenised for this model and these hparams (a FactError
+        naming input `index`)."""
         return tokenize_fact(self.tokenizer, fact, prefixes, index=index, max_length=model_context_length(self.model),
-                             kl_template=self.hparams.kl_template)
+                             kl_template=self.hparams.kl_template, rewordings=rewordings)
+
+    def _rewordings(self, facts: Sequence[Fact]) -> list[tuple[str, ...]]:
+        """Per fact its model-written rewordings, residual contexts (`EditHParams.rewordings`; none
+        when 0); the caller pauses the database."""
+        return question_rewordings(self.model, self.tokenizer, facts, self.hparams.rewordings,
+                                   seed=self.hparams.prefix_seed)
 
     def _pending(self, indexed: list[tuple[int, Fact]], replace: bool) -> tuple[list[int], list[str]]:
         """(positions in `indexed` still to compute, the last fact winning when an id repeats;
@@ -300,12 +309,11 @@ class Editor:
         taken = {fact.fact_id for fact in facts} | set(exclude)
         stored = self.db.metadata_where("subject", sorted({fact.subject for fact in facts}))
         companions = []
-        for fact_id, metadata in stored.items():
-            if fact_id in taken:
-                continue
-            fact = Fact.from_metadata(fact_id, metadata)
+        others = [Fact.from_metadata(fact_id, metadata) for fact_id, metadata in stored.items() if fact_id not in taken]
+        for fact, reworded in zip(others, self._rewordings(others)):
+            fact_id = fact.fact_id
             try:
-                tokens = self._fact_tokens(fact, prefixes, 0)
+                tokens = self._fact_tokens(fact, prefixes, 0, reworded)
             except FactError as error:
                 raise FactError(f"stored fact {fact_id!r} shares its subject with a fact being edited but cannot "
                                 f"be recomputed with it: {error}") from None

@@ -81,6 +81,11 @@ class EditHParams:
         they buy (bench/RESULTS.md, "Calibration from the facts' own material").
     other_wordings: the subject read after this many other edited or stored prompts' openings, as
         positives: its keys must keep firing when the subject is worded otherwise.
+    rewordings: up to this many rewordings of the fact's prompt, written by the unedited model
+        (editing.rewordings, seeded by prefix_seed), are extra contexts of the residual loss (bare,
+        no prefix; the keys do not read them), so that the new answer also follows questions
+        worded otherwise. 0 (default): the residual reads the prompt alone (bench/RESULTS.md,
+        "ZsRE generalization").
     """
 
     layer: int
@@ -106,6 +111,7 @@ class EditHParams:
     calibration_text_length: int = 24
     near_subjects: int = 0
     other_wordings: int = 8
+    rewordings: int = 0
 
     def __post_init__(self) -> None:
         checks = {
@@ -135,6 +141,8 @@ class EditHParams:
             and self.near_subjects >= 0,
             "other_wordings": isinstance(self.other_wordings, int) and not isinstance(self.other_wordings, bool)
             and self.other_wordings >= 0,
+            "rewordings": isinstance(self.rewordings, int) and not isinstance(self.rewordings, bool)
+            and self.rewordings >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -9,8 +9,9 @@ Per fact, minimised with Adam over r:
            + kl_factor * KL(P_r(. | "{subject} is a") || P_0(. | "{subject} is a"))
            + weight_decay * ||r||^2 / ||v||^2
 
-c runs over the bare prompt and the N prefixes, v is the unedited down-projection output at the
-subject's last token of the first of them, and after every step ||r|| <= clamp_norm_factor * ||v||.
+c runs over the bare prompt, the N prefixes and the fact's rewordings if any (editing.rewordings),
+v is the unedited down-projection output at the subject's last token of the first of them, and
+after every step ||r|| <= clamp_norm_factor * ||v||.
 A fact stops once exp(-mean NLL) >= stop_prob.
 
 A context whose subject's last token is its first token (a one-token subject opening the prompt,
@@ -105,9 +106,11 @@ class _Sequences:
 
 def _trained_contexts(fact: EditTokens) -> list[tuple[tuple[int, ...], int]]:
     """(context, subject's last token) pairs the loss reads: those with the subject past the first
-    token, or all when there are none such (see the module doc)."""
+    token, or all when there are none such (see the module doc); then the fact's rewordings with
+    the subject past the first token."""
     pairs = list(zip(fact.contexts, fact.subject_last))
-    return [(context, s) for context, s in pairs if s > 0] or pairs
+    reworded = [(context, s) for context, s in zip(fact.reworded, fact.reworded_subject_last) if s > 0]
+    return ([(context, s) for context, s in pairs if s > 0] or pairs) + reworded
 
 
 def _build_sequences(tokens: Sequence[EditTokens], units: Sequence[Sequence[int]], pad_id: int,

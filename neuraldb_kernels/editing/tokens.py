@@ -6,6 +6,10 @@ x_j + filled prompt (Eq. 20-21). The key position is the LAST token of the subje
 tokenizer's character offsets, so subjects in mid-sentence and BPE merges at the subject's edges
 (a token that straddles the boundary counts as part of the subject) are handled. The target is
 tokenised on its own with a leading space (" " + target_new), as ROME and MEMIT do.
+
+Optionally a fact also carries model-written rewordings of its prompt (editing.rewordings), each
+tokenised bare (no prefix) with its subject's last token: contexts for the residual only; keys and
+calibration read `contexts` alone.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ class EditTokens:
     subject_last: index of the subject's last token in each context.
     target: token ids of " " + target_new (>= 1).
     kl_ids / kl_subject_last: "{subject} is a" and its subject's last token (the KL anchor).
+    reworded / reworded_subject_last: token ids of each rewording of the prompt (no prefix) and the
+        index of the subject's last token (its last occurrence) in it: extra residual contexts.
     """
 
     contexts: tuple[tuple[int, ...], ...]
@@ -33,6 +39,8 @@ class EditTokens:
     target: tuple[int, ...]
     kl_ids: tuple[int, ...]
     kl_subject_last: int
+    reworded: tuple[tuple[int, ...], ...] = ()
+    reworded_subject_last: tuple[int, ...] = ()
 
 
 def _require_fast(tokenizer) -> None:
@@ -71,9 +79,11 @@ def target_ids(tokenizer, target: str) -> list[int]:
 
 
 def tokenize_fact(tokenizer, fact: Fact, prefixes: Sequence[str], *, index: int = 0,
-                  max_length: Optional[int] = None, kl_template: str = KL_TEMPLATE) -> EditTokens:
-    """`fact` tokenised under the bare prompt and every prefix; a FactError naming the fact when
-    its subject cannot be located or its longest context + target exceeds `max_length` tokens."""
+                  max_length: Optional[int] = None, kl_template: str = KL_TEMPLATE,
+                  rewordings: Sequence[str] = ()) -> EditTokens:
+    """`fact` tokenised under the bare prompt and every prefix, and each of `rewordings` (texts
+    that contain the subject) alone; a FactError naming the fact when its subject cannot be located
+    or its longest context + target exceeds `max_length` tokens."""
     where = _describe(index, fact)
     prompt = fact.filled_prompt
     start, end = fact.subject_span
@@ -86,17 +96,26 @@ def tokenize_fact(tokenizer, fact: Fact, prefixes: Sequence[str], *, index: int 
         kl_text = kl_template.replace("{}", fact.subject.strip())
         kl_start = kl_template.index("{}")
         kl_ids, kl_last = subject_last_token(tokenizer, kl_text, (kl_start, kl_start + len(fact.subject.strip())))
+        reworded, reworded_last = [], []
+        for text in rewordings:
+            at = text.rfind(fact.subject)
+            if at < 0:
+                raise ValueError(f"the rewording {quoted(text)} does not contain the subject")
+            ids, last = subject_last_token(tokenizer, text, (at, at + len(fact.subject)))
+            reworded.append(tuple(ids))
+            reworded_last.append(last)
     except ValueError as error:
         raise FactError(f"{where}: {error}") from None
     target = target_ids(tokenizer, fact.target_new)
     if not target:
         raise FactError(f"{where}: target_new {quoted(fact.target_new)} tokenises to nothing")
-    longest = max(len(ids) for ids in contexts) + len(target)
+    longest = max(len(ids) for ids in (*contexts, *reworded)) + len(target)
     if max_length is not None and longest > max_length:
         raise FactError(f"{where}: the prompt with its longest prefix and the target is {longest} tokens, "
                         f"longer than the model's context of {max_length} tokens")
     return EditTokens(contexts=tuple(contexts), subject_last=tuple(positions), target=tuple(target),
-                      kl_ids=tuple(kl_ids), kl_subject_last=kl_last)
+                      kl_ids=tuple(kl_ids), kl_subject_last=kl_last, reworded=tuple(reworded),
+                      reworded_subject_last=tuple(reworded_last))
 
 
 def model_context_length(model) -> Optional[int]:
