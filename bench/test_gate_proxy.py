@@ -9,25 +9,11 @@ import json
 import pytest
 import torch
 from gate_proxy import main
+from tiny_models import token_queries
 
 CASES = 3
 LAYER = 1
 STRICT = 0.999  # a stored threshold only the query a key was read from (and its copies) passes
-
-
-def _hook_queries(model, tokenizer, text):
-    """(token ids, the float64 down-projection input at every token of `text` alone)."""
-    from neuraldb_kernels.integration import locate_down_proj
-
-    seen = []
-    handle = locate_down_proj(model, LAYER).register_forward_pre_hook(lambda _m, args: seen.append(args[0][0]))
-    try:
-        ids = tokenizer(text, return_offsets_mapping=True)
-        with torch.no_grad():
-            model(torch.tensor([ids["input_ids"]]))
-    finally:
-        handle.remove()
-    return ids, seen[0].double()
 
 
 def _last_subject_token(encoded, start, end):
@@ -40,15 +26,15 @@ def _case_queries(model, tokenizer, cases):
     bare, paraphrase, neighbourhood = [], [], []
     for number, case in enumerate(cases):
         start = case.prompt.index(case.subject)
-        encoded, queries = _hook_queries(model, tokenizer, case.prompt)
+        encoded, queries = token_queries(model, tokenizer, case.prompt, LAYER)
         bare.append(queries[_last_subject_token(encoded, start, start + len(case.subject))])
         for text in case.paraphrase_prompts:
-            encoded, queries = _hook_queries(model, tokenizer, text)
+            encoded, queries = token_queries(model, tokenizer, text, LAYER)
             found = text.find(case.subject)
             at = len(queries) - 1 if found < 0 else _last_subject_token(encoded, found, found + len(case.subject))
             paraphrase.append((number, queries[at]))
         for prompt, true in case.neighborhood:
-            _, queries = _hook_queries(model, tokenizer, f"{prompt} {true}")
+            _, queries = token_queries(model, tokenizer, f"{prompt} {true}", LAYER)
             neighbourhood += [(number, query) for query in queries]
     return torch.stack(bare), paraphrase, neighbourhood
 

@@ -7,7 +7,7 @@ import inspect
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import tiny_model, token_queries
 
 from neuraldb_kernels import NeuralDB
 from neuraldb_kernels.editing import EditRecord, Editor, Fact, generate_prefixes
@@ -51,15 +51,8 @@ def editor_of(model, tokenizer):
 
 def _token_queries(model, tokenizer, text):
     """(tokens, offsets) and the float64 down-projection input at every token of `text` alone."""
-    seen = []
-    handle = locate_down_proj(model, LAYER).register_forward_pre_hook(lambda _m, args: seen.append(args[0][0]))
-    try:
-        encoded = tokenizer(text, return_offsets_mapping=True)
-        with torch.no_grad():
-            model(torch.tensor([encoded["input_ids"]]))
-    finally:
-        handle.remove()
-    return encoded["offset_mapping"], seen[0].double()
+    encoded, queries = token_queries(model, tokenizer, text, LAYER)
+    return encoded["offset_mapping"], queries
 
 
 def _context_queries(model, tokenizer, fact, prefixes):

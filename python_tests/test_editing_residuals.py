@@ -40,6 +40,17 @@ class Plain(NamedTuple):
     trajectory: list
 
 
+def assert_unit_matches_plain(result, unit, expected, hparams):
+    """Every member f of `unit` holds the plain loop's residual (rtol 1e-3), its own target
+    probability under the shared residual (rel 1e-4), the loop's steps and convergence."""
+    for member, f in enumerate(unit):
+        assert torch.allclose(result.residuals[f], expected.residual, rtol=1e-3,
+                              atol=1e-4 * float(expected.residual.norm())), f
+        assert result.target_prob[f] == pytest.approx(expected.probs[member], rel=1e-4), f
+        assert int(result.steps[f]) == expected.steps, f
+        assert bool(result.converged[f]) == (expected.probs[member] >= hparams.stop_prob), f
+
+
 def plain_unit_residual(model, tokens, hparams, start=None, phases=("float32",)):
     """The residual of one unit sharing it: sum of the members' mean NLL over their contexts (a
     context whose subject is its first token left out unless all are), KL on the first member's KL
@@ -149,13 +160,7 @@ def test_shared_units_match_the_plain_loop(setup, tokenizer, prefixes, stopping,
     result = optimize_residuals(model, tokens, hparams, pad_id=0, units=UNITS)
     for unit in UNITS:
         expected = plain_unit_residual(model, [tokens[f] for f in unit], hparams)
-        for member, f in enumerate(unit):
-            assert torch.allclose(result.residuals[f], expected.residual, rtol=1e-3,
-                                  atol=1e-4 * float(expected.residual.norm())), f
-            # each member reports its own target probability under the shared residual
-            assert result.target_prob[f] == pytest.approx(expected.probs[member], rel=1e-4), f
-            assert int(result.steps[f]) == expected.steps, f
-            assert bool(result.converged[f]) == (expected.probs[member] >= hparams.stop_prob), f
+        assert_unit_matches_plain(result, unit, expected, hparams)
     if stopping == "early":  # the setting exercises what it is meant to
         assert int(result.steps.min()) < hparams.steps and result.converged.any() and not result.converged.all()
         assert len(set(result.steps.tolist())) > 1
@@ -314,12 +319,7 @@ def test_a_float32_finish_continues_each_unit_where_the_first_phase_stopped_it(s
         expected = plain_unit_residual(model, members, hparams, phases=("bfloat16", "float32"))
         first_phase = plain_unit_residual(model, members, hparams, phases=("bfloat16",))
         finished += expected.steps > first_phase.steps
-        for member, f in enumerate(unit):
-            assert torch.allclose(result.residuals[f], expected.residual, rtol=1e-3,
-                                  atol=1e-4 * float(expected.residual.norm())), f
-            assert result.target_prob[f] == pytest.approx(expected.probs[member], rel=1e-4), f
-            assert int(result.steps[f]) == expected.steps, f
-            assert bool(result.converged[f]) == (expected.probs[member] >= hparams.stop_prob), f
+        assert_unit_matches_plain(result, unit, expected, hparams)
     assert finished  # some unit took float32 steps after the first phase had stopped it
 
 

@@ -58,3 +58,19 @@ def save_tiny_llama(directory, tokenizer):
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def token_queries(model, tokenizer, text, layer):
+    """(the tokenizer's encoding of `text` with offsets, the float64 down-projection input of
+    decoder layer `layer` at every token of `text` alone: (tokens, d1))."""
+    from neuraldb_kernels.integration import locate_down_proj
+
+    seen = []
+    handle = locate_down_proj(model, layer).register_forward_pre_hook(lambda _m, args: seen.append(args[0][0]))
+    try:
+        encoded = tokenizer(text, return_offsets_mapping=True)
+        with torch.no_grad():
+            model(torch.tensor([encoded["input_ids"]]))
+    finally:
+        handle.remove()
+    return encoded, seen[0].double()
