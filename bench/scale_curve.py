@@ -240,11 +240,11 @@ def size_entry(workspace, state: CurveState, curve: CurveFacts, size: int, cases
     specificity over neighbourhood prompts naming no stored subject is scored unedited too (its
     prompts depend on the size): `unedited_subject_metrics`."""
     from neuraldb_kernels.evaluation import case_scores, metrics_from_case_scores, preservation_metrics
-    from neuraldb_kernels.evaluation.counterfact import UNEDITED_SUBJECTS_METRIC
+    from neuraldb_kernels.evaluation.counterfact import UNEDITED_SUBJECTS_METRIC, stored_subjects
     from neuraldb_kernels.integration import attach
 
     model, tokenizer, db = workspace.model, workspace.tokenizer, workspace.db
-    subjects = {metadata["subject"] for metadata in db.metadata().values() if isinstance(metadata.get("subject"), str)}
+    subjects = stored_subjects(db)
     started = time.perf_counter()
     with attach(model, db):
         metrics = metrics_from_case_scores(case_scores(model, tokenizer, cases, compare=compare,

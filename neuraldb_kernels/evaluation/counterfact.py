@@ -118,6 +118,11 @@ def names_a_subject(text: str, subjects: frozenset[str] | set[str], longest: int
                if j in ends)
 
 
+def stored_subjects(db) -> set[str]:
+    """The subjects (metadata "subject") of the facts stored in `db`, for `edited_subjects`."""
+    return {metadata["subject"] for metadata in db.metadata().values() if isinstance(metadata.get("subject"), str)}
+
+
 def case_scores(model, tokenizer, cases: Sequence[CounterFactCase], *,
                 batch_size: int = 32, compare: str = "sequence",
                 edited_subjects: Collection[str] | None = None) -> dict[str, torch.Tensor]:

@@ -160,8 +160,7 @@ def evaluate(model, tokenizer, db, cases, *, attach_options: Mapping[str, Any] |
     if general_data is not None and not Path(general_data).is_dir():
         raise FileNotFoundError(f"the general-ability data folder {general_data} does not exist")
 
-    edited_subjects = {metadata["subject"] for metadata in db.metadata().values()
-                       if isinstance(metadata.get("subject"), str)}
+    edited_subjects = counterfact.stored_subjects(db)
 
     def score() -> dict[str, float]:
         metrics = model_metrics(model, tokenizer, cases, references=references, batch_size=batch_size,
