@@ -77,10 +77,11 @@ def sampled_candidates(model, tokenizer, questions: Sequence[str], per_question:
     `length` tokens (top-k sampling, candidate j from `candidate_seed(seed, question, j)`),
     sampled ROWS_PER_PASS at a time by `sample_tokens`."""
     rows = [(question, number) for question in questions for number in range(per_question)]
+    prompt_ids = {question: tokenizer(rewording_prompt(question))["input_ids"] for question in questions}
     texts: list[str] = []
     for start in range(0, len(rows), ROWS_PER_PASS):
         chunk = rows[start : start + ROWS_PER_PASS]
-        starts = [tokenizer(rewording_prompt(question))["input_ids"] for question, _ in chunk]
+        starts = [prompt_ids[question] for question, _ in chunk]
         generators = [torch.Generator().manual_seed(candidate_seed(seed, question, number))
                       for question, number in chunk]
         sampled = sample_tokens(model, starts, length, top_k=top_k, generator=generators)
