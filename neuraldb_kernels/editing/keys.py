@@ -154,10 +154,10 @@ def bare_prompt_keys(keys: torch.Tensor, bare: torch.Tensor, generic: torch.Tens
 
     Unless it is generic (cosine above gamma with one of `generic`, (t, d1) prefix queries):
     text None (one gate threshold, gamma, for every key): a generic query is never stored.
-    text (s, d1) queries of model-written text (the calibration negatives): the key gets its
-    own threshold, halfway between its best text cosine and its own query's cosine of 1
-    (editing.calibration), so a generic query is stored when that text cosine is below
-    1 - 2 * margin: then text stays below its threshold and its own prompt above by `margin`.
+    text (s, d1) queries of model-written text (the calibration negatives): the key is an
+    exact-match key, its own threshold its floor (1, its own query) minus `margin`
+    (editing.calibration), and a generic query is stored when its best text cosine is below
+    1 - 2 * margin: then text stays below its threshold by `margin` and its own prompt above.
     Subjects that open the prompt (a one-token subject at position 0 in a model without BOS) have
     only such generic queries; without their key their bare prompt fires another fact's key.
 
