@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from tiny_models import ARCHS, tiny_model
 
 from neuraldb_kernels.editing import EditHParams, Fact, optimize_residuals, tokenize_fact
+from neuraldb_kernels.editing import hparams as hparams_module
 from neuraldb_kernels.editing import residuals as residuals_module
+from neuraldb_kernels.editing.hparams import residual_matmuls_for, resolve_hparams
 from neuraldb_kernels.editing.residuals import unit_passes
 
 PREFIXES = ["A short text about something. ", "Other words before it. "]
@@ -127,7 +129,8 @@ def plain_unit_residual(model, tokens, hparams, start=None, phases=("float32",))
 @pytest.fixture(scope="module")
 def setup(tokenizer):
     model = tiny_model("llama", tokenizer, layers=3)
-    hparams = EditHParams(layer=LAYER, steps=4, lr=0.05, stop_prob=1.0)
+    # float32 products, as the plain loop computes (the bfloat16 modes are tested against it below)
+    hparams = EditHParams(layer=LAYER, steps=4, lr=0.05, stop_prob=1.0, residual_matmuls="float32")
     return model, hparams
 
 
@@ -339,3 +342,42 @@ def test_bfloat16_then_float32_stores_residuals_that_meet_the_float32_criterion(
             if int(result.steps[f]) < hparams.steps:  # it stopped: every member meets stop_prob in float32
                 assert min(measured.probs) >= hparams.stop_prob, f
     assert int(result.steps.min()) < hparams.steps
+
+
+@pytest.mark.parametrize("fast, weights, expected", [
+    (True, torch.float32, "bfloat16_then_float32"),
+    (False, torch.float32, "float32"),
+    (True, torch.bfloat16, "float32"),  # bfloat16 weights: the bfloat16 modes would change nothing
+])
+def test_auto_residual_matmuls_follow_the_device_and_the_weights(tokenizer, monkeypatch, fast, weights, expected):
+    monkeypatch.setattr(hparams_module, "bfloat16_products_fast", lambda device: fast)
+    model = tiny_model("llama", tokenizer, layers=3).to(weights)
+    auto = EditHParams(layer=LAYER)
+    assert auto.residual_matmuls == "auto"
+    assert residual_matmuls_for(auto, model) == expected
+    for named in ("float32", "bfloat16", "bfloat16_then_float32"):  # a named mode is kept as given
+        assert residual_matmuls_for(dataclasses.replace(auto, residual_matmuls=named), model) == named
+    # the Editor's hparams (and so every EditRecord) name the mode that runs, never "auto"
+    assert resolve_hparams(model, {"layer": LAYER}).residual_matmuls == expected
+
+
+@pytest.mark.parametrize("fast, mode", [(False, "float32"), (True, "bfloat16_then_float32")])
+def test_optimize_residuals_runs_auto_as_the_mode_it_resolves_to(setup, tokenizer, monkeypatch, fast, mode):
+    model, hparams = setup
+    monkeypatch.setattr(hparams_module, "bfloat16_products_fast", lambda device: fast)
+    tokens = [tokenize_fact(tokenizer, fact, PREFIXES, index=i) for i, fact in enumerate(FACTS)]
+    auto = optimize_residuals(model, tokens, dataclasses.replace(hparams, residual_matmuls="auto"), pad_id=0, units=UNITS)
+    named = optimize_residuals(model, tokens, dataclasses.replace(hparams, residual_matmuls=mode), pad_id=0, units=UNITS)
+    assert torch.equal(auto.residuals, named.residuals) and torch.equal(auto.steps, named.steps)
+    other = "float32" if mode != "float32" else "bfloat16"
+    different = optimize_residuals(model, tokens, dataclasses.replace(hparams, residual_matmuls=other), pad_id=0,
+                                   units=UNITS)
+    assert not torch.equal(auto.residuals, different.residuals)  # the two modes are told apart here
+
+
+def test_bfloat16_products_are_fast_only_where_the_hardware_has_them(monkeypatch):
+    assert not hparams_module.bfloat16_products_fast(torch.device("meta"))
+    for flags, expected in [((False, False), False), ((True, False), True), ((False, True), True)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: flags[0], raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: flags[1], raising=False)
+        assert hparams_module.bfloat16_products_fast(torch.device("cpu")) is expected

@@ -137,7 +137,7 @@ def test_the_residual_trains_on_rewordings_as_on_extra_contexts(model, tokenizer
              Fact("Which group is {} a member of?", "Germany", "Hamas")]
     texts = [("Velmora Records was started by whom?", "The founder of Velmora Records is who?"),
              ("Germany belongs to which group?", "What group has Germany as a member?")]  # the first: position 0
-    hparams = EditHParams(layer=LAYER, steps=4, lr=0.05, stop_prob=1.0)
+    hparams = EditHParams(layer=LAYER, steps=4, lr=0.05, stop_prob=1.0, residual_matmuls="float32")  # as the plain loop
     tokens = [tokenize_fact(tokenizer, fact, ["A short text. "], rewordings=t) for fact, t in zip(facts, texts)]
     assert tokens[1].reworded_subject_last[0] == 0 and tokens[1].reworded_subject_last[1] > 0
     result = optimize_residuals(model, tokens, hparams, pad_id=0, units=[[0], [1]])

@@ -34,7 +34,8 @@ def test_residual_optimisation_replays_the_layers_up_to_the_edit_layer(tokenizer
     runs = []
     handle = decoder_layers(model)[0].register_forward_hook(lambda *_: runs.append(1))
     try:
-        result = optimize_residuals(model, tokens, EditHParams(layer=1, steps=4, lr=0.5, stop_prob=1.0), pad_id=0)
+        result = optimize_residuals(model, tokens, EditHParams(layer=1, steps=4, lr=0.5, stop_prob=1.0, residual_matmuls="float32"),
+                                    pad_id=0)
     finally:
         handle.remove()
     assert result.steps.tolist() == [4, 4] and len(runs) == 2

@@ -11,7 +11,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from ..integration.architectures import model_type, num_layers
+import torch
+
+from ..integration.architectures import decoder_layers, model_type, num_layers
+
+
+RESIDUAL_MATMULS = ("auto", "float32", "bfloat16", "bfloat16_then_float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,19 +42,22 @@ class EditHParams:
         summed into one step: it bounds the autograd memory (about 1.5 MB per token on
         SmolLM2-135M at layer 4) whatever batch_size is, and groups facts of similar length.
         The residuals do not depend on it beyond float rounding.
-    residual_matmuls: "float32", "bfloat16" or "bfloat16_then_float32": the input dtype of the
-        matrix products (nn.Linear) of the decoder layers above `layer` while residuals are
+    residual_matmuls: "auto", "float32", "bfloat16" or "bfloat16_then_float32": the input dtype of
+        the matrix products (nn.Linear) of the decoder layers above `layer` while residuals are
         optimised. "bfloat16" runs them on bfloat16 copies of the float32 weights (float32
         accumulation; attention, norms, the residual stream, layers 0..layer and the LM head stay
-        float32): on an AVX-512 BF16 CPU an optimisation step takes 2.3x less CPU time, but the
-        residuals differ by bfloat16 rounding and at 64 CounterFact facts generalization fell
-        3.1 points. "bfloat16_then_float32" continues each fact in float32 products from where
-        bfloat16 stopped it until it meets stop_prob in float32 (editing.residuals): a whole edit
-        call takes 1.5x less CPU time than "float32" (16 facts, 1 thread), and at 2 x 64 facts
-        two generalization cases of 128 were lost (bench/RESULTS.md, issue 17), so both are
-        opt-in. Keys, prefixes and the stored rows are float32 either way (the prefix caches take
-        bfloat16 products in "bfloat16" only, as its steps do); models
-        whose weights are not float32, and GPT-2's Conv1D projections, are unaffected.
+        float32): an optimisation step takes 2.3x less CPU time on an AVX-512 BF16 CPU, but the
+        residuals differ by bfloat16 rounding and at 64 CounterFact facts generalization fell 3.1
+        points, so it is opt-in. "bfloat16_then_float32" continues each fact in float32 products
+        from where bfloat16 stopped it until it meets stop_prob in float32 (editing.residuals):
+        at 1,000 CounterFact facts on SmolLM2 it edited 1.49x faster than "float32" with the same
+        efficacy and specificity and 0.2 less generalization (bench/RESULTS.md, issue 17). "auto"
+        (the default) is "bfloat16_then_float32" where bfloat16 products are fast and the layers'
+        weights are float32 (`residual_matmuls_for`: a CPU with AVX512-BF16 or AMX, a CUDA GPU
+        with bfloat16 support), else "float32"; the Editor resolves it once, so its hparams and
+        every EditRecord name the precision used. Keys, prefixes and the stored rows are float32
+        either way (the prefix caches take bfloat16 products in "bfloat16" only, as its steps
+        do); GPT-2's Conv1D projections are unaffected.
     kl_template: the prompt of the KL term, "{}" standing for the subject.
     bare_key_below: a fact whose bare-prompt query (no prefix) has cosine < this with its averaged
         key also gets that query as an extra key (same fact, same residual). Prompts that
@@ -101,7 +109,7 @@ class EditHParams:
     stop_prob: float = 0.9
     batch_size: int = 64
     pass_tokens: int = 1024
-    residual_matmuls: str = "float32"
+    residual_matmuls: str = "auto"
     kl_template: str = "{} is a"
     bare_key_below: float = 0.8
     share_subject_residual: bool = True
@@ -128,7 +136,7 @@ class EditHParams:
             "stop_prob": isinstance(self.stop_prob, (int, float)) and 0 < self.stop_prob <= 1,
             "batch_size": isinstance(self.batch_size, int) and self.batch_size >= 1,
             "pass_tokens": isinstance(self.pass_tokens, int) and self.pass_tokens >= 1,
-            "residual_matmuls": self.residual_matmuls in ("float32", "bfloat16", "bfloat16_then_float32"),
+            "residual_matmuls": self.residual_matmuls in RESIDUAL_MATMULS,
             "kl_template": isinstance(self.kl_template, str) and self.kl_template.count("{}") == 1,
             "bare_key_below": isinstance(self.bare_key_below, (int, float)) and -1.0 <= self.bare_key_below <= 1.0,
             "share_subject_residual": isinstance(self.share_subject_residual, bool),
@@ -185,4 +193,29 @@ def resolve_hparams(model, overrides: Mapping[str, Any], module_path: str | None
         raise TypeError(f"unknown editing hyperparameter(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     values = preset_for(model, module_path)
     values.update({name: value for name, value in overrides.items() if value is not None})
-    return EditHParams(**values)
+    hparams = EditHParams(**values)
+    return dataclasses.replace(hparams, residual_matmuls=residual_matmuls_for(hparams, model, module_path))
+
+
+def bfloat16_products_fast(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products run faster than float32 ones on `device`: a CPU with
+    AVX512-BF16 or AMX tiles (as torch reports them), a CUDA GPU with bfloat16 support."""
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return False
+
+
+def residual_matmuls_for(hparams: EditHParams, model, module_path: str | None = None) -> str:
+    """`hparams.residual_matmuls`, with "auto" resolved for `model`: "bfloat16_then_float32" when
+    bfloat16 products are fast on the model's device (`bfloat16_products_fast`) and the decoder
+    layers above `hparams.layer` hold float32 nn.Linear weights, else "float32"."""
+    if hparams.residual_matmuls != "auto":
+        return hparams.residual_matmuls
+    layers = decoder_layers(model, module_path)[hparams.layer + 1 :]
+    weights = [m.weight for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    if weights and all(w.dtype == torch.float32 for w in weights) and bfloat16_products_fast(weights[0].device):
+        return "bfloat16_then_float32"
+    return "float32"

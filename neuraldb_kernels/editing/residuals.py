@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from ..integration import hf_compat
 from ..integration.architectures import decoder_layers, locate_down_proj
-from .hparams import EditHParams
+from .hparams import EditHParams, residual_matmuls_for
 from .tokens import EditTokens
 
 
@@ -462,7 +462,8 @@ def optimize_residuals(model, tokens: Sequence[EditTokens], hparams: EditHParams
     autograd memory is one pass's, whatever the number of facts, and units of similar length
     share a pass (less padding). Units never interact, so the passes change nothing but float
     rounding.
-    `hparams.residual_matmuls` names the phases ("bfloat16_then_float32": two); a later phase continues
+    `hparams.residual_matmuls` names the phases ("bfloat16_then_float32": two; "auto" resolved by
+    `residual_matmuls_for`); a later phase continues
     every unit from its r and Adam state where the earlier one stopped it, within the same budget
     of steps - 1 updates, so the stored r and target_prob are the last phase's.
     The model must be unedited (no NeuralDB attached); its parameters are not changed and get no
@@ -484,7 +485,7 @@ def optimize_residuals(model, tokens: Sequence[EditTokens], hparams: EditHParams
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        phases = hparams.residual_matmuls.split("_then_")
+        phases = residual_matmuls_for(hparams, model, module_path).split("_then_")
         # r does not change the prefix caches: one for every phase, in bfloat16 products only when
         # every phase is bfloat16 (a float32 phase needs float32 caches)
         cache_products = _bfloat16_products(upper_layers) if phases == ["bfloat16"] else contextlib.nullcontext()
