@@ -10,6 +10,7 @@ with the database attached:
                  at the subject's last token and over all tokens, and its threshold are reported)
   residual miss  a key row of the fact fires, yet the new answer is not the top-1 everywhere
 A rephrase that does not contain the subject string is counted apart (`subject_not_in_rephrase`).
+Records that cannot be edited (an empty answer) are left out and listed in `skipped_records`.
 The paraphrases are only measured here; no setting reads them. Memory grows with the batch: on
 SmolLM2, 40 facts in one batch (batch_size 64) passed 7.9 GB; `--hparam batch_size=8` stays near 2 GB.
 
@@ -76,7 +77,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from neuraldb_kernels.editing import Editor, read_zsre
+    from neuraldb_kernels.editing import Editor, check_facts, read_zsre
     from neuraldb_kernels.editing.keys import pad_right, pad_token_id
     from neuraldb_kernels.evaluation import preservation_metrics
     from neuraldb_kernels.evaluation.scoring import score_targets
@@ -84,7 +85,11 @@ def main(argv=None) -> dict:
 
     overrides = dict(args.hparam)
     model, tokenizer = load_default_model()
-    facts = read_zsre(args.data, limit=args.start + args.facts)[args.start:]
+    # records that cannot be edited (an empty answer: zsre-1k.json records 534 and 723) are left out and listed
+    valid, skipped = check_facts(read_zsre(args.data, limit=args.start + args.facts)[args.start:], on_error="skip",
+                                 indexed=True)
+    record_of = [args.start + i for i, _ in valid]
+    facts = [fact for _, fact in valid]
     prompts = {"efficacy": [f.filled_prompt for f in facts], "generalization": [f.extras["rephrase"] for f in facts],
                "specificity": [f.extras["loc"] for f in facts]}
     targets = {"efficacy": [(f.target_new,) for f in facts], "generalization": [(f.target_new,) for f in facts],
@@ -97,6 +102,7 @@ def main(argv=None) -> dict:
     report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "date": time.strftime("%Y-%m-%d %H:%M"), "load_average": os.getloadavg(),
               "command": " ".join(sys.argv), "data": args.data, "start": args.start, "facts": len(facts),
+              "skipped_records": [{"record": args.start + s.index, "reason": s.reason} for s in skipped],
               "hparams": overrides}
     db = None
     if args.db:
@@ -112,13 +118,15 @@ def main(argv=None) -> dict:
     edited = accuracies()
     # which facts fire on each rephrase (the attachment is live: one forward over all of them)
     rephrases = prompts["generalization"]
-    rows = [list(tokenizer(text)["input_ids"]) for text in rephrases]
-    ids, mask = pad_right(rows, pad_token_id(tokenizer), "cpu")
-    with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask)
-    record = editor.attachment.last
-    fired_ids = [set(record.snapshot.ids_at(record.index[i][mask[i].bool() & (record.index[i] >= 0)].tolist()))
-                 for i in range(len(facts))]
+    fired_ids = []
+    for start in range(0, len(rephrases), 64):  # in chunks: the logits of 1,000 rephrases would take gigabytes
+        rows = [list(tokenizer(text)["input_ids"]) for text in rephrases[start : start + 64]]
+        ids, mask = pad_right(rows, pad_token_id(tokenizer), "cpu")
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        record = editor.attachment.last
+        fired_ids += [set(record.snapshot.ids_at(record.index[i][mask[i].bool() & (record.index[i] >= 0)].tolist()))
+                      for i in range(len(rows))]
     editor.detach()  # the model is bare from here; preservation attaches the database per batch
     report["preservation"] = preservation_metrics(model, tokenizer, editor.db,
                                                   [f"{f.extras['loc']} {f.extras['loc_ans']}" for f in facts])
@@ -130,7 +138,7 @@ def main(argv=None) -> dict:
     for i, fact in enumerate(facts):
         if float(edited["generalization"][i]) >= 1.0:
             continue
-        entry = {"index": args.start + i, "subject": fact.subject, "src": fact.filled_prompt,
+        entry = {"index": record_of[i], "subject": fact.subject, "src": fact.filled_prompt,
                  "rephrase": fact.extras["rephrase"], "accuracy": float(edited["generalization"][i]),
                  "other_facts_fired": sorted(fired_ids[i] - {fact.fact_id})[:3], **cosines[i]}
         if fact.subject not in fact.extras["rephrase"]:
