@@ -209,3 +209,27 @@ def test_a_stored_subject_mate_is_recomputed_with_its_own_rewordings(model, toke
         editor.detach()
     assert len(report.companions) == 1
     assert asked == [["Where is Velmora Records based?"], ["Who founded Velmora Records?"]]
+
+
+def test_rewordings_are_sampled_only_for_the_facts_not_yet_stored(model, tokenizer, monkeypatch):
+    asked = []
+
+    def fake_rewordings(model_, tokenizer_, facts, count, *, seed):
+        asked.append([f.filled_prompt for f in facts])
+        return [(f"So, {f.subject} was started by whom?",) for f in facts]
+
+    monkeypatch.setattr(editor_module, "question_rewordings", fake_rewordings)
+    first = Fact("Who founded {}?", "Velmora Records", "Anna Berg")
+    second = Fact("Who founded {}?", "Korvath Studios", "Ivo Lind")
+    editor = Editor(model, tokenizer, layer=LAYER, gamma=0.3, rewordings=1, steps=2, n_prefixes=1,
+                    calibrate_gates=False, share_subject_residual=False)
+    try:
+        editor.edit([first], progress=False)
+        stored = editor.db.get(first.fact_id).residual.clone()
+        asked.clear()
+        report = editor.edit([first, second], progress=False)  # a resumed run: the first is stored
+    finally:
+        editor.detach()
+    assert report.already_stored == (first.fact_id,) and report.computed == (second.fact_id,)
+    assert asked == [["Who founded Korvath Studios?"]]
+    assert torch.equal(editor.db.get(first.fact_id).residual, stored)

@@ -201,11 +201,15 @@ class Editor:
 
     # ---------------------------------------------------------------------------------- internals
 
-    def _tokenize(self, indexed: list[tuple[int, Fact]], prefixes, on_error: str,
-                  skipped: list[SkippedFact]) -> tuple[list[tuple[int, Fact]], list[EditTokens]]:
-        """The facts that tokenise and their tokens; the others raise or are added to `skipped`."""
+    def _tokenize(self, indexed: list[tuple[int, Fact]], prefixes, on_error: str, skipped: list[SkippedFact],
+                  replace: bool) -> tuple[list[tuple[int, Fact]], list[EditTokens]]:
+        """The facts that tokenise and their tokens; the others raise or are added to `skipped`.
+        Rewordings are sampled only for the facts that will be computed (`_pending`), not for those
+        already stored with the same target (a resumed run)."""
         kept, tokens = [], []
-        rewordings = self._rewordings([fact for _, fact in indexed])
+        reworded_at = range(len(indexed)) if not self.hparams.rewordings else self._pending(indexed, replace)[0]
+        sampled = dict(zip(reworded_at, self._rewordings([indexed[p][1] for p in reworded_at])))
+        rewordings = [sampled.get(p, ()) for p in range(len(indexed))]
         for (index, fact), reworded in zip(indexed, rewordings):
             try:
                 tokens.append(self._fact_tokens(fact, prefixes, index, reworded))
@@ -262,7 +266,7 @@ class Editor:
             stage = time.perf_counter()
             prefixes = generate_prefixes(self.model, self.tokenizer, count=hp.n_prefixes, length=hp.prefix_length,
                                          seed=hp.prefix_seed)
-            indexed, tokens = self._tokenize(valid, prefixes, on_error, skipped)
+            indexed, tokens = self._tokenize(valid, prefixes, on_error, skipped, replace)
             seconds["prefixes"] += time.perf_counter() - stage
             bar.set_description("editing: generic queries")
             stage = time.perf_counter()
