@@ -324,6 +324,11 @@ def _bfloat16_products(layers: Sequence[torch.nn.Module]):
             setattr(owner, child, module)
 
 
+def _products(precision: str, layers: Sequence[torch.nn.Module]):
+    """The context in which `layers`' products run at `precision` ("float32" or "bfloat16")."""
+    return _bfloat16_products(layers) if precision == "bfloat16" else contextlib.nullcontext()
+
+
 def _suffix_shape(fact: EditTokens) -> tuple[int, int]:
     """(sequences, longest suffix in tokens) that `fact` adds to a batch, its KL prompt included."""
     trained = _trained_contexts(fact)
@@ -488,9 +493,8 @@ def optimize_residuals(model, tokens: Sequence[EditTokens], hparams: EditHParams
         phases = residual_matmuls_for(hparams, model, module_path).split("_then_")
         # r does not change the prefix caches: one for every phase, in bfloat16 products only when
         # every phase is bfloat16 (a float32 phase needs float32 caches)
-        cache_products = _bfloat16_products(upper_layers) if phases == ["bfloat16"] else contextlib.nullcontext()
         passes = []
-        with cache_products:
+        with _products(phases[0] if len(phases) == 1 else "float32", upper_layers):
             for group in unit_passes(tokens, units, hparams.pass_tokens):
                 sequences = _build_sequences(tokens, [units[u] for u in group], pad_id, device)
                 passes.append((torch.tensor(group, device=device),
@@ -500,7 +504,7 @@ def optimize_residuals(model, tokens: Sequence[EditTokens], hparams: EditHParams
             if phase:
                 for _, batch in passes:
                     batch.select(batch.every_unit)
-            with _bfloat16_products(upper_layers) if precision == "bfloat16" else contextlib.nullcontext():
+            with _products(precision, upper_layers):
                 descent.run(module, passes)
     finally:
         for p, flag in zip(model.parameters(), requires):
