@@ -191,7 +191,9 @@ def test_rewordings_hparam_must_be_a_count(value):
         EditHParams(layer=1, rewordings=value)
 
 
-def test_a_stored_subject_mate_is_recomputed_with_its_own_rewordings(model, tokenizer, monkeypatch):
+def recorded_rewordings(monkeypatch) -> list:
+    """Stands in for the Editor's rewording sampler: one fixed rewording per fact; returns the list
+    that receives each call's filled prompts."""
     asked = []
 
     def fake_rewordings(model_, tokenizer_, facts, count, *, seed):
@@ -199,6 +201,11 @@ def test_a_stored_subject_mate_is_recomputed_with_its_own_rewordings(model, toke
         return [(f"So, {f.subject} was started by whom?",) for f in facts]
 
     monkeypatch.setattr(editor_module, "question_rewordings", fake_rewordings)
+    return asked
+
+
+def test_a_stored_subject_mate_is_recomputed_with_its_own_rewordings(model, tokenizer, monkeypatch):
+    asked = recorded_rewordings(monkeypatch)
     editor = Editor(model, tokenizer, layer=LAYER, gamma=0.3, rewordings=1, steps=2, n_prefixes=1,
                     calibrate_gates=False)
     try:
@@ -212,13 +219,7 @@ def test_a_stored_subject_mate_is_recomputed_with_its_own_rewordings(model, toke
 
 
 def test_rewordings_are_sampled_only_for_the_facts_not_yet_stored(model, tokenizer, monkeypatch):
-    asked = []
-
-    def fake_rewordings(model_, tokenizer_, facts, count, *, seed):
-        asked.append([f.filled_prompt for f in facts])
-        return [(f"So, {f.subject} was started by whom?",) for f in facts]
-
-    monkeypatch.setattr(editor_module, "question_rewordings", fake_rewordings)
+    asked = recorded_rewordings(monkeypatch)
     first = Fact("Who founded {}?", "Velmora Records", "Anna Berg")
     second = Fact("Who founded {}?", "Korvath Studios", "Ivo Lind")
     editor = Editor(model, tokenizer, layer=LAYER, gamma=0.3, rewordings=1, steps=2, n_prefixes=1,
