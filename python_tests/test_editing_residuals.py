@@ -16,8 +16,7 @@ from neuraldb_kernels.editing import EditHParams, Fact, optimize_residuals, toke
 from neuraldb_kernels.editing import hparams as hparams_module
 from neuraldb_kernels.editing import residuals as residuals_module
 from neuraldb_kernels.editing.hparams import residual_matmuls_for, resolve_hparams
-from neuraldb_kernels.editing.residuals import shared_head_lengths, unit_passes
-from neuraldb_kernels.integration import hf_compat
+from neuraldb_kernels.editing.residuals import unit_passes
 
 PREFIXES = ["A short text about something. ", "Other words before it. "]
 FACTS = [
@@ -196,50 +195,6 @@ def test_passes_hold_at_most_pass_tokens_and_group_similar_lengths(tokenizer):
         order = [widths[u] for group in passes for u in group]
         assert order == sorted(order)  # similar lengths share a pass
     assert len(unit_passes(tokens, units, 10_000)) == 1
-
-
-def test_shared_head_lengths_are_the_longest_opening_shared_with_another_row():
-    rows = [[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 9], [7, 8], [7, 8], [4], [], [5, 6, 7]]
-    assert shared_head_lengths(rows) == [3, 3, 2, 0, 0, 0, 0, 0]  # [7, 8] twice: one token must stay
-    assert shared_head_lengths(rows, least=3) == [3, 3, 0, 0, 0, 0, 0, 0]
-    assert shared_head_lengths([[7, 8, 9], [7, 8, 9]]) == [2, 2]
-
-
-@pytest.mark.parametrize("budget", [1, 12, 4096])
-def test_length_chunks_cover_every_row_with_bounded_padding(budget):
-    lengths = [5, 1, 9, 2, 2, 7, 30, 3, 1, 8]
-    chunks = residuals_module._length_chunks(lengths, budget)
-    assert sorted(i for chunk in chunks for i in chunk) == list(range(len(lengths)))
-    for chunk in chunks:
-        padded = len(chunk) * max(lengths[i] for i in chunk)
-        assert len(chunk) == 1 or (padded <= budget and padded <= 1.25 * sum(lengths[i] for i in chunk))
-
-
-@pytest.mark.parametrize("chunk_tokens", [8, 4096], ids=["many chunks", "one chunk"])
-@pytest.mark.parametrize("kind", sorted(ARCHS))
-def test_prefix_cache_equals_a_forward_of_each_prefix_alone(tokenizer, kind, chunk_tokens, monkeypatch):
-    """The batched prefix cache (shared openings once, the rest after them, chunked) holds, at each
-    row's left-padded positions, the keys/values one forward of that row's prefix alone gives, and
-    zeros at padded positions."""
-    monkeypatch.setattr(residuals_module, "_PREFIX_CHUNK_TOKENS", chunk_tokens)
-    model = tiny_model(kind, tokenizer)
-    tokens = [tokenize_fact(tokenizer, fact, PREFIXES, index=i) for i, fact in enumerate(FACTS)]
-    sequences = residuals_module._build_sequences(tokens, UNITS, 0, torch.device("cpu"))
-    assert any(h for h in shared_head_lengths([row for row in sequences.prefixes if row]))
-    assert [] in sequences.prefixes  # "Germany" opens a prompt: nothing before its last token
-    cache = residuals_module._Batch(model, sequences, LAYER, None).kv
-    width = sequences.prefix_ids.shape[1]
-    for i, prefix in enumerate(sequences.prefixes):
-        pad = width - len(prefix)
-        for keys, values in cache:
-            assert not keys[i, :, :pad].any() and not values[i, :, :pad].any()
-        if not prefix:
-            continue
-        with torch.no_grad():
-            alone = model.base_model(input_ids=torch.tensor([prefix]), use_cache=True)
-        for (keys, values), (k, v) in zip(cache, hf_compat.cache_layers(hf_compat.output_cache(alone))):
-            torch.testing.assert_close(keys[i, :, pad:], k[0], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(values[i, :, pad:], v[0], rtol=1e-5, atol=1e-5)
 
 
 def _upper_linears(model):

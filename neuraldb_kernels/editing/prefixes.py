@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from ..integration import hf_compat
+from .prefill import prefill
 
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You", "It", "We", "In", "A", "This")
 
@@ -30,28 +31,31 @@ def sample_tokens(model, starts: Sequence[Sequence[int]], length: int, *, top_k:
     Each token is drawn from the softmax of the model's top_k next-token logits with
     `torch.multinomial`: one call over all n rows per step from `generator`, or, given n
     generators, row i's from generator[i] (its texts then depend on its own generator only).
-    All rows run as one batch with a KV cache: one forward of the starts, then one single-token
-    forward per step. Rows of unequal lengths are left-padded, their padding masked and
-    positions counted from their own first token. The model runs in eval mode; its training
-    flag is restored afterwards.
+    All rows run as one batch with a KV cache: the starts but their last tokens are prefilled
+    (`prefill.prefill`: an opening several starts share is computed once, rows of unequal lengths
+    left-padded and masked, positions counted from their own first token), then one
+    single-token forward per step. The model runs in eval mode; its training flag is restored
+    afterwards.
     """
     if not starts or not all(len(row) for row in starts):
         raise ValueError("sample_tokens needs at least one start row, none of them empty")
     if not isinstance(generator, torch.Generator) and len(generator) != len(starts):
         raise ValueError(f"sample_tokens got {len(generator)} generators for {len(starts)} rows")
     device = next(model.parameters()).device
-    width = max(len(row) for row in starts)
-    ids = torch.tensor([[0] * (width - len(row)) + list(row) for row in starts], device=device)
-    padded = any(len(row) < width for row in starts)
-    inputs = {}
-    if padded:  # equal rows need no mask: the plain causal forward
-        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in starts], device=device)
-        inputs = {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
     keyword = hf_compat.cache_keyword(model)
     was_training = model.training
     model.eval()
-    sampled, past, step = [], None, ids
+    sampled = []
     try:
+        # every token but the last of each start is prefilled (shared openings once); the first
+        # step runs the last tokens, so logits are computed at the sampled positions only
+        cached = prefill(model.base_model, [list(row[:-1]) for row in starts], pad_id=0)
+        step = torch.tensor([[row[-1]] for row in starts], device=device)
+        inputs, past = {}, None
+        if cached is not None:
+            past = hf_compat.cache_from_layers(model, cached.layers)
+            inputs = {"attention_mask": torch.cat([cached.mask, torch.ones_like(step)], dim=1),
+                      "position_ids": torch.tensor([[len(row) - 1] for row in starts], device=device)}
         for _ in range(length):
             output = model(input_ids=step, use_cache=True, **inputs, **({keyword: past} if past is not None else {}))
             past = hf_compat.output_cache(output)
@@ -63,7 +67,7 @@ def sample_tokens(model, starts: Sequence[Sequence[int]], length: int, *, top_k:
                 choice = torch.stack([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator)])
             step = top.indices.gather(1, choice.to(device))
             sampled.append(step)
-            if padded:
+            if cached is not None:
                 mask = torch.cat([inputs["attention_mask"], torch.ones_like(step)], dim=1)
                 inputs = {"attention_mask": mask, "position_ids": inputs["position_ids"][:, -1:] + 1}
     finally:

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from ..integration import hf_compat
 from ..integration.architectures import decoder_layers, locate_down_proj
 from .hparams import EditHParams, residual_matmuls_for
+from .prefill import prefill
 from .tokens import EditTokens
 
 
@@ -170,49 +171,6 @@ def _build_sequences(tokens: Sequence[EditTokens], units: Sequence[Sequence[int]
         long(kl_seq), long(kl_pos), long(norm_seq), prefixes, pad_id)
 
 
-_PREFIX_CHUNK_TOKENS = 4096  # padded tokens per forward when the prefix cache is computed
-
-
-def shared_head_lengths(rows: Sequence[Sequence[int]], least: int = 2) -> list[int]:
-    """Per token list of `rows`, the length of the longest opening it shares with another list,
-    at most its own length - 1 (a row keeps a token of its own), or 0 when that is below `least`.
-    Rows with one head (the same opening tokens) can share its keys/values."""
-    order = sorted(range(len(rows)), key=lambda i: list(rows[i]))
-
-    def common(a, b) -> int:
-        count = 0
-        for x, y in zip(a, b):
-            if x != y:
-                break
-            count += 1
-        return count
-
-    shared = [common(rows[order[k]], rows[order[k + 1]]) for k in range(len(order) - 1)]
-    heads = [0] * len(rows)
-    for k, i in enumerate(order):
-        best = max(shared[k - 1] if k else 0, shared[k] if k < len(shared) else 0)
-        best = min(best, len(rows[i]) - 1)
-        heads[i] = best if best >= least else 0
-    return heads
-
-
-def _length_chunks(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Indices of `lengths` (all > 0) in chunks of similar length: in order of length, a row joins
-    the current chunk while the chunk's padded tokens (count x longest) stay within `budget` and
-    within 1.25x its real tokens (one row alone may exceed `budget`)."""
-    chunks: list[list[int]] = []
-    real = 0
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        padded = (len(chunks[-1]) + 1) * lengths[i] if chunks else 0
-        if chunks and padded <= budget and padded <= 1.25 * (real + lengths[i]):
-            chunks[-1].append(i)
-            real += lengths[i]
-        else:
-            chunks.append([i])
-            real = lengths[i]
-    return chunks
-
-
 class _Batch:
     """The frozen part of one batch (prefix KV cache) and the rows of the units still optimised."""
 
@@ -227,93 +185,11 @@ class _Batch:
         self.cache_keyword = hf_compat.cache_keyword(self.base)
         self.all = sequences
         self.prefix_length = sequences.prefix_mask.sum(1)
-        self.kv = self._prefix_cache() if sequences.prefix_ids.shape[1] else None
+        # the prefix tokens' keys/values, left-padded like prefix_ids (padded positions zeroed)
+        cached = prefill(self.base, sequences.prefixes, pad_id=sequences.pad_id)
+        self.kv = None if cached is None else cached.layers
         self.every_unit = torch.arange(int(sequences.owner.max()) + 1, device=sequences.owner.device)
         self.select(self.every_unit)
-
-    @torch.no_grad()
-    def _prefix_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, the keys/values (rows, heads, width, head_dim) of every row's prefix, left-padded
-        like `prefix_ids`, padded positions zeroed (padding is masked out, but must not be NaN).
-
-        An opening that several rows share (`shared_head_lengths`: the model-written prefix that
-        opens five contexts of every fact) runs through the model once, and each row's remaining
-        tokens after its opening's cache; both in chunks of rows of similar length
-        (`_forward_rows`), so neither shared tokens nor padding are computed over and over. The
-        model is causal: this is one forward per row, up to float rounding."""
-        prefixes, device = self.all.prefixes, self.all.owner.device
-        width = self.all.prefix_ids.shape[1]
-        present = [i for i, row in enumerate(prefixes) if row]
-        heads = shared_head_lengths([prefixes[i] for i in present])
-        openings = sorted({tuple(prefixes[i][:h]) for i, h in zip(present, heads) if h})
-        group = {opening: g for g, opening in enumerate(openings)}
-        opening_of = torch.tensor([group.get(tuple(prefixes[i][:h]), 0) for i, h in zip(present, heads)],
-                                  dtype=torch.long)
-        past = past_mask = None
-        if openings:
-            past, past_mask = self._forward_rows([list(o) for o in openings], [0] * len(openings))
-            past_mask = past_mask[opening_of.to(device)] * torch.tensor(heads, device=device).gt(0).unsqueeze(1)
-        rest, rest_mask = self._forward_rows([prefixes[i][h:] for i, h in zip(present, heads)], heads,
-                                             past, past_mask, opening_of.to(device))
-        # slot 0 is zeros (padded positions), then every opening's positions, then every row's rest;
-        # where[i, p]: the slot of row i's (left-padded) prefix position p
-        span, rest_span = (past_mask.shape[1] if openings else 0), rest_mask.shape[1]
-        where = torch.zeros(len(prefixes), width, dtype=torch.long)
-        for j, (i, h) in enumerate(zip(present, heads)):
-            n = len(prefixes[i])
-            first = 1 + int(opening_of[j]) * span
-            where[i, width - n: width - n + h] = torch.arange(first, first + h)
-            first = 1 + len(openings) * span + j * rest_span
-            where[i, width - n + h:] = torch.arange(first, first + n - h)
-        where = where.to(device).flatten()
-
-        def placed(*tables: torch.Tensor) -> torch.Tensor:  # (rows, heads, width, head_dim)
-            flat = [t.transpose(0, 1).flatten(1, 2) for t in tables]  # (heads, rows x length, head_dim)
-            slots = torch.cat([flat[0].new_zeros(flat[0].shape[0], 1, flat[0].shape[2]), *flat], dim=1)
-            return slots[:, where].unflatten(1, (len(prefixes), width)).transpose(0, 1).contiguous()
-
-        return [(placed(*([k] if openings else []), rk), placed(*([v] if openings else []), rv))
-                for (k, v), (rk, rv) in zip(past or [(None, None)] * len(rest), rest)]
-
-    def _forward_rows(self, rows: list[list[int]], starts: Sequence[int], past=None, past_mask=None,
-                      past_rows=None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """([(keys, values)] per layer, each (len(rows), heads, longest row, head_dim), right-padded
-        with padded positions zeroed, and the (len(rows), longest row) mask) of the non-empty token
-        lists `rows`, row i at positions starts[i], starts[i] + 1, ... after the cache row
-        past_rows[i] of `past` [(keys, values)] (row i's valid positions: past_mask[i]). The model
-        runs over chunks of rows of similar length (padding at most about a quarter of a chunk's
-        tokens, at most `_PREFIX_CHUNK_TOKENS` of them)."""
-        device = self.all.owner.device
-        longest = max(map(len, rows))
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, row in enumerate(rows):
-            mask[i, : len(row)] = 1
-        mask = mask.to(device)
-        layers = None
-        for chunk in _length_chunks([len(row) for row in rows], _PREFIX_CHUNK_TOKENS):
-            wide = max(len(rows[i]) for i in chunk)
-            ids = torch.full((len(chunk), wide), self.all.pad_id, dtype=torch.long)
-            for j, i in enumerate(chunk):
-                ids[j, : len(rows[i])] = torch.tensor(rows[i])
-            index = torch.tensor(chunk, device=device)
-            positions = torch.tensor([starts[i] for i in chunk], device=device).unsqueeze(1) + torch.arange(wide, device=device)
-            kwargs, attention = {}, mask[index, :wide]
-            if past is not None:
-                source = past_rows[index]
-                kwargs[self.cache_keyword] = hf_compat.cache_from_layers(self.model, [(k[source], v[source]) for k, v in past])
-                attention = torch.cat([past_mask[index], attention], dim=1)
-            output = self.base(input_ids=ids.to(device), attention_mask=attention, position_ids=positions,
-                               use_cache=True, **kwargs)
-            skip = 0 if past is None else past_mask.shape[1]
-            keep = mask[index, :wide].bool()[:, None, :, None]
-            computed = hf_compat.cache_layers(hf_compat.output_cache(output))
-            if layers is None:
-                layers = [(k.new_zeros(len(rows), k.shape[1], longest, k.shape[3]),
-                           v.new_zeros(len(rows), v.shape[1], longest, v.shape[3])) for k, v in computed]
-            for (keys, values), (k, v) in zip(layers, computed):
-                keys[index, :, :wide] = torch.where(keep, k[:, :, skip:], 0.0)
-                values[index, :, :wide] = torch.where(keep, v[:, :, skip:], 0.0)
-        return layers, mask
 
     def select(self, units: torch.Tensor) -> None:
         """Restrict the batch to units `units` (sorted), trimming padding to what they need."""

@@ -33,7 +33,7 @@ EXAMPLES = (("What is the capital city of France?", "Which city is the capital o
 CANDIDATES_PER_REWORDING = 2  # candidates sampled per rewording asked for (some are filtered out)
 LENGTH = 24  # sampled tokens per candidate
 TOP_K = 8
-ROWS_PER_PASS = 32  # candidates sampled together (the first forward's logits are rows x prompt x vocab)
+ROWS_PER_PASS = 96  # candidates sampled together (each pass holds their KV caches)
 
 
 def rewording_prompt(question: str) -> str:
