@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..integration.architectures import down_proj_dims, locate_down_proj
+from .prefill import CHUNK_TOKENS, length_chunks
 from .tokens import EditTokens
 
 
@@ -44,27 +45,31 @@ def pad_token_id(tokenizer) -> int:
 def down_proj_inputs(model, rows: Sequence[Sequence[int]], positions: Optional[Sequence[int]], layer: int, *,
                      pad_id: int, module_path: Optional[str] = None) -> torch.Tensor:
     """(n, d1) float32: the down-projection input at layer `layer` of `rows[i]` at `positions[i]`;
-    positions None: at every token of every row, (sum of row lengths, d1) in row order."""
+    positions None: at every token of every row, (sum of row lengths, d1) in row order. The rows
+    run in chunks of similar length (`prefill.length_chunks`), so little padding is computed."""
     module = locate_down_proj(model, layer, module_path)
     device = next(model.parameters()).device
-    ids, mask = pad_right(rows, pad_id, device)
     captured = {}
 
     def capture(_module, args):
         captured["x"] = args[0]
         raise _Captured
 
+    found: list[Optional[torch.Tensor]] = [None] * len(rows)
     handle = module.register_forward_pre_hook(capture)
     try:
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except _Captured:
-        pass
+        for chunk in length_chunks([max(len(row), 1) for row in rows], CHUNK_TOKENS):
+            ids, mask = pad_right([rows[i] for i in chunk], pad_id, device)
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _Captured:
+                pass
+            for j, i in enumerate(chunk):
+                x = captured["x"][j]
+                found[i] = x[: len(rows[i])] if positions is None else x[positions[i]].unsqueeze(0)
     finally:
         handle.remove()
-    if positions is None:
-        return captured["x"][mask.bool()].float()
-    index = torch.tensor(list(positions), device=device)
-    return captured["x"][torch.arange(len(rows), device=device), index].float()
+    return torch.cat(found).float()
 
 
 def context_queries(model, tokens: Sequence[EditTokens], layer: int, *, pad_id: int, batch_size: int = 64,
