@@ -28,7 +28,8 @@ Batched: many units (all their contexts and KL prompts) go through one forward/b
 (in passes of bounded size, `unit_passes`, whose gradients are summed), each unit's r injected
 only at its own sequences' subject position. What does not depend on r is computed once: every
 token BEFORE the subject's last token is unaffected by r at every layer (the model is causal), so
-those tokens run once through the whole model and their keys/values are kept as a KV cache; each
+those tokens run once through the whole model and their keys/values are kept as a KV cache
+(editing.prefill: an opening that contexts share, such as a model-written prefix, once); each
 step runs only the tokens from the subject's last token on, and the LM head only at the positions
 the loss reads (target tokens and the KL position). The suffix tokens' pass through layers 0..l*
 is frozen as well: after the first step, those layers are replaced (for the
