@@ -9,6 +9,7 @@ from packaging.version import Version
 from tiny_models import tiny_model
 
 from neuraldb_kernels.editing import EditHParams, Fact, optimize_residuals, tokenize_fact
+from neuraldb_kernels.editing import residuals as residuals_module
 from neuraldb_kernels.integration import hf_compat
 from neuraldb_kernels.integration.architectures import decoder_layers
 
@@ -25,20 +26,30 @@ def test_the_installed_transformers_takes_the_pinned_paths(tokenizer):
     assert hf_compat.compat_paths(model, decoder_layers(model)) == PINNED[major]
 
 
-def test_residual_optimisation_replays_the_layers_up_to_the_edit_layer(tokenizer):
-    # layer 0 runs for the prefix cache and the first step only; later steps replay layer 1's output
+def test_residual_optimisation_replays_the_layers_up_to_the_edit_layer(tokenizer, monkeypatch):
+    # layer 0 runs for the prefix cache (prefill) and the first step only; later steps replay layer 1's output
     model = tiny_model("llama", tokenizer, layers=3)
     facts = [Fact("The mother tongue of {} is", "Danielle Darrieux", "English"),
              Fact("{} plays the sport of", "Carlos Valderrama", "basketball")]
     tokens = [tokenize_fact(tokenizer, fact, ["Some words first. "], index=i) for i, fact in enumerate(facts)]
+    prefilling, prefill = [], residuals_module.prefill
+
+    def counted_prefill(*args, **kwargs):
+        prefilling.append(True)
+        try:
+            return prefill(*args, **kwargs)
+        finally:
+            prefilling.pop()
+
+    monkeypatch.setattr(residuals_module, "prefill", counted_prefill)
     runs = []
-    handle = decoder_layers(model)[0].register_forward_hook(lambda *_: runs.append(1))
+    handle = decoder_layers(model)[0].register_forward_hook(lambda *_: runs.append("prefill" if prefilling else "step"))
     try:
         result = optimize_residuals(model, tokens, EditHParams(layer=1, steps=4, lr=0.5, stop_prob=1.0, residual_matmuls="float32"),
                                     pad_id=0)
     finally:
         handle.remove()
-    assert result.steps.tolist() == [4, 4] and len(runs) == 2
+    assert result.steps.tolist() == [4, 4] and runs.count("step") == 1 and "prefill" in runs
     assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in decoder_layers(model))  # put back
 
 
