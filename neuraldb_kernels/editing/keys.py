@@ -14,23 +14,12 @@ from typing import Optional, Sequence
 import torch
 
 from ..integration.architectures import down_proj_dims, locate_down_proj
-from .prefill import CHUNK_TOKENS, length_chunks
+from .prefill import CHUNK_TOKENS, length_chunks, pad_right
 from .tokens import EditTokens
 
 
 class _Captured(Exception):
     """Raised by the capture hook to end the forward pass once the keys are read."""
-
-
-def pad_right(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids (n, L) int64, attention mask (n, L) int64) of right-padded token rows."""
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def pad_token_id(tokenizer) -> int:

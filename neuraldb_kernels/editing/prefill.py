@@ -45,6 +45,17 @@ def shared_head_lengths(rows: Sequence[Sequence[int]], least: int = 2) -> list[i
     return heads
 
 
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (n, L) int64, attention mask (n, L) int64) of right-padded token rows."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def length_chunks(lengths: Sequence[int], budget: int) -> list[list[int]]:
     """Indices of `lengths` (all > 0) in chunks of similar length: in order of length, a row joins
     the current chunk while the chunk's padded tokens (count x longest) stay within `budget` and
@@ -129,17 +140,12 @@ def _forward_rows(base, rows: list[list[int]], starts: Sequence[int], pad_id: in
     over `length_chunks` of at most CHUNK_TOKENS padded tokens."""
     device = next(base.parameters()).device
     longest = max(map(len, rows))
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, row in enumerate(rows):
-        mask[i, : len(row)] = 1
-    mask = mask.to(device)
+    _, mask = pad_right(rows, pad_id, device)
     keyword = hf_compat.cache_keyword(base)
     layers = None
     for chunk in length_chunks([len(row) for row in rows], CHUNK_TOKENS):
-        wide = max(len(rows[i]) for i in chunk)
-        ids = torch.full((len(chunk), wide), pad_id, dtype=torch.long)
-        for j, i in enumerate(chunk):
-            ids[j, : len(rows[i])] = torch.tensor(rows[i])
+        ids, _ = pad_right([rows[i] for i in chunk], pad_id, device)
+        wide = ids.shape[1]
         index = torch.tensor(chunk, device=device)
         positions = (torch.tensor([starts[i] for i in chunk], device=device).unsqueeze(1)
                      + torch.arange(wide, device=device))
@@ -148,7 +154,7 @@ def _forward_rows(base, rows: list[list[int]], starts: Sequence[int], pad_id: in
             source = past_rows[index]
             kwargs[keyword] = hf_compat.cache_from_layers(base, [(k[source], v[source]) for k, v in past])
             attention = torch.cat([past_mask[index], attention], dim=1)
-        output = base(input_ids=ids.to(device), attention_mask=attention, position_ids=positions, use_cache=True,
+        output = base(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True,
                       **kwargs)
         skip = 0 if past is None else past_mask.shape[1]
         keep = mask[index, :wide].bool()[:, None, :, None]

@@ -84,7 +84,7 @@ class ResidualResult:
 class _Sequences:
     """The sequences of one batch, split at the injection position (the subject's last token).
 
-    prefix: tokens before it (left-padded, cached; `prefixes` holds them unpadded); suffix: from it
+    prefix: tokens before it (`prefixes`; cached, left-padded as `prefix_mask` marks); suffix: from it
     on (right-padded, recomputed). pad_id: the token id in padded positions.
     owner[i]: the unit (shared r) of sequence i. Loss reads: targets at (target_seq, target_pos)
     with token target_id and weight target_weight, of fact target_fact; the KL logits at
@@ -92,7 +92,6 @@ class _Sequences:
     fact (its injection output gives ||v||).
     """
 
-    prefix_ids: torch.Tensor
     prefix_mask: torch.Tensor
     suffix_ids: torch.Tensor
     suffix_mask: torch.Tensor
@@ -151,13 +150,11 @@ def _build_sequences(tokens: Sequence[EditTokens], units: Sequence[Sequence[int]
         owner.append(u)
 
     n, width_p, width_s = len(prefixes), max(map(len, prefixes)), max(map(len, suffixes))
-    prefix_ids = torch.full((n, width_p), pad_id, dtype=torch.long)
     prefix_mask = torch.zeros((n, width_p), dtype=torch.long)
     suffix_ids = torch.full((n, width_s), pad_id, dtype=torch.long)
     suffix_mask = torch.zeros((n, width_s), dtype=torch.long)
     for i, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):
         if prefix:
-            prefix_ids[i, width_p - len(prefix):] = torch.tensor(prefix)
             prefix_mask[i, width_p - len(prefix):] = 1
         suffix_ids[i, : len(suffix)] = torch.tensor(suffix)
         suffix_mask[i, : len(suffix)] = 1
@@ -166,7 +163,7 @@ def _build_sequences(tokens: Sequence[EditTokens], units: Sequence[Sequence[int]
         return torch.tensor(values, dtype=torch.long, device=device)
 
     return _Sequences(
-        prefix_ids.to(device), prefix_mask.to(device), suffix_ids.to(device), suffix_mask.to(device),
+        prefix_mask.to(device), suffix_ids.to(device), suffix_mask.to(device),
         long(owner), long(target_seq), long(target_pos), long(target_id),
         torch.tensor(target_weight, dtype=torch.float32, device=device), long(target_fact),
         long(kl_seq), long(kl_pos), long(norm_seq), prefixes, pad_id)
@@ -186,7 +183,7 @@ class _Batch:
         self.cache_keyword = hf_compat.cache_keyword(self.base)
         self.all = sequences
         self.prefix_length = sequences.prefix_mask.sum(1)
-        # the prefix tokens' keys/values, left-padded like prefix_ids (padded positions zeroed)
+        # the prefix tokens' keys/values, left-padded like prefix_mask (padded positions zeroed)
         cached = prefill(self.base, sequences.prefixes, pad_id=sequences.pad_id)
         self.kv = None if cached is None else cached.layers
         self.every_unit = torch.arange(int(sequences.owner.max()) + 1, device=sequences.owner.device)
