@@ -17,8 +17,9 @@ SmolLM2, 40 facts in one batch (batch_size 64) passed 7.9 GB; `--hparam batch_si
     python bench/zsre_quality.py --start 0 --facts 50 --out /tmp/zsre_a.json
     python bench/zsre_quality.py --start 500 --facts 24 --hparam batch_size=8 --db /tmp/zsre_b.sqlite --out /tmp/zsre_b.json
 
-The residual trained on model-written rewordings of each question too (EditHParams.rewordings,
-editing.rewordings; off by default): `--hparam rewordings=3`.
+The residual is also trained on up to 5 model-written rewordings of each question by default
+(EditHParams.rewordings, editing.rewordings); `--hparam rewordings=0` turns them off, `=3` was the
+earlier setting.
 """
 
 from __future__ import annotations

@@ -96,8 +96,10 @@ def test_candidates_do_not_depend_on_the_batch_and_follow_the_seed(model, tokeni
 def test_question_rewordings_read_the_prompt_and_subject_only(tokenizer, monkeypatch):
     """A stand-in sampler writes fixed continuations; the rewordings are what the filter keeps of
     them, the prompts sampled from are the facts' filled prompts, and extras are never read."""
+    per = rewordings.CANDIDATES_PER_REWORDING
     continuations = [" Who started Velmora Records?\n", " Velmora Records was founded by whom?", " No.",
                      " Who began Velmora Records? Then", " Who founded Velmora Records?", " Who runs it?"]
+    continuations += [" Who runs it?"] * (3 * per - len(continuations))  # filtered out
     seen = []
 
     def fake_sample_tokens(model, starts, length, *, top_k, generator):
@@ -112,10 +114,17 @@ def test_question_rewordings_read_the_prompt_and_subject_only(tokenizer, monkeyp
     fact = Fact("Who founded {}?", "Velmora Records", "Anna Berg", extras=Unreadable())
     assert question_rewordings(None, tokenizer, [fact], 3) == (
         [("Who started Velmora Records?", "Velmora Records was founded by whom?", "Who began Velmora Records?")])
-    assert seen == [rewording_prompt("Who founded Velmora Records?")] * 6
-    assert question_rewordings(None, tokenizer, [fact], 0) == [()] and len(seen) == 6  # nothing sampled
+    assert seen == [rewording_prompt("Who founded Velmora Records?")] * (3 * per)
+    assert question_rewordings(None, tokenizer, [fact], 0) == [()] and len(seen) == 3 * per  # nothing sampled
     with pytest.raises(ValueError, match="count"):
         question_rewordings(None, tokenizer, [fact], -1)
+    # a statement (CounterFact's kind of prompt) gets none and is not sampled; the question beside it is
+    seen.clear()
+    statement = Fact("The founder of {} is", "Velmora Records", "Anna Berg", extras=Unreadable())
+    assert question_rewordings(None, tokenizer, [statement, fact, statement], 1) == (
+        [(), ("Who started Velmora Records?",), ()])
+    assert seen == [rewording_prompt("Who founded Velmora Records?")] * per
+    assert question_rewordings(None, tokenizer, [statement], 3) == [()] and len(seen) == per
 
 
 def test_rewordings_are_tokenised_at_the_subjects_last_token(tokenizer):

@@ -89,11 +89,12 @@ class EditHParams:
         they buy (bench/RESULTS.md, "Calibration from the facts' own material").
     other_wordings: the subject read after this many other edited or stored prompts' openings, as
         positives: its keys must keep firing when the subject is worded otherwise.
-    rewordings: up to this many rewordings of the fact's prompt, written by the unedited model
-        (editing.rewordings, seeded by prefix_seed), are extra contexts of the residual loss (bare,
-        no prefix; the keys do not read them), so that the new answer also follows questions
-        worded otherwise. 0 (default): the residual reads the prompt alone (bench/RESULTS.md,
-        "ZsRE generalization").
+    rewordings: up to this many rewordings of a fact whose prompt is a question (ends with "?"),
+        written by the unedited model (editing.rewordings, seeded by prefix_seed), are extra
+        contexts of the residual loss (bare, no prefix; the keys do not read them), so that the new
+        answer also follows the question worded otherwise; statements get none. 5 (default): on
+        ZsRE records 0-99 generalization 87.5 at 3, 92.1 at 5, at 1.45x the editing time of 3
+        (bench/RESULTS.md, "More rewordings"); 0: the residual reads the prompt alone.
     """
 
     layer: int
@@ -119,7 +120,7 @@ class EditHParams:
     calibration_text_length: int = 24
     near_subjects: int = 0
     other_wordings: int = 8
-    rewordings: int = 0
+    rewordings: int = 5
 
     def __post_init__(self) -> None:
         checks = {

@@ -1,5 +1,5 @@
 """Model-written rewordings of a fact's question: extra contexts for its residual
-(`EditHParams.rewordings`).
+(`EditHParams.rewordings`). Only questions are reworded (`is_question`); statements get none.
 
 The residual is otherwise trained on the fact's one prompt (bare and after the model-written
 prefixes), so the words after the subject are always the same; a question worded otherwise (ZsRE's
@@ -30,7 +30,7 @@ from .prefixes import sample_tokens
 # two hand-written examples, then the fact's question
 EXAMPLES = (("What is the capital city of France?", "Which city is the capital of France?"),
             ("Who wrote the novel Dracula?", "Dracula was written by which author?"))
-CANDIDATES_PER_REWORDING = 2  # candidates sampled per rewording asked for (some are filtered out)
+CANDIDATES_PER_REWORDING = 3  # candidates sampled per rewording asked for (some are filtered out)
 LENGTH = 24  # sampled tokens per candidate
 TOP_K = 8
 ROWS_PER_PASS = 96  # candidates sampled together (each pass holds their KV caches)
@@ -89,18 +89,29 @@ def sampled_candidates(model, tokenizer, questions: Sequence[str], per_question:
     return [texts[i * per_question : (i + 1) * per_question] for i in range(len(questions))]
 
 
+def is_question(prompt: str) -> bool:
+    """Whether a filled prompt is a question (ends with "?" after trailing whitespace): the
+    prompts `question_rewordings` rewords."""
+    return prompt.rstrip().endswith("?")
+
+
 def question_rewordings(model, tokenizer, facts: Sequence[Fact], count: int, *, seed: int = 0,
                         length: int = LENGTH, top_k: int = TOP_K) -> list[tuple[str, ...]]:
     """Per fact, up to `count` model-written rewordings of its filled prompt that contain its
-    subject: `kept_rewordings` of its CANDIDATES_PER_REWORDING * count `sampled_candidates`. The
-    model must be the unedited one (the Editor pauses its database). count 0 or no facts: empty
+    subject: `kept_rewordings` of its CANDIDATES_PER_REWORDING * count `sampled_candidates`. Only
+    questions (`is_question`) are reworded: the two-shot prompt asks for a question in other
+    words, so a statement (CounterFact's "The mother tongue of X is") gets none. The model must be
+    the unedited one (the Editor pauses its database). count 0, no facts or no questions: empty
     tuples, nothing sampled."""
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"count must be an int >= 0, got {count!r}")
-    if count == 0 or not facts:
-        return [() for _ in facts]
-    questions = [fact.filled_prompt for fact in facts]
+    asked = [i for i, fact in enumerate(facts) if count and is_question(fact.filled_prompt)]
+    found = [()] * len(facts)
+    if not asked:
+        return found
+    questions = [facts[i].filled_prompt for i in asked]
     candidates = sampled_candidates(model, tokenizer, questions, CANDIDATES_PER_REWORDING * count, seed=seed,
                                     length=length, top_k=top_k)
-    return [kept_rewordings(question, fact.subject, texts, count)
-            for question, fact, texts in zip(questions, facts, candidates)]
+    for i, question, texts in zip(asked, questions, candidates):
+        found[i] = kept_rewordings(question, facts[i].subject, texts, count)
+    return found
