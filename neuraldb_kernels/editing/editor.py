@@ -61,7 +61,7 @@ from .calibration import (Recalibration, calibrate_thresholds, calibration_rows,
 from .keys import bare_prompt_keys, context_queries, down_proj_inputs, generic_queries, keys_of, pad_token_id
 from .prefixes import generate_prefixes
 from .residuals import optimize_residuals
-from .rewordings import question_rewordings
+from .rewordings import is_question, question_rewordings
 from .tokens import EditTokens, model_context_length, tokenize_fact
 
 
@@ -207,7 +207,8 @@ class Editor:
         Rewordings are sampled only for the facts that will be computed (`_pending`), not for those
         already stored with the same target (a resumed run)."""
         kept, tokens = [], []
-        reworded_at = range(len(indexed)) if not self.hparams.rewordings else self._pending(indexed, replace)[0]
+        asks = self.hparams.rewordings and any(is_question(fact.filled_prompt) for _, fact in indexed)
+        reworded_at = self._pending(indexed, replace)[0] if asks else range(len(indexed))
         sampled = dict(zip(reworded_at, self._rewordings([indexed[p][1] for p in reworded_at])))
         rewordings = [sampled.get(p, ()) for p in range(len(indexed))]
         for (index, fact), reworded in zip(indexed, rewordings):
