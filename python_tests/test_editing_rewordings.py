@@ -224,7 +224,8 @@ def test_a_stored_subject_mate_is_recomputed_with_its_own_rewordings(model, toke
     finally:
         editor.detach()
     assert len(report.companions) == 1
-    assert asked == [["Where is Velmora Records based?"], ["Who founded Velmora Records?"]]
+    # one batch: the new fact and its stored subject-mate, recomputed with rewordings of its own
+    assert asked == [["Where is Velmora Records based?", "Who founded Velmora Records?"]]
 
 
 def test_rewordings_are_sampled_only_for_the_facts_not_yet_stored(model, tokenizer, monkeypatch):
@@ -243,3 +244,21 @@ def test_rewordings_are_sampled_only_for_the_facts_not_yet_stored(model, tokeniz
     assert report.already_stored == (first.fact_id,) and report.computed == (second.fact_id,)
     assert asked == [["Who founded Korvath Studios?"]]
     assert torch.equal(editor.db.get(first.fact_id).residual, stored)
+
+
+def test_rewordings_are_sampled_per_batch_before_it_commits(model, tokenizer, monkeypatch):
+    """An interrupted run keeps its committed batches, so no batch waits for the others' rewordings."""
+    asked = recorded_rewordings(monkeypatch)
+    facts = [Fact("Who founded {}?", subject, "Anna Berg") for subject in ("Velmora Records", "Korvath Studios",
+                                                                           "Brask Ltd")]
+    prompt_of = {fact.fact_id: fact.filled_prompt for fact in facts}
+    events = []
+    editor = Editor(model, tokenizer, layer=LAYER, gamma=0.3, rewordings=1, steps=2, n_prefixes=1,
+                    calibrate_gates=False, batch_size=1)
+    try:
+        editor.edit(facts, progress=False, callback=lambda ids: events.append(([prompt_of[i] for i in ids], asked[-1])))
+    finally:
+        editor.detach()
+    assert len(asked) == 3 and sorted(p for batch in asked for p in batch) == sorted(prompt_of.values())
+    for number, (committed, sampled_last) in enumerate(events):
+        assert committed == sampled_last == asked[number]  # each batch sampled just before it committed

@@ -43,6 +43,7 @@ Semantics:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -61,7 +62,7 @@ from .calibration import (Recalibration, calibrate_thresholds, calibration_rows,
 from .keys import bare_prompt_keys, context_queries, down_proj_inputs, generic_queries, keys_of, pad_token_id
 from .prefixes import generate_prefixes
 from .residuals import optimize_residuals
-from .rewordings import is_question, question_rewordings
+from .rewordings import question_rewordings
 from .tokens import EditTokens, model_context_length, tokenize_fact
 
 
@@ -201,19 +202,14 @@ class Editor:
 
     # ---------------------------------------------------------------------------------- internals
 
-    def _tokenize(self, indexed: list[tuple[int, Fact]], prefixes, on_error: str, skipped: list[SkippedFact],
-                  replace: bool) -> tuple[list[tuple[int, Fact]], list[EditTokens]]:
-        """The facts that tokenise and their tokens; the others raise or are added to `skipped`.
-        Rewordings are sampled only for the facts that will be computed (`_pending`), not for those
-        already stored with the same target (a resumed run)."""
+    def _tokenize(self, indexed: list[tuple[int, Fact]], prefixes, on_error: str,
+                  skipped: list[SkippedFact]) -> tuple[list[tuple[int, Fact]], list[EditTokens]]:
+        """The facts that tokenise and their tokens (no rewordings yet: `_reworded` adds them per
+        batch); the others raise or are added to `skipped`."""
         kept, tokens = [], []
-        asks = self.hparams.rewordings and any(is_question(fact.filled_prompt) for _, fact in indexed)
-        reworded_at = self._pending(indexed, replace)[0] if asks else range(len(indexed))
-        sampled = dict(zip(reworded_at, self._rewordings([indexed[p][1] for p in reworded_at])))
-        rewordings = [sampled.get(p, ()) for p in range(len(indexed))]
-        for (index, fact), reworded in zip(indexed, rewordings):
+        for index, fact in indexed:
             try:
-                tokens.append(self._fact_tokens(fact, prefixes, index, reworded))
+                tokens.append(self._fact_tokens(fact, prefixes, index))
                 kept.append((index, fact))
             except FactError as error:
                 if on_error == "raise":
@@ -227,11 +223,19 @@ class Editor:
         return tokenize_fact(self.tokenizer, fact, prefixes, index=index, max_length=model_context_length(self.model),
                              kl_template=self.hparams.kl_template, rewordings=rewordings)
 
-    def _rewordings(self, facts: Sequence[Fact]) -> list[tuple[str, ...]]:
-        """Per fact its model-written rewordings, residual contexts (`EditHParams.rewordings`; none
-        when 0); the caller pauses the database."""
-        return question_rewordings(self.model, self.tokenizer, facts, self.hparams.rewordings,
-                                   seed=self.hparams.prefix_seed)
+    def _reworded(self, facts: Sequence[Fact], tokens: Sequence[EditTokens], prefixes) -> list[EditTokens]:
+        """`tokens` of one batch's `facts` with their model-written rewordings (`EditHParams.rewordings`,
+        questions only; the caller pauses the database). Sampled per batch, so that a run commits its
+        first batch early and an interrupted run keeps every committed batch. A fact whose rewordings
+        would not fit the model's context keeps its tokens without them."""
+        found = list(tokens)
+        written = question_rewordings(self.model, self.tokenizer, facts, self.hparams.rewordings,
+                                      seed=self.hparams.prefix_seed)
+        for i, reworded in enumerate(written):
+            if reworded:
+                with contextlib.suppress(FactError):
+                    found[i] = self._fact_tokens(facts[i], prefixes, 0, reworded)
+        return found
 
     def _pending(self, indexed: list[tuple[int, Fact]], replace: bool) -> tuple[list[int], list[str]]:
         """(positions in `indexed` still to compute, the last fact winning when an id repeats;
@@ -267,7 +271,7 @@ class Editor:
             stage = time.perf_counter()
             prefixes = generate_prefixes(self.model, self.tokenizer, count=hp.n_prefixes, length=hp.prefix_length,
                                          seed=hp.prefix_seed)
-            indexed, tokens = self._tokenize(valid, prefixes, on_error, skipped, replace)
+            indexed, tokens = self._tokenize(valid, prefixes, on_error, skipped)
             seconds["prefixes"] += time.perf_counter() - stage
             bar.set_description("editing: generic queries")
             stage = time.perf_counter()
@@ -294,7 +298,12 @@ class Editor:
                 members = [p for unit in batch for p in unit]
                 local = {p: i for i, p in enumerate(members)}
                 where = f"(batch {number}/{len(batches)})"
-                self._commit([work[p][0] for p in members], [work[p][1] for p in members],
+                bar.set_description(f"editing: rewordings {where}")
+                stage = time.perf_counter()
+                batch_facts = [work[p][0] for p in members]
+                reworded = self._reworded(batch_facts, [work[p][1] for p in members], prefixes)
+                seconds["prefixes"] += time.perf_counter() - stage
+                self._commit(batch_facts, reworded,
                              [[local[p] for p in unit] for unit in batch], pad_id, generic, text_negatives,
                              pool, prefixes, callback, outcome,
                              seconds, lambda phase, where=where: bar.set_description(f"editing: {phase} {where}"))
@@ -315,10 +324,10 @@ class Editor:
         stored = self.db.metadata_where("subject", sorted({fact.subject for fact in facts}))
         companions = []
         others = [Fact.from_metadata(fact_id, metadata) for fact_id, metadata in stored.items() if fact_id not in taken]
-        for fact, reworded in zip(others, self._rewordings(others)):
+        for fact in others:
             fact_id = fact.fact_id
             try:
-                tokens = self._fact_tokens(fact, prefixes, 0, reworded)
+                tokens = self._fact_tokens(fact, prefixes, 0)
             except FactError as error:
                 raise FactError(f"stored fact {fact_id!r} shares its subject with a fact being edited but cannot "
                                 f"be recomputed with it: {error}") from None

@@ -33,7 +33,7 @@ class EditReport:
         set to that cap (the fact keeps firing on its own contexts), see editing.calibration.
     raised_thresholds: stored facts not in this call whose key thresholds were raised because a
         computed fact's contexts would have fired them.
-    seconds: wall-clock seconds per stage: "prefixes" (prefixes and tokenisation), "keys" (keys
+    seconds: wall-clock seconds per stage: "prefixes" (prefixes, rewordings and tokenisation), "keys" (keys
         and generic queries), "residuals", "store", and "total" (the whole call).
     """
 
