@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from ..integration import hf_compat
 from ..integration.architectures import decoder_layers, locate_down_proj
 from .hparams import EditHParams, residual_matmuls_for
-from .prefill import prefill
+from .prefill import pad_right, prefill
 from .tokens import EditTokens
 
 
@@ -149,21 +149,18 @@ def _build_sequences(tokens: Sequence[EditTokens], units: Sequence[Sequence[int]
         suffixes.append(list(fact.kl_ids[fact.kl_subject_last :]))
         owner.append(u)
 
-    n, width_p, width_s = len(prefixes), max(map(len, prefixes)), max(map(len, suffixes))
-    prefix_mask = torch.zeros((n, width_p), dtype=torch.long)
-    suffix_ids = torch.full((n, width_s), pad_id, dtype=torch.long)
-    suffix_mask = torch.zeros((n, width_s), dtype=torch.long)
-    for i, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):
+    width_p = max(map(len, prefixes))
+    prefix_mask = torch.zeros((len(prefixes), width_p), dtype=torch.long)
+    for i, prefix in enumerate(prefixes):
         if prefix:
             prefix_mask[i, width_p - len(prefix):] = 1
-        suffix_ids[i, : len(suffix)] = torch.tensor(suffix)
-        suffix_mask[i, : len(suffix)] = 1
+    suffix_ids, suffix_mask = pad_right(suffixes, pad_id, device)
 
     def long(values):
         return torch.tensor(values, dtype=torch.long, device=device)
 
     return _Sequences(
-        prefix_mask.to(device), suffix_ids.to(device), suffix_mask.to(device),
+        prefix_mask.to(device), suffix_ids, suffix_mask,
         long(owner), long(target_seq), long(target_pos), long(target_id),
         torch.tensor(target_weight, dtype=torch.float32, device=device), long(target_fact),
         long(kl_seq), long(kl_pos), long(norm_seq), prefixes, pad_id)
