@@ -160,7 +160,8 @@ class EditHParams:
 
 
 # (model_type, num_layers, hidden_size) -> preset fields.
-# SmolLM2-135M: measured sweep, see bench/RESULTS.md ("Editing"). The others: the paper's Table 3.
+# SmolLM2-135M: measured sweeps, see bench/RESULTS.md ("Editing"; layers 3-8 at 1,000 facts: "The layer
+# at 1,000 facts"). The others: the paper's Table 3.
 PRESETS: dict[tuple[str, int, int], dict[str, Any]] = {
     ("llama", 30, 576): {"layer": 4, "gamma": 0.65, "lr": 1.5},  # SmolLM2-135M(-Instruct)
     ("gpt2", 48, 1600): {"layer": 17, "gamma": 0.65},  # GPT-2 XL
