@@ -84,15 +84,14 @@ class ResidualResult:
 class _Sequences:
     """The sequences of one batch, split at the injection position (the subject's last token).
 
-    prefix: tokens before it (`prefixes`; cached, left-padded as `prefix_mask` marks); suffix: from it
-    on (right-padded, recomputed). pad_id: the token id in padded positions.
+    prefix: tokens before it (`prefixes`; cached, left-padded by `prefill`); suffix: from it on
+    (right-padded, recomputed). pad_id: the token id in padded positions.
     owner[i]: the unit (shared r) of sequence i. Loss reads: targets at (target_seq, target_pos)
     with token target_id and weight target_weight, of fact target_fact; the KL logits at
     (kl_seq[u], kl_pos[u]) for unit u. norm_seq[u]: the first trained sequence of unit u's first
     fact (its injection output gives ||v||).
     """
 
-    prefix_mask: torch.Tensor
     suffix_ids: torch.Tensor
     suffix_mask: torch.Tensor
     owner: torch.Tensor
@@ -149,18 +148,13 @@ def _build_sequences(tokens: Sequence[EditTokens], units: Sequence[Sequence[int]
         suffixes.append(list(fact.kl_ids[fact.kl_subject_last :]))
         owner.append(u)
 
-    width_p = max(map(len, prefixes))
-    prefix_mask = torch.zeros((len(prefixes), width_p), dtype=torch.long)
-    for i, prefix in enumerate(prefixes):
-        if prefix:
-            prefix_mask[i, width_p - len(prefix):] = 1
     suffix_ids, suffix_mask = pad_right(suffixes, pad_id, device)
 
     def long(values):
         return torch.tensor(values, dtype=torch.long, device=device)
 
     return _Sequences(
-        prefix_mask.to(device), suffix_ids, suffix_mask,
+        suffix_ids, suffix_mask,
         long(owner), long(target_seq), long(target_pos), long(target_id),
         torch.tensor(target_weight, dtype=torch.float32, device=device), long(target_fact),
         long(kl_seq), long(kl_pos), long(norm_seq), prefixes, pad_id)
@@ -179,10 +173,13 @@ class _Batch:
         self.lm_head = model.get_output_embeddings()
         self.cache_keyword = hf_compat.cache_keyword(self.base)
         self.all = sequences
-        self.prefix_length = sequences.prefix_mask.sum(1)
-        # the prefix tokens' keys/values, left-padded like prefix_mask (padded positions zeroed)
+        # the prefix tokens' keys/values, left-padded (padded positions zeroed) as prefix_mask marks
         cached = prefill(self.base, sequences.prefixes, pad_id=sequences.pad_id)
         self.kv = None if cached is None else cached.layers
+        rows = len(sequences.prefixes)
+        self.all_prefix_mask = (cached.mask if cached is not None
+                                else torch.zeros((rows, 0), dtype=torch.long, device=sequences.owner.device))
+        self.prefix_length = self.all_prefix_mask.sum(1)
         self.every_unit = torch.arange(int(sequences.owner.max()) + 1, device=sequences.owner.device)
         self.select(self.every_unit)
 
@@ -196,10 +193,10 @@ class _Batch:
         row_of = torch.full((len(seq.owner),), -1, dtype=torch.long, device=units.device)
         row_of[rows] = torch.arange(len(rows), device=units.device)
         self.owner = local[seq.owner[rows]]
-        width_p = int(seq.prefix_mask[rows].sum(1).max()) if seq.prefix_mask.shape[1] else 0
+        width_p = int(self.all_prefix_mask[rows].sum(1).max()) if self.all_prefix_mask.shape[1] else 0
         width_s = int(seq.suffix_mask[rows].sum(1).max())
-        start = seq.prefix_mask.shape[1] - width_p
-        self.prefix_mask = seq.prefix_mask[rows, start:]
+        start = self.all_prefix_mask.shape[1] - width_p
+        self.prefix_mask = self.all_prefix_mask[rows, start:]
         self.suffix_ids = seq.suffix_ids[rows, :width_s]
         self.suffix_mask = seq.suffix_mask[rows, :width_s]
         self.positions = self.prefix_length[rows, None] + torch.arange(width_s, device=units.device)
